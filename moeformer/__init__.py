@@ -1,0 +1,18 @@
+"""moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
+
+from moeformer.layers.moe import MoEConfig
+from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, count_params, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLM",
+    "CausalLMOutput",
+    "MLAConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "ParamCount",
+    "build_model",
+    "count_params",
+    "list_models",
+]

@@ -1,0 +1,186 @@
+"""`ModelConfig`: one flat, YAML-friendly description of a dense, MoE or mixed transformer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeformer.layers.moe.config import MoEConfig
+
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu")
+QK_NORMS = (None, "head", "full")
+SOFTMAX_ATTENTION = "softmax"
+MLA_ATTENTION = "mla"
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q/kv projections with decoupled RoPE."""
+
+    q_lora_rank: int | None = None  # None: full-rank q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only language model.
+
+    MoE placement: with `moe` set, layer i is MoE when it is listed in `moe_layers`, or (when
+    `moe_layers` is None) when `i >= first_k_dense` and `(i - first_k_dense) % moe_every == 0`.
+    `attention_types` lists the attention kind per layer; a shorter list repeats as a pattern
+    (e.g. ["linear", "linear", "linear", "softmax"]). None means softmax everywhere.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 512  # hidden width of dense MLP layers
+    activation: str = "swiglu"
+    mlp_bias: bool = False
+    attn_bias: bool = False  # bias on q/k/v projections
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (over all heads, OLMoE)
+    sliding_window: int | None = None
+    attn_backend: str = "auto"
+    attention_types: list[str] | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"dynamic"|"yarn"|"llama3", "factor": ..., ...}
+    partial_rotary_factor: float = 1.0
+    tie_embeddings: bool = False
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None  # used by layers whose attention type is "mla"
+    moe_layers: list[int] | None = None
+    first_k_dense: int = 0
+    moe_every: int = 1
+    init_std: float = 0.02
+    loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (bounds fp32 logits memory)
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific settings kept for export
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = _dataclass_from_dict(MoEConfig, self.moe, "moe")
+        if isinstance(self.mla, dict):
+            self.mla = _dataclass_from_dict(MLAConfig, self.mla, "mla")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.moe_every < 1 or self.first_k_dense < 0:
+            raise ValueError("moe_every must be >= 1 and first_k_dense >= 0")
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"moe_layers {bad} are outside [0, n_layers={self.n_layers})")
+        if self.attention_types is not None and len(self.attention_types) == 0:
+            raise ValueError("attention_types must not be empty (use None for softmax everywhere)")
+        if self.attention_types is not None and MLA_ATTENTION in self.attention_types and self.mla is None:
+            raise ValueError("attention type 'mla' needs the `mla` config section")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "loss_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    # ---- per-layer structure -------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+
+    def attention_type(self, i: int) -> str:
+        if self.attention_types is None:
+            return SOFTMAX_ATTENTION
+        return self.attention_types[i % len(self.attention_types)]
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that rotary embeddings rotate (even); MLA rotates its rope part."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict; unknown keys raise an error naming them."""
+        return _dataclass_from_dict(cls, d, "model")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (.yaml/.yml) or JSON (anything else)."""
+        path = Path(path)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(
+            self.to_dict(), indent=2
+        )
+        path.write_text(text)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Look a model up in the zoo (`configs/models/<name>.yaml`), with keyword overrides."""
+        from moeformer.models.zoo import zoo_path
+
+        config = cls.from_yaml(zoo_path(name))
+        return config.replace(**overrides) if overrides else config
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A copy with some fields changed; `moe` may be given as a dict of MoEConfig fields to change."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            if key not in d:
+                raise ValueError(f"unknown ModelConfig field {key!r}")
+            if key in ("moe", "mla") and isinstance(value, dict) and d[key] is not None:
+                unknown = set(value) - set(d[key])
+                if unknown:
+                    raise ValueError(f"unknown {key} config field(s) {sorted(unknown)}")
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return ModelConfig.from_dict(d)
+
+
+def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} config key(s) {unknown}; valid keys: {sorted(names)}")
+    return cls(**d)

@@ -1,0 +1,272 @@
+"""`CausalLM`: token embeddings -> transformer blocks (attention + dense MLP or MoE) -> norm -> LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moeformer.layers.attention import Attention, AttentionMask
+from moeformer.layers.mlp import MLP
+from moeformer.layers.moe import MoE, MoEStats
+from moeformer.layers.norms import build_norm
+from moeformer.layers.rope import RotaryEmbedding
+from moeformer.models.config import MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """What a forward returns; `loss` already includes the weighted MoE aux losses."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+def build_attention(config: ModelConfig, layer: int) -> nn.Module:
+    """The attention module of layer `layer`, chosen by `config.attention_type(layer)`."""
+    kind = config.attention_type(layer)
+    if kind == SOFTMAX_ATTENTION:
+        return Attention(
+            config.dim,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+            bias=config.attn_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps,
+            sliding_window=config.sliding_window,
+            backend=config.attn_backend,
+        )
+    if kind == MLA_ATTENTION:
+        from moeformer.layers.mla import MLAttention
+
+        return MLAttention(config.dim, config.n_heads, config.mla, norm_eps=config.norm_eps, backend=config.attn_backend)
+    raise ValueError(f"layer {layer}: unknown attention type {kind!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the MLP may be a MoE."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(config.norm, config.dim, config.norm_eps)
+        self.attn = build_attention(config, layer)
+        self.mlp_norm = build_norm(config.norm, config.dim, config.norm_eps)
+        if config.is_moe_layer(layer):
+            self.mlp = MoE(config.dim, config.moe)
+        else:
+            self.mlp = MLP(config.dim, config.ffn_dim, config.activation, bias=config.mlp_bias)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache=None,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            out, stats = self.mlp(h, token_mask=token_mask)
+            return x + out, stats
+        return x + self.mlp(h), None
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model built from a `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = build_norm(config.norm, config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(
+            config.rotary_dim, theta=config.rope_theta, max_seq_len=config.max_seq_len, scaling=config.rope_scaling
+        )
+
+    # ---- initialisation ------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for matrices, ones for norms, zeros for biases; output projections scaled by depth."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            else:
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight", "w_out")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute buffers that are not saved in checkpoints (rope tables, router load counters)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: list | None = None,
+        return_logits: bool = True,
+        targets: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits and next-token loss. Either `labels`, aligned with `input_ids` (Hugging Face style: position t
+        predicts labels[t + 1], targets crossing `document_ids` boundaries are dropped), or `targets`, already
+        shifted (position t predicts targets[t]); -100 is ignored. `attention_mask` (B, T_cache + T), 1 = real
+        token, supports left padding."""
+        if labels is not None and targets is not None:
+            raise ValueError("pass either labels (unshifted) or targets (shifted), not both")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = _cache_length(cache)
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
+                )
+        if position_ids is None:
+            position_ids = _default_positions(B, T, past, attention_mask, input_ids.device)
+        mask = AttentionMask(q_offset=past, key_padding=attention_mask, document_ids=document_ids)
+        token_mask = attention_mask[:, past:] if attention_mask is not None else None
+        rope = self.rope(position_ids)
+
+        x = self.tok_embeddings(input_ids)
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.layers):
+            x, s = block(x, rope, mask, cache[i] if cache is not None else None, token_mask)
+            if s is not None:
+                stats.append(s)
+        x = self.norm(x)
+
+        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else None
+        logits = self.lm_head(x) if return_logits else None
+        ce = loss = None
+        if labels is not None:
+            targets = _shift_labels(labels, document_ids)
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if logits is not None:
+                ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.config.loss_chunk_size)
+            else:
+                ce = chunked_cross_entropy(x, targets, self.lm_head, self.config.loss_chunk_size)
+            loss = ce + aux if aux is not None else ce
+        return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=stats)
+
+    # ---- incremental decoding ------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
+        """One per-layer cache (KV buffers, or a recurrent state for linear attention) for `generate`."""
+        p = next(self.parameters())
+        return [block.attn.init_cache(batch, max_len, dtype or p.dtype, p.device) for block in self.layers]
+
+    def update_router_biases(self) -> None:
+        """Apply aux-loss-free bias updates from the load observed since the last call (call after each step)."""
+        for block in self.layers:
+            if block.is_moe:
+                block.mlp.update_bias()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Sample continuations with a KV cache; see `moeformer.models.generation.generate`."""
+        from moeformer.models.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _cache_length(cache: list | None) -> int:
+    if not cache:
+        return 0
+    return cache[0].length
+
+
+def _default_positions(
+    batch: int, seq: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Positions past..past+seq, or counted over real tokens only when a (left-)padding mask is given."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device).expand(batch, seq)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions[:, past:].clamp(min=0)
+
+
+def _shift_labels(labels: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """Targets for each position: the next label, -100 at the end and across document boundaries."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if document_ids is not None:
+        crosses = document_ids[:, 1:] != document_ids[:, :-1]
+        targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, project: nn.Module, chunk_size: int
+) -> torch.Tensor:
+    """Mean next-token cross-entropy computed `chunk_size` tokens at a time.
+
+    Each chunk's fp32 logits are recomputed in backward (activation checkpointing), so only one chunk of fp32
+    logits exists at any moment. `project` maps hidden states to logits (the LM head, or identity for logits).
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1)
+    count = (flat_t != IGNORE_INDEX).sum()
+    total = flat_h.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_h.shape[0], chunk_size):
+        h, t = flat_h[start : start + chunk_size], flat_t[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_ce_sum, h, t, project, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(h, t, project)
+    return total / count.clamp(min=1)
+
+
+def _chunk_ce_sum(h: torch.Tensor, t: torch.Tensor, project: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(project(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def build_model(
+    config: ModelConfig | str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> CausalLM:
+    """A randomly initialised model (from torch's global RNG) built directly on `device` in `dtype`.
+
+    `config` may be a zoo name. On the meta device nothing is allocated or initialised (for loading and counting).
+    """
+    if isinstance(config, str):
+        config = ModelConfig.from_name(config)
+    device = torch.device(device if device is not None else "cpu")
+    with device:
+        model = CausalLM(config)
+    if device.type != "meta":
+        model.init_weights()
+    if dtype is not None:
+        model.to(dtype)
+        model.reset_buffers()
+    return model

@@ -1,0 +1,267 @@
+"""CausalLM: configs and zoo, losses, padding, KV cache, generation, training signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moeformer
+from moeformer import ModelConfig, build_model, count_params
+from moeformer.models.generation import sample_next
+from moeformer.models.model import chunked_cross_entropy
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64, attn_backend="eager",
+        moe={"num_experts": 4, "top_k": 2, "ffn_dim": 32, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+# ---- configs and the zoo ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", moeformer.list_models())
+def test_every_zoo_config_loads_and_counts(name):
+    config = ModelConfig.from_name(name)
+    assert config.name == name
+    total, active = count_params(config)
+    assert 0 < active <= total
+    if config.moe is None:
+        assert active == total
+
+
+def test_mixtral_param_count_matches_published():
+    total, active = count_params(ModelConfig.from_name("mixtral-8x7b"))
+    assert abs(total / 46.7e9 - 1) < 0.01, total
+    assert abs(active / 12.9e9 - 1) < 0.01, active
+
+
+def test_small_moe_sizes():
+    moe, dense = count_params(ModelConfig.from_name("small-moe")), count_params(ModelConfig.from_name("small-dense"))
+    assert 90e6 < moe.total < 115e6
+    router = 8 * 8 * 512  # n_layers * num_experts * dim
+    assert moe.active == dense.total + router  # the dense twin has the MoE's active parameters but the routers
+
+
+def test_unknown_zoo_name_lists_known_models():
+    with pytest.raises(KeyError, match="tiny-moe"):
+        ModelConfig.from_name("no-such-model")
+
+
+def test_bad_config_keys_and_values():
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="capacty_factor"):
+        ModelConfig.from_dict({"moe": {"capacty_factor": 1.0}})
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="norm"):
+        ModelConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        tiny().replace(n_layerz=2)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = tiny(rope_scaling={"type": "linear", "factor": 2.0}, tie_embeddings=True)
+    config.save(tmp_path / "c.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml") == config
+    config.save(tmp_path / "c.json")
+    assert ModelConfig.from_dict(__import__("json").loads((tmp_path / "c.json").read_text())) == config
+
+
+def test_moe_placement():
+    c = tiny(n_layers=6, first_k_dense=1, moe_every=2)
+    assert [c.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    c = tiny(n_layers=4, moe_layers=[0, 3])
+    assert [c.is_moe_layer(i) for i in range(4)] == [True, False, False, True]
+    model = build_model(c)
+    assert [b.is_moe for b in model.layers] == [True, False, False, True]
+    assert not any(b.is_moe for b in build_model(tiny(moe=None)).layers)
+
+
+def test_tied_embeddings_share_storage():
+    model = build_model(tiny(tie_embeddings=True))
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    untied = count_params(tiny()).total - count_params(tiny(tie_embeddings=True)).total
+    assert untied == 97 * 32
+
+
+# ---- forward and loss ----------------------------------------------------------------------
+
+
+def test_loss_is_next_token_ce_plus_aux():
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    ids = torch.randint(0, 97, (2, 10))
+    labels = ids.clone()
+    labels[0, 4] = -100
+    out = model(ids, labels=labels)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.ce_loss, ref, rtol=1e-6, atol=1e-6)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, ref + out.aux_loss)
+    assert len(out.moe_stats) == 3
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_ce_matches_full_and_its_gradient(chunk):
+    torch.manual_seed(1)
+    h = torch.randn(3, 11, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False)
+    t = torch.randint(0, 50, (3, 11))
+    t[1, :5] = -100
+    loss = chunked_cross_entropy(h, t, head, chunk)
+    ref = F.cross_entropy(head(h).reshape(-1, 50), t.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    g, gw = torch.autograd.grad(loss, (h, head.weight))
+    rg, rgw = torch.autograd.grad(ref, (h, head.weight))
+    torch.testing.assert_close(g, rg)
+    torch.testing.assert_close(gw, rgw)
+
+
+def test_loss_without_logits_equals_loss_with_logits():
+    torch.manual_seed(2)
+    model = build_model(tiny(loss_chunk_size=5))
+    ids = torch.randint(0, 97, (2, 12))
+    a = model(ids, labels=ids)
+    b = model(ids, labels=ids, return_logits=False)
+    assert b.logits is None
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_document_ids_mask_cross_document_targets():
+    torch.manual_seed(3)
+    model = build_model(tiny(moe=None))
+    ids = torch.randint(0, 97, (1, 8))
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    out = model(ids, labels=ids, document_ids=docs)
+    logits = out.logits[0]
+    targets = torch.tensor([ids[0, 1], ids[0, 2], -100, ids[0, 4], ids[0, 5], ids[0, 6], ids[0, 7], -100])
+    torch.testing.assert_close(out.ce_loss, F.cross_entropy(logits, targets, ignore_index=-100))
+
+
+def test_left_padding_gives_the_unpadded_logits():
+    torch.manual_seed(4)
+    model = build_model(tiny()).eval()
+    short = torch.randint(0, 97, (1, 5))
+    long = torch.randint(0, 97, (1, 8))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    padded = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0, 3:], model(short).logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1], model(long).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward():
+    torch.manual_seed(5)
+    model = build_model(tiny()).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids).logits
+    cache = model.new_cache(2, 16)
+    parts = [model(ids[:, :4], cache=cache).logits]
+    for t in range(4, 9):
+        parts.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_model_and_outputs():
+    ids = torch.randint(0, 97, (2, 7))
+    torch.manual_seed(6)
+    a = build_model(tiny())
+    torch.manual_seed(6)
+    b = build_model(tiny())
+    oa, ob = a(ids, labels=ids), b(ids, labels=ids)
+    assert torch.equal(oa.logits, ob.logits)
+    for sa, sb in zip(oa.moe_stats, ob.moe_stats):
+        assert torch.equal(sa.tokens_per_expert, sb.tokens_per_expert)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = build_model(tiny())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_bf16_model_runs_with_fp32_loss():
+    model = build_model(tiny(), dtype=torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 6))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+
+def test_greedy_generate_equals_recomputing_the_full_sequence():
+    torch.manual_seed(7)
+    model = build_model(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, max_new_tokens=10, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_left_padded_batch_matches_single_prompts():
+    torch.manual_seed(8)
+    model = build_model(tiny()).eval()
+    a, b = torch.randint(0, 97, (1, 3)), torch.randint(0, 97, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :3] = 0
+    out = model.generate(batch, 6, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 3:], model.generate(a, 6, temperature=0)[0])
+    assert torch.equal(out[1], model.generate(b, 6, temperature=0)[0])
+
+
+def test_generate_stops_rows_at_eos():
+    torch.manual_seed(9)
+    model = build_model(tiny()).eval()
+    prompt = torch.randint(0, 97, (3, 4))
+    greedy = model.generate(prompt, 8, temperature=0)
+    eos = int(greedy[0, 6])  # the third generated token of row 0
+    out = model.generate(prompt, 8, temperature=0, eos=eos)
+    row = out[0, 4:].tolist()
+    first = row.index(eos)
+    assert all(t == eos for t in row[first:])
+    assert out[0, : 4 + first].tolist() == greedy[0, : 4 + first].tolist()
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert all(sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, 1.0, top_p=0.3, generator=g).item() == 1 for _ in range(20))
+    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    with pytest.raises(ValueError):
+        sample_next(logits, -1.0)
+
+
+# ---- training signal -----------------------------------------------------------------------
+
+
+def test_tiny_moe_learns_a_repeated_batch():
+    torch.manual_seed(10)
+    config = ModelConfig.from_name("tiny-moe")
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (4, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids, return_logits=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_router_biases()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
