@@ -1,0 +1,149 @@
+"""Routed experts stored as 3-D weights and run over an expert-sorted buffer of token slots: one grouped GEMM
+(torch._grouped_mm) where supported, else a reference loop over experts. Dropless, or capped per expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EXPERT_IMPLS = ("auto", "grouped", "loop")
+
+
+@dataclass
+class DispatchPlan:
+    """Layout of the expert-sorted buffer: rows [0, group_sizes.sum()) hold each expert's slots as contiguous
+    groups in expert order; the rows behind them (padding and dropped slots) are not computed."""
+
+    order: Tensor  # (S,) slot index of each buffer row
+    group_sizes: Tensor  # (E,) long, rows computed by each expert
+    kept: Tensor  # (S,) bool, buffer rows that belong to an expert group
+    tokens_per_expert: Tensor  # (E,) long, real-token slots routed to each expert (before any capacity drop)
+    dropped: Tensor  # () long, real-token slots dropped by the capacity limit
+
+
+def _bincount(idx: Tensor, size: int) -> Tensor:
+    """Counts of each value in [0, size) without the host sync of torch.bincount on CUDA."""
+    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
+def plan_dispatch(expert_idx: Tensor, valid: Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
+    """Stable-sort slots by expert, padding slots (valid=False) last. With a capacity, each expert keeps its first
+    `capacity` slots in slot order, i.e. earlier tokens win; its later slots are dropped and moved behind."""
+    e, s = num_experts, expert_idx.numel()
+    key = torch.where(valid, expert_idx, e)  # padding goes to a sentinel group after the experts
+    order = torch.argsort(key, stable=True)
+    counts = _bincount(key, e + 1)
+    routed = counts[:e]
+    group_sizes, dropped = routed, torch.zeros((), dtype=torch.long, device=key.device)
+    if capacity is not None:
+        sorted_key = key[order]
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(s, device=key.device) - starts[sorted_key]
+        overflow = (sorted_key < e) & (position >= capacity)
+        dropped = overflow.sum()
+        order = order[torch.argsort(torch.where(overflow, e, sorted_key), stable=True)]
+        group_sizes = routed.clamp(max=capacity)
+    kept = torch.arange(s, device=key.device) < group_sizes.sum()
+    return DispatchPlan(order, group_sizes, kept, routed, dropped)
+
+
+def grouped_mm_available(x: Tensor, dim: int, ffn_dim: int) -> bool:
+    """torch._grouped_mm's fast kernel: CUDA with compute capability >= 9.0, bf16, and 16-byte aligned rows
+    (model and expert widths multiples of 8)."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and dim % 8 == 0
+        and ffn_dim % 8 == 0
+    )
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on (so bf16 autocast reaches the grouped GEMM),
+    else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grouped_matmul(x: Tensor, w: Tensor, group_sizes: Tensor) -> Tensor:
+    """Rows of group e times w[e] in one kernel; rows past the groups come back undefined."""
+    return torch._grouped_mm(x, w, offs=torch.cumsum(group_sizes, 0, dtype=torch.int32))
+
+
+def _loop_matmul(x: Tensor, w: Tensor, group_sizes: Tensor) -> Tensor:
+    """Reference for _grouped_matmul: one matmul per expert over its slice (syncs on the group sizes)."""
+    sizes = group_sizes.tolist()
+    rest = x.shape[0] - sum(sizes)
+    chunks = x.split(sizes + [rest])
+    outs = [chunk @ w[i] for i, chunk in enumerate(chunks[:-1])]
+    return torch.cat(outs + [x.new_zeros(rest, w.shape[-1])])
+
+
+class Experts(nn.Module):
+    """E feed-forward experts: w_in (E, dim, 2F as [gate | up] for swiglu, F for gelu), w_out (E, F, dim)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        ffn_dim: int,
+        activation: str = "swiglu",
+        impl: str = "auto",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"expert activation must be 'swiglu' or 'gelu', got {activation!r}")
+        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
+        self.activation, self.impl = activation, impl
+        in_width = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        nn.init.normal_(self.w_in, std=init_std)
+        nn.init.normal_(self.w_out, std=init_std)
+
+    def use_grouped_mm(self, x: Tensor) -> bool:
+        """Whether this input goes through torch._grouped_mm ("grouped" forces it, "loop" never)."""
+        if self.impl == "auto":
+            return grouped_mm_available(x, self.dim, self.ffn_dim)
+        return self.impl == "grouped"
+
+    def ffn(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
+        """Expert e's FFN on its group of rows of the sorted buffer; rows past the groups are undefined."""
+        matmul = _grouped_matmul if self.use_grouped_mm(x_sorted) else _loop_matmul
+        h = matmul(x_sorted, self.w_in.to(x_sorted.dtype), group_sizes)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return matmul(h, self.w_out.to(x_sorted.dtype), group_sizes)
+
+    def forward(
+        self,
+        x: Tensor,
+        token_idx: Tensor,
+        expert_idx: Tensor,
+        weights: Tensor,
+        valid: Tensor,
+        capacity: int | None = None,
+    ) -> tuple[Tensor, DispatchPlan]:
+        """Sum over each token's slots of weight * expert(x[token]). x (N, dim); token_idx, expert_idx, weights,
+        valid (S,) per slot. Padding (valid=False) and dropped slots contribute zero."""
+        plan = plan_dispatch(expert_idx, valid, self.num_experts, capacity)
+        tokens = token_idx[plan.order]
+        kept = plan.kept.unsqueeze(-1)
+        # masking both sides keeps the undefined rows (values and gradients) of the grouped GEMM out of the result
+        x_sorted = torch.where(kept, x[tokens], 0).to(compute_dtype(x))
+        y = torch.where(kept, self.ffn(x_sorted, plan.group_sizes), 0)
+        y = y.float() * weights[plan.order].unsqueeze(-1)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y)
+        return out.to(x.dtype), plan
