@@ -341,3 +341,12 @@ def test_grouped_gemm_bf16_matches_loop_on_cuda():
     ]:
         assert torch.isfinite(a).all()
         assert (a.float() - b.float()).abs().max().item() <= 3e-2 * b.float().abs().max().item() + 1e-6
+
+
+def test_expert_bias_stays_fp32_when_the_layer_is_cast_to_bf16():
+    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=8, router="sigmoid", router_bias=True))
+    layer.router.expert_bias += 1e-4  # below bf16's resolution around 1.0 once updates accumulate on top of it
+    layer = layer.to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.bfloat16
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert torch.equal(layer.router.expert_bias, torch.full((4,), 1e-4))

@@ -128,6 +128,15 @@ class Router(nn.Module):
         token_idx = torch.arange(n, device=x.device).repeat_interleave(cfg.top_k)
         return Routing(logits, probs, assigned, token_idx, indices.flatten(), weights.flatten())
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep `expert_bias` in fp32 when the module is cast (`.to(bf16)`, DeepSpeed's bf16 mode): its updates are
+        steps of `bias_update_rate` that low precision would round away. Device moves still apply."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != bias.dtype:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Zero the load accumulator (it is not saved in checkpoints)."""
