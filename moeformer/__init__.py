@@ -1,6 +1,7 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
 from moeformer.layers.moe import MoEConfig
+from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, count_params, list_models
 
 __version__ = "0.1.0"
@@ -14,5 +15,7 @@ __all__ = [
     "ParamCount",
     "build_model",
     "count_params",
+    "from_pretrained",
     "list_models",
+    "save_pretrained",
 ]

@@ -87,10 +87,22 @@ class SafetensorsFile:
         return out
 
 
-class Checkpoint:
-    """Every tensor of a checkpoint directory, from `model.safetensors` or the shards of its index."""
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 weight from FP8 `weight` (rows, cols) and one inverse scale per (block[0] x block[1]) tile (DeepSeek-V3)."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
 
-    def __init__(self, directory: Path) -> None:
+
+class Checkpoint:
+    """Every tensor of a checkpoint directory, from `model.safetensors` or the shards of its index.
+
+    A tensor `W` stored with a companion `W_scale_inv` is block-quantized FP8 and is read dequantized (fp32);
+    `block` is the tile shape (HF `quantization_config.weight_block_size`).
+    """
+
+    def __init__(self, directory: Path, block: tuple[int, int] | None = None) -> None:
+        self.block = block
         index_path, single = directory / INDEX_FILE, directory / SINGLE_FILE
         if index_path.is_file():
             try:
@@ -121,16 +133,31 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `read` returns."""
+        return torch.float32 if self.is_quantized(name) else self.where[name].dtype(name)
+
+    def is_quantized(self, name: str) -> bool:
+        return f"{name}_scale_inv" in self.where
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.where[name].read(name, out)
+        if not self.is_quantized(name):
+            return self.where[name].read(name, out)
+        if self.block is None:
+            raise ValueError(f"tensor {name!r} has a block scale but config.json has no "
+                             "quantization_config.weight_block_size")
+        scale = f"{name}_scale_inv"
+        weight = dequantize_blocks(self.where[name].read(name), self.where[scale].read(scale), self.block)
+        return weight if out is None else out.copy_(weight)
 
     def default_dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point tensor (by name): what `dtype=None` loads as."""
+        """What `dtype=None` loads as: the dtype of the first 16/32/64-bit floating-point tensor (by name), or
+        bfloat16 for an all-FP8 checkpoint."""
         for name in sorted(self.where):
             dtype = self.where[name].dtype(name)
-            if dtype.is_floating_point:
+            if dtype.is_floating_point and dtype.itemsize >= 2:
                 return dtype
-        return torch.float32
+        return torch.bfloat16
 
 
 def _native_maps(config: ModelConfig) -> list[TensorMap]:
@@ -153,7 +180,8 @@ def _read_config(directory: Path) -> tuple[ModelConfig, list[TensorMap], Callabl
         family = get_family(hf.get("model_type"))
         config = family.config_from_hf(hf)
         tied = config.tie_embeddings
-        return config, family.tensor_maps(config), lambda n: family.ignore(n, config) or (tied and n == "lm_head.weight")
+        skip = lambda n: family.ignore(n, config) or (tied and n == "lm_head.weight")  # noqa: E731
+        return config, family.tensor_maps(config), skip
     if native_path.is_file():
         config = ModelConfig.from_yaml(native_path)
         return config, _native_maps(config), lambda n: False
@@ -177,6 +205,7 @@ def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]
         else:
             plan.append((m, layout))
     used = {n for _, layout in plan for n in layout.names}
+    used |= {f"{n}_scale_inv" for n in used}  # FP8 block scales travel with their weights
     unexpected = sorted(n for n in available - used if not ignore(n))
     if missing or unexpected:
         parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}"] if missing else []
@@ -189,16 +218,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None):
     """Load a `CausalLM` from a Hugging Face or native checkpoint directory.
 
-    dtype: parameter dtype (default: the checkpoint's); buffers keep theirs. device: where the weights go (CPU).
-    The model comes back in eval mode.
+    dtype: parameter dtype (default: the checkpoint's; bfloat16 for FP8 block-quantized DeepSeek-V3 weights, which
+    are dequantized); buffers keep theirs. device: where the weights go (default CPU). Returns the model in eval mode.
     """
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
     from moeformer.models.model import CausalLM
 
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config, maps, ignore = _read_config(directory)
-    ckpt = Checkpoint(directory)
+    block = ((config.extra.get("hf_config") or {}).get("quantization_config") or {}).get("weight_block_size")
+    ckpt = Checkpoint(directory, tuple(block) if block else None)
     plan = _plan(maps, ckpt, ignore)
     with torch.device("meta"):
         model = CausalLM(config)
@@ -223,10 +255,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     for m, layout in plan:
         target = targets[m.ours]
         out = torch.empty(target.shape, dtype=dtype if m.ours in params else target.dtype)
-        if layout.kind == "copy" and ckpt.where[layout.names[0]].dtype(layout.names[0]) == out.dtype:
+        if layout.kind == "copy" and ckpt.dtype(layout.names[0]) == out.dtype:
             ckpt.read(layout.names[0], out=out)  # straight into place, no temporary
         else:
-            fill_from_hf(out, layout, lambda j: ckpt.read(layout.names[j]))
+            fill_from_hf(out, layout, lambda j, names=layout.names: ckpt.read(names[j]))
         state[m.ours] = out.to(device) if device is not None else out
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_embeddings.weight"]
@@ -305,9 +337,12 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
         hf_config, maps = None, _native_maps(config)
     state = model.state_dict()
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    cast = lambda k, t: t.to(dtype) if dtype is not None and k in params and t.is_floating_point() else t  # noqa: E731
-    sizes = {m.ours: state[m.ours].numel() * (dtype.itemsize if dtype and m.ours in params else state[m.ours].element_size())
-             for m in maps}
+
+    def stored_dtype(key: str) -> torch.dtype:  # floating-point parameters are cast to `dtype`
+        cast = dtype is not None and key in params and state[key].is_floating_point()
+        return dtype if cast else state[key].dtype
+
+    sizes = {m.ours: state[m.ours].numel() * stored_dtype(m.ours).itemsize for m in maps}
     shards = _shards(maps, sizes, limit)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +353,7 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
             file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for m in shard:
-                tensor = cast(m.ours, state[m.ours].detach()).cpu()
+                tensor = state[m.ours].detach().to(device="cpu", dtype=stored_dtype(m.ours))
                 tensors.update(zip(m.export.names, to_hf(tensor, m.export)))
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file))
@@ -326,7 +361,7 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         if hf_config is not None:
-            saved = dtype or next(p.dtype for k, p in state.items() if k in params)
+            saved = stored_dtype(next(k for k in state if k in params))
             hf_config["dtype"] = hf_config["torch_dtype"] = str(saved).removeprefix("torch.")
             (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         else:

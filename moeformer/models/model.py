@@ -46,9 +46,16 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
             backend=config.attn_backend,
         )
     if kind == MLA_ATTENTION:
-        from moeformer.layers.mla import MLAttention
+        from moeformer.layers.mla import MLAttention, mla_softmax_scale
 
-        return MLAttention(config.dim, config.n_heads, config.mla, norm_eps=config.norm_eps, backend=config.attn_backend)
+        return MLAttention(
+            config.dim,
+            config.n_heads,
+            config.mla,
+            norm_eps=config.norm_eps,
+            backend=config.attn_backend,
+            softmax_scale=mla_softmax_scale(config.mla, config.rope_scaling),
+        )
     raise ValueError(f"layer {layer}: unknown attention type {kind!r}")
 
 
@@ -199,6 +206,20 @@ class CausalLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+        """Load a Hugging Face or native checkpoint directory; see `moeformer.models.checkpoint.from_pretrained`."""
+        from moeformer.models.checkpoint import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", **kwargs):
+        """Write an atomic checkpoint directory; see `moeformer.models.checkpoint.save_pretrained`."""
+        from moeformer.models.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, **kwargs)
 
 
 def _cache_length(cache: list | None) -> int:

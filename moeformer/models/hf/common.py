@@ -133,10 +133,12 @@ def to_hf(tensor: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
-def required(hf: dict[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise KeyError(f"config.json of model_type {hf.get('model_type')!r} lacks required key {key!r}")
-    return hf[key]
+def required(hf: dict[str, Any], *keys: str) -> Any:
+    """The value of the first of `keys` present (alternative spellings across transformers versions)."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    raise KeyError(f"config.json of model_type {hf.get('model_type')!r} lacks required key {' / '.join(keys)!r}")
 
 
 def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -196,10 +198,16 @@ def base_config(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+# Keys of an imported config.json that are dropped on export: derived from other fields, or alternative spellings
+# of the expert count that would shadow the one the family writes.
+STALE_KEYS = ("layer_types", "num_local_experts", "num_experts", "n_routed_experts", "transformers_version",
+              "_name_or_path", "dtype", "torch_dtype", "quantization_config")
+
+
 def base_to_hf(config: ModelConfig, family: Family, **fields: Any) -> dict[str, Any]:
     """config.json for `config`: the imported HF config (if any) updated with every architectural field."""
     check_exportable(config, family.model_types[0])
-    hf = dict(config.extra.get("hf_config") or {})
+    hf = {k: v for k, v in (config.extra.get("hf_config") or {}).items() if k not in STALE_KEYS}
     hf.update(
         model_type=family.model_types[0] if hf.get("model_type") not in family.model_types else hf["model_type"],
         architectures=[family.architecture],

@@ -7,6 +7,7 @@ HF stores the rope rows of q and of the shared rope key interleaved (pairs (x0, 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from moeformer.layers.moe.config import MoEConfig
@@ -30,7 +31,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     top_k_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
     grouped = top_k_method in ("noaux_tc", "group_limited_greedy")
     moe = MoEConfig(
-        num_experts=required(hf, "n_routed_experts"),
+        num_experts=required(hf, "n_routed_experts", "num_local_experts", "num_experts"),
         top_k=required(hf, "num_experts_per_tok"),
         ffn_dim=required(hf, "moe_intermediate_size"),
         router="sigmoid" if v3 else "softmax",
@@ -136,8 +137,8 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
 
 def ignore(name: str, config: ModelConfig) -> bool:
     """DeepSeek-V3 checkpoints carry the multi-token-prediction layer(s) after the last decoder layer."""
-    parts = name.split(".")
-    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= config.n_layers
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return match is not None and int(match.group(1)) >= config.n_layers
 
 
 FAMILY = Family(("deepseek_v3", "deepseek_v2"), "DeepseekV3ForCausalLM", config_from_hf, config_to_hf, tensor_maps,

@@ -15,7 +15,7 @@ MOE_NAMES = dict(
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     moe = MoEConfig(
-        num_experts=required(hf, "num_local_experts"),
+        num_experts=required(hf, "num_local_experts", "num_experts"),
         top_k=required(hf, "num_experts_per_tok"),
         ffn_dim=required(hf, "intermediate_size"),
         router="softmax",
@@ -29,8 +29,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     moe = config.moe
     if moe is None or not moe.norm_topk_prob or moe.router != "softmax" or moe.num_shared_experts or moe.router_bias:
         raise ValueError("HF 'mixtral' needs softmax top-k routing with renormalised weights and no shared experts")
-    if config.moe_layers is not None or config.first_k_dense or config.moe_every != 1 or config.qk_norm or config.attn_bias:
-        raise ValueError("HF 'mixtral' has a MoE in every layer, no qk-norm and no q/k/v bias")
+    if config.moe_layers is not None or config.first_k_dense or config.moe_every != 1:
+        raise ValueError("HF 'mixtral' has a MoE in every layer")
+    if config.qk_norm or config.attn_bias:
+        raise ValueError("HF 'mixtral' has no qk-norm and no q/k/v bias")
     return base_to_hf(
         config, FAMILY, intermediate_size=moe.ffn_dim, num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef, sliding_window=config.sliding_window,

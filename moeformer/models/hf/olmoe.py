@@ -15,7 +15,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("attention_bias"):
         raise ValueError("OLMoE attention_bias=True puts a bias on o_proj, which moeformer's Attention does not have")
     moe = MoEConfig(
-        num_experts=required(hf, "num_experts"),
+        num_experts=required(hf, "num_experts", "num_local_experts"),
         top_k=required(hf, "num_experts_per_tok"),
         ffn_dim=required(hf, "intermediate_size"),
         router="softmax",

@@ -11,7 +11,7 @@ from moeformer.models.hf.common import Family, base_config, base_to_hf, llama_li
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     moe = MoEConfig(
-        num_experts=required(hf, "num_experts"),
+        num_experts=required(hf, "num_experts", "num_local_experts"),
         top_k=required(hf, "num_experts_per_tok"),
         ffn_dim=required(hf, "moe_intermediate_size"),
         router="softmax",

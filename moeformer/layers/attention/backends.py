@@ -1,0 +1,141 @@
+"""Softmax attention kernels behind one call, `attend`; every backend implements the `AttentionMask` rule and is
+tested against the explicit fp32 `eager` reference."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from moeformer.layers.attention.mask import AttentionMask
+
+BACKENDS = ("auto", "eager", "sdpa", "flash_attn", "flex")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
+                    scale: float) -> torch.Tensor:
+    """Reference: explicit scores and softmax in fp32 (KV heads repeated for GQA/MQA)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).float() for t in (k, v))
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    allowed = mask.dense(q.shape[2], k.shape[2], window, q.device)
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v).to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
+                   scale: float) -> torch.Tensor:
+    """torch SDPA; no mask tensor when the rule is plain causal with queries at the end of the keys."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    plain = window is None and not mask.has_key_constraints and mask.q_offset + q_len == k_len
+    kwargs = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if plain and q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    if plain and q_len == 1:  # one decode step sees every key
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q_len, k_len, window, q.device), **kwargs)
+
+
+@functools.cache
+def _flash_attn_module() -> ModuleType | None:
+    """The flash-attn package if it can be imported, else None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.import_module("flash_attn")
+    except ImportError:
+        return None
+
+
+def flash_expressible(mask: AttentionMask, q_len: int, k_len: int) -> bool:
+    """flash-attn covers causal (bottom-right aligned) + sliding window, but not padding or documents."""
+    return not mask.has_key_constraints and mask.q_offset + q_len == k_len
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
+                    scale: float) -> torch.Tensor:
+    """flash-attn kernel (CUDA, fp16/bf16); queries are the last q_len keys, so its causal alignment matches."""
+    flash = _flash_attn_module()
+    if flash is None:
+        raise RuntimeError("attention backend 'flash_attn' needs the flash-attn package (pip install flash-attn); "
+                           "use backend='sdpa' or 'auto' instead")
+    if not q.is_cuda:
+        raise RuntimeError(f"attention backend 'flash_attn' needs CUDA tensors, got device {q.device}")
+    if q.dtype not in FLASH_DTYPES:
+        raise ValueError(f"attention backend 'flash_attn' needs float16 or bfloat16 inputs, got {q.dtype}")
+    if not flash_expressible(mask, q.shape[2], k.shape[2]):
+        raise ValueError("attention backend 'flash_attn' cannot express key_padding, document_ids or queries that "
+                         "are not the last keys; use 'sdpa', 'flex' or 'auto'")
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    out = flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                                causal=True, window_size=window_size)
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)  # automatic dynamic shapes: a growing cache must not recompile per step
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
+                   scale: float) -> torch.Tensor:
+    """FlexAttention with a block mask from the same rule; compiled on CUDA, unfused eager (reference speed) on CPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
+
+    q_len, k_len = q.shape[2], k.shape[2]
+    rows = q.shape[0] if mask.has_key_constraints else None
+    block_mask = mask.memoised(
+        ("flex", q_len, k_len, window, q.device),
+        lambda: create_block_mask(mask.mask_mod(window, q.device), rows, None, q_len, k_len, device=q.device),
+    )
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_eager(q, k, v, **kwargs)
+
+
+KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash_attention, "flex": flex_attention}
+
+
+def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
+    """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask) else sdpa."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    use_flash = (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+                 and flash_expressible(mask, q.shape[2], k_len) and _flash_attn_module() is not None)
+    return "flash_attn" if use_flash else "sdpa"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, window: int | None,
+           scale: float, backend: str) -> torch.Tensor:
+    """Masked softmax attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D)."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"attend expects q (B, Hq, Tq, D) and k, v of equal shape (B, Hkv, Tk, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim, or Hq is not a "
+                         "multiple of Hkv")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype} (is the KV cache dtype the "
+                         "model's?)")
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be a positive number of keys, got {window}")
+    mask.check(q.shape[0], q.shape[2], k.shape[2])
+    kernel = KERNELS[resolve_backend(backend, q, mask, k.shape[2])]
+    if window is not None and window >= mask.q_offset + q.shape[2]:
+        window = None  # no query is that far from the first key
+    return kernel(q, k, v, mask, window, scale)

@@ -1,0 +1,123 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a small shared latent, so the KV cache
+holds one `kv_lora_rank + qk_rope_head_dim` vector per token instead of full per-head keys and values.
+
+Each head's query/key is `[nope | rope]`: the `nope` part comes from the latent (no position information), the
+`rope` part is rotated and, for keys, shared by all heads (decoupled RoPE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeformer.layers.attention import AttentionMask, attend
+from moeformer.layers.norms import RMSNorm
+from moeformer.layers.rope import apply_rotary
+from moeformer.models.config import MLAConfig
+
+
+def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None) -> float:
+    """Softmax scale of MLA: qk_head_dim ** -0.5, times mscale(factor, mscale_all_dim) ** 2 under YaRN scaling
+    (DeepSeek's long-context correction; the rope tables carry the matching mscale / mscale_all_dim ratio)."""
+    scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
+    if not rope_scaling or (rope_scaling.get("type") or rope_scaling.get("rope_type")) in (None, "default"):
+        return scale
+    mscale_all_dim = rope_scaling.get("mscale_all_dim") or 0.0
+    factor = rope_scaling.get("factor") or 1.0
+    if mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def _attend_mixed_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
+                       backend: str) -> torch.Tensor:
+    """`attend` for value heads narrower or wider than query/key heads: zero-pad to a common width (zeros change
+    neither q.k nor the kept value dims), then drop the padding from the output."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    width = max(qk_dim, v_dim)
+    pad = lambda t: F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t  # noqa: E731
+    out = attend(pad(q), pad(k), pad(v), mask, window=None, scale=scale, backend=backend)
+    return out[..., :v_dim]
+
+
+class LatentCache:
+    """Static per-layer cache of MLA latents: the normalised kv latent and the rotated shared rope key."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        self.latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
+        self.k_rot = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, T, .) latents at `length`; return everything stored so far."""
+        end = self.length + latent.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"LatentCache overflow: {self.length} + {latent.shape[1]} tokens > max_len {self.max_len}")
+        self.latent[:, self.length : end] = latent
+        self.k_rot[:, self.length : end] = k_rot
+        self.length = end
+        return self.latent[:, :end], self.k_rot[:, :end]
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention with optional low-rank queries (`mla.q_lora_rank`).
+
+    Submodules: `q_proj` (full-rank) or `q_a_proj` -> `q_a_norm` -> `q_b_proj`; `kv_a_proj` (dim -> latent + rope
+    key), `kv_a_norm`, `kv_b_proj` (latent -> per-head [k_nope | v]), `o_proj`. Rope dims use the rotate-half layout.
+    """
+
+    def __init__(self, dim: int, n_heads: int, mla: MLAConfig, *, norm_eps: float = 1e-6, backend: str = "auto",
+                 softmax_scale: float | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.backend = n_heads, backend
+        self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank = mla.kv_lora_rank
+        qk_dim = self.nope + self.rope_dim
+        self.scale = softmax_scale if softmax_scale is not None else qk_dim**-0.5
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, mla.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(mla.q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * self.v_dim, dim, bias=False)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                cache: LatentCache | None = None, backend: str | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        cos, sin = rope
+        q = self._queries(x).view(B, T, H, self.nope + self.rope_dim).transpose(1, 2)
+        q = torch.cat((q[..., : self.nope], apply_rotary(q[..., self.nope :], cos, sin)), dim=-1)
+
+        latent, k_rot = self.kv_a_proj(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        latent = self.kv_a_norm(latent)
+        k_rot = apply_rotary(k_rot[:, None], cos, sin)[:, 0]  # one rope key shared by every head
+        if cache is not None:
+            latent, k_rot = cache.update(latent, k_rot)
+        Tk = latent.shape[1]
+
+        kv = self.kv_b_proj(latent).view(B, Tk, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
+        k = torch.cat((k_nope, k_rot[:, None].expand(B, H, Tk, self.rope_dim)), dim=-1)
+        out = _attend_mixed_dims(q, k, v, mask, self.scale, backend or self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def init_cache(self, batch: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device | str | None) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)

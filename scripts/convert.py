@@ -1,0 +1,35 @@
+"""Convert checkpoints between Hugging Face and moeformer-native formats, optionally changing dtype.
+
+    python scripts/convert.py SRC DST --to hf|native [--dtype bfloat16] [--max-shard-size 5GB]
+
+SRC is any checkpoint directory `moeformer.from_pretrained` reads (HF config.json or native config.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moeformer.models.checkpoint import FORMATS, from_pretrained, save_pretrained
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="checkpoint directory to read")
+    parser.add_argument("dst", help="directory to write (replaced atomically if it holds a checkpoint)")
+    parser.add_argument("--to", choices=FORMATS, default="hf", help="output format (default: hf)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype (default: the source's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB or 5GB (default: 5GB)")
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    model = from_pretrained(args.src, dtype=dtype)
+    path = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.to} checkpoint of {model.num_params():,} parameters to {path}")
+
+
+if __name__ == "__main__":
+    main()
