@@ -4,7 +4,7 @@ expert picks its top-C tokens (expert choice). Routing is computed in fp32."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from .config import MoEConfig
 
 
-@dataclass
-class Routing:
-    """One forward's routing as flat (token, expert, weight) slots, plus the dense tensors the losses need."""
+class Routing(NamedTuple):
+    """One forward's routing as flat (token, expert, weight) slots, plus the dense tensors the losses need.
+    A NamedTuple rather than a dataclass: ZeRO-3 finds the tensors a module returns only inside tuples."""
 
     logits: Tensor  # (N, E) fp32 router logits
     probs: Tensor  # (N, E) fp32 per-token distribution over experts: softmax, or sigmoid scores over their sum

@@ -1,0 +1,264 @@
+"""Training configuration: YAML files of nested dataclasses, with dotted command-line overrides.
+
+    python scripts/train.py --config configs/train/tiny-moe-cpu.yaml --optim.lr=1e-3 --model.dim=64
+
+Every key is checked: an unknown key (in the file or on the command line) raises a KeyError naming it and listing
+the valid keys of its section. The `model` section is a zoo name plus any `ModelConfig` field to override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeformer.models.config import ModelConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "every_k", "attention", "moe")
+EXPORT_FORMATS = ("native", "hf", "none")
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared corpus is (scripts/prepare_data.py) and how it is cut into batches."""
+
+    dir: str = "data/stdlib-byte"
+    seq_len: int = 256
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    shuffle: bool = True
+    packed_documents: bool = True  # attend only within documents (document_ids + restarting positions)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (warmup + cosine, warmup-stable-decay, or constant after warmup)."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1  # matrices only; norms, biases and embeddings-free vectors get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of all steps spent in the final decay
+
+
+@dataclass
+class LoopConfig:
+    """The training loop: length, precision, ZeRO stage, evaluation, logging and failure handling."""
+
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: str = "bf16"
+    zero_stage: int = 1
+    activation_checkpointing: str = "none"  # none | full | every_k | attention | moe
+    checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 10
+    log_every: int = 1
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are detected, otherwise no MFU
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints every `every` steps (0: only at the end), keeping the newest `keep_last`."""
+
+    every: int = 0
+    keep_last: int = 2
+    resume: str | None = None  # None, "auto" (newest complete checkpoint in the run), or a checkpoint directory
+    export: str = "native"  # final model: native safetensors, Hugging Face, or none
+
+
+@dataclass
+class DeepSpeedConfig:
+    """A DeepSpeed JSON to start from (its keys win over the ones built from this config), or None."""
+
+    config: str | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes the rest of the world. Applied by `moeformer.parallel`."""
+
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; `out_dir` receives checkpoints, logs, plots and the exported model."""
+
+    out_dir: str = "runs/default"
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "tiny-moe"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _check_choice("train.dtype", self.train.dtype, DTYPES)
+        _check_choice("train.activation_checkpointing", self.train.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        _check_choice("checkpoint.export", self.checkpoint.export, EXPORT_FORMATS)
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+        for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
+                    "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
+        if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, "
+                             f"{self.optim.lr}")
+        if not 0.0 < self.optim.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        self.model_config()  # validates the model section now rather than after start-up
+
+    def model_config(self) -> ModelConfig:
+        """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
+        overrides = dict(self.model)
+        name = overrides.pop("name", None)
+        valid = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise KeyError(f"unknown config key 'model.{unknown[0]}'; valid keys in model: {', '.join(sorted(valid))}")
+        if not isinstance(name, str):
+            raise KeyError("the model section needs `name`: a zoo model such as tiny-moe")
+        try:
+            return ModelConfig.from_name(name, **overrides)
+        except ValueError as e:
+            raise KeyError(f"model section: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Build a `RunConfig` from nested dicts; an unknown key raises a KeyError naming its dotted path."""
+    return _build(RunConfig, d, "")
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise KeyError(
+            f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in d.items():
+        sub = _section_type(cls, name)
+        kwargs[name] = _build(sub, value, f"{where}{name}.") if sub is not None else _coerce(where + name, value,
+                                                                                              hints[name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a scalar field type; ints and numeric strings ("2e-3", which YAML leaves a string)
+    become floats where a float is expected."""
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"config key {key!r} must be a mapping (e.g. name: tiny-moe), got {value!r}")
+        return value
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise TypeError(f"config key {key!r} must not be null")
+    if float in options and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"config key {key!r} expects a number, got {value!r}") from None
+    scalar = [t for t in options if t in (int, str, bool)]
+    if scalar and not any(type(value) is t for t in scalar):
+        raise TypeError(f"config key {key!r} expects {' or '.join(t.__name__ for t in scalar)}, got {value!r}")
+    return value
+
+
+def _section_type(cls: type, name: str) -> type | None:
+    """The dataclass type of field `name` of `cls` when it is a nested section, else None."""
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory
+    if default is dataclasses.MISSING:
+        return None
+    value = default()
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--optim.lr=1e-3", "--model.moe.top_k", "1"]` -> {"optim.lr": 0.001, "model.moe.top_k": 1} (YAML values)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected a --dotted.key=value override, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r} has no value")
+            i += 1
+            value = args[i]
+        out[key] = yaml.safe_load(value) if value != "" else None
+        i += 1
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested dict `d` with each dotted key set; sections are created as needed (validated later)."""
+    d = json.loads(json.dumps(d))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = d
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise KeyError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None) and apply dotted overrides."""
+    d: dict[str, Any] = {"model": RunConfig.__dataclass_fields__["model"].default_factory()}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise TypeError(f"{path}: expected a mapping of config sections, got {type(d).__name__}")
+    if overrides:
+        d = apply_overrides(d, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return from_dict(d)

@@ -1,0 +1,108 @@
+"""Training metrics: FLOPs per token and MFU, expert-load summaries, and a JSONL + TensorBoard logger (rank 0)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeformer.models.config import ModelConfig
+from moeformer.models.params import count_params
+
+# Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, without sparsity).
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 x active matmul params + attention scores.
+
+    Active params count routed experts at top_k / num_experts and exclude the embedding lookup (no matmul); the
+    LM head is included. Attention adds 12 * layers * heads * head_dim * seq_len (QK^T and AV, forward and
+    backward, no causal discount: the PaLM convention).
+    """
+    embedding = 0 if config.tie_embeddings else config.vocab_size * config.dim  # tied: the table is the LM head
+    active = count_params(config).active - embedding
+    attn_dim = config.n_heads * config.head_dim
+    return 6.0 * active + 12.0 * config.n_layers * attn_dim * seq_len
+
+
+def peak_flops(override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the override, else a known GPU's bf16 peak, else None (no MFU, e.g. on CPU)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_gib() -> float:
+    """Peak allocated accelerator memory since the last reset (GiB); max resident set size of the process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def expert_load(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Share of routed token slots each expert received, per layer: (layers, experts) rows summing to 1."""
+    counts = tokens_per_expert.double()
+    return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    Lists (expert load per layer) go to the JSONL only, with per-layer max/min load ratios as TensorBoard scalars.
+    Only rank 0 writes; other ranks get a logger that does nothing.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:  # the `train` extra is not installed: JSONL only
+                    SummaryWriter = None
+                if SummaryWriter is not None:
+                    self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write `record` (must hold "step" and "split"); scalars are tagged "<split>/<name>" in TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            return
+        step, split = record["step"], record["split"]
+        for name, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                self._writer.add_scalar(f"{split}/{name}", value, step)
+        for layer, load in enumerate(record.get("expert_load", [])):
+            self._writer.add_scalar(f"{split}/expert_load_max/layer{layer}", max(load) * len(load), step)
+            self._writer.add_scalar(f"{split}/expert_load_min/layer{layer}", min(load) * len(load), step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (a run directory or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

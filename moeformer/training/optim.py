@@ -1,0 +1,68 @@
+"""Optimizer parameter groups, with expert parameters in their own groups the way DeepSpeed's MoE support expects.
+
+DeepSpeed recognises an expert parameter by two attributes that its own `Experts` module sets: `allreduce = False`
+(do not reduce over the whole data-parallel group) and `group_name = "ep_size_<n>"` (reduce over that expert-data-
+parallel group instead). `split_params_into_different_moe_groups_for_optimizer` then moves tagged parameters into
+groups marked `moe: True` named after their group, which ZeRO-1/2 partition over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+from moeformer.training.config import OptimConfig
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed experts' stacked weights (`experts.w_in`, `experts.w_out`) of every MoE layer."""
+    return [p for name, p in model.named_parameters() if name.endswith(("experts.w_in", "experts.w_out"))]
+
+
+def tag_expert_params(model: nn.Module, ep_size: int) -> list[nn.Parameter]:
+    """Mark expert weights as DeepSpeed expert parameters of expert-parallel size `ep_size`; returns them.
+
+    Only valid when the engine treats the model as an MoE model (expert process groups created, engine MoE-aware):
+    a tagged parameter is skipped by DeepSpeed's ordinary data-parallel gradient reduction.
+    """
+    params = expert_parameters(model)
+    for p in params:
+        p.allreduce = False
+        p.group_name = f"ep_size_{ep_size}"
+    return params
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Named AdamW groups: matrices with weight decay, vectors (norms, biases, router bias) without, and experts
+    apart. Tagged expert parameters (see `tag_expert_params`) become DeepSpeed MoE groups; untagged experts form
+    an ordinary group reduced over the whole data-parallel group (correct at expert-parallel size 1)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    groups = {
+        "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
+        "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
+        "experts": {"name": "experts", "params": [], "weight_decay": weight_decay},
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in experts and not is_moe_param(p):
+            groups["experts"]["params"].append(p)
+        else:
+            groups["decay" if p.dim() >= 2 else "no_decay"]["params"].append(p)
+    out = [g for g in groups.values() if g["params"]]
+    if any(is_moe_param(p) for g in out for p in g["params"]):
+        out = split_params_into_different_moe_groups_for_optimizer(out)
+    return out
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW over `param_groups` at the peak lr (the schedule scales it); fused on CUDA."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
+    )

@@ -1,0 +1,416 @@
+"""The training loop: a zoo model on the DeepSpeed engine, fed by rank-sharded packed batches of the corpus.
+
+    trainer = Trainer(load_config("configs/train/tiny-moe-cpu.yaml"))
+    summary = trainer.train()
+
+Order of construction: distributed init -> model (same seed on every rank) -> parallelism
+(`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> activation checkpointing (wraps the final modules)
+-> optimizer groups -> `deepspeed.initialize` -> data (sharded over the data-parallel group) -> resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from moeformer.models.model import CausalLM, CausalLMOutput, build_model
+from moeformer.training.activation_checkpointing import apply_activation_checkpointing
+from moeformer.training.checkpointing import CheckpointManager
+from moeformer.training.config import ParallelConfig, RunConfig
+from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, load_meta
+from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
+from moeformer.training.optim import build_optimizer
+from moeformer.training.schedule import build_scheduler
+from moeformer.training.tokenizer import TOKENIZER_FILE
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss was NaN or infinite too many steps in a row."""
+
+
+class NonFiniteGuard:
+    """Counts steps with a non-finite loss; raises once `max_in_row` of them come back to back."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def update(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f"stopping at step {step}: the loss was NaN/inf in {self.in_row} steps in a row "
+                f"(train.max_nonfinite={self.max_in_row}); lower optim.lr, raise optim.warmup_steps or check the data"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def init_distributed() -> None:
+    """Join the process group (gloo on CPU, NCCL on GPU); without torchrun, become rank 0 of a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank, so every replica builds identical initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for `config`; keys of `deepspeed.config` (a file) win, except that its batch sizes must
+    agree with the training config's."""
+    t = config.train
+    built: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.data.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": config.data.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": config.optim.grad_clip,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer under ZeRO
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+    }
+    if t.zero_stage >= 2:
+        built["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True,
+                                          overlap_comm=torch.cuda.is_available())
+    if t.zero_stage == 3:
+        built["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if config.deepspeed.config is None:
+        return built
+    path = Path(config.deepspeed.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"deepspeed.config {path} does not exist")
+    merged = _merge(built, json.loads(path.read_text()))
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if merged[key] != built[key]:
+            raise ValueError(f"{path} sets {key}={merged[key]} but the training config implies {built[key]} "
+                             "(data.micro_batch_size, train.grad_accum, data-parallel size); remove it from the JSON")
+    return merged
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Hand the built model to `moeformer.parallel.parallelize(model, parallel_config)` when any of ep/tp/pp > 1.
+
+    It returns the model to train and extra keyword arguments for `deepspeed.initialize`; an `mpu` among them
+    (get_data_parallel_rank/world_size, get_model_parallel_*) also decides how the data is sharded.
+    """
+    if config.parallel == ParallelConfig():
+        return model, {}
+    try:
+        from moeformer.parallel import parallelize
+    except ImportError as e:
+        raise NotImplementedError(
+            f"parallel={config.parallel} needs moeformer.parallel.parallelize, which is not available yet"
+        ) from e
+    return parallelize(model, config.parallel)
+
+
+def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
+    """This rank's place in the data-parallel group: from the parallel layout's `mpu` when there is one."""
+    if mpu is not None:
+        return mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Builds everything from a `RunConfig` and runs `train()`; every rank constructs one."""
+
+    def __init__(self, config: RunConfig) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        init_distributed()
+        self.config = config
+        self.rank = dist.get_rank()
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.out_dir = Path(config.out_dir)
+        self.model_config = config.model_config()
+        meta = load_meta(config.data.dir)
+        if meta["vocab_size"] > self.model_config.vocab_size:
+            raise ValueError(f"the data's tokenizer has {meta['vocab_size']} ids but model.vocab_size is "
+                             f"{self.model_config.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more")
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.checkpoint.keep_last)
+        resume_from = self.checkpoints.resolve(config.checkpoint.resume)  # before the slow set-up: fail early
+        if resume_from is None and self.checkpoints.complete_checkpoints():
+            raise FileExistsError(f"{self.out_dir} already holds checkpoints; pass --resume auto to continue that "
+                                  "run or choose another out_dir")
+
+        seed_everything(config.train.seed)
+        model = build_model(self.model_config, device=self.device)
+        model, initialize_kwargs = apply_parallelism(model, config)
+        apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.checkpoint_every_k)
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size(initialize_kwargs.get("mpu"))
+        ds_config = deepspeed_config(config, self.dp_size)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(model, config.optim),
+            lr_scheduler=partial(build_scheduler, total_steps=config.train.steps, config=config.optim),
+            config=ds_config,
+            **initialize_kwargs,
+        )
+
+        d = config.data
+        self.train_batches = ShardedBatches(TokenDataset.from_dir(d.dir, "train", d.seq_len), d.micro_batch_size,
+                                            self.dp_rank, self.dp_size, seed=config.train.seed, shuffle=d.shuffle)
+        self.val_set = TokenDataset.from_dir(d.dir, "val", d.seq_len)
+        self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
+        self.flops_per_token = flops_per_token(self.model_config, d.seq_len)
+        self.peak_flops = peak_flops(config.train.peak_tflops)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.guard = NonFiniteGuard(config.train.max_nonfinite)
+        if resume_from is None and config.checkpoint.resume == "auto":
+            self._print(f"no complete checkpoint in {self.checkpoints.root}: starting from step 0")
+        if resume_from is not None:
+            self._print(f"resuming from {resume_from}")
+            state = self.checkpoints.load(self.engine, resume_from)
+            self.step, self.tokens_seen = state["step"], state["tokens"]
+            self.train_batches.load_state_dict(state["data"])
+            self.guard.in_row, self.guard.total = state["nonfinite_in_row"], state["nonfinite_total"]
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.out_dir / "config.yaml")
+            if resume_from is None:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        self.resumed_from = resume_from
+
+    def _print(self, message: str) -> None:
+        if self.rank == 0:
+            tqdm.write(message)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[CausalLMOutput, torch.Tensor, torch.Tensor]:
+        """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
+        minimise (cross-entropy + weighted MoE aux losses)."""
+        packed = self.config.data.packed_documents
+        out = self.engine(
+            batch["input_ids"],
+            targets=batch["labels"],
+            position_ids=batch["position_ids"] if packed else None,
+            document_ids=batch["document_ids"] if packed else None,
+            return_logits=False,
+        )
+        return out, out.ce_loss, out.loss
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.isfinite(value.detach()).float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """Forward/backward over `grad_accum` micro-batches and one optimizer step; returns the step's metrics.
+
+        A non-finite loss on any rank skips the step: with grad_accum 1 nothing is applied; with more, the bad
+        micro-batches' losses are masked to zero so that only the finite ones contribute."""
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        gas = self.config.train.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        finite_micro_batches, grad_norm = 0, None
+        for micro in range(gas):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            out, ce, loss = self.forward(batch)
+            finite = self._all_finite(loss)
+            if not finite and gas == 1:
+                break
+            self.engine.backward(loss if finite else torch.where(torch.isfinite(loss), loss, 0.0) * 0.0)
+            if micro == gas - 1 and self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+                grad_norm = _grad_norm(self.engine.module)  # DeepSpeed keeps no norm for plain fp32 without ZeRO
+            self.engine.step()
+            if finite:
+                finite_micro_batches += 1
+                _accumulate(sums, out, ce, loss)
+        finite_step = finite_micro_batches == gas
+        self.guard.update(finite_step, self.step + 1)
+        if finite_step:
+            self.engine.module.update_router_biases()
+        self.tokens_seen += self.tokens_per_step
+        record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
+        record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
+        norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+        if norm is not None and finite_step:
+            record["grad_norm"] = float(norm)
+        return record
+
+    def _step_record(self, sums: dict[str, torch.Tensor], micro_batches: int, seconds: float) -> dict[str, Any]:
+        """Averages of the step's sums over its finite micro-batches and all ranks, throughput and memory."""
+        names = sorted(sums)
+        packed = torch.cat([sums[n].reshape(-1) for n in names] + [torch.ones(1, dtype=torch.float64,
+                                                                               device=self.device)])
+        dist.all_reduce(packed)  # one collective for every metric of the step
+        values = dict(zip(names, packed[:-1].cpu().split([sums[n].numel() for n in names])))
+        record: dict[str, Any] = {"step": self.step + 1, "split": "train"}
+        replicas = micro_batches * packed[-1].item()
+        for name in names:
+            if name not in ("tokens_per_expert", "dropped_tokens"):
+                record[name] = values[name].item() / replicas
+        if "tokens_per_expert" in values:
+            counts = values["tokens_per_expert"].reshape(sums["tokens_per_expert"].shape)
+            record["expert_load"] = expert_load(counts).tolist()
+            record["dropped_frac"] = values["dropped_tokens"].item() / max(counts.sum().item(), 1.0)
+        record["tokens_per_s"] = self.tokens_per_step / seconds
+        record["tokens"] = self.tokens_seen
+        if self.peak_flops is not None:
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak_flops * dist.get_world_size())
+        record["peak_mem_gib"] = peak_memory_gib()
+        return record
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the first `eval_batches` global batches of the val split (all ranks)."""
+        self.engine.eval()
+        batches = ShardedBatches(self.val_set, self.config.data.micro_batch_size, self.dp_rank, self.dp_size,
+                                 shuffle=False, loop=False)
+        total = torch.zeros(2, dtype=torch.float64)
+        for _, batch in zip(range(self.config.train.eval_batches), batches):
+            _, ce, _ = self.forward({k: v.to(self.device) for k, v in batch.items()})
+            total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
+        self.engine.train()
+        total = total.to(self.device)
+        dist.all_reduce(total)
+        val_loss = (total[0] / total[1]).item()
+        self.logger.log({"step": self.step, "split": "val", "loss": val_loss, "ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    # ---- checkpoints and export ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {"data": self.train_batches.state_dict(), "tokens": self.tokens_seen,
+                 "nonfinite_in_row": self.guard.in_row, "nonfinite_total": self.guard.total}
+        return self.checkpoints.save(self.engine, self.step, state)
+
+    def export(self) -> Path | None:
+        """Write the final weights (ZeRO-3 partitions or expert/tensor shards gathered) with the tokenizer files to
+        `<out_dir>/model`."""
+        fmt = self.config.checkpoint.export
+        if fmt == "none":
+            return None
+        if self.engine.zero_optimization_partition_weights():
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        elif self.config.parallel != ParallelConfig():  # expert / tensor shards: gather the single-process layout
+            from moeformer.parallel import full_state_dict
+
+            state = full_state_dict(self.engine.module)
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        path = self.out_dir / "model"
+        if self.rank == 0:
+            from moeformer.models.checkpoint import save_pretrained
+
+            model = build_model(self.model_config, device="cpu")
+            model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+            save_pretrained(model, path, format=fmt, dtype=next(iter(state.values())).dtype)
+            data_dir = Path(self.config.data.dir)
+            for name in (META_FILE, TOKENIZER_FILE):
+                if (data_dir / name).is_file():
+                    shutil.copyfile(data_dir / name, path / name)
+        dist.barrier()
+        return path
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run until `train.steps`, evaluating, logging and checkpointing on schedule; returns a summary."""
+        t, ck = self.config.train, self.config.checkpoint
+        batches = iter(self.train_batches)
+        losses: dict[int, float] = {}
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar,
+                   dynamic_ncols=True, desc="train")
+        self.engine.train()
+        val_loss = None
+        saved_at = None
+        try:
+            while self.step < t.steps:
+                record = self.train_step(batches)
+                self.step += 1
+                if "loss" in record:
+                    losses[self.step] = record["loss"]
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.logger.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    val_loss = self.evaluate()
+                if ck.every and self.step % ck.every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+            val_loss = self.evaluate()
+            if saved_at != self.step:
+                self.save_checkpoint()
+            exported = self.export()
+        finally:
+            bar.close()
+            self.logger.close()
+        return {"step": self.step, "losses": losses, "val_loss": val_loss, "exported": exported,
+                "nonfinite_total": self.guard.total}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Tensor, loss: torch.Tensor) -> None:
+    """Add one micro-batch's metrics (detached, fp64, on device: no host sync) to `sums`."""
+    values = {"loss": loss, "ce_loss": ce}
+    if out.moe_stats:
+        stats = out.moe_stats
+        values["aux_loss"] = out.aux_loss
+        for name in stats[0].losses:  # unweighted, averaged over MoE layers
+            values[name] = torch.stack([s.losses[name] for s in stats]).mean()
+        values["tokens_per_expert"] = torch.stack([s.tokens_per_expert for s in stats])
+        values["dropped_tokens"] = torch.stack([s.dropped_tokens for s in stats]).sum()
+    for name, value in values.items():
+        value = value.detach().double()
+        sums[name] = sums[name] + value if name in sums else value
+
+
+def _grad_norm(module: nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()

@@ -1,0 +1,221 @@
+"""Benchmark one MoE layer against its peers at matched work, on one GPU (bf16).
+
+For each shape it times forward and forward+backward, reports TFLOP/s of the active FLOPs and peak memory for:
+our layer (eager and torch.compile), an equal-FLOP dense SwiGLU (the ceiling), a per-expert loop reference, and
+DeepSpeed's MoE layer (when deepspeed is importable). Every row of one shape runs on the same input in one process.
+
+    python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moeformer.layers.mlp import MLP
+from moeformer.layers.moe import MoE, MoEConfig
+
+
+@dataclass
+class Shape:
+    name: str
+    tokens: int
+    dim: int
+    ffn: int
+    experts: int
+    top_k: int
+    shared: int = 0  # number of shared experts of width ffn
+
+
+SHAPES = {
+    "olmoe": Shape("olmoe-like", 16384, 2048, 1024, 64, 8),
+    "small": Shape("small-moe", 16384, 512, 896, 8, 2),
+    "medium": Shape("medium-moe", 16384, 1024, 1536, 16, 2),
+    "mixtral": Shape("mixtral-like", 8192, 4096, 14336, 8, 2),
+    "deepseek": Shape("deepseek-like", 16384, 2048, 1408, 64, 6, shared=2),
+}
+
+
+def active_flops(s: Shape) -> float:
+    """Forward FLOPs per layer call: SwiGLU expert math of the k routed (+ shared) experts and the router."""
+    experts = 2 * s.tokens * (s.top_k + s.shared) * 3 * s.dim * s.ffn
+    return experts + 2 * s.tokens * s.dim * s.experts
+
+
+class LoopMoE(nn.Module):
+    """The common reference style: route, then a Python loop over experts gathering each one's tokens."""
+
+    def __init__(self, layer: MoE) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        routing = self.layer.router(flat, None)
+        experts = self.layer.experts
+        out = torch.zeros_like(flat, dtype=torch.float32)
+        for e in range(experts.num_experts):
+            slots = (routing.expert_idx == e).nonzero().squeeze(-1)
+            tok = routing.token_idx[slots]
+            gate, up = (flat[tok] @ experts.w_in[e]).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ experts.w_out[e]
+            out.index_add_(0, tok, y.float() * routing.weights[slots, None])
+        shared = self.layer.shared(flat)
+        if shared is not None:
+            out = out + shared
+        return out.to(x.dtype).view(b, t, d)
+
+
+class DeepSpeedMoE(nn.Module):
+    """deepspeed.moe.layer.MoE with SwiGLU experts (capacity factor 1.25, token dropping) at the same shape."""
+
+    def __init__(self, s: Shape) -> None:
+        super().__init__()
+        import deepspeed
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        if not torch.distributed.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29555")
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            deepspeed.init_distributed(dist_backend="nccl")
+        self.moe = DSMoE(
+            hidden_size=s.dim,
+            expert=MLP(s.dim, s.ffn),
+            num_experts=s.experts,
+            ep_size=1,
+            k=s.top_k,
+            capacity_factor=1.25,
+            eval_capacity_factor=1.25,
+            drop_tokens=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)[0]
+
+
+def output_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(module: nn.Module, x: torch.Tensor, flops: float) -> dict[str, float]:
+    """Forward and forward+backward median time, TFLOP/s (active FLOPs, backward = 2x forward), peak memory."""
+    grad = torch.randn_like(x)
+    xg = x.detach().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            output_of(module, x)
+
+    def fwd_bwd():
+        output_of(module, xg).backward(grad)
+
+    f_ms = time_ms(fwd)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fb_ms = time_ms(fwd_bwd)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return {
+        "fwd_ms": f_ms,
+        "fwd_tflops": flops / f_ms / 1e9,
+        "fwdbwd_ms": fb_ms,
+        "fwdbwd_tflops": 3 * flops / fb_ms / 1e9,
+        "peak_gib": peak,
+    }
+
+
+def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
+    """label -> (module, its active forward FLOPs) for one shape."""
+    config = MoEConfig(
+        num_experts=s.experts, top_k=s.top_k, ffn_dim=s.ffn, router="softmax", aux_loss_coef=0.01,
+        num_shared_experts=s.shared, shared_ffn_dim=s.shared * s.ffn if s.shared else None,
+    )
+    ours, flops = MoE(s.dim, config), active_flops(s)
+    rows = {"moeformer (eager)": (ours, flops)}
+    if "compile" not in skip:
+        rows["moeformer (compiled)"] = (torch.compile(ours), flops)
+    rows["dense SwiGLU, equal FLOPs"] = (MLP(s.dim, (s.top_k + s.shared) * s.ffn), flops)
+    if "loop" not in skip:
+        rows["per-expert loop"] = (LoopMoE(ours), flops)
+    if "deepspeed" not in skip:
+        for k in dict.fromkeys((s.top_k, 2)):  # DeepSpeed's gate may only take k <= 2: then measure top-2
+            try:
+                ds_shape = Shape(s.name, s.tokens, s.dim, s.ffn, s.experts, k)
+                rows[f"DeepSpeed MoE (top-{k}, cap 1.25)"] = (DeepSpeedMoE(ds_shape), active_flops(ds_shape))
+                break
+            except Exception as e:
+                print(f"  DeepSpeed MoE top-{k} unavailable at {s.name}: {type(e).__name__}: {e}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="olmoe,small,mixtral,deepseek")
+    parser.add_argument("--skip", default="", help="comma list of: compile, loop, deepspeed")
+    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_moe.py needs a CUDA device")
+    torch.manual_seed(0)
+    skip = set(filter(None, args.skip.split(",")))
+    header = (
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"date {time.strftime('%Y-%m-%d')}, bf16, command: python scripts/bench_moe.py --shapes {args.shapes}"
+    )
+    lines = [header, "", "| shape | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
+             "vs dense (fwd+bwd) | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    for key in args.shapes.split(","):
+        s = SHAPES[key]
+        x = torch.randn(1, s.tokens, s.dim, device="cuda", dtype=torch.bfloat16)
+        results = {}
+        for label, (module, flops) in candidates(s, skip).items():
+            module = module.to("cuda", torch.bfloat16)
+            try:
+                results[label] = measure(module, x, flops)
+            except Exception as e:
+                print(f"  {label} failed at {s.name}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+        dense = results.get("dense SwiGLU, equal FLOPs")
+        for label, r in results.items():
+            ratio = r["fwdbwd_tflops"] / dense["fwdbwd_tflops"] if dense else float("nan")
+            lines.append(
+                f"| {s.name} (T={s.tokens}, d={s.dim}, f={s.ffn}, E={s.experts}, k={s.top_k}"
+                f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | "
+                f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | {ratio:.2f} | {r['peak_gib']:.2f} |"
+            )
+        print("\n".join(lines[-len(results):]), flush=True)
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Training building blocks in one process: config loading and overrides, schedules, FLOPs, optimizer groups,
+activation checkpointing, the non-finite guard and checkpoint bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moeformer.models.config import ModelConfig
+from moeformer.models.model import build_model
+from moeformer.models.params import count_params
+from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
+from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
+from moeformer.training.config import OptimConfig, RunConfig, load_config
+from moeformer.training.metrics import flops_per_token
+from moeformer.training.optim import param_groups, tag_expert_params
+from moeformer.training.schedule import lr_multiplier
+from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "tiny-moe", "dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
+        "vocab_size": 64, "moe": {"num_experts": 4, "top_k": 2, "ffn_dim": 32}}
+
+
+# ---- config -----------------------------------------------------------------------------------------------------
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-moe", "dim": 64}, "optim": {"lr": 1e-3}}))
+    config = load_config(path, ["--optim.lr=2e-3", "--train.zero_stage", "3", "--model.moe.top_k=1",
+                                "--checkpoint.resume=auto", "--train.peak_tflops=null"])
+    assert config.optim.lr == 2e-3 and isinstance(config.train.zero_stage, int) and config.train.zero_stage == 3
+    assert config.checkpoint.resume == "auto" and config.train.peak_tflops is None
+    model = config.model_config()
+    assert model.dim == 64 and model.moe.top_k == 1 and model.moe.num_experts == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [(["--optim.lrr=1"], "optim.lrr"), (["--bogus=1"], "bogus"), (["--train.zero.stage=1"], "train.zero"),
+     (["--model.dimm=3"], "model.dimm"), (["--model.moe.topk=1"], "topk")],
+)
+def test_unknown_keys_name_the_key(overrides, key):
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_file_and_bad_values(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"seq_length": 4}}))
+    with pytest.raises(KeyError, match=r"data\.seq_length"):
+        load_config(path)
+    with pytest.raises(ValueError, match="train.zero_stage"):
+        load_config(None, ["--train.zero_stage=4"])
+    with pytest.raises(ValueError, match="optim.schedule"):
+        load_config(None, ["--optim.schedule=linear"])
+    with pytest.raises(TypeError, match="train.steps"):
+        load_config(None, ["--train.steps=many"])
+    with pytest.raises(TypeError, match="'model' must be a mapping"):
+        load_config(None, ["--model=tiny-moe"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_train_script_reports_bad_key_without_traceback():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--optim.lrr=1"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key 'optim.lrr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_train_configs_load():
+    for path in sorted((REPO / "configs/train").glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig)
+
+
+def test_shipped_deepspeed_configs_merge():
+    for path in sorted((REPO / "configs/deepspeed").glob("*.json")):
+        config = load_config(None, [f"--deepspeed.config={path}"])
+        ds = deepspeed_config(config, dp_size=2)
+        assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] in (2, 3), path
+
+
+def test_deepspeed_config_built_and_merged(tmp_path):
+    config = load_config(None, ["--data.micro_batch_size=4", "--train.grad_accum=3", "--train.zero_stage=2",
+                                "--train.dtype=fp32"])
+    ds = deepspeed_config(config, dp_size=2)
+    assert ds["train_batch_size"] == 24 and ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "gradient_clipping": 0.5}))
+    config.deepspeed.config = str(path)
+    merged = deepspeed_config(config, dp_size=2)
+    assert merged["zero_optimization"] == {**ds["zero_optimization"], "reduce_bucket_size": 123}
+    assert merged["gradient_clipping"] == 0.5
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        deepspeed_config(config, dp_size=2)
+
+
+# ---- schedules and FLOPs ----------------------------------------------------------------------------------------
+def test_warmup_cosine():
+    c = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_multiplier(s, 100, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.1 + 0.9 * 0.5, abs=0.02)
+
+
+def test_warmup_stable_decay():
+    c = OptimConfig(schedule="wsd", warmup_steps=5, decay_fraction=0.2, min_lr_ratio=0.0)
+    lrs = [lr_multiplier(s, 100, c) for s in range(100)]
+    assert lrs[4] == 1.0 and all(v == 1.0 for v in lrs[5:80])
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[-1] == pytest.approx(0.0)
+    assert lr_multiplier(50, 100, OptimConfig(schedule="constant", warmup_steps=0)) == 1.0
+
+
+def test_flops_per_token_counts_active_params_and_attention():
+    dense = ModelConfig.from_name("tiny-dense")
+    params = count_params(dense).total - dense.vocab_size * dense.dim
+    assert flops_per_token(dense, 128) == 6 * params + 12 * dense.n_layers * dense.n_heads * dense.head_dim * 128
+    moe = ModelConfig.from_name("tiny-moe")
+    counts = count_params(moe)
+    assert counts.active < counts.total
+    assert flops_per_token(moe, 1) == 6 * (counts.active - moe.vocab_size * moe.dim) + 12 * moe.n_layers * moe.dim
+
+
+# ---- optimizer groups -------------------------------------------------------------------------------------------
+def test_param_groups_separate_experts_and_follow_deepspeed_tags():
+    model = build_model(ModelConfig.from_dict(dict(TINY)))
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    experts = [p for n, p in model.named_parameters() if n.endswith(("experts.w_in", "experts.w_out"))]
+    assert {id(p) for p in groups["experts"]["params"]} == {id(p) for p in experts} and len(experts) == 6
+    assert groups["no_decay"]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups["no_decay"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    tag_expert_params(model, ep_size=2)
+    split = param_groups(model, 0.1)
+    moe_groups = [g for g in split if g.get("moe")]
+    assert [g["name"] for g in moe_groups] == ["ep_size_2"]
+    assert {id(p) for p in moe_groups[0]["params"]} == {id(p) for p in experts}
+    assert all(not g.get("moe") for g in split if any(id(p) not in {id(e) for e in experts} for p in g["params"]))
+
+
+# ---- activation checkpointing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode, expected", [("none", 0), ("full", 3), ("every_k", 2), ("attention", 3), ("moe", 3)])
+def test_activation_checkpointing_same_loss_and_grads(mode, expected):
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict(dict(TINY))
+    reference = build_model(config)
+    model = build_model(config)
+    model.load_state_dict(reference.state_dict())
+    keys = list(model.state_dict())
+    wrapped = apply_activation_checkpointing(model, mode, every_k=2)
+    assert len(wrapped) == expected == len(checkpointed_modules(model, mode, 2)) and list(model.state_dict()) == keys
+    calls = {"n": 0}
+    for m in wrapped:  # a submodule's hook also fires when the wrapped forward is recomputed
+        next(m.children()).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    docs = torch.tensor([[0] * 8 + [1] * 8, [0] * 16])
+    out_ref = reference(ids, labels=ids, document_ids=docs)
+    out = model(ids, labels=ids, document_ids=docs)
+    out_ref.loss.backward()
+    forwards = calls["n"]
+    out.loss.backward()
+    assert calls["n"] == 2 * forwards == 2 * expected  # each checkpointed module ran again in backward
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=0, atol=0)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---- failure handling -------------------------------------------------------------------------------------------
+def test_nonfinite_guard_counts_and_stops():
+    guard = NonFiniteGuard(max_in_row=3)
+    for finite in (False, False, True, False, False):
+        guard.update(finite, step=1)
+    assert guard.in_row == 2 and guard.total == 4
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        guard.update(False, step=9)
+
+
+class _FakeEngine:
+    """Writes one file per save, like DeepSpeed would, so the bookkeeping around it can be tested alone."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        assert not save_latest
+        (Path(root) / tag).mkdir()
+        torch.save({"w": torch.arange(1000.0), **client_state}, Path(root) / tag / "model.pt")
+
+
+def test_checkpoint_manager_latest_keep_last_and_corruption(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    assert manager.resolve("auto") is None and manager.resolve(None) is None
+    for step in (3, 6, 9):
+        manager.save(_FakeEngine(), step, {"data": {"epoch": 0, "index": step}})
+    (tmp_path / "ckpt" / "step_00000012").mkdir()  # an interrupted save: no COMPLETE marker
+    assert [p.name for p in manager.complete_checkpoints()] == ["step_00000006", "step_00000009"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000009"
+    assert manager.resolve("auto").name == "step_00000009"
+    path = manager.resolve("auto")
+    assert verify(path)["step"] == 9
+    state = torch.load(path / "trainer_state_rank0.pt", weights_only=True)
+    assert state["data"] == {"epoch": 0, "index": 9}
+
+    data = bytearray((path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="contents of model.pt changed"):
+        verify(path)
+    (path / "model.pt").write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match="model.pt has"):
+        verify(path)
+    (path / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify(path)
+    assert manager.resolve("auto").name == "step_00000006"  # latest points at an incomplete one: newest complete
+    with pytest.raises(CheckpointError, match="does not exist"):
+        manager.resolve(str(tmp_path / "nowhere"))
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_plot_run_writes_pngs(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import plot_run
+
+    records = [{"step": s, "split": "train", "ce_loss": 5.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0,
+                "tokens_per_s": 100.0, "expert_load": [[0.5, 0.25, 0.25, 0.0]] * 2} for s in range(1, 6)]
+    records.append({"step": 5, "split": "val", "loss": 4.6})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = plot_run.main([str(tmp_path)])
+    assert [p.name for p in written] == ["loss.png", "training.png", "expert_load.png"]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    assert plot_run.series(records + [{"step": 5, "split": "train", "ce_loss": 9.0}], "train", "ce_loss")[1][-1] == 9.0
