@@ -95,6 +95,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+        save_parallel_extras(engine, self.root, tag)
         state_file = path / f"trainer_state_rank{self.rank}.pt"
         tmp = state_file.with_suffix(".tmp")
         torch.save({"step": step, **trainer_state, "rng": rng_state()}, tmp)
@@ -223,3 +224,16 @@ def _step_of(path: Path) -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def save_parallel_extras(engine, root: Path, tag: str) -> None:
+    """For a model parallelised by `moeformer.parallel.parallelize`: the per-expert files DeepSpeed cannot write for
+    our expert modules (needed to resume with ep > 1) and the shard layout (for offline consolidation)."""
+    groups = getattr(engine.module, "parallel_groups", None)
+    if groups is None:
+        return
+    from moeformer.parallel import save_expert_checkpoint, save_layout
+
+    if groups.config.ep > 1:
+        save_expert_checkpoint(engine, root, tag)
+    save_layout(engine.module, root / tag)

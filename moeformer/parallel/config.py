@@ -1,0 +1,74 @@
+"""`ParallelConfig`: how a world of processes splits into data, expert, tensor and pipeline parallel groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeformer.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sizes of the four parallel dimensions. world = dp * tp * pp; expert parallelism splits the dp * tp ranks of
+    a pipeline stage (ep divides dp * tp): each group of `ep` consecutive ranks shares one copy of every expert.
+    `dp=None` means "whatever is left of the world" (see `resolve`). `expert_tp` splits each routed expert's hidden
+    units over the tensor group too (otherwise routed experts are replicated there and split the tokens)."""
+
+    dp: int | None = None
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    expert_tp: bool = False
+
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """This config with `dp` filled in from the world size; ValueError naming the sizes that do not fit."""
+        for name in ("ep", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by tp={self.tp} * pp={self.pp}")
+        dp = world_size // model_parallel if self.dp is None else self.dp
+        if dp < 1 or dp * model_parallel != world_size:
+            raise ValueError(
+                f"dp={dp} * tp={self.tp} * pp={self.pp} = {dp * model_parallel} != world size {world_size}"
+            )
+        if dp * self.tp % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide dp * tp = {dp * self.tp} (world {world_size} / "
+                             f"pp={self.pp}): expert parallelism splits the ranks of a pipeline stage")
+        if self.expert_tp and (self.tp == 1 or self.ep > 1):
+            raise ValueError(f"expert_tp needs tp > 1 and ep = 1 (got tp={self.tp}, ep={self.ep})")
+        return ParallelConfig(dp=dp, ep=self.ep, tp=self.tp, pp=self.pp, expert_tp=self.expert_tp)
+
+    def validate_model(self, config: ModelConfig) -> None:
+        """ValueError naming the model size that the parallel sizes do not divide (experts, heads, layers, vocab)."""
+        problems = []
+        if self.ep > 1:
+            if config.moe is None:
+                problems.append(f"ep={self.ep} needs a MoE model, {config.name!r} has no experts")
+            elif config.moe.num_experts % self.ep:
+                problems.append(f"ep={self.ep} does not divide num_experts={config.moe.num_experts}")
+        if self.tp > 1:
+            if config.n_heads % self.tp:
+                problems.append(f"tp={self.tp} does not divide n_heads={config.n_heads}")
+            if config.n_kv_heads % self.tp and self.tp % config.n_kv_heads:
+                problems.append(f"tp={self.tp} and n_kv_heads={config.n_kv_heads}: one must divide the other")
+            if config.ffn_dim % self.tp:
+                problems.append(f"tp={self.tp} does not divide ffn_dim={config.ffn_dim}")
+            if config.vocab_size % self.tp:
+                problems.append(f"tp={self.tp} does not divide vocab_size={config.vocab_size}")
+            if config.moe is not None and config.moe.shared_hidden % self.tp:
+                problems.append(f"tp={self.tp} does not divide the shared expert width {config.moe.shared_hidden}")
+            if self.expert_tp and config.moe is not None and config.moe.ffn_dim % self.tp:
+                problems.append(f"expert_tp: tp={self.tp} does not divide the expert width {config.moe.ffn_dim}")
+        if config.n_layers % self.pp:
+            problems.append(f"pp={self.pp} does not divide n_layers={config.n_layers}")
+        if problems:
+            raise ValueError("parallel layout does not fit the model: " + "; ".join(problems))
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Ranks of one pipeline stage holding the same expert shard (their expert gradients are summed)."""
+        if self.dp is None:
+            raise ValueError("call resolve(world_size) first: dp is not known yet")
+        return self.dp * self.tp // self.ep

@@ -1,0 +1,78 @@
+"""Process groups for a `ParallelConfig`, created through DeepSpeed.
+
+Rank layout (innermost first): tensor, data, pipeline, i.e. DeepSpeed's `PipeModelDataParallelTopology`; its
+`PipelineParallelGrid` creates the data / tensor / pipeline groups and doubles as the `mpu` that
+`deepspeed.initialize` needs. Expert groups come from `deepspeed.utils.groups` under DeepSpeed's name
+`ep_size_<ep>`: `ep` consecutive ranks of a pipeline stage form an expert-parallel group (with tp > 1 it spans
+tensor ranks, which split the MoE tokens between them), and ranks at the same position of different expert groups
+form the expert-data-parallel group over which expert gradients are reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeformer.parallel.config import ParallelConfig
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's groups; a group is None where its dimension has size 1."""
+
+    config: ParallelConfig  # resolved (dp known)
+    data: dist.ProcessGroup  # replicas of the non-expert parameters (gradient all-reduce)
+    tensor: dist.ProcessGroup | None
+    pipe: dist.ProcessGroup | None
+    expert: dist.ProcessGroup | None  # all-to-all of tokens
+    expert_data: dist.ProcessGroup | None  # replicas of one expert shard (expert gradient all-reduce)
+    mpu: object | None  # DeepSpeed PipelineParallelGrid when tp or pp > 1, for deepspeed.initialize(mpu=...)
+
+    @property
+    def expert_group_name(self) -> str:
+        """DeepSpeed's name for the expert groups, also the `group_name` tag of expert parameters."""
+        return f"ep_size_{self.config.ep}"
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.expert) if self.expert is not None else 0
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tensor) if self.tensor is not None else 0
+
+
+def init_distributed() -> None:
+    """Join the default process group through DeepSpeed (gloo on CPU, NCCL on GPU) unless already joined."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def init_parallel_groups(config: ParallelConfig) -> ParallelGroups:
+    """Create (collectively, on every rank) the groups of `config`; ValueError when it does not fit the world."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+    from deepspeed.utils import groups as ds_groups
+
+    init_distributed()
+    cfg = config.resolve(dist.get_world_size())
+    mpu = tensor = pipe = None
+    if cfg.tp > 1 or cfg.pp > 1:
+        mpu = PipelineParallelGrid(topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))
+        data = mpu.get_data_parallel_group()
+        tensor = mpu.get_slice_parallel_group() if cfg.tp > 1 else None
+        pipe = mpu.get_pipe_parallel_group() if cfg.pp > 1 else None
+    else:
+        data = ds_groups._get_data_parallel_group()
+    expert = expert_data = None
+    if cfg.ep > 1:
+        name = f"ep_size_{cfg.ep}"
+        # DeepSpeed's consecutive layout (also with tp > 1: its checkpoint writers assume it)
+        ds_groups._create_expert_and_data_parallel(cfg.ep, pp_size=cfg.pp)
+        expert = ds_groups._get_expert_parallel_group(name)
+        expert_data = ds_groups._get_expert_data_parallel_group(name)
+    return ParallelGroups(cfg, data, tensor, pipe, expert, expert_data, mpu)

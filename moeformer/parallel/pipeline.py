@@ -1,0 +1,130 @@
+"""Pipeline parallelism: a built `CausalLM` as a `deepspeed.pipe.PipelineModule` trained with
+`engine.train_batch`. Layers: embedding -> one layer per block -> final norm + LM head (the embedding and the head
+share one `TiedLayerSpec` when the embeddings are tied). Between stages the activations are `(hidden, aux)` or,
+for packed documents, `(hidden, aux, position_ids, document_ids)`: `aux` (shape (1,)) accumulates the blocks' MoE
+aux losses so they reach the loss on the last stage and receive their gradient through the pipeline.
+
+Tensor parallelism composes (apply it to the model first; the grid's tensor groups match). Limits: no padding
+mask; pp combined with ep is not wired; DeepSpeed's pipeline engine allows ZeRO 0-1 only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moeformer.layers.attention import AttentionMask
+from moeformer.models.model import CausalLM, chunked_cross_entropy
+from moeformer.parallel.reshard import full_state_dict
+
+PARTITION_METHODS = ("parameters", "uniform", "blocks")
+# the "pipeline" section of the DeepSpeed config: with tp > 1 DeepSpeed would split the first activation over the
+# tensor ranks and then allows no other activation (here `aux`) to carry a gradient
+PIPELINE_CONFIG = {"pipe_partitioned": False, "grad_partitioned": False}
+
+
+# The layer wrappers name their children like `CausalLM` does, so their state dicts use the model's keys.
+
+
+class EmbeddingPipe(nn.Module):
+    """First layer: input_ids, or (input_ids, position_ids, document_ids) for packed documents -> (hidden, aux = 0,
+    *the packing tensors). With tied embeddings it also holds the LM head (see `tied_head`)."""
+
+    def __init__(self, tok_embeddings: nn.Module, lm_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.tok_embeddings, self.lm_head = tok_embeddings, lm_head
+
+    def forward(self, inputs: Tensor | tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        input_ids, *packing = (inputs,) if torch.is_tensor(inputs) else inputs
+        x = self.tok_embeddings(input_ids)
+        aux = x.new_zeros(1, dtype=torch.float32).requires_grad_()  # a float activation must get a gradient
+        return x, aux, *packing
+
+
+def tied_head(embedding: EmbeddingPipe, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The LM head that shares the embedding table."""
+    x, aux = inputs
+    return embedding.lm_head(x), aux
+
+
+class BlockPipe(nn.Module):
+    """One transformer block on (hidden, aux): rotary tables for default positions, causal mask, aux added."""
+
+    def __init__(self, block: nn.Module, rope: nn.Module, index: int) -> None:
+        super().__init__()
+        self.layers, self.rope, self.index = nn.ModuleDict({str(index): block}), rope, str(index)
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x, aux, *packing = inputs
+        batch, seq, _ = x.shape
+        positions, documents = packing if packing else (torch.arange(seq, device=x.device).expand(batch, seq), None)
+        x, stats = self.layers[self.index](x, self.rope(positions), AttentionMask(document_ids=documents))
+        return x, (aux + stats.aux_loss if stats is not None else aux), *packing
+
+
+class NormPipe(nn.Module):
+    """Final norm, followed by the LM head (or by the tied head)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        x, aux = inputs[:2]
+        x = self.norm(x)
+        return (self.lm_head(x) if self.lm_head is not None else x), aux
+
+
+def pipeline_loss(outputs: tuple[Tensor, Tensor], targets: Tensor, chunk_size: int) -> Tensor:
+    """Next-token cross-entropy on the last stage plus the MoE aux losses carried from every stage."""
+    logits, aux = outputs
+    return chunked_cross_entropy(logits, targets, nn.Identity(), chunk_size) + aux.sum()
+
+
+def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "parameters", topology=None,
+                activation_checkpoint_interval: int = 0):
+    """A `PipelineModule` over `num_stages` stages built from `model`'s own modules (weights are kept). Batches for
+    `engine.train_batch` are `(input_ids, targets)` or `((input_ids, position_ids, document_ids), targets)`, with
+    targets already shifted (-100 ignored). Put `PIPELINE_CONFIG` in the DeepSpeed config's "pipeline" section.
+
+    partition_method: "parameters" balances parameter counts, "uniform" the number of layers, "blocks" the number
+    of transformer blocks. activation_checkpoint_interval: recompute every that many blocks in backward (0: off),
+    DeepSpeed's pipeline checkpointing (blocks only: the embedding's outputs must keep their gradient)."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    if partition_method not in PARTITION_METHODS:
+        raise ValueError(f"unknown partition_method {partition_method!r}; expected one of {PARTITION_METHODS}")
+    if num_stages > model.config.n_layers:
+        raise ValueError(f"num_stages={num_stages} exceeds n_layers={model.config.n_layers}")
+    if model.config.tie_embeddings:
+        tied = functools.partial(TiedLayerSpec, "embed", EmbeddingPipe, model.tok_embeddings, model.lm_head,
+                                 tied_weight_attr="tok_embeddings.weight")
+        layers = [tied(), *(BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))]
+        layers += [NormPipe(model.norm), tied(forward_fn=tied_head)]
+    else:
+        layers = [EmbeddingPipe(model.tok_embeddings), *(BlockPipe(b, model.rope, i) for i, b in enumerate(model.layers))]
+        layers.append(NormPipe(model.norm, model.lm_head))
+    method = "type:BlockPipe" if partition_method == "blocks" else partition_method
+    kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
+    pipe = PipelineModule(layers, loss_fn=functools.partial(pipeline_loss, chunk_size=model.config.loss_chunk_size),
+                          partition_method=method, activation_checkpoint_interval=activation_checkpoint_interval,
+                          activation_checkpoint_func=non_reentrant_checkpoint,  # the engine backwards x and aux apart
+                          checkpointable_layers=[BlockPipe.__name__], **kwargs)
+    pipe.config = model.config
+    return pipe
+
+
+def pipeline_full_state_dict(pipe) -> dict[str, Tensor]:
+    """The `CausalLM` state dict gathered from every stage, tensor shards joined (collective over the pipeline and
+    tensor groups; all ranks get it)."""
+    local: dict[str, Tensor] = {}
+    for module in list(pipe.children()) + list(pipe.tied_modules.values()):
+        if isinstance(module, (EmbeddingPipe, BlockPipe, NormPipe)):
+            local.update({k: v.cpu() for k, v in full_state_dict(module).items()})
+    parts: list = [None] * dist.get_world_size(pipe.mpu().get_pipe_parallel_group())
+    dist.all_gather_object(parts, local, group=pipe.mpu().get_pipe_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
