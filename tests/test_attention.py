@@ -344,6 +344,8 @@ def test_gpu_auto_picks_flash_when_available():
     assert resolve_backend("auto", q.float(), AttentionMask(), 4) == "sdpa"
     padded = AttentionMask(key_padding=torch.ones(1, 4, dtype=torch.bool, device="cuda"))
     assert resolve_backend("auto", q, padded, 4) == "sdpa"
+    packed = AttentionMask(document_ids=torch.tensor([[0, 0, 1, 1]], device="cuda"))
+    assert resolve_backend("auto", q.float(), packed, 4) == "flex"  # block mask, no dense n x n mask
 
 
 @gpu

@@ -265,3 +265,75 @@ def test_tiny_moe_learns_a_repeated_batch():
         model.update_router_biases()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---- hybrid stacks (linear + softmax attention) and packed sequences --------------------------------------------
+
+HYBRIDS = [["gla", "softmax"], ["retnet", "linear", "softmax"], ["deltanet", "softmax"]]
+
+
+@pytest.mark.parametrize("types", HYBRIDS)
+def test_hybrid_decoding_with_state_equals_full_forward(types):
+    torch.manual_seed(11)
+    model = build_model(tiny(attention_types=types, linear_attention={"chunk_size": 4})).eval()
+    assert [model.config.attention_type(i) for i in range(3)] == [types[i % len(types)] for i in range(3)]
+    ids = torch.randint(0, 97, (2, 11))
+    full = model(ids).logits
+    cache = model.new_cache(2, 16)
+    parts = [model(ids[:, :6], cache=cache).logits]
+    for t in range(6, 11):
+        parts.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("types", [None, *HYBRIDS])
+def test_packed_documents_equal_separate_documents(types):
+    torch.manual_seed(12)
+    model = build_model(tiny(attention_types=types, linear_attention={"chunk_size": 3})).eval()
+    lengths = [5, 3, 6]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    ids = torch.cat(docs, 1)
+    document_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], 1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = model(ids, position_ids=positions, document_ids=document_ids).logits
+    alone = torch.cat([model(d).logits for d in docs], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_left_padding_and_greedy_generation():
+    torch.manual_seed(13)
+    model = build_model(tiny(attention_types=["gla", "softmax"])).eval()
+    short, long = torch.randint(0, 97, (1, 4)), torch.randint(0, 97, (1, 7))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    torch.testing.assert_close(model(batch, attention_mask=mask).logits[0, 3:], model(short).logits[0],
+                               rtol=1e-4, atol=1e-4)
+    out = model.generate(batch, 5, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 3:], model.generate(short, 5, temperature=0)[0])
+    seq = long
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out[1], seq[0])
+
+
+def test_unknown_attention_type_is_an_error():
+    with pytest.raises(ValueError, match="attention type"):
+        tiny(attention_types=["mamba"])
+
+
+def test_tiny_hybrid_learns_a_repeated_batch():
+    torch.manual_seed(14)
+    config = ModelConfig.from_name("tiny-hybrid")
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (4, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(ids, labels=ids, return_logits=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -17,6 +17,8 @@ ACTIVATIONS = ("swiglu", "gelu")
 QK_NORMS = (None, "head", "full")
 SOFTMAX_ATTENTION = "softmax"
 MLA_ATTENTION = "mla"
+LINEAR_ATTENTION = {"linear": "vanilla", "retnet": "retnet", "gla": "gla", "deltanet": "deltanet"}  # type -> kind
+ATTENTION_TYPES = (SOFTMAX_ATTENTION, MLA_ATTENTION, *LINEAR_ATTENTION)
 
 
 @dataclass
@@ -37,7 +39,9 @@ class ModelConfig:
     MoE placement: with `moe` set, layer i is MoE when it is listed in `moe_layers`, or (when
     `moe_layers` is None) when `i >= first_k_dense` and `(i - first_k_dense) % moe_every == 0`.
     `attention_types` lists the attention kind per layer; a shorter list repeats as a pattern
-    (e.g. ["linear", "linear", "linear", "softmax"]). None means softmax everywhere.
+    (e.g. ["retnet", "retnet", "retnet", "softmax"]). None means softmax everywhere. Linear types ("linear",
+    "retnet", "gla", "deltanet") take their options (feature_map, normalize, chunk_size, mode, ...) from
+    `linear_attention`.
     """
 
     name: str = "custom"
@@ -57,6 +61,7 @@ class ModelConfig:
     sliding_window: int | None = None
     attn_backend: str = "auto"
     attention_types: list[str] | None = None
+    linear_attention: dict[str, Any] = field(default_factory=dict)  # LinearAttention options for linear layers
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"dynamic"|"yarn"|"llama3", "factor": ..., ...}
@@ -100,6 +105,9 @@ class ModelConfig:
                 raise ValueError(f"moe_layers {bad} are outside [0, n_layers={self.n_layers})")
         if self.attention_types is not None and len(self.attention_types) == 0:
             raise ValueError("attention_types must not be empty (use None for softmax everywhere)")
+        unknown = sorted(set(self.attention_types or ()) - set(ATTENTION_TYPES))
+        if unknown:
+            raise ValueError(f"unknown attention type(s) {unknown}; expected {ATTENTION_TYPES}")
         if self.attention_types is not None and MLA_ATTENTION in self.attention_types and self.mla is None:
             raise ValueError("attention type 'mla' needs the `mla` config section")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "loss_chunk_size"):

@@ -14,7 +14,7 @@ from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEStats
 from moeformer.layers.norms import build_norm
 from moeformer.layers.rope import RotaryEmbedding
-from moeformer.models.config import MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
+from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
 
 IGNORE_INDEX = -100
 
@@ -55,6 +55,13 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
             norm_eps=config.norm_eps,
             backend=config.attn_backend,
             softmax_scale=mla_softmax_scale(config.mla, config.rope_scaling),
+        )
+    if kind in LINEAR_ATTENTION:
+        from moeformer.layers.linear_attention import CausalLinearAttention
+
+        return CausalLinearAttention(
+            config.dim, config.n_heads, config.head_dim, kind=LINEAR_ATTENTION[kind], norm_eps=config.norm_eps,
+            **config.linear_attention,
         )
     raise ValueError(f"layer {layer}: unknown attention type {kind!r}")
 

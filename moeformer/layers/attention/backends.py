@@ -110,14 +110,17 @@ KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash
 
 
 def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
-    """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask) else sdpa."""
+    """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
+    for packed documents (a block mask instead of sdpa's dense n x n mask), else sdpa."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
     use_flash = (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
                  and flash_expressible(mask, q.shape[2], k_len) and _flash_attn_module() is not None)
-    return "flash_attn" if use_flash else "sdpa"
+    if use_flash:
+        return "flash_attn"
+    return "flex" if q.is_cuda and mask.document_ids is not None else "sdpa"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, window: int | None,

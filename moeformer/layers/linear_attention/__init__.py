@@ -19,6 +19,7 @@ from moeformer.layers.linear_attention.fla_backend import (
     fla_gated_backward_ok,
 )
 from moeformer.layers.linear_attention.layer import KINDS, MODES, LinearAttention
+from moeformer.layers.linear_attention.mixer import CausalLinearAttention, RecurrentCache
 from moeformer.layers.linear_attention.packing import segment_ids
 from moeformer.layers.linear_attention.vanilla import (
     FEATURE_MAPS,
@@ -30,6 +31,8 @@ from moeformer.layers.linear_attention.vanilla import (
 )
 
 __all__ = [
+    "CausalLinearAttention",
+    "RecurrentCache",
     "FEATURE_MAPS",
     "KINDS",
     "MODES",
