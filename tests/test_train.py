@@ -188,6 +188,8 @@ def test_nonfinite_guard_counts_and_stops():
 class _FakeEngine:
     """Writes one file per save, like DeepSpeed would, so the bookkeeping around it can be tested alone."""
 
+    module = torch.nn.Linear(2, 2)  # the wrapped model: not parallelised, so no expert files or layout
+
     def save_checkpoint(self, root, tag, client_state, save_latest):
         assert not save_latest
         (Path(root) / tag).mkdir()

@@ -72,6 +72,10 @@ def scenario_main(work: Path) -> dict:
                                                     "train.grad_accum": 2, "optim.schedule": "constant"}))
     out["parity"] = train(run_config(work, "parity2", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2}))
     out["reference"] = train(run_config(work, "reference", **resume_overrides()))
+    ep = {"parallel.ep": 2, "train.zero_stage": 2, "checkpoint.every": 3, "optim.schedule": "constant"}
+    out["ep_full"] = train(run_config(work, "ep_full", **ep, **{"train.steps": 6}))
+    train(run_config(work, "ep_cut", **ep, **{"train.steps": 3}))
+    out["ep_resumed"] = train(run_config(work, "ep_cut", **ep, **{"train.steps": 6, "checkpoint.resume": "auto"}))
     return out
 
 
@@ -313,6 +317,13 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses_exactly(results, w
 
 
 @pytest.mark.distributed
+def test_expert_parallel_run_resumes_exactly(results):
+    """ep=2: the expert shards are saved beside DeepSpeed's checkpoint, so a resumed run continues exactly."""
+    full, resumed = results["main"]["ep_full"], results["main"]["ep_resumed"]
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("step_00000003")
+    assert {k: v for k, v in full["losses"].items() if int(k) > 3} == resumed["losses"]
+
+
 def test_nonfinite_loss_skips_then_stops(results):
     nonfinite = results["single"]["nonfinite"]
     assert nonfinite["total"] == 2 and nonfinite["unchanged"]
