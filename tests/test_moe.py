@@ -350,13 +350,3 @@ def test_expert_bias_stays_fp32_when_the_layer_is_cast_to_bf16():
     assert layer.router.weight.dtype == torch.bfloat16
     assert layer.router.expert_bias.dtype == torch.float32
     assert torch.equal(layer.router.expert_bias, torch.full((4,), 1e-4))
-
-
-@pytest.mark.parametrize("n,k", [(1, 1), (5, 2), (7, 3)])
-def test_permute_tokens_gradient(n, k):
-    from moeformer.layers.moe.experts import PermuteTokens
-
-    x = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
-    order = torch.randperm(n * k)
-    assert torch.equal(PermuteTokens.apply(x, order, k), x.repeat_interleave(k, dim=0)[order])
-    assert torch.autograd.gradcheck(lambda t: PermuteTokens.apply(t, order, k), (x,))

@@ -85,24 +85,6 @@ def _loop_matmul(x: Tensor, w: Tensor, group_sizes: Tensor) -> Tensor:
     return torch.cat(outs + [x.new_zeros(rest, w.shape[-1])])
 
 
-class PermuteTokens(torch.autograd.Function):
-    """x (N, D) -> rows x[order // k] (S = N*k, D) for token-major slots sorted by `order`. Backward un-permutes the
-    slot gradients and sums each token's k rows (a dense reduction in fp32 accumulation) instead of the scattered
-    atomic adds of index_select's backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(order)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (order,) = ctx.saved_tensors
-        slots = torch.empty_like(grad).index_copy_(0, order, grad)
-        return slots.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None
-
-
 class Experts(nn.Module):
     """E feed-forward experts: w_in (E, dim, 2F as [gate | up] for swiglu, F for gelu), w_out (E, F, dim)."""
 
@@ -114,7 +96,6 @@ class Experts(nn.Module):
         activation: str = "swiglu",
         impl: str = "auto",
         init_std: float = 0.02,
-        slots_per_token: int | None = None,
     ) -> None:
         super().__init__()
         if impl not in EXPERT_IMPLS:
@@ -123,8 +104,6 @@ class Experts(nn.Module):
             raise ValueError(f"expert activation must be 'swiglu' or 'gelu', got {activation!r}")
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.activation, self.impl = activation, impl
-        # token-major routing (token t owns slots [t*k, (t+1)*k)) enables the sort-free, scatter-free dropless path
-        self.slots_per_token = slots_per_token
         in_width = 2 * ffn_dim if activation == "swiglu" else ffn_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -159,8 +138,6 @@ class Experts(nn.Module):
     ) -> tuple[Tensor, DispatchPlan]:
         """Sum over each token's slots of weight * expert(x[token]). x (N, dim); token_idx, expert_idx, weights,
         valid (S,) per slot. Padding (valid=False) and dropped slots contribute zero."""
-        if capacity is None and self.slots_per_token is not None:
-            return self.forward_dropless(x, expert_idx, weights, valid)
         plan = plan_dispatch(expert_idx, valid, self.num_experts, capacity)
         tokens = token_idx[plan.order]
         kept = plan.kept.unsqueeze(-1)
@@ -169,19 +146,4 @@ class Experts(nn.Module):
         y = torch.where(kept, self.ffn(x_sorted, plan.group_sizes), 0)
         y = y.float() * weights[plan.order].unsqueeze(-1)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y)
-        return out.to(x.dtype), plan
-
-    def forward_dropless(self, x: Tensor, expert_idx: Tensor, weights: Tensor, valid: Tensor) -> tuple[Tensor, DispatchPlan]:
-        """Dropless path for token-major slots: every slot is computed (padding slots get weight 0), so the grouped
-        GEMM has no undefined rows to mask, and the combine is a per-token weighted sum of its k slot outputs (one
-        batched matmul) instead of an fp32 scatter. No host sync on the grouped-GEMM path."""
-        n, k, e = x.shape[0], self.slots_per_token, self.num_experts
-        order = torch.argsort(expert_idx, stable=True)
-        group_sizes = _bincount(expert_idx, e)
-        y = self.ffn(PermuteTokens.apply(x.to(compute_dtype(x)), order, k), group_sizes)
-        y_slots = torch.empty_like(y).index_copy(0, order, y)
-        w = torch.where(valid, weights, 0.0).to(y.dtype).view(n, 1, k)
-        out = torch.bmm(w, y_slots.view(n, k, -1)).view(n, -1)
-        tokens_per_expert = _bincount(torch.where(valid, expert_idx, e), e + 1)[:e]
-        plan = DispatchPlan(order, group_sizes, torch.ones_like(valid), tokens_per_expert, group_sizes.new_zeros(()))
         return out.to(x.dtype), plan
