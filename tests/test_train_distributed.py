@@ -268,7 +268,7 @@ def test_bf16_with_grad_accumulation_trains(results):
 
 
 @pytest.mark.distributed
-def test_exported_zero3_model_matches_zero0(work):
+def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs that write the exports
     from moeformer.models.checkpoint import from_pretrained
 
     import torch
@@ -279,7 +279,7 @@ def test_exported_zero3_model_matches_zero0(work):
 
 
 @pytest.mark.distributed
-def test_sample_script_generates_from_export(work):
+def test_sample_script_generates_from_export(results, work):  # results: the runs that write the exports
     sys.path.insert(0, str(REPO / "scripts"))
     import sample
 
