@@ -1,14 +1,17 @@
-"""Softmax versus linear attention on one GPU (bf16, causal, batch 1): forward and forward+backward time and peak
-memory versus sequence length, to find where linear attention overtakes softmax and to measure our dispatch overhead.
+"""Softmax versus linear attention on one GPU (bf16, causal): forward and forward+backward time and peak memory
+versus sequence length, to find where linear attention overtakes softmax and to measure our dispatch overhead.
 
-Every row of one length runs on the same random q, k, v (B, T, H, D): torch SDPA with each kernel forced (math only
-up to --max-math-len), our `attend` with backend auto / sdpa / flex (and flash_attn when installed), our RetNet-style
-linear attention core (fixed per-head decay, identity feature map: the layer's "retnet" kind) in its PyTorch chunked
-form (up to --max-chunked-len) and its fla form (`fla_chunk_bthd`, what `LinearAttention` calls), and fla's
-`chunk_simple_gla` called directly. Failures (OOM, missing kernels) print "n/a" for that row only.
+Every call holds the same number of tokens (--tokens, as in the FlashAttention paper): batch = max(1, tokens // T)
+at length T, so short lengths time kernels rather than the host's launch overhead. Every row of one length runs on
+the same random q, k, v (B, T, H, D): torch SDPA with each kernel forced, our `attend` with backend auto / sdpa / flex
+(and flash_attn when installed), our RetNet-style linear attention core (fixed per-head decay, identity feature map:
+the layer's "retnet" kind) in its PyTorch chunked form and its fla form (`fla_chunk_bthd`, what `LinearAttention`
+calls), and fla's `chunk_simple_gla` called directly. Rows with an O(n^2) or large O(n) working set (SDPA's MATH
+kernel, the PyTorch chunked form) are skipped, reason in the table, where their estimate exceeds --max-gib.
+Failures (OOM, missing kernels) print "n/a" for that row only.
 
-    python scripts/bench_attention.py [--lengths 1024,4096,16384,65536] [--heads 16] [--head-dim 128]
-                                      [--out benchmarks/attention.md]
+    python scripts/bench_attention.py [--lengths 1024,4096,16384,65536] [--tokens 65536] [--heads 16]
+                                      [--head-dim 128] [--max-gib 20] [--out benchmarks/attention.md]
 """
 
 from __future__ import annotations
@@ -40,6 +43,50 @@ from moeformer.layers.linear_attention import (
 
 FORCED_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
 AUTO_TARGET, FLA_TARGET = 1.05, 1.2  # auto softmax / fastest forced SDPA; ours fla / fla direct
+LINEAR_CHUNK = 64  # chunk size of the PyTorch chunked linear form (fla's own is 64 too)
+# Peak fwd+bwd bytes of the memory-hungry rows, from the tensors they keep (within 10% of H100 runs at batch 1):
+MATH_BYTES_PER_SCORE = 16  # SDPA MATH upcasts bf16 to fp32: scores, probabilities and their gradient, (B, H, T, T)
+MATH_BYTES_PER_ELEMENT = 24  # and fp32 copies of q, k, v with their gradients, per element of (B, T, H, D)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One length's problem: batch rows of `length` tokens, `heads` heads of `head_dim`."""
+
+    batch: int
+    length: int
+    heads: int
+    head_dim: int
+
+    @property
+    def token_heads(self) -> int:
+        return self.batch * self.length * self.heads
+
+
+def batch_for(length: int, tokens: int) -> int:
+    """Rows per call so that every length processes about `tokens` tokens (at least one row)."""
+    return max(1, tokens // length)
+
+
+def math_work_gib(s: Shape) -> float:
+    """Estimated fwd+bwd working set of SDPA's MATH kernel: the materialised n x n fp32 scores dominate."""
+    scores = s.batch * s.heads * s.length**2
+    return (MATH_BYTES_PER_SCORE * scores + MATH_BYTES_PER_ELEMENT * s.token_heads * s.head_dim) / 2**30
+
+
+def chunked_work_gib(s: Shape, chunk: int = LINEAR_CHUNK) -> float:
+    """Estimated fwd+bwd working set of the PyTorch chunked linear form: per token and head, fp32 (12 D) for q, k, v
+    and their padded and intermediate copies, (3 D^2 / chunk) for the chunk states and updates, (4 chunk) for the
+    in-chunk scores and decays."""
+    per_token_head = 4 * (12 * s.head_dim + 3 * s.head_dim**2 / chunk + 4 * chunk)
+    return per_token_head * s.token_heads / 2**30
+
+
+def skip_reason(estimate: Callable[[Shape], float] | None, shape: Shape, max_gib: float) -> str | None:
+    """Why a row is not run at this shape (its estimated working set is over budget), or None to run it."""
+    if estimate is None or estimate(shape) <= max_gib:
+        return None
+    return f"skipped: estimated {estimate(shape):.1f} GiB > --max-gib {max_gib:g}"
 
 
 @dataclass
@@ -67,20 +114,22 @@ class Candidate:
     family: str  # "softmax" | "linear"
     role: str  # "forced" (torch SDPA, one kernel), "auto", "ours", "ours_fla", "direct" (fla kernel, no wrapper)
     run: Callable[[Inputs], torch.Tensor]
-    max_len: int | None = None
+    work_gib: Callable[[Shape], float] | None = None  # estimated fwd+bwd working set; None: small (flash-style)
 
 
 @dataclass
 class Row:
-    """One table line; None marks a measurement that failed."""
+    """One table line; None marks a measurement that failed or was skipped (`note` says which)."""
 
     length: int
+    batch: int
     name: str
     family: str
     role: str
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     peak_gib: float | None = None
+    note: str = ""  # why a row has no numbers (skipped, or what failed)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -108,9 +157,11 @@ def fmt_ratio(x: float | None) -> str:
 
 def format_table(rows: Iterable[Row]) -> list[str]:
     """Markdown table lines, one row per (length, implementation)."""
-    lines = ["| length | implementation | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |", "|---|---|---|---|---|"]
+    lines = ["| length | batch | implementation | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.length} | {r.name} | {fmt_ms(r.fwd_ms)} | {fmt_ms(r.fwd_bwd_ms)} | {fmt_gib(r.peak_gib)} |")
+        lines.append(f"| {r.length} | {r.batch} | {r.name} | {fmt_ms(r.fwd_ms)} | {fmt_ms(r.fwd_bwd_ms)} | "
+                     f"{fmt_gib(r.peak_gib)} | {r.note} |")
     return lines
 
 
@@ -211,7 +262,7 @@ def our_softmax(backend: str) -> Callable[[Inputs], torch.Tensor]:
 
 def our_linear_chunked(x: Inputs) -> torch.Tensor:
     q, k, v = x.heads_first()
-    return decayed_linear_attn_chunked(q, k, v, x.decay, scale=x.scale)[0].transpose(1, 2)
+    return decayed_linear_attn_chunked(q, k, v, x.decay, scale=x.scale, chunk_size=LINEAR_CHUNK)[0].transpose(1, 2)
 
 
 def our_linear_fla(x: Inputs) -> torch.Tensor:
@@ -234,10 +285,10 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def candidates(args: argparse.Namespace, auto_resolves_to: str) -> list[Candidate]:
+def candidates(auto_resolves_to: str) -> list[Candidate]:
     """Every implementation in table order; the first row of each family is the reference for the output check."""
     rows = [Candidate(f"sdpa forced {b.name}", "softmax", "forced", forced_sdpa(b),
-                      args.max_math_len if b == SDPBackend.MATH else None) for b in FORCED_SDPA]
+                      math_work_gib if b == SDPBackend.MATH else None) for b in FORCED_SDPA]
     rows.append(Candidate(f"attend auto (-> {auto_resolves_to})", "softmax", "auto", our_softmax("auto")))
     rows.append(Candidate("attend sdpa", "softmax", "ours", our_softmax("sdpa")))
     if flash_attn_installed():
@@ -245,17 +296,17 @@ def candidates(args: argparse.Namespace, auto_resolves_to: str) -> list[Candidat
     rows.append(Candidate("attend flex (compiled)", "softmax", "ours", our_softmax("flex")))
     rows.append(Candidate("fla chunk_simple_gla direct", "linear", "direct", fla_direct()))
     rows.append(Candidate("linear ours, fla (fla_chunk_bthd)", "linear", "ours_fla", our_linear_fla))
-    rows.append(Candidate("linear ours, PyTorch chunked", "linear", "ours", our_linear_chunked, args.max_chunked_len))
+    rows.append(Candidate("linear ours, PyTorch chunked", "linear", "ours", our_linear_chunked, chunked_work_gib))
     return rows
 
 
-def make_inputs(length: int, args: argparse.Namespace) -> Inputs:
-    torch.manual_seed(length)
-    shape = (1, length, args.heads, args.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    decay = retnet_log_decay(args.heads, device="cuda")
-    return Inputs(q, k, v, grad_out, decay, args.head_dim ** -0.5, AttentionMask())
+def make_inputs(s: Shape) -> Inputs:
+    torch.manual_seed(s.length)
+    size = (s.batch, s.length, s.heads, s.head_dim)
+    q, k, v = (torch.randn(size, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(size, device="cuda", dtype=torch.bfloat16)
+    decay = retnet_log_decay(s.heads, device="cuda")
+    return Inputs(q, k, v, grad_out, decay, s.head_dim ** -0.5, AttentionMask())
 
 
 def time_ms(fn: Callable[[], None], warmup: int, budget_ms: float, max_iters: int) -> float:
@@ -297,21 +348,25 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def attempt(what: str, fn: Callable[[], float]) -> float | None:
-    """fn() or None after printing why it failed (OOM, a kernel that refuses the shape, a missing package)."""
+def attempt(row: str, what: str, fn: Callable[[], float], failures: list[str]) -> float | None:
+    """fn() or None after printing why it failed (OOM, a kernel that refuses the shape, a missing package) and adding
+    "what (error type)" to `failures`."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 (one row's failure must not end the benchmark)
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"    {what}: n/a ({type(e).__name__}: {reason})", flush=True)
+        print(f"    {row} {what}: n/a ({type(e).__name__}: {reason})", flush=True)
+        failures.append(f"{what} ({type(e).__name__})")
         return None
     finally:
         free_memory()
 
 
-def measure(c: Candidate, x: Inputs, length: int, refs: dict[str, torch.Tensor], args: argparse.Namespace) -> Row:
+def measure(c: Candidate, x: Inputs, s: Shape, refs: dict[str, torch.Tensor], args: argparse.Namespace) -> Row:
     """Time forward (no grad) and forward+backward (grads of q, k, v), take the fwd+bwd peak, check the output."""
-    row = Row(length, c.name, c.family, c.role)
+    length, failures = s.length, []
+    row = Row(length, s.batch, c.name, c.family, c.role)
+    label = f"{c.name} T={length}"
     leaves = (x.q, x.k, x.v)
 
     def fwd() -> None:
@@ -331,14 +386,15 @@ def measure(c: Candidate, x: Inputs, length: int, refs: dict[str, torch.Tensor],
         return time_ms(fn, args.warmup, args.budget_ms, args.max_iters)
 
     began = time.perf_counter()
-    rel_err = attempt(f"{c.name} T={length} forward", check)
+    rel_err = attempt(label, "forward", check, failures)
     if rel_err is not None:  # a path that cannot run once (no kernel for the shape, OOM) is not timed
-        row.fwd_ms = attempt(f"{c.name} T={length} fwd", lambda: timed(fwd))
-        row.fwd_bwd_ms = attempt(f"{c.name} T={length} fwd+bwd", lambda: timed(fwd_bwd))
+        row.fwd_ms = attempt(label, "fwd", lambda: timed(fwd), failures)
+        row.fwd_bwd_ms = attempt(label, "fwd+bwd", lambda: timed(fwd_bwd), failures)
     if row.fwd_bwd_ms is not None:
-        row.peak_gib = attempt(f"{c.name} T={length} peak", lambda: peak_gib(fwd_bwd))
+        row.peak_gib = attempt(label, "peak", lambda: peak_gib(fwd_bwd), failures)
+    row.note = "failed: " + ", ".join(failures) if failures else ""
     err = "n/a" if rel_err is None else f"{rel_err:.1e}"
-    print(f"  T={length} {c.name}: fwd {fmt_ms(row.fwd_ms)} ms, fwd+bwd {fmt_ms(row.fwd_bwd_ms)} ms, "
+    print(f"  T={length} B={s.batch} {c.name}: fwd {fmt_ms(row.fwd_ms)} ms, fwd+bwd {fmt_ms(row.fwd_bwd_ms)} ms, "
           f"peak {fmt_gib(row.peak_gib)} GiB, max rel diff vs first {c.family} row {err} "
           f"({time.perf_counter() - began:.1f} s)", flush=True)
     return row
@@ -365,10 +421,11 @@ def header(args: argparse.Namespace) -> str:
     command = shlex.join(["python", "scripts/bench_attention.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {version('triton')}, "
-            f"fla-core {version('fla-core')}, flash-attn {version('flash-attn')}, date {date}; bf16, causal, batch 1, "
-            f"{args.heads} heads, head_dim {args.head_dim}; MATH only up to T={args.max_math_len}, PyTorch chunked "
-            f"linear only up to T={args.max_chunked_len}; linear = RetNet fixed per-head decay, identity feature map; "
-            f"command: `{command}`")
+            f"fla-core {version('fla-core')}, flash-attn {version('flash-attn')}, date {date}; bf16, causal, "
+            f"{args.tokens} tokens per call (batch = max(1, {args.tokens} // length)), {args.heads} heads, head_dim "
+            f"{args.head_dim}; rows whose estimated fwd+bwd working set exceeds {args.max_gib:g} GiB are skipped "
+            f"(SDPA MATH: n x n fp32 scores; PyTorch chunked linear: fp32 chunk tensors, chunk {LINEAR_CHUNK}); "
+            f"linear = RetNet fixed per-head decay, identity feature map; command: `{command}`")
 
 
 def main() -> None:
@@ -376,17 +433,18 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096,16384,65536", help="comma-separated sequence lengths")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--max-math-len", type=int, default=8192, help="skip SDPA's MATH kernel above this length")
-    parser.add_argument("--max-chunked-len", type=int, default=16384,
-                        help="skip the PyTorch chunked linear form above this length")
+    parser.add_argument("--tokens", type=int, default=65536,
+                        help="tokens per call: batch = max(1, tokens // length) at each length")
+    parser.add_argument("--max-gib", type=float, default=20.0,
+                        help="skip rows (SDPA MATH, PyTorch chunked linear) whose estimated working set exceeds this")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first compiles)")
     parser.add_argument("--budget-ms", type=float, default=400.0, help="timed GPU milliseconds per measurement")
     parser.add_argument("--max-iters", type=int, default=50, help="at most this many timed calls per measurement")
     parser.add_argument("--out", default=None, help="also write the header, table and summary to this file")
     args = parser.parse_args()
     lengths = parse_lengths(args.lengths)
-    if args.warmup < 1 or args.max_iters < 3 or min(args.heads, args.head_dim) < 1:
-        raise ValueError("--warmup must be >= 1, --max-iters >= 3, --heads and --head-dim positive")
+    if args.warmup < 1 or args.max_iters < 3 or min(args.heads, args.head_dim, args.tokens) < 1 or args.max_gib <= 0:
+        raise ValueError("--warmup must be >= 1, --max-iters >= 3; --heads, --head-dim, --tokens, --max-gib positive")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA GPU (it times bf16 CUDA kernels); none is available")
 
@@ -395,12 +453,17 @@ def main() -> None:
     print(title, flush=True)
     rows, sdpa_choice = [], {}
     for length in lengths:
-        x = make_inputs(length, args)
+        shape = Shape(batch_for(length, args.tokens), length, args.heads, args.head_dim)
+        x = make_inputs(shape)
         sdpa_choice[length] = default_sdpa_choice(x)
         refs: dict[str, torch.Tensor] = {}
-        for c in candidates(args, resolve_backend("auto", x.heads_first()[0], x.mask, length)):
-            if c.max_len is None or length <= c.max_len:
-                rows.append(measure(c, x, length, refs, args))
+        for c in candidates(resolve_backend("auto", x.heads_first()[0], x.mask, length)):
+            reason = skip_reason(c.work_gib, shape, args.max_gib)
+            if reason is None:
+                rows.append(measure(c, x, shape, refs, args))
+            else:
+                rows.append(Row(length, shape.batch, c.name, c.family, c.role, note=reason))
+                print(f"  T={length} B={shape.batch} {c.name}: {reason}", flush=True)
         del x, refs
         free_memory()
     lines = [title, "", *format_table(rows), "", f"- {crossover_line(rows)}; {crossover_line(rows, 'fwd_ms')}",

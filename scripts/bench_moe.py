@@ -1,10 +1,12 @@
 """Benchmark one MoE layer against its peers at matched work, on one GPU (bf16).
 
 For each shape it times forward and forward+backward, reports TFLOP/s of the active FLOPs and peak memory for:
-our layer (eager and torch.compile), an equal-FLOP dense SwiGLU (the ceiling), a per-expert loop reference, and
-DeepSpeed's MoE layer (when deepspeed is importable). Every row of one shape runs on the same input in one process.
+our layer (eager, torch.compile, and eager captured in one CUDA graph), an equal-FLOP dense SwiGLU (the ceiling), a
+per-expert loop reference, and DeepSpeed's MoE layer (when deepspeed is importable; at our k and at top-2). Every
+row of one shape runs on the same input in one process. The CUDA-graph row doubles as a check that the layer's
+dropless path never synchronises with the host: capturing a stream fails on any device-to-host copy.
 
-    python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md]
+    python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md] [--profile]
 """
 
 from __future__ import annotations
@@ -124,7 +126,21 @@ def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(module: nn.Module, x: torch.Tensor, flops: float) -> dict[str, float]:
+def cuda_graphed(fn):
+    """fn captured in a CUDA graph after warm-up on a side stream; returns the replay. Raises if fn syncs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(module: nn.Module, x: torch.Tensor, flops: float, graphed: bool = False) -> dict[str, float]:
     """Forward and forward+backward median time, TFLOP/s (active FLOPs, backward = 2x forward), peak memory."""
     grad = torch.randn_like(x)
     xg = x.detach().requires_grad_(True)
@@ -134,8 +150,11 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float) -> dict[str, float
             output_of(module, x)
 
     def fwd_bwd():
+        module.zero_grad(set_to_none=True)  # inside a graph: parameter gradients live in the graph's pool
         output_of(module, xg).backward(grad)
 
+    if graphed:
+        fwd, fwd_bwd = cuda_graphed(fwd), cuda_graphed(fwd_bwd)
     f_ms = time_ms(fwd)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -146,7 +165,7 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float) -> dict[str, float
         "fwd_tflops": flops / f_ms / 1e9,
         "fwdbwd_ms": fb_ms,
         "fwdbwd_tflops": 3 * flops / fb_ms / 1e9,
-        "peak_gib": peak,
+        "peak_gib": float("nan") if graphed else peak,  # a graph's memory is its pool, reserved at capture
     }
 
 
@@ -160,24 +179,44 @@ def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
     rows = {"moeformer (eager)": (ours, flops)}
     if "compile" not in skip:
         rows["moeformer (compiled)"] = (torch.compile(ours), flops)
+    if "graph" not in skip:
+        rows[GRAPHED] = (ours, flops)
     rows["dense SwiGLU, equal FLOPs"] = (MLP(s.dim, (s.top_k + s.shared) * s.ffn), flops)
     if "loop" not in skip:
         rows["per-expert loop"] = (LoopMoE(ours), flops)
     if "deepspeed" not in skip:
-        for k in dict.fromkeys((s.top_k, 2)):  # DeepSpeed's gate may only take k <= 2: then measure top-2
+        for k in dict.fromkeys((s.top_k, 2)):  # our k, and top-2 (DeepSpeed's classic gate)
             try:
                 ds_shape = Shape(s.name, s.tokens, s.dim, s.ffn, s.experts, k)
                 rows[f"DeepSpeed MoE (top-{k}, cap 1.25)"] = (DeepSpeedMoE(ds_shape), active_flops(ds_shape))
-                break
             except Exception as e:
                 print(f"  DeepSpeed MoE top-{k} unavailable at {s.name}: {type(e).__name__}: {e}")
     return rows
 
 
+GRAPHED = "moeformer (eager, one CUDA graph)"
+
+
+def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
+    """The `top` CUDA kernels of one forward+backward by total device time (torch.profiler table)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    xg = x.detach().requires_grad_(True)
+    grad = torch.randn_like(x)
+    for _ in range(2):
+        output_of(module, xg).backward(grad)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        output_of(module, xg).backward(grad)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="olmoe,small,mixtral,deepseek")
-    parser.add_argument("--skip", default="", help="comma list of: compile, loop, deepspeed")
+    parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our eager layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -196,8 +235,10 @@ def main() -> None:
         results = {}
         for label, (module, flops) in candidates(s, skip).items():
             module = module.to("cuda", torch.bfloat16)
+            if args.profile and label == "moeformer (eager)":
+                print(f"{s.name}: top kernels of one eager forward+backward\n{profile(module, x)}", flush=True)
             try:
-                results[label] = measure(module, x, flops)
+                results[label] = measure(module, x, flops, graphed=label == GRAPHED)
             except Exception as e:
                 print(f"  {label} failed at {s.name}: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeformer.layers.attention import BACKENDS, Attention, AttentionMask, KVCache, attend
+from moeformer.layers.attention import BACKENDS, Attention, AttentionMask, KVCache, attend, backends
 from moeformer.layers.attention.backends import resolve_backend
 from moeformer.layers.rope import RotaryEmbedding
 
@@ -151,6 +151,50 @@ def test_dense_mask_is_shared_between_layers():
     first = mask.dense(5, 5, None, torch.device("cpu"))
     assert mask.dense(5, 5, None, torch.device("cpu")) is first
     assert mask.dense(5, 5, 2, torch.device("cpu")) is not first
+
+
+def record_sdpa_masks(monkeypatch) -> list[torch.Tensor]:
+    """Patch F.scaled_dot_product_attention to record the attn_mask of every call."""
+    masks, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return masks
+
+
+BLOCK_SHAPES = [(12, 12, 0), (7, 12, 5), (5, 12, 4)]  # (q_len, k_len, q_offset): a prefill, a prefill after cached
+# keys, one that leaves future keys after the queries (a static cache handed over whole)
+
+
+@pytest.mark.parametrize("budget,rows", [(1, 1), (36, 3), (60, 5)])  # 5 queries per block does not divide 12 or 7
+@pytest.mark.parametrize("kind", ["padding", "window", "documents", "everything"])
+@pytest.mark.parametrize("q_len,k_len,q_offset", BLOCK_SHAPES)
+def test_sdpa_query_blocks_match_eager(monkeypatch, budget, rows, kind, q_len, k_len, q_offset):
+    """With the mask budget shrunk, sdpa runs blocks of `rows` queries over their visible keys only, and its output
+    and gradients still equal eager's."""
+    monkeypatch.setattr(backends, "MASK_BLOCK_ELEMENTS", budget)
+    mask, window = make_mask(kind, 3, k_len, q_offset)
+    leaves = [t.requires_grad_() for t in qkv(3, HEADS["gqa"], q_len, k_len)]
+    grad_out = torch.randn(3, 4, q_len, 8, generator=torch.Generator().manual_seed(1))
+    ref = attend(*leaves, mask, window=window, scale=8**-0.5, backend="eager")
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    mask = make_mask(kind, 3, k_len, q_offset)[0]  # a fresh one: eager memoised its dense mask on the first
+    masks = record_sdpa_masks(monkeypatch)
+    out = attend(*leaves, mask, window=window, scale=8**-0.5, backend="sdpa")
+    assert (out - ref).abs().max() <= 1e-5
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), ref_grads):
+        assert (got - want).abs().max() <= 1e-5
+    starts = range(0, q_len, rows)
+    assert [m.shape[2] for m in masks] == [min(rows, q_len - s) for s in starts]
+    for m, s in zip(masks, starts):
+        last_key = q_offset + s + m.shape[2]  # keys after the block's last query are cut off
+        assert m.shape[3] == (last_key if window is None else min(last_key, window + m.shape[2] - 1))
+    kept = [t for t in mask._memo.values() if isinstance(t, torch.Tensor)]  # only a lone block is shared by layers
+    assert len(kept) == (1 if len(masks) == 1 else 0)
+    assert all(t.shape[-2] * t.shape[-1] <= max(budget, k_len) for t in kept)
 
 
 # ---- backend selection and errors ----------------------------------------------------------------------------------
@@ -338,6 +382,25 @@ def test_gpu_backends_match_eager(backend, kind, q_len, q_offset):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("kind", ["padding", "window", "everything"])
+@pytest.mark.parametrize("q_len,q_offset", [(64, 0), (16, 48)])
+def test_gpu_sdpa_query_blocks_match_eager(monkeypatch, kind, q_len, q_offset):
+    """Blocks of 5 queries over key spans of unaligned widths through the CUDA kernels, forward and backward."""
+    monkeypatch.setattr(backends, "MASK_BLOCK_ELEMENTS", 5 * 64)
+    mask, window = make_mask(kind, 3, 64, q_offset, device="cuda")
+    q, k, v = qkv(3, HEADS["gqa"], q_len, 64, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = attend(*leaves, mask, window=window, scale=0.125, backend="eager")
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attend(*leaves, mask, window=window, scale=0.125, backend="sdpa")
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() <= 3e-2
+    for got, want in zip(torch.autograd.grad(out.float().square().sum(), leaves), ref_grads):
+        assert (got.float() - want).abs().max() <= 5e-2 * want.abs().max()
+
+
+@gpu
+@needs_cuda
 def test_gpu_auto_picks_flash_when_available():
     q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16)
     assert resolve_backend("auto", q, AttentionMask(), 4) == ("flash_attn" if HAS_FLASH else "sdpa")
@@ -345,7 +408,7 @@ def test_gpu_auto_picks_flash_when_available():
     padded = AttentionMask(key_padding=torch.ones(1, 4, dtype=torch.bool, device="cuda"))
     assert resolve_backend("auto", q, padded, 4) == "sdpa"
     packed = AttentionMask(document_ids=torch.tensor([[0, 0, 1, 1]], device="cuda"))
-    assert resolve_backend("auto", q.float(), packed, 4) == "flex"  # block mask, no dense n x n mask
+    assert resolve_backend("auto", q.float(), packed, 4) == "flex"  # block-sparse over documents
 
 
 @gpu

@@ -274,8 +274,12 @@ def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs
     import torch
 
     a, b = from_pretrained(work / "zero3" / "model"), from_pretrained(work / "zero0" / "model")
+    # The stages sum gradients in different orders. AdamW divides each gradient by its own running RMS, so an element
+    # whose gradient is at rounding level can move by a visible fraction of a step: bound the worst element at 1% of
+    # one step (lr 3e-3) and require agreement to 1e-6 on average.
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=3e-5, msg=name)
+        assert (p - q).abs().mean().item() < 1e-6, name
 
 
 @pytest.mark.distributed

@@ -76,8 +76,10 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
         weights: Tensor,
         valid: Tensor,
         capacity: int | None = None,
+        slots_per_token: int | None = None,
     ) -> tuple[Tensor, DispatchPlan]:
-        """Like `Experts.forward`: x (N, dim) local tokens, per-slot (S,) routing over all E experts. A capacity
+        """Like `Experts.forward` (the exchange works on any slot layout, so `slots_per_token` changes nothing):
+        x (N, dim) local tokens, per-slot (S,) routing over all E experts. A capacity
         applies per sending rank (each rank caps its own slots per expert). Under tensor parallelism the ranks of
         the tensor group hold the same tokens: each dispatches its 1/tp of them and the outputs are summed."""
         ep, local = self.ep_size, self.num_local_experts

@@ -64,6 +64,8 @@ class LoopConfig:
     zero_stage: int = 1
     activation_checkpointing: str = "none"  # none | full | every_k | attention | moe
     checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
+    compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 10
     log_every: int = 1
@@ -118,6 +120,8 @@ class RunConfig:
         _check_choice("checkpoint.export", self.checkpoint.export, EXPORT_FORMATS)
         if self.train.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+        if self.train.compile:
+            self._check_compile()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
                     "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
             section, name = key.split(".")
@@ -131,6 +135,16 @@ class RunConfig:
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         self.model_config()  # validates the model section now rather than after start-up
+
+    def _check_compile(self) -> None:
+        """train.compile needs a registered torch.compile backend and one forward per step to compile: a pipeline
+        engine runs its stages in its own schedule instead."""
+        from torch._dynamo import list_backends  # only when compiling: importing dynamo takes a second
+
+        _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
+        if self.parallel.pp > 1:
+            raise ValueError(f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
+                             f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false")
 
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""

@@ -5,7 +5,8 @@
 
 Order of construction: distributed init -> model (same seed on every rank) -> parallelism
 (`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> activation checkpointing (wraps the final modules)
--> optimizer groups -> `deepspeed.initialize` -> data (sharded over the data-parallel group) -> resume.
+-> optimizer groups -> `deepspeed.initialize` -> `engine.compile` (train.compile) -> data (sharded over the
+data-parallel group) -> resume.
 """
 
 from __future__ import annotations
@@ -150,6 +151,15 @@ def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, di
     return parallelize(model, config.parallel)
 
 
+def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str) -> None:
+    """torch.compile the engine's model in place (`nn.Module.compile`: parameter names and the exported state dict
+    keep no `_orig_mod.` prefix). The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the
+    tensors an eager forward saved, in order, and a compiled forward saves others (backward fails)."""
+    for module in checkpointed:
+        module.forward = torch.compiler.disable(module.forward)
+    engine.compile(backend=backend)
+
+
 def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
     """This rank's place in the data-parallel group: from the parallel layout's `mpu` when there is one."""
     if mpu is not None:
@@ -187,7 +197,8 @@ class Trainer:
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
         model, initialize_kwargs = apply_parallelism(model, config)
-        apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.checkpoint_every_k)
+        checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
+                                                      config.train.checkpoint_every_k)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(initialize_kwargs.get("mpu"))
         ds_config = deepspeed_config(config, self.dp_size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -197,6 +208,8 @@ class Trainer:
             config=ds_config,
             **initialize_kwargs,
         )
+        if config.train.compile:
+            compile_engine(self.engine, checkpointed, config.train.compile_backend)
 
         d = config.data
         self.train_batches = ShardedBatches(TokenDataset.from_dir(d.dir, "train", d.seq_len), d.micro_batch_size,

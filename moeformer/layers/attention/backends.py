@@ -18,6 +18,7 @@ from moeformer.layers.attention.mask import AttentionMask
 BACKENDS = ("auto", "eager", "sdpa", "flash_attn", "flex")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
+MASK_BLOCK_ELEMENTS = 2**22  # sdpa's boolean mask per batch row and query block: 4 MiB (2k x 2k in one block)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
@@ -30,9 +31,17 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
     return (scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v).to(q.dtype)
 
 
+def visible_keys(q_offset: int, queries: range, window: int | None) -> range:
+    """The keys any of `queries` may see: none after the last query (causal), none a full window before the first."""
+    first = q_offset + queries.start
+    return range(0 if window is None else max(0, first - window + 1), q_offset + queries.stop)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
                    scale: float) -> torch.Tensor:
-    """torch SDPA; no mask tensor when the rule is plain causal with queries at the end of the keys."""
+    """torch SDPA; no mask tensor when the rule is plain causal with queries at the end of the keys, else blocks of
+    queries over their visible keys, each block's boolean mask at most MASK_BLOCK_ELEMENTS entries per batch row (one
+    query at least), so no n x n mask is ever built."""
     q_len, k_len = q.shape[2], k.shape[2]
     plain = window is None and not mask.has_key_constraints and mask.q_offset + q_len == k_len
     kwargs = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -40,7 +49,19 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
     if plain and q_len == 1:  # one decode step sees every key
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q_len, k_len, window, q.device), **kwargs)
+    size = max(1, MASK_BLOCK_ELEMENTS // k_len)
+    outs = []
+    for start in range(0, q_len, size):
+        queries = range(start, min(start + size, q_len))
+        keys = visible_keys(mask.q_offset, queries, window)
+        build = functools.partial(mask.block, queries, keys, window, q.device)
+        if size >= q_len:  # one block: built once and shared by the layers, like the dense mask
+            allowed = mask.memoised(("sdpa", queries, keys, window, q.device), build)
+        else:  # several: rebuilt per call, so no set of blocks adding up to n x n is kept
+            allowed = build()
+        outs.append(F.scaled_dot_product_attention(q[:, :, queries.start:queries.stop], k[:, :, keys.start:keys.stop],
+                                                   v[:, :, keys.start:keys.stop], attn_mask=allowed, **kwargs))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 @functools.cache
@@ -111,7 +132,8 @@ KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash
 
 def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
     """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
-    for packed documents (a block mask instead of sdpa's dense n x n mask), else sdpa."""
+    for packed documents (block-sparse: it skips other documents' key blocks, which sdpa computes and masks), else
+    sdpa."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":

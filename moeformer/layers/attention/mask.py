@@ -1,5 +1,5 @@
-"""Which keys each query may see: one `AttentionMask` per forward, rendered as a dense boolean mask or a flex
-`mask_mod`, both from the same rule so every backend agrees."""
+"""Which keys each query may see: one `AttentionMask` per forward, rendered as boolean masks (whole or by blocks of
+queries) or a flex `mask_mod`, all from the same rule so every backend agrees."""
 
 from __future__ import annotations
 
@@ -46,15 +46,18 @@ class AttentionMask:
 
     def dense(self, q_len: int, k_len: int, window: int | None, device: torch.device) -> torch.Tensor:
         """Boolean mask (B or 1, 1, q_len, k_len), True = may attend; memoised so layers share one copy."""
+        key = ("dense", q_len, k_len, window, torch.device(device))
+        return self.memoised(key, lambda: self.block(range(q_len), range(k_len), window, device))
 
-        def build() -> torch.Tensor:
-            rows = self.key_padding if self.key_padding is not None else self.document_ids
-            b = torch.arange(1 if rows is None else rows.shape[0], device=device)[:, None, None]
-            q_idx = torch.arange(q_len, device=device)[None, :, None]
-            k_idx = torch.arange(k_len, device=device)[None, None, :]
-            return self.mask_mod(window, device)(b, None, q_idx, k_idx)[:, None]
-
-        return self.memoised(("dense", q_len, k_len, window, torch.device(device)), build)
+    def block(self, queries: range, keys: range, window: int | None, device: torch.device) -> torch.Tensor:
+        """Boolean mask (B or 1, 1, len(queries), len(keys)) of query indices `queries` (0 = first query) against key
+        indices `keys`, True = may attend; not memoised, so callers bound memory by asking for blocks."""
+        rows = self.key_padding if self.key_padding is not None else self.document_ids
+        b = torch.arange(1 if rows is None else rows.shape[0], device=device)[:, None, None]
+        q_idx = torch.arange(queries.start, queries.stop, device=device)[None, :, None]
+        k_idx = torch.arange(keys.start, keys.stop, device=device)[None, None, :]
+        rule = self.memoised(("rule", window, torch.device(device)), lambda: self.mask_mod(window, device))
+        return rule(b, None, q_idx, k_idx)[:, None]
 
     def memoised(self, key: Hashable, build: Callable[[], T]) -> T:
         """Build a derived mask once per AttentionMask (all layers of a forward share it)."""

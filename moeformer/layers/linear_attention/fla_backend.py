@@ -10,7 +10,7 @@ A fixed per-head decay (H,) goes in as `g_gamma`, which fla does not differentia
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -111,8 +111,8 @@ def fla_chunk_bthd(
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     o, final = _run_packed(chunk_simple_gla, q, k, v, {"g": g}, initial_state, output_final_state, document_ids,
                            cu_seqlens, g_gamma=g_gamma, scale=q.shape[-1] ** -0.5 if scale is None else scale)
-    if normalize:
-        o = (o[..., :-1].float() / (o[..., -1:].float() + eps)).to(q.dtype)
+    if normalize:  # the fp32 denominator promotes the division to fp32 without an fp32 copy of the numerator
+        o = (o[..., :-1] / (o[..., -1:].float() + eps)).to(q.dtype)
     return o, final if output_final_state else None
 
 

@@ -1,5 +1,10 @@
 """Routed experts stored as 3-D weights and run over an expert-sorted buffer of token slots: one grouped GEMM
-(torch._grouped_mm) where supported, else a reference loop over experts. Dropless, or capped per expert."""
+(torch._grouped_mm) where supported, else a reference loop over experts. Dropless, or capped per expert.
+
+Two dispatch paths share the expert FFN: the generic one (any slot layout, capacity limits) gathers slots into the
+sorted buffer and scatter-adds the outputs back; the token-major dropless one (token t owns slots t*k .. t*k+k-1,
+the layout of top-k routing) only gathers, in both directions and in both passes, and sums each token's k weighted
+outputs in one fused pass (moe/kernels.py): no atomics, no fp32 copies of the buffer, no host sync."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import Combine, PermuteRows, swiglu
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 
@@ -121,8 +128,7 @@ class Experts(nn.Module):
         matmul = _grouped_matmul if self.use_grouped_mm(x_sorted) else _loop_matmul
         h = matmul(x_sorted, self.w_in.to(x_sorted.dtype), group_sizes)
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)
         else:
             h = F.gelu(h)
         return matmul(h, self.w_out.to(x_sorted.dtype), group_sizes)
@@ -135,9 +141,14 @@ class Experts(nn.Module):
         weights: Tensor,
         valid: Tensor,
         capacity: int | None = None,
+        slots_per_token: int | None = None,
     ) -> tuple[Tensor, DispatchPlan]:
         """Sum over each token's slots of weight * expert(x[token]). x (N, dim); token_idx, expert_idx, weights,
-        valid (S,) per slot. Padding (valid=False) and dropped slots contribute zero."""
+        valid (S,) per slot. Padding (valid=False) and dropped slots contribute zero. `slots_per_token=k` declares
+        token-major slots (token_idx == arange(N).repeat_interleave(k)) and, when dropless, takes the gather-only
+        path."""
+        if capacity is None and slots_per_token is not None:
+            return self.forward_token_major(x, expert_idx, weights, valid, slots_per_token)
         plan = plan_dispatch(expert_idx, valid, self.num_experts, capacity)
         tokens = token_idx[plan.order]
         kept = plan.kept.unsqueeze(-1)
@@ -146,4 +157,21 @@ class Experts(nn.Module):
         y = torch.where(kept, self.ffn(x_sorted, plan.group_sizes), 0)
         y = y.float() * weights[plan.order].unsqueeze(-1)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y)
+        return out.to(x.dtype), plan
+
+    def forward_token_major(
+        self, x: Tensor, expert_idx: Tensor, weights: Tensor, valid: Tensor, k: int
+    ) -> tuple[Tensor, DispatchPlan]:
+        """Dropless path for token-major slots. Every slot is computed (padding slots get weight 0), so the grouped
+        GEMM has no undefined rows; the combine is out[t] = sum_j weights[t*k + j] * y[slot t*k + j] in fp32."""
+        n, e, s = x.shape[0], self.num_experts, expert_idx.numel()
+        if s != n * k:
+            raise ValueError(f"token-major dispatch needs {n} x {k} slots, got {s}")
+        order = torch.argsort(expert_idx, stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(s, device=order.device))
+        group_sizes = _bincount(expert_idx, e)
+        y = self.ffn(PermuteRows.apply(x.to(compute_dtype(x)), order // k, inverse, k), group_sizes)
+        out = Combine.apply(y, order, inverse, torch.where(valid, weights, 0.0), k)
+        tokens_per_expert = _bincount(torch.where(valid, expert_idx, e), e + 1)[:e]
+        plan = DispatchPlan(order, group_sizes, torch.ones_like(valid), tokens_per_expert, group_sizes.new_zeros(()))
         return out.to(x.dtype), plan
