@@ -1,35 +1,25 @@
 """The token-major MoE path's memory-bound ops: dispatch (permute token rows into expert order), combine (each
 token's weighted sum of its k expert outputs) and the SwiGLU activation. Each has a PyTorch reference here and a
-Triton kernel (triton_kernels.py) used on CUDA in eager mode; under torch.compile the references run, and inductor
-fuses them itself. Every backward is a gather: no atomics, deterministic."""
+Triton kernel (triton_kernels.py) used on CUDA, eager or compiled (as custom ops; inductor's own fusion of the
+references measured slower). Every backward is a gather: no atomics, deterministic."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@functools.cache
-def _triton_module() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        return importlib.import_module("moeformer.layers.moe.triton_kernels")
-    except ImportError:
-        return None
+try:  # at import, not per call: torch.compile cannot trace a lazy import
+    from moeformer.layers.moe import triton_kernels as _triton
+except ImportError:  # no triton (CPU installs): the references serve everywhere
+    _triton = None
 
 
 def triton_kernels(x: Tensor) -> ModuleType | None:
-    """The Triton kernels module when x is on CUDA, triton imports and we are not being traced by torch.compile."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return None
-    return _triton_module()
+    """The Triton kernels module (custom ops) when x is on CUDA and triton imports, else None (use the references)."""
+    return _triton if x.is_cuda else None
 
 
 def _accumulation_dtype(x: Tensor) -> torch.dtype:
@@ -110,16 +100,16 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
         ctx.save_for_backward(h)
-        return _triton_module().swiglu_forward(h)
+        return triton_kernels(h).swiglu_forward(h)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (h,) = ctx.saved_tensors
-        return _triton_module().swiglu_backward(h, grad.contiguous())
+        return triton_kernels(h).swiglu_backward(h, grad.contiguous())
 
 
 def swiglu(h: Tensor) -> Tensor:
-    """silu(gate) * up for h (S, 2F) = [gate | up]: one fused kernel each way on CUDA (eager), else the reference."""
+    """silu(gate) * up for h (S, 2F) = [gate | up]: one fused kernel each way on CUDA, else the reference."""
     if triton_kernels(h) is None or h.dim() != 2 or not h.is_contiguous():
         return swiglu_reference(h)
     return _SwiGLU.apply(h)

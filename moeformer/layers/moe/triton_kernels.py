@@ -1,5 +1,6 @@
 """Triton kernels of the token-major MoE path (imported only where triton is installed). Each computes in fp32 and
-matches a PyTorch reference in moeformer.layers.moe.kernels; inputs must be contiguous."""
+matches a PyTorch reference in moeformer.layers.moe.kernels; inputs must be contiguous. The launchers are registered
+as torch custom ops, so torch.compile keeps them as single opaque calls instead of tracing into Triton."""
 
 from __future__ import annotations
 
@@ -71,9 +72,10 @@ def _block(width: int) -> int:
     return min(1024, triton.next_power_of_2(width))
 
 
+@torch.library.custom_op("moeformer::gather_sum", mutates_args=())
 def gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
     """out[t] = sum_j weight[t*k + j] * src[index[t*k + j]] (weight 1 when None); (S, D) -> (S // k, D)."""
-    n, d = index.numel() // k, src.shape[1]
+    n, d = index.shape[0] // k, src.shape[1]
     out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     block = _block(d)
     _gather_sum_kernel[(n, triton.cdiv(d, block))](
@@ -82,6 +84,7 @@ def gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Ten
     return out
 
 
+@torch.library.custom_op("moeformer::combine_backward", mutates_args=())
 def combine_backward(grad: Tensor, y: Tensor, order: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Gradients of gather_sum(y, inverse(order), weight, k): grad_y[i] = weight[order[i]] * grad[order[i] // k] and
     grad_weight[s] = <grad[s // k], y[inverse[s]]> (fp32)."""
@@ -92,6 +95,7 @@ def combine_backward(grad: Tensor, y: Tensor, order: Tensor, weight: Tensor, k: 
     return grad_y, grad_w
 
 
+@torch.library.custom_op("moeformer::swiglu_forward", mutates_args=())
 def swiglu_forward(h: Tensor) -> Tensor:
     """silu(h[:, :F]) * h[:, F:] for h (S, 2F)."""
     s, f = h.shape[0], h.shape[1] // 2
@@ -101,6 +105,7 @@ def swiglu_forward(h: Tensor) -> Tensor:
     return out
 
 
+@torch.library.custom_op("moeformer::swiglu_backward", mutates_args=())
 def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     """Gradient of swiglu_forward with respect to h, (S, 2F)."""
     s, f = grad.shape
@@ -108,3 +113,23 @@ def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     block = _block(f)
     _swiglu_backward_kernel[(s, triton.cdiv(f, block))](h, grad, grad_h, f, BLOCK=block)
     return grad_h
+
+
+@gather_sum.register_fake
+def _(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
+    return src.new_empty(index.shape[0] // k, src.shape[1])
+
+
+@combine_backward.register_fake
+def _(grad: Tensor, y: Tensor, order: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(y), y.new_empty(y.shape[0], dtype=torch.float32)
+
+
+@swiglu_forward.register_fake
+def _(h: Tensor) -> Tensor:
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@swiglu_backward.register_fake
+def _(h: Tensor, grad: Tensor) -> Tensor:
+    return torch.empty_like(h)
