@@ -216,7 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="olmoe,small,mixtral,deepseek")
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our eager layer")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -235,8 +235,8 @@ def main() -> None:
         results = {}
         for label, (module, flops) in candidates(s, skip).items():
             module = module.to("cuda", torch.bfloat16)
-            if args.profile and label == "moeformer (eager)":
-                print(f"{s.name}: top kernels of one eager forward+backward\n{profile(module, x)}", flush=True)
+            if args.profile and label in ("moeformer (eager)", "moeformer (compiled)"):
+                print(f"{s.name}, {label}: top kernels of one forward+backward\n{profile(module, x)}", flush=True)
             try:
                 results[label] = measure(module, x, flops, graphed=label == GRAPHED)
             except Exception as e:

@@ -401,6 +401,26 @@ def test_gpu_sdpa_query_blocks_match_eager(monkeypatch, kind, q_len, q_offset):
 
 @gpu
 @needs_cuda
+def test_gpu_flex_block_mask_of_a_long_packed_sequence_is_not_n_by_n():
+    t = 32768  # an n x n bool mask would take 1 GiB
+    ids = torch.arange(t, device="cuda").div(3000, rounding_mode="floor").view(1, t)
+    mask = AttentionMask(document_ids=ids)
+    q = torch.randn(1, 2, t, 64, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attend(q, q, q, mask, window=None, scale=0.125, backend="flex")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2**28
+    docs = [(s, min(s + 3000, t)) for s in range(0, t, 3000)][:2]  # spot-check two documents against sdpa alone
+    for s, e in docs:
+        alone = attend(q[:, :, s:e], q[:, :, s:e], q[:, :, s:e], AttentionMask(), window=None, scale=0.125,
+                       backend="sdpa")
+        assert (out[:, :, s:e].float() - alone.float()).abs().max() <= 2e-2
+
+
+@gpu
+@needs_cuda
 def test_gpu_auto_picks_flash_when_available():
     q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16)
     assert resolve_backend("auto", q, AttentionMask(), 4) == ("flash_attn" if HAS_FLASH else "sdpa")

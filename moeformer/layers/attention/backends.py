@@ -117,7 +117,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     rows = q.shape[0] if mask.has_key_constraints else None
     block_mask = mask.memoised(
         ("flex", q_len, k_len, window, q.device),
-        lambda: create_block_mask(mask.mask_mod(window, q.device), rows, None, q_len, k_len, device=q.device),
+        # compiled on CUDA (not for one-query decode steps): the eager builder materialises the whole (B, q, k) mask
+        lambda: create_block_mask(mask.mask_mod(window, q.device), rows, None, q_len, k_len, device=q.device,
+                                  _compile=q.is_cuda and q_len > 1),
     )
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if q.is_cuda:

@@ -32,8 +32,9 @@ class DispatchPlan:
 
 
 def _bincount(idx: Tensor, size: int) -> Tensor:
-    """Counts of each value in [0, size) without the host sync of torch.bincount on CUDA."""
-    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    """Counts of each value in [0, size) without the host sync of torch.bincount on CUDA (a scatter-add, which
+    inductor also turns into one atomic-add kernel rather than a sort-based index_put)."""
+    return torch.zeros(size, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 def plan_dispatch(expert_idx: Tensor, valid: Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
