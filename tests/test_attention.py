@@ -72,6 +72,41 @@ def test_dense_mask_follows_the_rule(kind, q_len, k_len, q_offset):
     assert dense.any(-1).all(), "every query must see at least itself"
 
 
+def _listed_blocks(num: torch.Tensor, idx: torch.Tensor, n_k: int) -> torch.Tensor:
+    """(B, 1, nq) counts + (B, 1, nq, nk) indices -> (B, nq, nk) bool of the listed key blocks."""
+    first = torch.arange(n_k)[None, None, None] < num[..., None]
+    return torch.zeros(*idx.shape, dtype=torch.bool).scatter_(-1, idx.long(), first)[:, 0]
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("q_len,k_len,q_offset", [(50, 50, 0), (20, 53, 33), (37, 40, 3), (1, 40, 39)])
+def test_block_mask_summaries_are_exact_where_it_matters(kind, q_len, k_len, q_offset):
+    """Every block holding an allowed pair is listed (so nothing is lost), and a block marked full has every pair
+    allowed (so skipping the mask there is right)."""
+    block, batch = 16, 3
+    mask, window = make_mask(kind, batch, k_len, q_offset)
+    bm = mask.block_mask(q_len, k_len, window, torch.device("cpu"), block=block)
+    n_q, n_k = -(-q_len // block), -(-k_len // block)
+    rule = F.pad(rule_by_loops(mask, batch, q_len, k_len, window)[:, 0].int(),
+                 (0, n_k * block - k_len, 0, n_q * block - q_len), value=-1).view(batch, n_q, block, n_k, block)
+    any_allowed = (rule == 1).any(4).any(2)
+    all_allowed = (rule == 1).all(4).all(2)
+    partial = _listed_blocks(bm.kv_num_blocks, bm.kv_indices, n_k)
+    full = _listed_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, n_k)
+    assert not (partial & full).any()
+    assert ((partial | full) | ~any_allowed).all()
+    assert (~full | all_allowed).all()
+
+
+@pytest.mark.parametrize("kind", ["documents", "everything"])
+def test_flex_over_several_blocks_matches_eager(kind):
+    mask, window = make_mask(kind, 2, 300, 0)
+    q, k, v = qkv(2, HEADS["gqa"], 300, 300)
+    ref = attend(q, k, v, mask, window=window, scale=0.3, backend="eager")
+    out = attend(q, k, v, mask, window=window, scale=0.3, backend="flex")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_eager_matches_per_query_softmax():
     """Eager against attention written one query at a time over its visible keys, in float64."""
     mask, window = make_mask("everything", 3, 10, 4)

@@ -110,17 +110,11 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
                    scale: float) -> torch.Tensor:
     """FlexAttention with a block mask from the same rule; compiled on CUDA, unfused eager (reference speed) on CPU."""
-    from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as flex_eager
 
     q_len, k_len = q.shape[2], k.shape[2]
-    rows = q.shape[0] if mask.has_key_constraints else None
-    block_mask = mask.memoised(
-        ("flex", q_len, k_len, window, q.device),
-        # compiled on CUDA (not for one-query decode steps): the eager builder materialises the whole (B, q, k) mask
-        lambda: create_block_mask(mask.mask_mod(window, q.device), rows, None, q_len, k_len, device=q.device,
-                                  _compile=q.is_cuda and q_len > 1),
-    )
+    block_mask = mask.memoised(("flex", q_len, k_len, window, q.device),
+                               lambda: mask.block_mask(q_len, k_len, window, q.device))
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if q.is_cuda:
         return _compiled_flex()(q, k, v, **kwargs)

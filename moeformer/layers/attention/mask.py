@@ -59,6 +59,48 @@ class AttentionMask:
         rule = self.memoised(("rule", window, torch.device(device)), lambda: self.mask_mod(window, device))
         return rule(b, None, q_idx, k_idx)[:, None]
 
+    def block_mask(self, q_len: int, k_len: int, window: int | None, device: torch.device, block: int = 128) -> Any:
+        """FlexAttention BlockMask of the rule, built from per-block summaries (index ranges, min/max document id,
+        any/all real keys) in O((n / block)^2) memory: no query x key grid is ever formed. A block pair is skipped
+        only when the summaries prove it empty and is full only when they prove every pair allowed; all others are
+        partial, where the mask_mod decides per element."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        rows = self.key_padding if self.key_padding is not None else self.document_ids
+        batch = 1 if rows is None else rows.shape[0]
+        q_first = torch.arange(0, q_len, block, device=device) + self.q_offset  # key index of each block's 1st query
+        q_last = (q_first + block - 1).clamp(max=self.q_offset + q_len - 1)
+        k_first = torch.arange(0, k_len, block, device=device)
+        k_last = (k_first + block - 1).clamp(max=k_len - 1)
+        qf, ql, kf, kl = q_first[:, None], q_last[:, None], k_first[None], k_last[None]
+        diagonal = (kf <= ql) & (kl >= qf)  # holds some query's own key: never empty
+        some = (kf <= ql).expand(batch, -1, -1)
+        every = (kl <= qf) & (ql - qf == block - 1) & (kl - kf == block - 1)  # whole blocks only
+        if window is not None:
+            some = some & (qf - kl < window)
+            every = every & (ql - kf < window)
+        every = every.expand(batch, -1, -1)
+        if self.key_padding is not None:
+            real_any, real_all = (_per_block(self.key_padding, block, op) for op in (torch.amax, torch.amin))
+            some, every = some & real_any[:, None].bool(), every & real_all[:, None].bool()
+        if self.document_ids is not None:
+            docs = self.document_ids
+            q_docs = docs[:, self.q_offset:self.q_offset + q_len]
+            (k_min, k_max), (q_min, q_max) = ((_per_block(d, block, torch.amin), _per_block(d, block, torch.amax))
+                                              for d in (docs, q_docs))
+            some = some & (k_min[:, None] <= q_max[:, :, None]) & (k_max[:, None] >= q_min[:, :, None])
+            one_doc = (q_min == q_max)[:, :, None] & (k_min == k_max)[:, None] & (q_min[:, :, None] == k_min[:, None])
+            every = every & one_doc
+        some = some | diagonal
+        partial, full = some & ~every, some & every
+
+        def layout(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)  # listed blocks first
+            return blocks.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+        return BlockMask.from_kv_blocks(*layout(partial), *layout(full), BLOCK_SIZE=block,
+                                        mask_mod=self.mask_mod(window, device), seq_lengths=(q_len, k_len))
+
     def memoised(self, key: Hashable, build: Callable[[], T]) -> T:
         """Build a derived mask once per AttentionMask (all layers of a forward share it)."""
         if key not in self._memo:
@@ -82,3 +124,12 @@ class AttentionMask:
             return ok | (kv_idx == i)
 
         return allowed
+
+
+def _per_block(x: torch.Tensor, block: int, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """reduce(x) over consecutive blocks of columns, x (B, L) -> (B, ceil(L / block)); the last block is padded with
+    copies of x's last column, which changes neither a min nor a max."""
+    pad = -x.shape[1] % block
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)
+    return reduce(x.view(x.shape[0], -1, block).to(torch.int64), dim=-1)
