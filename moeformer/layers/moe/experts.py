@@ -170,9 +170,9 @@ class Experts(nn.Module):
             raise ValueError(f"token-major dispatch needs {n} x {k} slots, got {s}")
         order = torch.argsort(expert_idx, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(s, device=order.device))
-        group_sizes = _bincount(expert_idx, e)
+        counts = _bincount(torch.where(valid, expert_idx, expert_idx + e), 2 * e)  # real slots, then padding slots
+        tokens_per_expert, group_sizes = counts[:e], counts[:e] + counts[e:]
         y = self.ffn(PermuteRows.apply(x.to(compute_dtype(x)), order // k, inverse, k), group_sizes)
         out = Combine.apply(y, order, inverse, torch.where(valid, weights, 0.0), k)
-        tokens_per_expert = _bincount(torch.where(valid, expert_idx, e), e + 1)[:e]
         plan = DispatchPlan(order, group_sizes, torch.ones_like(valid), tokens_per_expert, group_sizes.new_zeros(()))
         return out.to(x.dtype), plan

@@ -73,8 +73,6 @@ class PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        if ctx.k == 1:
-            return grad.index_select(0, inverse), None, None, None
         return _gather_sum(grad, inverse, None, ctx.k), None, None, None
 
 
