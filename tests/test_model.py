@@ -157,16 +157,21 @@ def test_left_padding_gives_the_unpadded_logits():
     torch.testing.assert_close(padded[1], model(long).logits[0], rtol=1e-5, atol=1e-5)
 
 
+def decode_stepwise(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of `ids` from a cached prefill of `prefill` tokens, then one token per call."""
+    cache = model.new_cache(ids.shape[0], 16)
+    parts = [model(ids[:, :prefill], cache=cache).logits]
+    for t in range(prefill, ids.shape[1]):
+        parts.append(model(ids[:, t : t + 1], cache=cache).logits)
+    return torch.cat(parts, 1)
+
+
 def test_incremental_decoding_with_cache_equals_full_forward():
     torch.manual_seed(5)
     model = build_model(tiny()).eval()
     ids = torch.randint(0, 97, (2, 9))
     full = model(ids).logits
-    cache = model.new_cache(2, 16)
-    parts = [model(ids[:, :4], cache=cache).logits]
-    for t in range(4, 9):
-        parts.append(model(ids[:, t : t + 1], cache=cache).logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_stepwise(model, ids, prefill=4), full, rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_same_model_and_outputs():
@@ -280,11 +285,7 @@ def test_hybrid_decoding_with_state_equals_full_forward(types):
     assert [model.config.attention_type(i) for i in range(3)] == [types[i % len(types)] for i in range(3)]
     ids = torch.randint(0, 97, (2, 11))
     full = model(ids).logits
-    cache = model.new_cache(2, 16)
-    parts = [model(ids[:, :6], cache=cache).logits]
-    for t in range(6, 11):
-        parts.append(model(ids[:, t : t + 1], cache=cache).logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_stepwise(model, ids, prefill=6), full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("types", [None, *HYBRIDS])
