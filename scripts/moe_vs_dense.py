@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
 
+    from moeformer.parallel import shutdown_distributed
     from moeformer.training.trainer import Trainer
 
     for name, path in RUNS.items():
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    shutdown_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
 

@@ -32,11 +32,13 @@ def main(argv: list[str] | None = None) -> dict:
         config = load_config(args.config, overrides)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+    from moeformer.parallel import shutdown_distributed
     from moeformer.training.trainer import Trainer  # after the config is valid: importing DeepSpeed takes seconds
 
     # DeepSpeed still calls collectives that torch.distributed marks deprecated, once per step
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     summary = Trainer(config).train()
+    shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, model in {summary['exported']}")
     return summary

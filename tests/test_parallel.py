@@ -402,7 +402,7 @@ def run_scenario(name: str, out: Path) -> None:
 
     import torch.distributed as dist
 
-    from moeformer.parallel import ParallelConfig, init_distributed
+    from moeformer.parallel import ParallelConfig, init_distributed, shutdown_distributed
 
     global DEVICE
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -438,7 +438,7 @@ def run_scenario(name: str, out: Path) -> None:
         raise ValueError(f"unknown scenario {name!r}")
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results, indent=1))
-    dist.barrier()
+    shutdown_distributed()
 
 
 # ---------------------------------------------------------------------------------------------------- tests

@@ -350,3 +350,6 @@ if __name__ == "__main__":
     result = globals()[f"scenario_{scenario}"](workdir)
     if int(os.environ.get("RANK", "0")) == 0:
         (workdir / f"{scenario}.json").write_text(json.dumps(result))
+    from moeformer.parallel import shutdown_distributed
+
+    shutdown_distributed()

@@ -16,7 +16,7 @@ from torch import nn
 
 from moeformer.parallel.config import ParallelConfig
 from moeformer.parallel.expert import ExpertParallelExperts, apply_expert_parallel, save_expert_checkpoint
-from moeformer.parallel.groups import ParallelGroups, init_distributed, init_parallel_groups
+from moeformer.parallel.groups import ParallelGroups, init_distributed, init_parallel_groups, shutdown_distributed
 from moeformer.parallel.pipeline import pipeline_full_state_dict, to_pipeline
 from moeformer.parallel.reshard import (
     Shard,
@@ -89,6 +89,7 @@ __all__ = [
     "save_consolidated",
     "save_expert_checkpoint",
     "save_layout",
+    "shutdown_distributed",
     "to_pipeline",
     "vocab_parallel_cross_entropy",
 ]

@@ -10,6 +10,8 @@ form the expert-data-parallel group over which expert gradients are reduced.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +47,32 @@ class ParallelGroups:
 
 
 def init_distributed() -> None:
-    """Join the default process group through DeepSpeed (gloo on CPU, NCCL on GPU) unless already joined."""
+    """Join the default process group through DeepSpeed (gloo on CPU, NCCL on GPU) unless already joined;
+    without torchrun, become rank 0 of a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if dist.is_initialized():
         return
     import deepspeed
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a barrier, then destroy it, so no rank's communication threads are torn
+    down at interpreter exit while a peer still talks to them (gloo aborts the process then)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_parallel_groups(config: ParallelConfig) -> ParallelGroups:

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model
+from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import ParallelConfig, RunConfig
@@ -66,26 +66,6 @@ class NonFiniteGuard:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-
-def init_distributed() -> None:
-    """Join the process group (gloo on CPU, NCCL on GPU); without torchrun, become rank 0 of a world of one."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
