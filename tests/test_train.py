@@ -69,6 +69,17 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
         load_config(None, ["--train.compile=true", "--train.compile_backend=inductr"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.zero_stage=2"], r"parallel.pp=2 needs train.zero_stage 0 or 1 \(DeepSpeed's pipeline engine does not "
+                               r"run ZeRO-2\)"),
+    (["--parallel.ep=2"], r"parallel.pp=2 with parallel.ep=2 is not supported"),
+])
+def test_pipeline_refuses_what_its_engine_cannot_run(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["--parallel.pp=2", *overrides])
+    assert load_config(None, ["--parallel.pp=2", "--train.zero_stage=1"]).parallel.pp == 2
+
+
 def test_unknown_key_in_file_and_bad_values(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"data": {"seq_length": 4}}))

@@ -76,7 +76,17 @@ def scenario_main(work: Path) -> dict:
     out["ep_full"] = train(run_config(work, "ep_full", **ep, **{"train.steps": 6}))
     train(run_config(work, "ep_cut", **ep, **{"train.steps": 3}))
     out["ep_resumed"] = train(run_config(work, "ep_cut", **ep, **{"train.steps": 6, "checkpoint.resume": "auto"}))
+    pp = {**pipeline_overrides(), "parallel.pp": 2, "train.activation_checkpointing": "full"}
+    out["pp_full"] = train(run_config(work, "pp_full", **pp))
+    train(run_config(work, "pp_cut", **{**pp, "train.steps": 3}))
+    out["pp_resumed"] = train(run_config(work, "pp_cut", **pp, **{"checkpoint.resume": "auto"}))
     return out
+
+
+def pipeline_overrides() -> dict:
+    """pp=2 on 2 ranks (dp 1) vs one process: the same global batch and data order."""
+    return {"train.steps": 6, "train.zero_stage": 1, "train.grad_accum": 2, "checkpoint.every": 3,
+            "train.eval_every": 3, "checkpoint.export": "native", "optim.schedule": "constant"}
 
 
 def resume_overrides() -> dict:
@@ -100,7 +110,8 @@ def scenario_single(work: Path) -> dict:
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
     out = {"parity": train(run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
-                                                           "train.grad_accum": 2}))}
+                                                           "train.grad_accum": 2})),
+           "pp_reference": train(run_config(work, "pp_reference", **pipeline_overrides()))}
 
     # non-finite losses: steps 2-3 are poisoned and skipped (weights untouched), then training continues
     trainer = Trainer(run_config(work, "nonfinite", **{"train.steps": 5, "train.max_nonfinite": 3}))
@@ -326,6 +337,26 @@ def test_expert_parallel_run_resumes_exactly(results):
     full, resumed = results["main"]["ep_full"], results["main"]["ep_resumed"]
     assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("step_00000003")
     assert {k: v for k, v in full["losses"].items() if int(k) > 3} == resumed["losses"]
+
+
+@pytest.mark.distributed
+def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work):
+    """The trainer on DeepSpeed's pipeline engine (pp=2, full activation checkpointing, ZeRO-1): losses, val loss and
+    exported weights track the single-process run; a run cut at its step-3 checkpoint resumes bit for bit."""
+    from safetensors.torch import load_file
+
+    full, reference = results["main"]["pp_full"], results["single"]["pp_reference"]
+    assert sorted(full["losses"]) == sorted(reference["losses"]) and len(full["losses"]) == 6
+    assert max(abs(full["losses"][k] - reference["losses"][k]) for k in full["losses"]) < PARITY_ATOL
+    assert abs(full["val_loss"] - reference["val_loss"]) < PARITY_ATOL
+    exported = load_file(work / "pp_full" / "model" / "model.safetensors")
+    expected = load_file(work / "pp_reference" / "model" / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5  # seen: 1.2e-6
+    resumed = results["main"]["pp_resumed"]
+    assert resumed["resumed_from"].endswith("step_00000003")
+    assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
+    assert resumed["val_loss"] == full["val_loss"]
 
 
 def test_nonfinite_loss_skips_then_stops(results):

@@ -78,10 +78,17 @@ class NormPipe(nn.Module):
         return (self.lm_head(x) if self.lm_head is not None else x), aux
 
 
-def pipeline_loss(outputs: tuple[Tensor, Tensor], targets: Tensor, chunk_size: int) -> Tensor:
-    """Next-token cross-entropy on the last stage plus the MoE aux losses carried from every stage."""
-    logits, aux = outputs
-    return chunked_cross_entropy(logits, targets, nn.Identity(), chunk_size) + aux.sum()
+class PipelineLoss:
+    """The last stage's loss: next-token cross-entropy plus the MoE aux losses carried from every stage. Set
+    `with_aux = False` to get the cross-entropy alone (evaluation)."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size, self.with_aux = chunk_size, True
+
+    def __call__(self, outputs: tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
+        logits, aux = outputs
+        ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.chunk_size)
+        return ce + aux.sum() if self.with_aux else ce
 
 
 def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "parameters", topology=None,
@@ -110,7 +117,7 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
         layers.append(NormPipe(model.norm, model.lm_head))
     method = "type:BlockPipe" if partition_method == "blocks" else partition_method
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
-    pipe = PipelineModule(layers, loss_fn=functools.partial(pipeline_loss, chunk_size=model.config.loss_chunk_size),
+    pipe = PipelineModule(layers, loss_fn=PipelineLoss(model.config.loss_chunk_size),
                           partition_method=method, activation_checkpoint_interval=activation_checkpoint_interval,
                           activation_checkpoint_func=non_reentrant_checkpoint,  # the engine backwards x and aux apart
                           checkpointable_layers=[BlockPipe.__name__], **kwargs)
@@ -128,3 +135,14 @@ def pipeline_full_state_dict(pipe) -> dict[str, Tensor]:
     parts: list = [None] * dist.get_world_size(pipe.mpu().get_pipe_parallel_group())
     dist.all_gather_object(parts, local, group=pipe.mpu().get_pipe_parallel_group())
     return {k: v for part in parts for k, v in part.items()}
+
+
+def stage_group(pipe) -> dist.ProcessGroup:
+    """The ranks that hold this rank's pipeline stage (its data- and tensor-parallel peers); collective: every rank
+    creates every stage's group."""
+    topology, mine = pipe.topology(), None
+    for stage in range(topology.get_dim("pipe")):
+        group = dist.new_group(topology.filter_match(pipe=stage))
+        if stage == pipe.stage_id:
+            mine = group
+    return mine

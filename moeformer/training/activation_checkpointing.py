@@ -1,5 +1,5 @@
-"""Activation checkpointing applied to a built `CausalLM` from outside: whole blocks, every k-th block, or only the
-attention / MoE sublayers. Recomputation goes through DeepSpeed's non-reentrant checkpoint, which keeps gradients
+"""Activation checkpointing applied to a built `CausalLM` (or one pipeline stage of it) from outside: whole blocks,
+every k-th block, or only the attention / MoE sublayers. Recomputation goes through DeepSpeed's non-reentrant checkpoint, which keeps gradients
 flowing into non-tensor outputs such as the MoE aux loss inside `MoEStats`.
 """
 
@@ -9,7 +9,14 @@ import functools
 
 import torch.nn as nn
 
+from moeformer.models.model import Block
 from moeformer.training.config import ACTIVATION_CHECKPOINTING
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[int, Block]]:
+    """(layer index, block) of every transformer block in `model`: a `CausalLM`, or the part of it that one
+    pipeline stage holds (its blocks keep their `layers.<index>` names there)."""
+    return [(int(name.rsplit(".", 1)[1]), module) for name, module in model.named_modules() if isinstance(module, Block)]
 
 
 def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 2) -> list[nn.Module]:
@@ -18,13 +25,14 @@ def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 2) -> list[
         raise ValueError(f"unknown activation checkpointing mode {mode!r}; expected one of {ACTIVATION_CHECKPOINTING}")
     if every_k < 1:
         raise ValueError(f"every_k must be >= 1, got {every_k}")
-    blocks = list(model.layers)
+    indexed = transformer_blocks(model)
+    blocks = [block for _, block in indexed]
     if mode == "none":
         return []
     if mode == "full":
         return blocks
     if mode == "every_k":
-        return blocks[::every_k]
+        return [block for index, block in indexed if index % every_k == 0]
     if mode == "attention":
         return [block.attn for block in blocks]
     return [block.mlp for block in blocks if block.is_moe]

@@ -69,7 +69,7 @@ class LoopConfig:
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 10
     log_every: int = 1
-    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row (pipeline: at the first, see Trainer)
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are detected, otherwise no MFU
     progress_bar: bool = True
 
@@ -122,6 +122,8 @@ class RunConfig:
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
         if self.train.compile:
             self._check_compile()
+        if self.parallel.pp > 1:
+            self._check_pipeline()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
                     "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
             section, name = key.split(".")
@@ -145,6 +147,15 @@ class RunConfig:
         if self.parallel.pp > 1:
             raise ValueError(f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
                              f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false")
+
+    def _check_pipeline(self) -> None:
+        """What DeepSpeed's pipeline engine and our pipeline stages support."""
+        pp = self.parallel.pp
+        if self.train.zero_stage > 1:
+            raise ValueError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
+                             f"run ZeRO-{self.train.zero_stage})")
+        if self.parallel.ep > 1:
+            raise ValueError(f"parallel.pp={pp} with parallel.ep={self.parallel.ep} is not supported; use one of them")
 
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""

@@ -7,6 +7,10 @@ Order of construction: distributed init -> model (same seed on every rank) -> pa
 (`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> activation checkpointing (wraps the final modules)
 -> optimizer groups -> `deepspeed.initialize` -> `engine.compile` (train.compile) -> data (sharded over the
 data-parallel group) -> resume.
+
+With parallel.pp > 1 the engine is DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum
+micro-batches. Its logged loss is cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a
+non-finite loss stops the run at once: the engine applies the step inside `train_batch`, so it cannot be skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from moeformer.layers.moe import MoE
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model
 from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
@@ -94,6 +99,10 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
                                           overlap_comm=torch.cuda.is_available())
     if t.zero_stage == 3:
         built["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if config.parallel.pp > 1:
+        from moeformer.parallel.pipeline import PIPELINE_CONFIG
+
+        built["pipeline"] = dict(PIPELINE_CONFIG)
     if config.deepspeed.config is None:
         return built
     path = Path(config.deepspeed.config)
@@ -177,9 +186,16 @@ class Trainer:
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
         model, initialize_kwargs = apply_parallelism(model, config)
+        self.pipeline = config.parallel.pp > 1
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
                                                       config.train.checkpoint_every_k)
-        self.dp_rank, self.dp_size = data_parallel_rank_and_size(initialize_kwargs.get("mpu"))
+        mpu = model.mpu() if self.pipeline else initialize_kwargs.get("mpu")
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
+        self.router_group = None  # ranks whose expert loads are summed for router bias updates (None: all)
+        if self.pipeline:
+            from moeformer.parallel.pipeline import stage_group
+
+            self.router_group = stage_group(model)
         ds_config = deepspeed_config(config, self.dp_size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -251,7 +267,10 @@ class Trainer:
         gas = self.config.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
         finite_micro_batches, grad_norm = 0, None
-        for micro in range(gas):
+        if self.pipeline:
+            sums["loss"] = self._pipeline_step(batches) * gas  # the same mean loss on every rank
+            finite_micro_batches = gas
+        for micro in range(0 if self.pipeline else gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             out, ce, loss = self.forward(batch)
             finite = self._all_finite(loss)
@@ -267,7 +286,9 @@ class Trainer:
         finite_step = finite_micro_batches == gas
         self.guard.update(finite_step, self.step + 1)
         if finite_step:
-            self.engine.module.update_router_biases()
+            for module in self.engine.module.modules():
+                if isinstance(module, MoE):
+                    module.update_bias(self.router_group)
         self.tokens_seen += self.tokens_per_step
         record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
         record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
@@ -275,6 +296,26 @@ class Trainer:
         if norm is not None and finite_step:
             record["grad_norm"] = float(norm)
         return record
+
+    def _pipeline_step(self, batches) -> torch.Tensor:
+        """One `train_batch` of the pipeline engine over grad_accum micro-batches; its mean loss (fp64)."""
+        micro_batches = [self._pipeline_batch(next(batches)) for _ in range(self.config.train.grad_accum)]
+        loss = self.engine.train_batch(data_iter=iter(micro_batches)).detach().double()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the loss is NaN/inf; with pipeline parallelism (parallel.pp="
+                f"{self.config.parallel.pp}) DeepSpeed applies the step inside train_batch, so it cannot be skipped: "
+                "resume from the last checkpoint with a lower optim.lr or more optim.warmup_steps"
+            )
+        return loss
+
+    def _pipeline_batch(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """A batch in the pipeline's format: (input_ids or (input_ids, position_ids, document_ids), labels)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        inputs = batch["input_ids"]
+        if self.config.data.packed_documents:
+            inputs = (inputs, batch["position_ids"], batch["document_ids"])
+        return inputs, batch["labels"]
 
     def _step_record(self, sums: dict[str, torch.Tensor], micro_batches: int, seconds: float) -> dict[str, Any]:
         """Averages of the step's sums over its finite micro-batches and all ranks, throughput and memory."""
@@ -308,7 +349,13 @@ class Trainer:
                                  shuffle=False, loop=False)
         total = torch.zeros(2, dtype=torch.float64)
         for _, batch in zip(range(self.config.train.eval_batches), batches):
-            _, ce, _ = self.forward({k: v.to(self.device) for k, v in batch.items()})
+            if self.pipeline:  # the last stage's cross-entropy, broadcast to the other stages
+                loss_fn = self.engine.module.loss_fn
+                loss_fn.with_aux = False
+                ce = self.engine.eval_batch(data_iter=iter([self._pipeline_batch(batch)]), num_micro_batches=1)
+                loss_fn.with_aux = True
+            else:
+                _, ce, _ = self.forward({k: v.to(self.device) for k, v in batch.items()})
             total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
         self.engine.train()
         total = total.to(self.device)
@@ -331,6 +378,10 @@ class Trainer:
             return None
         if self.engine.zero_optimization_partition_weights():
             state = self.engine._zero3_consolidated_16bit_state_dict()
+        elif self.pipeline:
+            from moeformer.parallel.pipeline import pipeline_full_state_dict
+
+            state = pipeline_full_state_dict(self.engine.module)
         elif self.config.parallel != ParallelConfig():  # expert / tensor shards: gather the single-process layout
             from moeformer.parallel import full_state_dict
 

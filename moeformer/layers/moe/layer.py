@@ -122,6 +122,7 @@ class MoE(nn.Module):
             losses["seq_aux"] = sequence_aux_loss(routing.probs.view(shape), routing.assigned.view(shape), k, mask)
         return losses
 
-    def update_bias(self) -> None:
-        """Aux-loss-free balancing step (DeepSeek-V3): nudge each expert's selection bias toward the mean load."""
-        self.router.update_bias()
+    def update_bias(self, group=None) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3): nudge each expert's selection bias toward the mean load
+        (summed over the ranks of `group`, default all)."""
+        self.router.update_bias(group)

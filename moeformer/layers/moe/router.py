@@ -150,13 +150,13 @@ class Router(nn.Module):
             self.expert_load += tokens_per_expert
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """expert_bias += rate * sign(mean_load - load), then reset the load. Loads are summed over data-parallel
-        ranks first so every replica keeps the same bias."""
+    def update_bias(self, group=None) -> None:
+        """expert_bias += rate * sign(mean_load - load), then reset the load. Loads are summed over the ranks of
+        `group` (default: all; those holding this layer) first so every replica keeps the same bias."""
         if self.expert_bias is None:
             return
         load = self.expert_load.float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
+            torch.distributed.all_reduce(load, group=group)
         self.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
         self.reset_buffers()
