@@ -239,7 +239,7 @@ class RecordingAdamW(torch.optim.AdamW):
 
 
 def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = None,
-                   checkpoint_interval: int = 0, packed_documents: bool = False, tp: int = 1) -> None:
+                   checkpoint_interval: int = 0, packed_documents: bool = False, tp: int = 1, ep: int = 1) -> None:
     """pp=2 (x tp, x the rest of the world as dp) on DeepSpeed's PipelineEngine, 2 micro-batches per replica and
     step: first-step gradients, loss curve, and the stages' weights gathered into one CausalLM. partition_method
     None goes through `parallelize`."""
@@ -268,7 +268,7 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
     ref.load_state_dict(initial)
     model = copy.deepcopy(ref)
     if partition_method is None:
-        pipe, _ = parallelize(model, ParallelConfig(pp=2, tp=tp))
+        pipe, _ = parallelize(model, ParallelConfig(pp=2, tp=tp, ep=ep))
     else:
         pipe = to_pipeline(model, 2, partition_method=partition_method,
                            activation_checkpoint_interval=checkpoint_interval)
@@ -357,7 +357,7 @@ def check_unsupported(results: dict) -> None:
     from moeformer.parallel import ParallelConfig, parallelize
 
     cases = {"qk_norm_full": (ParallelConfig(tp=2), tiny_config(qk_norm="full")),
-             "pp_with_ep": (ParallelConfig(pp=2, ep=2), tiny_config())}
+             "pp_ep_on_two_ranks": (ParallelConfig(pp=2, ep=2), tiny_config())}
     results["unsupported"] = {}
     for case, (pc, cfg) in cases.items():
         model = build_model(cfg, device=DEVICE)
@@ -365,7 +365,7 @@ def check_unsupported(results: dict) -> None:
         try:
             parallelize(model, pc)
             message = None
-        except NotImplementedError as e:
+        except (NotImplementedError, ValueError) as e:
             message = str(e)
         unchanged = model.state_dict().keys() == before.keys() and all(
             v.shape == before[k].shape for k, v in model.state_dict().items())
@@ -433,6 +433,7 @@ def run_scenario(name: str, out: Path) -> None:
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2_dp2", out.parent, stages=(0, 2))
         check_pipeline(tiny_config(), results, "pp2_dp2")
         check_pipeline(tiny_config(tie_embeddings=True), results, "pp2_tp2_tied", tp=2)
+        check_pipeline(tiny_config(), results, "pp2_ep2", ep=2)
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2", out.parent)
     else:
         raise ValueError(f"unknown scenario {name!r}")
@@ -593,7 +594,8 @@ def test_expert_and_tensor_parallel_on_the_same_two_ranks(two_ranks):
 def test_unsupported_layouts_fail_clearly_before_changing_the_model(two_ranks):
     got = two_ranks["unsupported"]
     assert "qk_norm='full'" in got["qk_norm_full"]["message"] and got["qk_norm_full"]["unchanged"]
-    assert "pp=2 combined with ep=2" in got["pp_with_ep"]["message"] and got["pp_with_ep"]["unchanged"]
+    assert "ep=2 does not divide dp * tp = 1 (world 2 / pp=2)" in got["pp_ep_on_two_ranks"]["message"]
+    assert got["pp_ep_on_two_ranks"]["unchanged"]
 
 
 @pytest.mark.distributed
@@ -626,6 +628,11 @@ def test_pipeline_times_data_parallel_on_four_ranks(four_ranks):
 @pytest.mark.distributed
 def test_pipeline_times_tensor_parallel_with_tied_embeddings_on_four_ranks(four_ranks):
     assert_pipeline(four_ranks["pp2_tp2_tied"])
+
+
+@pytest.mark.distributed
+def test_pipeline_times_expert_parallel_on_four_ranks(four_ranks):
+    assert_pipeline(four_ranks["pp2_ep2"])
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["--train.zero_stage=2"], r"parallel.pp=2 needs train.zero_stage 0 or 1 \(DeepSpeed's pipeline engine does not "
                                r"run ZeRO-2\)"),
-    (["--parallel.ep=2"], r"parallel.pp=2 with parallel.ep=2 is not supported"),
+    (["--parallel.ep=2"], r"parallel.pp=2 with parallel.ep=2 is not supported by the trainer"),
 ])
 def test_pipeline_refuses_what_its_engine_cannot_run(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -58,11 +58,10 @@ def _pipeline(model: nn.Module, pc: ParallelConfig) -> nn.Module:
     engine's mpu."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    if pc.ep > 1:
-        raise NotImplementedError(f"pp={pc.pp} combined with ep={pc.ep} is not supported yet")
     init_distributed()
     pc.resolve(dist.get_world_size()).validate_model(model.config)
     groups = init_parallel_groups(pc)
+    apply_expert_parallel(model, groups)
     apply_tensor_parallel(model, groups)
     cfg = groups.config
     return to_pipeline(model, cfg.pp, topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))

@@ -93,8 +93,24 @@ def init_parallel_groups(config: ParallelConfig) -> ParallelGroups:
     expert = expert_data = None
     if cfg.ep > 1:
         name = f"ep_size_{cfg.ep}"
+        _forget_other_expert_layout(name, cfg)
         # DeepSpeed's consecutive layout (also with tp > 1: its checkpoint writers assume it)
         ds_groups._create_expert_and_data_parallel(cfg.ep, pp_size=cfg.pp)
         expert = ds_groups._get_expert_parallel_group(name)
         expert_data = ds_groups._get_expert_data_parallel_group(name)
     return ParallelGroups(cfg, data, tensor, pipe, expert, expert_data, mpu)
+
+
+def _forget_other_expert_layout(name: str, cfg: ParallelConfig) -> None:
+    """DeepSpeed caches expert groups by name (`ep_size_<ep>`) only; drop a cached pair made for another pipeline
+    depth, so a process can build a second layout with the same ep (collective: every rank drops it)."""
+    from deepspeed.utils import groups as ds_groups
+
+    cached = ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS.get(name)
+    stage = dist.get_world_size() // cfg.pp
+    start = dist.get_rank() // stage * stage
+    if cached is not None and list(cached) != list(range(start + (dist.get_rank() - start) % cfg.ep, start + stage,
+                                                         cfg.ep)):
+        for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                      ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            table.pop(name, None)

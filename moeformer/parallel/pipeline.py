@@ -4,8 +4,8 @@ share one `TiedLayerSpec` when the embeddings are tied). Between stages the acti
 for packed documents, `(hidden, aux, position_ids, document_ids)`: `aux` (shape (1,)) accumulates the blocks' MoE
 aux losses so they reach the loss on the last stage and receive their gradient through the pipeline.
 
-Tensor parallelism composes (apply it to the model first; the grid's tensor groups match). Limits: no padding
-mask; pp combined with ep is not wired; DeepSpeed's pipeline engine allows ZeRO 0-1 only.
+Tensor and expert parallelism compose (apply them to the model first; the grid's groups match). Limits: no padding
+mask; DeepSpeed's pipeline engine allows ZeRO 0-1 only.
 """
 
 from __future__ import annotations
