@@ -1,6 +1,7 @@
 """Training throughput of zoo models on one device: tokens/s and MFU for a fixed number of steps.
 
     python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 8] [--steps 20]
+                                  [--set n_heads=8 ...] [--profile]
 
 bf16 weights, fused AdamW, `torch.compile` (unless --no-compile), the `auto` attention backend, random token ids
 (throughput does not depend on the text). MFU counts active parameters only (moeformer.training.metrics).
@@ -12,6 +13,7 @@ import argparse
 import time
 
 import torch
+import yaml
 
 from moeformer import ModelConfig, build_model, count_params
 from moeformer.training.metrics import flops_per_token, peak_flops
@@ -19,7 +21,9 @@ from moeformer.training.metrics import flops_per_token, peak_flops
 
 def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Wall-clock throughput over `steps` timed steps after `warmup` untimed ones (compilation, allocator)."""
-    config = ModelConfig.from_name(name, max_seq_len=max(args.seq_len, ModelConfig.from_name(name).max_seq_len))
+    overrides = dict(args.set)
+    overrides["max_seq_len"] = max(args.seq_len, ModelConfig.from_name(name, **overrides).max_seq_len)
+    config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = model if args.no_compile else torch.compile(model)
@@ -41,6 +45,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         step()
     sync()
     seconds = time.perf_counter() - start
+    if args.profile and device.type == "cuda":
+        print(f"{name}: device time of one training step by kernel kind\n{profile(step)}", flush=True)
     tokens_per_s = args.batch * args.seq_len * args.steps / seconds
     peak = peak_flops()
     params = count_params(config)
@@ -54,6 +60,41 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+KERNEL_KINDS = {  # substrings of CUDA kernel names, first match wins
+    "attention": ("cudnn", "flash", "fmha", "attention"),
+    "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas"),
+    "triton (fused elementwise, norms, loss)": ("triton",),
+    "optimizer": ("adam", "multi_tensor"),
+}
+
+
+def profile(step, top: int = 25) -> str:
+    """Device time of one `step` grouped by kernel kind, then its `top` kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.key.lower() for w in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3
+    total = sum(kinds.values())
+    lines = [f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%" for kind, ms in sorted(kinds.items(),
+                                                                                          key=lambda kv: -kv[1])]
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
+    return "\n".join(lines + [f"  {'total':42s} {total:8.2f} ms", table])
+
+
+def model_override(text: str) -> tuple[str, object]:
+    """"n_heads=8" -> ("n_heads", 8): the value parsed as YAML (numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="medium-moe,medium-dense")
@@ -62,12 +103,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
+    parser.add_argument("--set", action="append", default=[], type=model_override, metavar="KEY=VALUE",
+                        help="override a model config field of every model (repeatable), e.g. --set n_heads=8")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
-          f"{'eager' if args.no_compile else 'compiled'}")
+          f"{'eager' if args.no_compile else 'compiled'}" + "".join(f", {k}={v}" for k, v in args.set))
     print("| model | total params | active params | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for name in args.models.split(","):
         r = bench(name, args, device)
