@@ -8,6 +8,8 @@ launches the 2-rank "main" scenario and the 1-rank "single" scenario side by sid
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import shutil
@@ -133,6 +135,37 @@ def scenario_single(work: Path) -> dict:
     summary = trainer.train()
     unchanged = all(torch.equal(a, b) for a, b in zip(before[2], before[4]))
     out["nonfinite"] = {"losses": summary["losses"], "total": summary["nonfinite_total"], "unchanged": unchanged}
+
+    # grad_accum 2 and only the second micro-batch of step 2 poisoned (+NaN: its masked backward gives finite zero
+    # gradients, so DeepSpeed sees nothing wrong): the whole step is skipped (weights and AdamW moments untouched,
+    # the finite micro-batch's gradients discarded) and the lr schedule keeps its pace
+    trainer = Trainer(run_config(work, "nonfinite_accum", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
+                                                              "train.grad_accum": 2}))
+    forward_calls, forward3 = itertools.count(1), trainer.forward
+    trainer.forward = lambda batch: (lambda o, ce, loss: (o, ce, loss + float("nan") if next(forward_calls) == 4
+                                                          else loss))(*forward3(batch))
+    snapshots = {}
+    step3 = trainer.train_step
+
+    def snapshot(batches):
+        snapshots[trainer.step + 1] = ([p.detach().clone() for p in trainer.engine.module.parameters()],
+                                       copy.deepcopy(trainer.optimizer.state_dict()["state"]))
+        return step3(batches)
+
+    trainer.train_step = snapshot
+    summary = trainer.train()
+    (params2, moments2), (params3, moments3) = snapshots[2], snapshots[3]
+    out["nonfinite_accum"] = {
+        "losses": summary["losses"], "total": summary["nonfinite_total"],
+        "params_unchanged": all(torch.equal(a, b) for a, b in zip(params2, params3)),
+        "moments_unchanged": moments2.keys() == moments3.keys() and all(
+            torch.equal(moments2[i][k], moments3[i][k]) for i in moments2 for k in moments2[i]),
+        "moments_compared": sum(len(m) for m in moments2.values()),
+        "lrs": [r["lr"] for r in map(json.loads, (work / "nonfinite_accum" / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"],
+        "reference_lrs": [r["lr"] for r in map(json.loads, (work / "parity1" / "metrics.jsonl").read_text().splitlines())
+                          if r["split"] == "train"],
+    }
 
     trainer = Trainer(run_config(work, "nonfinite_stop", **{"train.steps": 5, "train.max_nonfinite": 2}))
     forward2 = trainer.forward
@@ -364,6 +397,15 @@ def test_nonfinite_loss_skips_then_stops(results):
     assert nonfinite["total"] == 2 and nonfinite["unchanged"]
     assert sorted(int(k) for k in nonfinite["losses"]) == [1, 4, 5]
     assert "NaN/inf in 2 steps in a row" in results["single"]["nonfinite_stop"]
+
+
+@pytest.mark.distributed
+def test_nonfinite_micro_batch_skips_the_whole_accumulated_step(results):
+    got, reference = results["single"]["nonfinite_accum"], results["single"]["parity"]
+    assert got["total"] == 1 and sorted(int(k) for k in got["losses"]) == [1, 3, 4, 5, 6]
+    assert got["losses"]["1"] == reference["losses"]["1"]  # same run up to the poisoned micro-batch
+    assert got["params_unchanged"] and got["moments_unchanged"] and got["moments_compared"] > 0
+    assert got["lrs"] == got["reference_lrs"] and len(got["lrs"]) == PARITY_STEPS
 
 
 @pytest.mark.distributed

@@ -56,10 +56,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW over `param_groups` at the peak lr (the schedule scales it); fused on CUDA."""
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose updates are suppressed while `skip` is set. DeepSpeed's engine steps the optimizer it wraps at
+    every accumulation boundary (bf16/fp32 have no overflow skip when the gradients are finite), possibly once per
+    parameter group, so the trainer skips a step with a non-finite micro-batch here: weights and moments stay
+    exactly as they were."""
+
+    skip = False
+
+    def step(self, closure=None):
+        return None if self.skip else super().step(closure)
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> SkippableAdamW:
+    """AdamW over `param_groups` at the peak lr (the schedule scales it); fused on CUDA."""
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
+    return SkippableAdamW(
         param_groups(model, config.weight_decay),
         lr=config.lr,
         betas=(config.beta1, config.beta2),

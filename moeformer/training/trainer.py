@@ -197,9 +197,10 @@ class Trainer:
 
             self.router_group = stage_group(model)
         ds_config = deepspeed_config(config, self.dp_size)
+        self.optimizer = build_optimizer(model, config.optim)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
-            optimizer=build_optimizer(model, config.optim),
+            optimizer=self.optimizer,
             lr_scheduler=partial(build_scheduler, total_steps=config.train.steps, config=config.optim),
             config=ds_config,
             **initialize_kwargs,
@@ -260,22 +261,23 @@ class Trainer:
     def train_step(self, batches) -> dict[str, Any]:
         """Forward/backward over `grad_accum` micro-batches and one optimizer step; returns the step's metrics.
 
-        A non-finite loss on any rank skips the step: with grad_accum 1 nothing is applied; with more, the bad
-        micro-batches' losses are masked to zero so that only the finite ones contribute."""
+        A non-finite loss on any rank in any micro-batch skips the whole step: its loss is masked out of the
+        backward, and the optimizer update at the accumulation boundary is suppressed (weights and AdamW moments are
+        untouched; DeepSpeed discards the step's gradients). The lr schedule advances once per step, skipped or not."""
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         gas = self.config.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
         finite_micro_batches, grad_norm = 0, None
+        schedule_step = self.scheduler.last_epoch
         if self.pipeline:
             sums["loss"] = self._pipeline_step(batches) * gas  # the same mean loss on every rank
             finite_micro_batches = gas
         for micro in range(0 if self.pipeline else gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             out, ce, loss = self.forward(batch)
-            finite = self._all_finite(loss)
-            if not finite and gas == 1:
-                break
+            finite = self._all_finite(loss)  # the same answer on every rank
+            self.optimizer.skip |= not finite
             self.engine.backward(loss if finite else torch.where(torch.isfinite(loss), loss, 0.0) * 0.0)
             if micro == gas - 1 and self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
                 grad_norm = _grad_norm(self.engine.module)  # DeepSpeed keeps no norm for plain fp32 without ZeRO
@@ -283,7 +285,12 @@ class Trainer:
             if finite:
                 finite_micro_batches += 1
                 _accumulate(sums, out, ce, loss)
+        self.optimizer.skip = False
+        if self.scheduler.last_epoch == schedule_step:  # DeepSpeed holds the schedule when its optimizer saw NaN/inf
+            self.scheduler.step()
         finite_step = finite_micro_batches == gas
+        if not finite_step:
+            sums.clear()  # a skipped step reports no loss (its finite micro-batches taught the model nothing)
         self.guard.update(finite_step, self.step + 1)
         if finite_step:
             for module in self.engine.module.modules():
