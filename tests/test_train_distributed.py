@@ -85,6 +85,15 @@ def scenario_main(work: Path) -> dict:
     return out
 
 
+def scenario_pipeline_experts(work: Path) -> dict:
+    """4 ranks: pp=2 x ep=2 (each stage's two ranks split its experts), a full run and one cut and resumed."""
+    pp_ep = {**pipeline_overrides(), "parallel.pp": 2, "parallel.ep": 2}
+    out = {"full": train(run_config(work, "pp_ep_full", **pp_ep))}
+    train(run_config(work, "pp_ep_cut", **{**pp_ep, "train.steps": 3}))
+    out["resumed"] = train(run_config(work, "pp_ep_cut", **pp_ep, **{"checkpoint.resume": "auto"}))
+    return out
+
+
 def pipeline_overrides() -> dict:
     """pp=2 on 2 ranks (dp 1) vs one process: the same global batch and data order."""
     return {"train.steps": 6, "train.zero_stage": 1, "train.grad_accum": 2, "checkpoint.every": 3,
@@ -113,7 +122,11 @@ def scenario_single(work: Path) -> dict:
 
     out = {"parity": train(run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
                                                            "train.grad_accum": 2})),
-           "pp_reference": train(run_config(work, "pp_reference", **pipeline_overrides()))}
+           "pp_reference": train(run_config(work, "pp_reference", **pipeline_overrides())),
+           # pp=2 x ep=2 on 4 ranks has 2 data-parallel replicas: twice the micro-batches per step and per evaluation
+           "pp_ep_reference": train(run_config(work, "pp_ep_reference", **{**pipeline_overrides(),
+                                                                           "train.grad_accum": 4,
+                                                                           "train.eval_batches": 2}))}
 
     # non-finite losses: steps 2-3 are poisoned and skipped (weights untouched), then training continues
     trainer = Trainer(run_config(work, "nonfinite", **{"train.steps": 5, "train.max_nonfinite": 3}))
@@ -284,6 +297,7 @@ def results(work) -> dict:
     killed.wait()
     out = {"main": finish(main, "main", work), "single": finish(single, "single", work)}
     out["resumed"] = finish(launch("resumed", work, 2), "resumed", work)
+    out["pipeline_experts"] = finish(launch("pipeline_experts", work, 4), "pipeline_experts", work)
     out["killed_returncode"] = killed.returncode
     return out
 
@@ -387,6 +401,25 @@ def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work
     assert exported.keys() == expected.keys()
     assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5  # seen: 1.2e-6
     resumed = results["main"]["pp_resumed"]
+    assert resumed["resumed_from"].endswith("step_00000003")
+    assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.distributed
+def test_pipeline_with_expert_parallelism_matches_one_process_and_resumes_exactly(results, work):
+    """pp=2 x ep=2 on 4 ranks: the experts' shards are saved beside the pipeline's layer files and found again."""
+    from safetensors.torch import load_file
+
+    full, reference = results["pipeline_experts"]["full"], results["single"]["pp_ep_reference"]
+    assert sorted(full["losses"]) == sorted(reference["losses"]) and len(full["losses"]) == 6
+    assert max(abs(full["losses"][k] - reference["losses"][k]) for k in full["losses"]) < PARITY_ATOL
+    assert abs(full["val_loss"] - reference["val_loss"]) < PARITY_ATOL
+    exported = load_file(work / "pp_ep_full" / "model" / "model.safetensors")
+    expected = load_file(work / "pp_ep_reference" / "model" / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5
+    resumed = results["pipeline_experts"]["resumed"]
     assert resumed["resumed_from"].endswith("step_00000003")
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
     assert resumed["val_loss"] == full["val_loss"]

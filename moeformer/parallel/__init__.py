@@ -64,7 +64,9 @@ def _pipeline(model: nn.Module, pc: ParallelConfig) -> nn.Module:
     apply_expert_parallel(model, groups)
     apply_tensor_parallel(model, groups)
     cfg = groups.config
-    return to_pipeline(model, cfg.pp, topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))
+    pipe = to_pipeline(model, cfg.pp, topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))
+    pipe.parallel_groups = groups
+    return pipe
 
 
 __all__ = [

@@ -236,4 +236,5 @@ def save_parallel_extras(engine, root: Path, tag: str) -> None:
 
     if groups.config.ep > 1:
         save_expert_checkpoint(engine, root, tag)
-    save_layout(engine.module, root / tag)
+    if groups.config.pp == 1:  # pipeline checkpoints are per layer: no offline consolidation
+        save_layout(engine.module, root / tag)

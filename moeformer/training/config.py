@@ -154,9 +154,6 @@ class RunConfig:
         if self.train.zero_stage > 1:
             raise ValueError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
                              f"run ZeRO-{self.train.zero_stage})")
-        if self.parallel.ep > 1:
-            raise ValueError(f"parallel.pp={pp} with parallel.ep={self.parallel.ep} is not supported by the trainer: "
-                             "DeepSpeed's pipeline checkpoints keep one expert shard per stage; use one of them")
 
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
