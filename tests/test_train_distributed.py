@@ -386,43 +386,35 @@ def test_expert_parallel_run_resumes_exactly(results):
     assert {k: v for k, v in full["losses"].items() if int(k) > 3} == resumed["losses"]
 
 
-@pytest.mark.distributed
-def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work):
-    """The trainer on DeepSpeed's pipeline engine (pp=2, full activation checkpointing, ZeRO-1): losses, val loss and
-    exported weights track the single-process run; a run cut at its step-3 checkpoint resumes bit for bit."""
+def assert_tracks_one_process(work: Path, full: dict, reference: dict, resumed: dict, names: tuple[str, str]) -> None:
+    """Losses, val loss and exported weights (run directories `names`: parallel, single) of a parallel run equal the
+    single-process run's; the run cut at its step-3 checkpoint resumed bit for bit."""
     from safetensors.torch import load_file
 
-    full, reference = results["main"]["pp_full"], results["single"]["pp_reference"]
     assert sorted(full["losses"]) == sorted(reference["losses"]) and len(full["losses"]) == 6
     assert max(abs(full["losses"][k] - reference["losses"][k]) for k in full["losses"]) < PARITY_ATOL
     assert abs(full["val_loss"] - reference["val_loss"]) < PARITY_ATOL
-    exported = load_file(work / "pp_full" / "model" / "model.safetensors")
-    expected = load_file(work / "pp_reference" / "model" / "model.safetensors")
+    exported, expected = (load_file(work / name / "model" / "model.safetensors") for name in names)
     assert exported.keys() == expected.keys()
     assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5  # seen: 1.2e-6
-    resumed = results["main"]["pp_resumed"]
     assert resumed["resumed_from"].endswith("step_00000003")
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
     assert resumed["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.distributed
+def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work):
+    """The trainer on DeepSpeed's pipeline engine (pp=2, full activation checkpointing, ZeRO-1)."""
+    assert_tracks_one_process(work, results["main"]["pp_full"], results["single"]["pp_reference"],
+                              results["main"]["pp_resumed"], ("pp_full", "pp_reference"))
 
 
 @pytest.mark.distributed
 def test_pipeline_with_expert_parallelism_matches_one_process_and_resumes_exactly(results, work):
     """pp=2 x ep=2 on 4 ranks: the experts' shards are saved beside the pipeline's layer files and found again."""
-    from safetensors.torch import load_file
-
-    full, reference = results["pipeline_experts"]["full"], results["single"]["pp_ep_reference"]
-    assert sorted(full["losses"]) == sorted(reference["losses"]) and len(full["losses"]) == 6
-    assert max(abs(full["losses"][k] - reference["losses"][k]) for k in full["losses"]) < PARITY_ATOL
-    assert abs(full["val_loss"] - reference["val_loss"]) < PARITY_ATOL
-    exported = load_file(work / "pp_ep_full" / "model" / "model.safetensors")
-    expected = load_file(work / "pp_ep_reference" / "model" / "model.safetensors")
-    assert exported.keys() == expected.keys()
-    assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5
-    resumed = results["pipeline_experts"]["resumed"]
-    assert resumed["resumed_from"].endswith("step_00000003")
-    assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
-    assert resumed["val_loss"] == full["val_loss"]
+    run = results["pipeline_experts"]
+    assert_tracks_one_process(work, run["full"], results["single"]["pp_ep_reference"], run["resumed"],
+                              ("pp_ep_full", "pp_ep_reference"))
 
 
 def test_nonfinite_loss_skips_then_stops(results):
