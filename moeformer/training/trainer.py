@@ -359,8 +359,10 @@ class Trainer:
             if self.pipeline:  # the last stage's cross-entropy, broadcast to the other stages
                 loss_fn = self.engine.module.loss_fn
                 loss_fn.with_aux = False
-                ce = self.engine.eval_batch(data_iter=iter([self._pipeline_batch(batch)]), num_micro_batches=1)
-                loss_fn.with_aux = True
+                try:
+                    ce = self.engine.eval_batch(data_iter=iter([self._pipeline_batch(batch)]), num_micro_batches=1)
+                finally:
+                    loss_fn.with_aux = True
             else:
                 _, ce, _ = self.forward({k: v.to(self.device) for k, v in batch.items()})
             total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
