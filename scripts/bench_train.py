@@ -75,15 +75,15 @@ def profile(step, top: int = 25) -> str:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    averages = prof.key_averages()
     kinds: dict[str, float] = {}
-    for e in events:
+    for e in (e for e in averages if e.device_time_total > 0):
         kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.key.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3
     total = sum(kinds.values())
     lines = [f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%" for kind, ms in sorted(kinds.items(),
                                                                                           key=lambda kv: -kv[1])]
-    table = prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
+    table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
     return "\n".join(lines + [f"  {'total':42s} {total:8.2f} ms", table])
 
 

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moeformer.layers.attention import Attention, AttentionMask
 from moeformer.layers.mlp import MLP
-from moeformer.layers.moe import MoE, MoEStats
+from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.rope import RotaryEmbedding
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
@@ -200,9 +200,7 @@ class CausalLM(nn.Module):
 
     def update_router_biases(self) -> None:
         """Apply aux-loss-free bias updates from the load observed since the last call (call after each step)."""
-        for block in self.layers:
-            if block.is_moe:
-                block.mlp.update_bias()
+        update_router_biases(self)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

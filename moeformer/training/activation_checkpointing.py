@@ -1,6 +1,6 @@
 """Activation checkpointing applied to a built `CausalLM` (or one pipeline stage of it) from outside: whole blocks,
-every k-th block, or only the attention / MoE sublayers. Recomputation goes through DeepSpeed's non-reentrant checkpoint, which keeps gradients
-flowing into non-tensor outputs such as the MoE aux loss inside `MoEStats`.
+every k-th block, or only the attention / MoE sublayers. Recomputation goes through DeepSpeed's non-reentrant
+checkpoint, which keeps gradients flowing into non-tensor outputs such as the MoE aux loss inside `MoEStats`.
 """
 
 from __future__ import annotations

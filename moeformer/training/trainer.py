@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from moeformer.layers.moe import MoE
+from moeformer.layers.moe import update_router_biases
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model
 from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
@@ -268,12 +268,35 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         gas = self.config.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
-        finite_micro_batches, grad_norm = 0, None
         schedule_step = self.scheduler.last_epoch
         if self.pipeline:
             sums["loss"] = self._pipeline_step(batches) * gas  # the same mean loss on every rank
-            finite_micro_batches = gas
-        for micro in range(0 if self.pipeline else gas):
+            finite_micro_batches, grad_norm = gas, None
+        else:
+            finite_micro_batches, grad_norm = self._micro_batch_steps(batches, sums)
+        if self.scheduler.last_epoch == schedule_step:  # DeepSpeed holds the schedule when its optimizer saw NaN/inf
+            self.scheduler.step()
+        finite_step = finite_micro_batches == gas
+        if not finite_step:
+            sums.clear()  # a skipped step reports no loss (its finite micro-batches taught the model nothing)
+        self.guard.update(finite_step, self.step + 1)
+        if finite_step:
+            update_router_biases(self.engine.module, self.router_group)
+        self.tokens_seen += self.tokens_per_step
+        record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
+        record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
+        norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+        if norm is not None and finite_step:
+            record["grad_norm"] = float(norm)
+        return record
+
+    def _micro_batch_steps(self, batches, sums: dict[str, torch.Tensor]) -> tuple[int, float | None]:
+        """Forward, backward and engine step for each of the grad_accum micro-batches (the last one steps the
+        optimizer, suppressed if any was non-finite); adds the finite ones' metrics to `sums`. Returns their count
+        and the gradient norm where DeepSpeed keeps none."""
+        gas = self.config.train.grad_accum
+        finite_micro_batches, grad_norm = 0, None
+        for micro in range(gas):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             out, ce, loss = self.forward(batch)
             finite = self._all_finite(loss)  # the same answer on every rank
@@ -286,23 +309,7 @@ class Trainer:
                 finite_micro_batches += 1
                 _accumulate(sums, out, ce, loss)
         self.optimizer.skip = False
-        if self.scheduler.last_epoch == schedule_step:  # DeepSpeed holds the schedule when its optimizer saw NaN/inf
-            self.scheduler.step()
-        finite_step = finite_micro_batches == gas
-        if not finite_step:
-            sums.clear()  # a skipped step reports no loss (its finite micro-batches taught the model nothing)
-        self.guard.update(finite_step, self.step + 1)
-        if finite_step:
-            for module in self.engine.module.modules():
-                if isinstance(module, MoE):
-                    module.update_bias(self.router_group)
-        self.tokens_seen += self.tokens_per_step
-        record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
-        record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
-        norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
-        if norm is not None and finite_step:
-            record["grad_norm"] = float(norm)
-        return record
+        return finite_micro_batches, grad_norm
 
     def _pipeline_step(self, batches) -> torch.Tensor:
         """One `train_batch` of the pipeline engine over grad_accum micro-batches; its mean loss (fp64)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import ROUTERS, MoEConfig
 from .experts import EXPERT_IMPLS, DispatchPlan, Experts, grouped_mm_available, plan_dispatch
-from .layer import MoE, MoEStats, validate_moe_config
+from .layer import MoE, MoEStats, update_router_biases, validate_moe_config
 from .losses import load_balancing_loss, router_z_loss, sequence_aux_loss
 from .reference import moe_reference
 from .router import Router, Routing, expert_capacity, expert_choice_routing, limit_to_groups, topk_routing
@@ -28,6 +28,7 @@ __all__ = [
     "plan_dispatch",
     "router_z_loss",
     "sequence_aux_loss",
+    "update_router_biases",
     "topk_routing",
     "validate_moe_config",
 ]

@@ -126,3 +126,11 @@ class MoE(nn.Module):
         """Aux-loss-free balancing step (DeepSeek-V3): nudge each expert's selection bias toward the mean load
         (summed over the ranks of `group`, default all)."""
         self.router.update_bias(group)
+
+
+def update_router_biases(model: nn.Module, group=None) -> None:
+    """Aux-loss-free bias step of every MoE layer in `model` (a whole model or the part one pipeline stage holds),
+    loads summed over the ranks of `group` (default all); call after each optimizer step."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias(group)
