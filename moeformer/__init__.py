@@ -1,5 +1,6 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
+from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, count_params, list_models
@@ -16,6 +17,7 @@ __all__ = [
     "build_model",
     "count_params",
     "from_pretrained",
+    "linear_cross_entropy",
     "list_models",
     "save_pretrained",
 ]

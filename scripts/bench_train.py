@@ -1,10 +1,11 @@
 """Training throughput of zoo models on one device: tokens/s and MFU for a fixed number of steps.
 
-    python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 8] [--steps 20]
-                                  [--set n_heads=8 ...] [--profile]
+    python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 16] [--steps 20]
+                                  [--compile-mode reduce-overhead] [--set n_heads=8 ...] [--profile]
 
-bf16 weights, fused AdamW, `torch.compile` (unless --no-compile), the `auto` attention backend, random token ids
-(throughput does not depend on the text). MFU counts active parameters only (moeformer.training.metrics).
+bf16 weights, fused AdamW, `torch.compile` (unless --no-compile; `--compile-mode reduce-overhead` also replays the
+compiled forward and backward as CUDA graphs), the `auto` attention backend, random token ids (throughput does not
+depend on the text). MFU counts active parameters only (moeformer.training.metrics).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_fn = model if args.no_compile else torch.compile(model)
+    step_fn = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
 
     def step() -> None:
@@ -99,10 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="medium-moe,medium-dense")
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)  # 32k tokens per step at seq 4096
+    parser.add_argument("--batch", type=int, default=16)  # 64k tokens per step at seq 4096
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
     parser.add_argument("--set", action="append", default=[], type=model_override, metavar="KEY=VALUE",
                         help="override a model config field of every model (repeatable), e.g. --set n_heads=8")
@@ -111,7 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
-          f"{'eager' if args.no_compile else 'compiled'}" + "".join(f", {k}={v}" for k, v in args.set))
+          f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}" + "".join(f", {k}={v}" for k, v in args.set))
     print("| model | total params | active params | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for name in args.models.split(","):
         r = bench(name, args, device)

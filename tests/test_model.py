@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import moeformer
 from moeformer import ModelConfig, build_model, count_params
 from moeformer.models.generation import sample_next
-from moeformer.models.model import chunked_cross_entropy
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -107,30 +106,17 @@ def test_loss_is_next_token_ce_plus_aux():
     assert len(out.moe_stats) == 3
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_ce_matches_full_and_its_gradient(chunk):
-    torch.manual_seed(1)
-    h = torch.randn(3, 11, 16, requires_grad=True)
-    head = torch.nn.Linear(16, 50, bias=False)
-    t = torch.randint(0, 50, (3, 11))
-    t[1, :5] = -100
-    loss = chunked_cross_entropy(h, t, head, chunk)
-    ref = F.cross_entropy(head(h).reshape(-1, 50), t.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(loss, ref)
-    g, gw = torch.autograd.grad(loss, (h, head.weight))
-    rg, rgw = torch.autograd.grad(ref, (h, head.weight))
-    torch.testing.assert_close(g, rg)
-    torch.testing.assert_close(gw, rgw)
-
-
 def test_loss_without_logits_equals_loss_with_logits():
     torch.manual_seed(2)
     model = build_model(tiny(loss_chunk_size=5))
     ids = torch.randint(0, 97, (2, 12))
     a = model(ids, labels=ids)
-    b = model(ids, labels=ids, return_logits=False)
+    b = model(ids, labels=ids, return_logits=False)  # the fused linear cross-entropy
     assert b.logits is None
     torch.testing.assert_close(a.loss, b.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for ga, gb in zip(torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)):
+        torch.testing.assert_close(ga, gb)
 
 
 def test_document_ids_mask_cross_document_targets():

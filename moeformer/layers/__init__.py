@@ -1,6 +1,7 @@
-"""Reusable transformer layers: norms, rotary embeddings, MLPs, softmax attention, MoE."""
+"""Reusable transformer layers: norms, rotary embeddings, MLPs, softmax attention, MoE, the LM head and its loss."""
 
 from moeformer.layers.attention import BACKENDS, Attention, AttentionMask, KVCache, attend
+from moeformer.layers.lm_head import LMHead, linear_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEConfig, MoEStats
 from moeformer.layers.norms import LayerNorm, RMSNorm, build_norm
@@ -12,6 +13,7 @@ __all__ = [
     "Attention",
     "AttentionMask",
     "KVCache",
+    "LMHead",
     "LayerNorm",
     "MoE",
     "MoEConfig",
@@ -21,4 +23,5 @@ __all__ = [
     "apply_rotary",
     "attend",
     "build_norm",
+    "linear_cross_entropy",
 ]

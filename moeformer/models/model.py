@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch import nn
 
 from moeformer.layers.attention import Attention, AttentionMask
+from moeformer.layers.lm_head import IGNORE_INDEX, LMHead, chunked_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.rope import RotaryEmbedding
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -108,7 +105,7 @@ class CausalLM(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = build_norm(config.norm, config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.dim, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(
@@ -187,7 +184,9 @@ class CausalLM(nn.Module):
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
             if logits is not None:
                 ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.config.loss_chunk_size)
-            else:
+            elif isinstance(self.lm_head, LMHead):
+                ce = self.lm_head(x, targets, self.config.loss_chunk_size)
+            else:  # a head replaced by a parallelism transform: logits only
                 ce = chunked_cross_entropy(x, targets, self.lm_head, self.config.loss_chunk_size)
             loss = ce + aux if aux is not None else ce
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=stats)
@@ -251,31 +250,6 @@ def _shift_labels(labels: torch.Tensor, document_ids: torch.Tensor | None) -> to
         crosses = document_ids[:, 1:] != document_ids[:, :-1]
         targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
     return targets
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, project: nn.Module, chunk_size: int
-) -> torch.Tensor:
-    """Mean next-token cross-entropy computed `chunk_size` tokens at a time.
-
-    Each chunk's fp32 logits are recomputed in backward (activation checkpointing), so only one chunk of fp32
-    logits exists at any moment. `project` maps hidden states to logits (the LM head, or identity for logits).
-    """
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_t = targets.reshape(-1)
-    count = (flat_t != IGNORE_INDEX).sum()
-    total = flat_h.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_h.shape[0], chunk_size):
-        h, t = flat_h[start : start + chunk_size], flat_t[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_ce_sum, h, t, project, use_reentrant=False)
-        else:
-            total = total + _chunk_ce_sum(h, t, project)
-    return total / count.clamp(min=1)
-
-
-def _chunk_ce_sum(h: torch.Tensor, t: torch.Tensor, project: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(project(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def build_model(

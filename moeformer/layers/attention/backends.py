@@ -100,6 +100,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
     return out.transpose(1, 2)
 
 
+FLEX_MIN_HEAD_DIM = 16  # the smallest head size of the compiled (Triton) flex kernel
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
@@ -117,7 +120,11 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
                                lambda: mask.block_mask(q_len, k_len, window, q.device))
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if q.is_cuda:
-        return _compiled_flex()(q, k, v, **kwargs)
+        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        if min(head_dim, value_dim) < FLEX_MIN_HEAD_DIM:  # zero columns leave q.k and the kept outputs unchanged
+            q, k = (F.pad(t, (0, max(0, FLEX_MIN_HEAD_DIM - head_dim))) for t in (q, k))
+            v = F.pad(v, (0, max(0, FLEX_MIN_HEAD_DIM - value_dim)))
+        return _compiled_flex()(q, k, v, **kwargs)[..., :value_dim]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_eager(q, k, v, **kwargs)

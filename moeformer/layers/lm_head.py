@@ -1,0 +1,113 @@
+"""The language-model head and its next-token cross-entropy, in three forms side by side: the plain reference (all
+fp32 logits at once), the chunked form for any projection (each chunk's logits recomputed in backward), and the fused
+form for a linear head (each chunk's gradients computed in the forward pass, so backward neither recomputes the
+logits nor runs a log-softmax backward: one GEMM and one pass over the logits fewer per chunk)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of the fp32 logits hidden @ weight.T against targets (-100 ignored)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _chunk_ce_sum(h: Tensor, t: Tensor, project: nn.Module) -> Tensor:
+    return F.cross_entropy(project(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: Tensor, targets: Tensor, project: nn.Module, chunk_size: int) -> Tensor:
+    """Mean cross-entropy computed `chunk_size` tokens at a time, for any `project` from hidden states to logits
+    (a parallel head, or identity for logits). Each chunk's fp32 logits are recomputed in backward (activation
+    checkpointing), so only one chunk of them exists at any moment."""
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1)
+    count = (flat_t != IGNORE_INDEX).sum()
+    total = flat_h.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_h.shape[0], chunk_size):
+        h, t = flat_h[start : start + chunk_size], flat_t[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_ce_sum, h, t, project, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(h, t, project)
+    return total / count.clamp(min=1)
+
+
+def _chunk_loss_and_grad(logits: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunk's summed cross-entropy and scale * (softmax - onehot) per valid row (zero rows for ignored
+    targets) in the logits' dtype. In place on one fp32 copy of the logits (eager keeps a single fp32 buffer) and
+    elementwise only, so torch.compile fuses it into a reduction and one pass."""
+    lf = logits.float()
+    valid = t != IGNORE_INDEX
+    safe = torch.where(valid, t, 0).unsqueeze(-1)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    loss = torch.where(valid, (lse - lf.gather(-1, safe)).squeeze(-1), 0.0).sum()
+    is_target = torch.arange(lf.shape[-1], device=lf.device) == safe
+    grad = lf.sub_(lse).exp_().add_(is_target, alpha=-1)
+    return loss, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(-1)).to(logits.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight.T; the forward also computes both gradients chunk by chunk (grad of
+    the weight accumulated in fp32) and the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, grad_hidden: bool,
+                grad_weight: bool) -> Tensor:
+        scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+        d_hidden = torch.empty_like(hidden) if grad_hidden else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            loss, d_logits = _chunk_loss_and_grad(h @ weight.t(), t, scale)
+            total = total + loss
+            if d_hidden is not None:
+                d_hidden[start : start + chunk_size] = d_logits @ weight
+            if d_weight is not None:
+                d_weight += d_logits.t() @ h
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        d_hidden, d_weight = ctx.saved_tensors
+        g_hidden = d_hidden * grad.to(d_hidden.dtype) if d_hidden is not None else None
+        g_weight = (d_weight * grad).to(ctx.weight_dtype) if d_weight is not None else None
+        return g_hidden, g_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
+    """Mean next-token cross-entropy of the logits hidden @ weight.T (fp32 softmax), -100 ignored, computed
+    `chunk_size` tokens at a time: one chunk of logits exists at any moment and none is kept for backward."""
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the tokens")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    needs = (hidden.requires_grad, weight.requires_grad) if torch.is_grad_enabled() else (False, False)
+    if not any(needs):
+        return chunked_cross_entropy(flat_h, flat_t, lambda h: h @ weight.t(), chunk_size)
+    return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_size, *needs)
+
+
+class LMHead(nn.Linear):
+    """The output projection to vocabulary logits (no bias). Called with targets it returns the mean cross-entropy
+    through `linear_cross_entropy` instead, inside the module call so that hooks on it (ZeRO-3 parameter
+    gathering) see the weight in use."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__(dim, vocab_size, bias=False)
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, chunk_size)
