@@ -256,6 +256,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
+    if torch.distributed.is_initialized():  # DeepSpeed's layer needed a (one-process) group
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

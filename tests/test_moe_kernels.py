@@ -141,3 +141,23 @@ def test_layer_with_triton_ops_compiles_in_one_graph_and_matches_eager(monkeypat
     torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-2)
     for g, ref in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(g, ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,d,e", [(1, 16, 4), (1000, 512, 8), (4097, 2048, 64)])
+def test_half_router_logits_match_the_fp32_reference(n, d, e):
+    from moeformer.layers.moe.router import router_logits
+
+    torch.manual_seed(n + e)
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(e, d, device="cuda") / d**0.5).to(torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(n, e, device="cuda")
+    logits = router_logits(x, w)
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)  # exact products, fp32 sums
+    got, want = torch.autograd.grad(logits, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - r.float()).abs().max() <= 0.02 * r.float().abs().max()

@@ -25,6 +25,33 @@ class Routing(NamedTuple):
     weights: Tensor  # (S,) fp32 combine weights, routed_scaling_factor included
 
 
+class _HalfLinearFp32Out(torch.autograd.Function):
+    """x @ w.T for half-precision x and w as one tensor-core GEMM with an fp32 result; the backward GEMMs take the
+    gradient rounded to the inputs' dtype and accumulate in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        g = grad.to(x.dtype)
+        dx = torch.mm(g, w) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(g.t(), x, out_dtype=torch.float32).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """fp32 logits x @ weight.T for x (N, dim). bf16/fp16 x and weight on CUDA take one tensor-core GEMM with an
+    fp32 result: products of half-precision values are exact in fp32, so it equals the fp32 GEMM on fp32 copies
+    (the reference, used everywhere else) up to summation order, without those copies or a SIMT fp32 GEMM."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and x.dim() == 2:
+        return _HalfLinearFp32Out.apply(x, weight)
+    return F.linear(x.float(), weight.float())
+
+
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
     """Slots per expert, ceil(factor * tokens * top_k / experts), never more than the number of tokens."""
     return min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts))
@@ -99,7 +126,7 @@ class Router(nn.Module):
         """Route x (N, dim); token_mask (N,) bool keeps padding out of expert choice."""
         cfg = self.config
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = router_logits(x, self.weight)
         n, e = logits.shape
         if cfg.router == "sigmoid":
             scores = torch.sigmoid(logits)
