@@ -447,7 +447,9 @@ def run_scenario(name: str, out: Path) -> None:
 
 def launch(scenario: str, nproc: int, out: Path, gpus: bool = False) -> dict:
     """Run `scenario` on `nproc` ranks: gloo on CPU, or NCCL with one GPU per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # the repository first, then whatever the caller put on the path (where deepspeed may live)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
