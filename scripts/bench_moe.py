@@ -12,7 +12,6 @@ dropless path never synchronises with the host: capturing a stream fails on any 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 
@@ -80,16 +79,11 @@ class DeepSpeedMoE(nn.Module):
 
     def __init__(self, s: Shape) -> None:
         super().__init__()
-        import deepspeed
         from deepspeed.moe.layer import MoE as DSMoE
 
-        if not torch.distributed.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29555")
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            deepspeed.init_distributed(dist_backend="nccl")
+        from moeformer.parallel import init_distributed  # imports DeepSpeed: only for these rows
+
+        init_distributed()  # DeepSpeed's layer needs a process group: a world of one
         self.moe = DSMoE(
             hidden_size=s.dim,
             expert=MLP(s.dim, s.ffn),
@@ -108,6 +102,13 @@ class DeepSpeedMoE(nn.Module):
 def output_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = module(x)
     return out[0] if isinstance(out, tuple) else out
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """One training-style call: fresh parameter gradients (no accumulation adds; inside a CUDA graph they live in the
+    graph's pool), forward, backward."""
+    module.zero_grad(set_to_none=True)
+    output_of(module, x).backward(grad)
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -150,8 +151,7 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float, graphed: bool = Fa
             output_of(module, x)
 
     def fwd_bwd():
-        module.zero_grad(set_to_none=True)  # inside a graph: parameter gradients live in the graph's pool
-        output_of(module, xg).backward(grad)
+        forward_backward(module, xg, grad)
 
     if graphed:
         fwd, fwd_bwd = cuda_graphed(fwd), cuda_graphed(fwd_bwd)
@@ -198,16 +198,16 @@ GRAPHED = "moeformer (eager, one CUDA graph)"
 
 
 def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
-    """The `top` CUDA kernels of one forward+backward by total device time (torch.profiler table)."""
+    """The `top` CUDA kernels of one forward+backward (as timed) by total device time (torch.profiler table)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     xg = x.detach().requires_grad_(True)
     grad = torch.randn_like(x)
     for _ in range(2):
-        output_of(module, xg).backward(grad)
+        forward_backward(module, xg, grad)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        output_of(module, xg).backward(grad)
+        forward_backward(module, xg, grad)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
 
@@ -256,8 +256,10 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
-    if torch.distributed.is_initialized():  # DeepSpeed's layer needed a (one-process) group
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # DeepSpeed's rows joined a world of one
+        from moeformer.parallel import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ the zoo configs of the HF families, and the pooled HF router loss."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,9 +19,9 @@ from moeformer.models.config import ModelConfig
 from moeformer.models.hf import FAMILIES, family_for_config, get_family, hf_load_balancing_loss
 from moeformer.models.model import CausalLM
 from moeformer.models.params import count_params
+from tests.workers import REPO, worker_env
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = worker_env()
 
 
 def tiny_model(**overrides) -> CausalLM:
@@ -327,7 +326,7 @@ def test_convert_script_hf_to_native_to_hf(tmp_path):
     model = tiny_model(attn_bias=True, moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "num_shared_experts": 1,
                                             "shared_expert_gate": True})
     save_pretrained(model, tmp_path / "hf")
-    script = str(ROOT / "scripts" / "convert.py")
+    script = str(REPO / "scripts" / "convert.py")
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, script, *args], env=ENV, capture_output=True, text=True)

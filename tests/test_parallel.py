@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.workers import REPO, worker_env
+
 GRAD_TOL = LOSS_TOL = LOGIT_TOL = 1e-5  # fp32, only the summation order differs between layouts
 CURVE_TOL = 1e-4  # after a few AdamW steps (Adam divides small gradient differences by small second moments)
 STEPS, LR = 3, 3e-3
@@ -447,9 +448,7 @@ def run_scenario(name: str, out: Path) -> None:
 
 def launch(scenario: str, nproc: int, out: Path, gpus: bool = False) -> dict:
     """Run `scenario` on `nproc` ranks: gloo on CPU, or NCCL with one GPU per rank."""
-    # the repository first, then whatever the caller put on the path (where deepspeed may live)
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = worker_env(OMP_NUM_THREADS="1")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

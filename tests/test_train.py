@@ -5,7 +5,6 @@ worker process, since the trainer joins a process group: `python tests/test_trai
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ from moeformer.training.metrics import flops_per_token
 from moeformer.training.optim import param_groups, tag_expert_params
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
+from tests.workers import REPO, worker_env
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"name": "tiny-moe", "dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
         "vocab_size": 64, "moe": {"num_experts": 4, "top_k": 2, "ffn_dim": 32}}
 
@@ -94,7 +93,7 @@ def test_unknown_key_in_file_and_bad_values(tmp_path):
 
 
 def test_train_script_reports_bad_key_without_traceback():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = worker_env()
     proc = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--optim.lrr=1"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode != 0
@@ -315,7 +314,7 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = worker_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__, "compiled_vs_eager", str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

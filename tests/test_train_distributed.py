@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.workers import REPO, worker_env
+
 TINY_MODEL = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 128,
               "model.vocab_size": 258, "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.ffn_dim": 64}
 SEQ, MICRO = 32, 2
@@ -217,7 +218,7 @@ def scenario_single(work: Path) -> dict:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def launch(scenario: str, work: Path, nproc: int) -> subprocess.Popen:

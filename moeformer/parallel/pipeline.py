@@ -102,9 +102,7 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     of transformer blocks. activation_checkpoint_interval: recompute every that many blocks in backward (0: off),
     DeepSpeed's pipeline checkpointing (blocks only: the embedding's outputs must keep their gradient)."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.activation_checkpointing.checkpointing import (
-        non_reentrant_checkpoint,
-    )
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"unknown partition_method {partition_method!r}; expected one of {PARTITION_METHODS}")
