@@ -231,6 +231,7 @@ def main() -> None:
              "vs dense (fwd+bwd) | peak GiB |", "|---|---|---|---|---|---|---|---|"]
     for key in args.shapes.split(","):
         s = SHAPES[key]
+        torch._dynamo.reset()  # fresh compile caches per shape: the layer's code would pass the recompile limit
         x = torch.randn(1, s.tokens, s.dim, device="cuda", dtype=torch.bfloat16)
         results = {}
         for label, (module, flops) in candidates(s, skip).items():

@@ -132,17 +132,23 @@ def test_permute_rows_equals_index_select_with_gather_backward(n, k):
     assert torch.autograd.gradcheck(lambda t: PermuteRows.apply(t, rows, inverse, k), (x,))
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # on CUDA the token-major path runs the Triton kernels
+@pytest.mark.parametrize("padding", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("n,e,k,activation", [(1, 4, 2, "swiglu"), (13, 4, 2, "swiglu"), (29, 8, 3, "gelu"),
-                                              (16, 3, 1, "swiglu")])
-def test_token_major_path_equals_generic_path(dtype, tol, n, e, k, activation):
+                                              (16, 3, 1, "swiglu"), (300, 8, 2, "swiglu")])
+def test_token_major_path_equals_generic_path(dtype, tol, n, e, k, activation, padding, device):
     torch.manual_seed(n * e * k)
-    experts = Experts(e, 12, 16, activation, impl="loop").to(dtype)
-    x = torch.randn(n, 12, dtype=dtype)
-    expert_idx = torch.rand(n, e).argsort(dim=-1)[:, :k].flatten()  # k distinct experts per token
-    weights = torch.rand(n * k)
-    valid = torch.rand(n * k) > 0.2
-    token_idx = torch.arange(n).repeat_interleave(k)
+    experts = Experts(e, 12, 16, activation, impl="loop").to(device, dtype)
+    x = torch.randn(n, 12, dtype=dtype, device=device)
+    expert_idx = torch.rand(n, e, device=device).argsort(dim=-1)[:, :k].flatten()  # k distinct experts per token
+    weights = torch.rand(n * k, device=device)
+    valid = torch.rand(n * k, device=device) > 0.2 if padding else None
+    token_idx = torch.arange(n, device=device).repeat_interleave(k)
     results = []
     for slots_per_token in (k, None):
         xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()

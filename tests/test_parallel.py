@@ -38,8 +38,7 @@ def tiny_config(**overrides):
     moe = MoEConfig(num_experts=4, top_k=2, ffn_dim=32, aux_loss_coef=0.01, z_loss_coef=0.001, expert_impl="loop",
                     num_shared_experts=1, shared_ffn_dim=32)
     base = {"name": "tiny-moe-shrunk", "vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-            "ffn_dim": 64,
-                "max_seq_len": 64, "moe": moe, "moe_layers": [1], "attn_backend": "eager"}
+            "ffn_dim": 64, "max_seq_len": 64, "moe": moe, "moe_layers": [1], "attn_backend": "eager"}
     return ModelConfig(**{**base, **overrides})
 
 

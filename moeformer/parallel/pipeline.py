@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._functorch import config as functorch_config
 
 from moeformer.layers.attention import AttentionMask
 from moeformer.layers.lm_head import chunked_cross_entropy
@@ -116,6 +117,9 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     else:
         layers = [EmbeddingPipe(model.tok_embeddings), *(BlockPipe(b, model.rope, i) for i, b in enumerate(model.layers))]
         layers.append(NormPipe(model.norm, model.lm_head))
+    # the engine backpropagates each stage output with retain_graph=True, which a compiled graph (e.g. FlexAttention's
+    # kernel) refuses when it donates saved buffers; the flag is read at compile and at backward time: process-wide
+    functorch_config.donated_buffer = False
     method = "type:BlockPipe" if partition_method == "blocks" else partition_method
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
     pipe = PipelineModule(layers, loss_fn=PipelineLoss(model.config.loss_chunk_size),

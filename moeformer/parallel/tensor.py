@@ -103,8 +103,11 @@ class TensorParallelExperts(Experts):
         self.w_in = _shard(experts.w_in, 2, group, blocks=2 if experts.activation == "swiglu" else 1)
         self.w_out = _shard(experts.w_out, 1, group)
 
-    def ffn(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
-        return all_reduce(super().ffn(reduce_grad(x_sorted, self.group), group_sizes), self.group)
+    def ffn(self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None,
+            rows: Tensor | None = None) -> Tensor:
+        # each rank's weight gradient sums over its slice of the activation only: reduce it like x's
+        weight = None if weight is None else reduce_grad(weight, self.group)
+        return all_reduce(super().ffn(reduce_grad(x_sorted, self.group), group_sizes, weight, rows), self.group)
 
 
 def vocab_parallel_cross_entropy(local_logits: Tensor, targets: Tensor, group) -> Tensor:

@@ -3,7 +3,6 @@ tested against the explicit fp32 `eager` reference."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -13,7 +12,6 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch._functorch import config as _functorch_config
 
 from moeformer.layers.attention.mask import AttentionMask
 
@@ -126,11 +124,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         if min(head_dim, value_dim) < FLEX_MIN_HEAD_DIM:  # zero columns leave q.k and the kept outputs unchanged
             q, k = (F.pad(t, (0, max(0, FLEX_MIN_HEAD_DIM - head_dim))) for t in (q, k))
             v = F.pad(v, (0, max(0, FLEX_MIN_HEAD_DIM - value_dim)))
-        # outside an enclosing compile: no donated buffers, so that backward(retain_graph=True) works (DeepSpeed's
-        # pipeline engine backpropagates each stage output separately, retaining the graph for all but the last)
-        keep = contextlib.nullcontext() if torch.compiler.is_compiling() else _functorch_config.patch(donated_buffer=False)
-        with keep:
-            return _compiled_flex()(q, k, v, **kwargs)[..., :value_dim]
+        return _compiled_flex()(q, k, v, **kwargs)[..., :value_dim]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_eager(q, k, v, **kwargs)

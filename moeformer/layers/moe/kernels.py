@@ -1,11 +1,12 @@
 """The token-major MoE path's memory-bound ops: dispatch (permute token rows into expert order), combine (each
-token's weighted sum of its k expert outputs) and the SwiGLU activation. Each has a PyTorch reference here and a
-Triton kernel (triton_kernels.py) used on CUDA, eager or compiled (as custom ops; inductor's own fusion of the
-references measured slower). Every backward is a gather: no atomics, deterministic."""
+token's sum of its k expert outputs) and the SwiGLU activation, which also applies the routing weights (one scale
+per row, on the F-wide activation rather than the D-wide output, so the combine needs no weights and its backward
+is a plain gather). Each has a PyTorch reference here and a Triton kernel (triton_kernels.py) used on CUDA. Every
+backward is a gather: no atomics, deterministic."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -17,46 +18,38 @@ except ImportError:  # no triton (CPU installs): the references serve everywhere
     _triton = None
 
 
-def triton_kernels(x: Tensor) -> ModuleType | None:
-    """The Triton kernels module (custom ops) when x is on CUDA and triton imports, else None (use the references)."""
-    return _triton if x.is_cuda else None
-
-
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def triton_kernels(x: Tensor) -> ModuleType | SimpleNamespace | None:
+    """The Triton launchers for x when it is on CUDA and triton imports, else None (use the references). While
+    torch.compile traces they are the custom ops (single opaque calls in the graph); in eager the plain launchers,
+    which skip the custom-op dispatch (about as much host time as the launch itself)."""
+    if _triton is None or not x.is_cuda:
+        return None
+    return _triton.OPS if torch.compiler.is_compiling() else _triton
 
 
 # ---- references -----------------------------------------------------------------------------------------------
-def gather_sum_reference(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
-    """out[t] = sum_j weight[t*k + j] * src[index[t*k + j]] (weight 1 when None), accumulated in fp32 (or wider)."""
-    acc = _accumulation_dtype(src)
-    rows = src.index_select(0, index).view(-1, k, src.shape[-1]).to(acc)
-    if weight is not None:
-        rows = rows * weight.to(acc).view(-1, k, 1)
-    return rows.sum(dim=1).to(src.dtype)
+def gather_sum_reference(src: Tensor, index: Tensor, k: int) -> Tensor:
+    """out[t] = sum_j src[index[t*k + j]], accumulated in fp32 (or wider)."""
+    acc = torch.promote_types(src.dtype, torch.float32)
+    return src.index_select(0, index).view(-1, k, src.shape[-1]).to(acc).sum(dim=1).to(src.dtype)
 
 
-def combine_backward_reference(grad: Tensor, y: Tensor, order: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Gradients of gather_sum(y, inverse(order), weight, k) with respect to y (expert order) and weight (slots)."""
-    acc = _accumulation_dtype(y)
-    g = grad.index_select(0, order // k).to(acc)
-    grad_y = (g * weight.index_select(0, order).to(acc).unsqueeze(-1)).to(y.dtype)
-    grad_w_sorted = (g * y.to(acc)).sum(dim=-1)
-    return grad_y, torch.empty_like(grad_w_sorted).index_copy_(0, order, grad_w_sorted)
-
-
-def swiglu_reference(h: Tensor) -> Tensor:
-    """silu(gate) * up for h = [gate | up] along the last dimension."""
+def swiglu_reference(h: Tensor, weight: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """silu(gate) * up for h = [gate | up] along the last dimension; with `weight`, row i is also scaled by
+    weight[rows[i]] (computed in fp32, rounded once)."""
     gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if weight is None:
+        return F.silu(gate) * up
+    scale = weight.index_select(0, rows).unsqueeze(-1)
+    return (F.silu(gate.float()) * up.float() * scale.float()).to(h.dtype)
 
 
 # ---- autograd ops ---------------------------------------------------------------------------------------------
-def _gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
+def _gather_sum(src: Tensor, index: Tensor, k: int) -> Tensor:
     kernels = triton_kernels(src)
     if kernels is None:
-        return gather_sum_reference(src, index, weight, k)
-    return kernels.gather_sum(src.contiguous(), index, weight, k)
+        return gather_sum_reference(src, index, k)
+    return kernels.gather_sum(src.contiguous(), index, k)
 
 
 class PermuteRows(torch.autograd.Function):
@@ -73,41 +66,40 @@ class PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        return _gather_sum(grad, inverse, None, ctx.k), None, None, None
+        return _gather_sum(grad, inverse, ctx.k), None, None, None
 
 
 class Combine(torch.autograd.Function):
-    """out[t] = sum_j weight[t*k + j] * y[inverse[t*k + j]]: y (S, D) in expert order, weight (S,) per slot."""
+    """The transpose of PermuteRows: out[t] = sum_j y[inverse[t*k + j]] for y (S, D) in expert order; the backward
+    gathers grad_y[i] = grad[rows[i]] with rows = perm // k."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, order: Tensor, inverse: Tensor, weight: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(y, order, weight)
-        ctx.k = k
-        return _gather_sum(y, inverse, weight, k)
+    def forward(ctx, y: Tensor, rows: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(rows)
+        return _gather_sum(y, inverse, k)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, Tensor | None, None]:
-        y, order, weight = ctx.saved_tensors
-        kernels = triton_kernels(grad)
-        backward = combine_backward_reference if kernels is None else kernels.combine_backward
-        grad_y, grad_w = backward(grad.contiguous(), y, order, weight, ctx.k)
-        return grad_y, None, None, grad_w.to(weight.dtype), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:
-        ctx.save_for_backward(h)
-        return triton_kernels(h).swiglu_forward(h)
+    def forward(ctx, h: Tensor, weight: Tensor | None, rows: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight, rows)
+        return triton_kernels(h).swiglu_forward(h, weight, rows)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
-        return triton_kernels(h).swiglu_backward(h, grad.contiguous())
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+        h, weight, rows = ctx.saved_tensors
+        grad_h, grad_w = triton_kernels(h).swiglu_backward(h, grad.contiguous(), weight, rows)
+        return grad_h, None if weight is None else grad_w.to(weight.dtype), None
 
 
-def swiglu(h: Tensor) -> Tensor:
-    """silu(gate) * up for h (S, 2F) = [gate | up]: one fused kernel each way on CUDA, else the reference."""
+def swiglu(h: Tensor, weight: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """silu(gate) * up for h (S, 2F) = [gate | up], row i scaled by weight[rows[i]] when given (`rows` a permutation
+    of weight's indices): one fused kernel each way on CUDA, else the reference."""
     if triton_kernels(h) is None or h.dim() != 2 or not h.is_contiguous():
-        return swiglu_reference(h)
-    return _SwiGLU.apply(h)
+        return swiglu_reference(h, weight, rows)
+    return _SwiGLU.apply(h, weight, rows)

@@ -92,7 +92,7 @@ class MoE(nn.Module):
         flat = x.reshape(b * t, d)
         mask = None if token_mask is None else token_mask.reshape(b * t).bool()
         routing = self.router(flat, mask)
-        valid = torch.ones_like(routing.token_idx, dtype=torch.bool) if mask is None else mask[routing.token_idx]
+        valid = None if mask is None else mask[routing.token_idx]
         token_major = None if self.config.router == "expert_choice" else self.config.top_k
         out, plan = self.experts(
             flat, routing.token_idx, routing.expert_idx, routing.weights, valid, self.capacity(b * t), token_major

@@ -17,10 +17,13 @@ def load_balancing_loss(probs: Tensor, assigned: Tensor, top_k: int, token_mask:
     """E * sum_i f_i * P_i with f_i = (assignments to expert i) / (tokens * top_k) and P_i = mean probability of
     expert i. probs and assigned are (..., E); token_mask (...) bool, True = real token."""
     e = probs.shape[-1]
-    m = _token_weights(probs, token_mask).reshape(-1, 1)
-    n = m.sum().clamp_min(1.0)
-    f = (assigned.reshape(-1, e) * m).sum(0) / (n * top_k)
-    p = (probs.reshape(-1, e) * m).sum(0) / n
+    probs, assigned = probs.reshape(-1, e), assigned.reshape(-1, e)
+    if token_mask is None:  # plain means: fewer kernels on the hot path
+        f, p = assigned.mean(0) / top_k, probs.mean(0)
+    else:
+        m = token_mask.reshape(-1, 1).to(probs.dtype)
+        n = m.sum().clamp_min(1.0)
+        f, p = (assigned * m).sum(0) / (n * top_k), (probs * m).sum(0) / n
     return e * (f * p).sum()
 
 

@@ -93,7 +93,7 @@ def topk_routing(
     weights = scores.gather(-1, indices)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    return indices, weights * scaling
+    return indices, weights if scaling == 1.0 else weights * scaling
 
 
 def expert_choice_routing(probs: Tensor, capacity: int, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
