@@ -3,9 +3,11 @@
     python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 16] [--steps 20]
                                   [--compile-mode reduce-overhead] [--set n_heads=8 ...] [--profile]
 
-bf16 weights, fused AdamW, `torch.compile` (unless --no-compile; `--compile-mode reduce-overhead` also replays the
+bf16 weights, fused AdamW, `torch.compile` of each transformer block and the LM head (unless --no-compile;
+`--compile-scope model` compiles the whole model as one graph; `--compile-mode reduce-overhead` also replays the
 compiled forward and backward as CUDA graphs), the `auto` attention backend, random token ids (throughput does not
-depend on the text). MFU counts active parameters only (moeformer.training.metrics).
+depend on the text). MFU counts active parameters only (moeformer.training.metrics). The graph-break count is
+dynamo's, over the compiled warm-up steps (forward and backward of the whole model).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import torch
 import yaml
+from torch._dynamo.utils import counters
 
 from moeformer import ModelConfig, build_model, count_params
 from moeformer.training.metrics import flops_per_token, peak_flops
@@ -27,7 +30,12 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_fn = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
+    step_fn = model
+    if not args.no_compile and args.compile_scope == "model":
+        step_fn = torch.compile(model, mode=args.compile_mode)
+    elif not args.no_compile:  # each block and the LM head its own graph, as moeformer.training compiles
+        for module in [*model.layers, model.lm_head]:
+            module.compile(mode=args.compile_mode)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
 
     def step() -> None:
@@ -37,8 +45,10 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         model.update_router_biases()
 
+    counters["graph_break"].clear()
     for _ in range(args.warmup):
         step()
+    breaks = None if args.no_compile else dict(counters["graph_break"])  # compiling happens in the warm-up
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -58,6 +68,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(config, args.seq_len) / peak if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+        "graph_breaks": breaks,
     }
 
 
@@ -106,6 +117,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                        help="one graph per transformer block and the LM head (as the trainer compiles), or one "
+                             "for the whole model")
     parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
     parser.add_argument("--set", action="append", default=[], type=model_override, metavar="KEY=VALUE",
                         help="override a model config field of every model (repeatable), e.g. --set n_heads=8")
@@ -115,12 +129,16 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
           f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}" + "".join(f", {k}={v}" for k, v in args.set))
-    print("| model | total params | active params | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    print("| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks |\n"
+          "|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         r = bench(name, args, device)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        breaks = "n/a" if r["graph_breaks"] is None else sum(r["graph_breaks"].values())
         print(f"| {r['model']} | {r['total'] / 1e6:,.1f}M | {r['active'] / 1e6:,.1f}M | {r['tokens_per_s']:,.0f} | "
-              f"{mfu} | {r['peak_gib']:.1f} |", flush=True)
+              f"{mfu} | {r['peak_gib']:.1f} | {breaks} |", flush=True)
+        for reason, count in (r["graph_breaks"] or {}).items():
+            print(f"  graph break x{count}: {reason}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

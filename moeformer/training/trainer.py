@@ -5,8 +5,8 @@
 
 Order of construction: distributed init -> model (same seed on every rank) -> parallelism
 (`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> activation checkpointing (wraps the final modules)
--> optimizer groups -> `deepspeed.initialize` -> `engine.compile` (train.compile) -> data (sharded over the
-data-parallel group) -> resume.
+-> optimizer groups -> `deepspeed.initialize` -> `torch.compile` of each block and the LM head (train.compile) ->
+data (sharded over the data-parallel group) -> resume.
 
 With parallel.pp > 1 the engine is DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum
 micro-batches. Its logged loss is cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a
@@ -141,12 +141,17 @@ def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, di
 
 
 def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str) -> None:
-    """torch.compile the engine's model in place (`nn.Module.compile`: parameter names and the exported state dict
-    keep no `_orig_mod.` prefix). The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the
-    tensors an eager forward saved, in order, and a compiled forward saves others (backward fails)."""
+    """torch.compile each transformer block and the LM head of the engine's model in place (`nn.Module.compile`:
+    parameter names and the exported state dict keep no `_orig_mod.` prefix). One graph per block kind, reused by
+    every block, instead of one for the whole model: faster to build and faster to run (scripts/bench_train.py
+    --compile-scope). The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the tensors an
+    eager forward saved, in order, and a compiled forward saves others (backward fails)."""
     for module in checkpointed:
         module.forward = torch.compiler.disable(module.forward)
-    engine.compile(backend=backend)
+    model = engine.module
+    for module in [*model.layers, model.lm_head]:
+        if not any(module is c for c in checkpointed):
+            module.compile(backend=backend)
 
 
 def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:

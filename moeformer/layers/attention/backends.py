@@ -64,15 +64,18 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-@functools.cache
-def _flash_attn_module() -> ModuleType | None:
-    """The flash-attn package if it can be imported, else None."""
+def _import_flash_attn() -> ModuleType | None:
+    """The flash-attn package if it is installed and imports, else None."""
     if importlib.util.find_spec("flash_attn") is None:
         return None
     try:
         return importlib.import_module("flash_attn")
-    except ImportError:
+    except (ImportError, OSError):
         return None
+
+
+# looked up once, with this module: inside a compiled model the lookup would break the graph (dynamo skips importlib)
+FLASH_ATTN = _import_flash_attn()
 
 
 def flash_expressible(mask: AttentionMask, q_len: int, k_len: int) -> bool:
@@ -83,7 +86,7 @@ def flash_expressible(mask: AttentionMask, q_len: int, k_len: int) -> bool:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
                     scale: float) -> torch.Tensor:
     """flash-attn kernel (CUDA, fp16/bf16); queries are the last q_len keys, so its causal alignment matches."""
-    flash = _flash_attn_module()
+    flash = FLASH_ATTN
     if flash is None:
         raise RuntimeError("attention backend 'flash_attn' needs the flash-attn package (pip install flash-attn); "
                            "use backend='sdpa' or 'auto' instead")
@@ -124,7 +127,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         if min(head_dim, value_dim) < FLEX_MIN_HEAD_DIM:  # zero columns leave q.k and the kept outputs unchanged
             q, k = (F.pad(t, (0, max(0, FLEX_MIN_HEAD_DIM - head_dim))) for t in (q, k))
             v = F.pad(v, (0, max(0, FLEX_MIN_HEAD_DIM - value_dim)))
-        return _compiled_flex()(q, k, v, **kwargs)[..., :value_dim]
+        flex = flex_eager if torch.compiler.is_compiling() else _compiled_flex()  # compiling: part of that graph
+        return flex(q, k, v, **kwargs)[..., :value_dim]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_eager(q, k, v, **kwargs)
@@ -142,7 +146,7 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: i
     if backend != "auto":
         return backend
     use_flash = (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
-                 and flash_expressible(mask, q.shape[2], k_len) and _flash_attn_module() is not None)
+                 and flash_expressible(mask, q.shape[2], k_len) and FLASH_ATTN is not None)
     if use_flash:
         return "flash_attn"
     return "flex" if q.is_cuda and mask.document_ids is not None else "sdpa"
