@@ -3,7 +3,7 @@
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
-from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, count_params, list_models
+from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, compile_blocks, count_params, list_models
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "ModelConfig",
     "ParamCount",
     "build_model",
+    "compile_blocks",
     "count_params",
     "from_pretrained",
     "linear_cross_entropy",

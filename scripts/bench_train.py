@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from moeformer import ModelConfig, build_model, count_params
+from moeformer import ModelConfig, build_model, compile_blocks, count_params
 from moeformer.training.metrics import flops_per_token, peak_flops
 
 
@@ -33,9 +33,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     step_fn = model
     if not args.no_compile and args.compile_scope == "model":
         step_fn = torch.compile(model, mode=args.compile_mode)
-    elif not args.no_compile:  # each block and the LM head its own graph, as moeformer.training compiles
-        for module in [*model.layers, model.lm_head]:
-            module.compile(mode=args.compile_mode)
+    elif not args.no_compile:  # as moeformer.training compiles
+        compile_blocks(model, mode=args.compile_mode)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
 
     def step() -> None:

@@ -1,8 +1,8 @@
 """Transformer models, their configs and the model zoo."""
 
 from moeformer.models.config import MLAConfig, ModelConfig
-from moeformer.models.model import CausalLM, CausalLMOutput, build_model
+from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.models.params import ParamCount, count_params
 from moeformer.models.zoo import list_models
 
-__all__ = ["CausalLM", "CausalLMOutput", "MLAConfig", "ModelConfig", "ParamCount", "build_model", "count_params", "list_models"]
+__all__ = ["CausalLM", "CausalLMOutput", "MLAConfig", "ModelConfig", "ParamCount", "build_model", "compile_blocks", "count_params", "list_models"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -270,3 +271,13 @@ def build_model(
         model.to(dtype)
         model.reset_buffers()
     return model
+
+
+def compile_blocks(model: CausalLM, skip: Sequence[nn.Module] = (), **compile_kwargs) -> None:
+    """torch.compile each transformer block and the LM head of `model` in place (`nn.Module.compile`: parameter
+    names keep no `_orig_mod.` prefix), except the modules in `skip`. One graph per block kind, reused by every
+    block: faster to build than a whole-model graph and, on an H100, 4-5% faster to train (scripts/bench_train.py
+    --compile-scope)."""
+    for module in [*model.layers, model.lm_head]:
+        if not any(module is s for s in skip):
+            module.compile(**compile_kwargs)

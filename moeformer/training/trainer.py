@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from moeformer.layers.moe import update_router_biases
-from moeformer.models.model import CausalLM, CausalLMOutput, build_model
+from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
@@ -141,17 +141,12 @@ def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, di
 
 
 def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str) -> None:
-    """torch.compile each transformer block and the LM head of the engine's model in place (`nn.Module.compile`:
-    parameter names and the exported state dict keep no `_orig_mod.` prefix). One graph per block kind, reused by
-    every block, instead of one for the whole model: faster to build and faster to run (scripts/bench_train.py
-    --compile-scope). The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the tensors an
-    eager forward saved, in order, and a compiled forward saves others (backward fails)."""
+    """torch.compile the engine's model block by block (`compile_blocks`; the exported state dict keeps its names).
+    The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the tensors an eager forward
+    saved, in order, and a compiled forward saves others (backward fails)."""
     for module in checkpointed:
         module.forward = torch.compiler.disable(module.forward)
-    model = engine.module
-    for module in [*model.layers, model.lm_head]:
-        if not any(module is c for c in checkpointed):
-            module.compile(backend=backend)
+    compile_blocks(engine.module, skip=checkpointed, backend=backend)
 
 
 def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
