@@ -82,8 +82,11 @@ class MoE(nn.Module):
             out = torch.sigmoid(self.shared_expert_gate(x)) * out
         return out
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, MoEStats]:
-        """x (B, T, dim), token_mask (B, T) bool with True = real token. Returns (output (B, T, dim), stats)."""
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, stats: bool = True
+    ) -> tuple[Tensor, MoEStats | None]:
+        """x (B, T, dim), token_mask (B, T) bool with True = real token. Returns (output (B, T, dim), stats); with
+        stats=False (inference) (output, None), computing neither losses nor load statistics."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
         b, t, d = x.shape
@@ -100,6 +103,8 @@ class MoE(nn.Module):
         shared = self.shared(flat)
         if shared is not None:
             out = out + shared
+        if not stats:
+            return out.view(b, t, d), None
         if self.training:
             self.router.observe_load(plan.tokens_per_expert)
         losses = self.losses(routing, b, t, mask)
