@@ -3,17 +3,31 @@
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
-from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, compile_blocks, count_params, list_models
+from moeformer.models import (
+    CausalLM,
+    CausalLMOutput,
+    Decoder,
+    MLAConfig,
+    ModelConfig,
+    ParamCount,
+    StaticCache,
+    build_model,
+    compile_blocks,
+    count_params,
+    list_models,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM",
     "CausalLMOutput",
+    "Decoder",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
     "ParamCount",
+    "StaticCache",
     "build_model",
     "compile_blocks",
     "count_params",

@@ -1,8 +1,22 @@
 """Transformer models, their configs and the model zoo."""
 
+from moeformer.models.cache import StaticCache
 from moeformer.models.config import MLAConfig, ModelConfig
+from moeformer.models.generation import Decoder
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.models.params import ParamCount, count_params
 from moeformer.models.zoo import list_models
 
-__all__ = ["CausalLM", "CausalLMOutput", "MLAConfig", "ModelConfig", "ParamCount", "build_model", "compile_blocks", "count_params", "list_models"]
+__all__ = [
+    "CausalLM",
+    "CausalLMOutput",
+    "Decoder",
+    "MLAConfig",
+    "ModelConfig",
+    "ParamCount",
+    "StaticCache",
+    "build_model",
+    "compile_blocks",
+    "count_params",
+    "list_models",
+]

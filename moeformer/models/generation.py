@@ -17,6 +17,18 @@ RECOMPILE_LIMIT = 64  # graphs dynamo may keep for the compiled prefill or step 
 MAX_DECODERS = 2  # decoders kept per model (each holds a cache and a compiled step), least recently used dropped
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless `input_ids` are integers in [0, vocab_size) (reads them on the host: a sync on an
+    accelerator)."""
+    dtype = input_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"token ids must be an integer tensor, got {dtype}")
+    if input_ids.numel():
+        low, high = torch.stack(input_ids.aminmax()).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got ids from {low} to {high}")
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for sampling options outside their range."""
     if temperature < 0:
@@ -77,13 +89,12 @@ class Decoder:
     """Prefill and decode step of `model` over a `StaticCache` of `batch` rows and `max_len` slots (padded prompt +
     new tokens).
 
-    compile=True compiles both with torch.compile at fixed shapes. The prefill is bucketed: the prompt is
-    left-padded (masked, so the logits are those of the unpadded prompt) to the next power of two of at least
-    MIN_PREFILL, one graph per bucket, so a few graphs cover every prompt length at most twice the prompt's compute.
-    The step is compiled with fullgraph=True and reads its position from the cache on the device, so it never
-    recompiles. cuda_graph (default: compiled on CUDA) captures that step once as a CUDA graph and replays it per
-    token: `step` then copies the token into the graph's input buffer and returns its output buffer, which the next
-    step overwrites.
+    compile=True compiles both with torch.compile at fixed shapes, the step with fullgraph=True. The prefill is
+    bucketed: the prompt is left-padded (masked, so the logits are those of the unpadded prompt) to the next power of
+    two of at least MIN_PREFILL, one graph per bucket, so a few graphs cover every prompt length at most twice the
+    prompt's compute. The step reads its position from the cache on the device, so it never recompiles. cuda_graph
+    (default: compiled on CUDA) captures that step once as a CUDA graph and replays it per token: `step` then copies
+    the token into the graph's input buffer and returns its output buffer, which the next step overwrites.
     """
 
     def __init__(self, model, batch: int, max_len: int, *, compile: bool = True,
@@ -95,8 +106,9 @@ class Decoder:
         self.model, self.compiled = model, compile
         self.cache = model.new_cache(batch, max_len, static=True)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input buffer
-        self._prefill = _compiled(self._prefill_logits) if compile else self._prefill_logits
-        self._step = _compiled(self._step_logits) if compile else self._step_logits
+        # the step must be one graph (it is captured); the prefill may break (e.g. around fla's kernels on CUDA)
+        self._prefill = _compiled(self._prefill_logits, fullgraph=False) if compile else self._prefill_logits
+        self._step = _compiled(self._step_logits, fullgraph=True) if compile else self._step_logits
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None  # the graph's output buffer
 
@@ -126,6 +138,8 @@ class Decoder:
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the next position; return the logits (B, V) of the token after it."""
+        if not self.cache.prefilled:
+            raise RuntimeError("Decoder.step needs a prompt first: call prefill")
         self.token.copy_(token.view(-1, 1))
         if self._graph is not None:
             self._graph.replay()
@@ -162,11 +176,11 @@ def prefill_bucket(length: int) -> int:
     return max(MIN_PREFILL, 1 << (length - 1).bit_length())
 
 
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """torch.compile(fn, fullgraph=True) at fixed shapes. Traced with scalar outputs captured, since the reference
-    expert loop (CPU, fp32) reads its group sizes as scalars, and with room for one graph per prefill bucket and
-    cache shape (every decoder's graphs are entries of the same code)."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+def _compiled(fn: Callable[..., torch.Tensor], fullgraph: bool) -> Callable[..., torch.Tensor]:
+    """torch.compile(fn) at fixed shapes. Traced with scalar outputs captured, since the reference expert loop (CPU,
+    fp32) reads its group sizes as scalars, and with room for one graph per prefill bucket and cache shape (every
+    decoder's graphs are entries of the same code)."""
+    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
 
     def run(*args: torch.Tensor | None) -> torch.Tensor:
         with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=RECOMPILE_LIMIT):
@@ -196,13 +210,13 @@ def cached_decoder(model, batch: int, prompt_len: int, max_new_tokens: int) -> D
 
 def check_prompt(model, input_ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Validate a generation request (one host read of the ids and the mask); return the mask as bool."""
+    """Validate a generation request (reading the ids and the mask on the host, once per call); return the mask as
+    bool."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, prompt_len) tensor with at least one token per row, got {shape}"
                          " (a single prompt needs a batch dimension: ids[None])")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    check_token_ids(input_ids, model.config.vocab_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
@@ -210,23 +224,16 @@ def check_prompt(model, input_ids: torch.Tensor, max_new_tokens: int,
     if prompt_len + max_new_tokens > limit and model.rope.scaling_type != "dynamic":
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len {limit}")
-    mask = None
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (batch, prompt_len):
-            raise ValueError(f"attention_mask must have the prompt's shape {(batch, prompt_len)}, got "
-                             f"{tuple(attention_mask.shape)}")
-        mask = attention_mask.to(input_ids.device).bool()
-    low, high = input_ids.aminmax()
-    facts = [low, high]
-    if mask is not None:
-        facts += [(mask[:, 1:] < mask[:, :-1]).any(), (~mask.any(dim=1)).any()]
-    low, high, *mask_facts = torch.stack([f.long() for f in facts]).tolist()
-    vocab = model.config.vocab_size
-    if low < 0 or high >= vocab:
-        raise ValueError(f"token ids must be in [0, vocab_size={vocab}), got ids from {low} to {high}")
-    if mask_facts and mask_facts[0]:
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != (batch, prompt_len):
+        raise ValueError(f"attention_mask must have the prompt's shape {(batch, prompt_len)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    mask = attention_mask.to(input_ids.device).bool()
+    not_left, empty_row = torch.stack([(mask[:, 1:] < mask[:, :-1]).any(), (~mask.any(dim=1)).any()]).tolist()
+    if not_left:
         raise ValueError("attention_mask must be left padding: in every row zeros (padding) before ones (tokens)")
-    if mask_facts and mask_facts[1]:
+    if empty_row:
         raise ValueError("attention_mask has a row without any real token")
     return mask
 

@@ -15,6 +15,7 @@ from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.rope import RotaryEmbedding
 from moeformer.models import generation
+from moeformer.models.generation import check_token_ids
 from moeformer.models.cache import StaticCache
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
 
@@ -281,18 +282,6 @@ class CausalLM(nn.Module):
         from moeformer.models.checkpoint import save_pretrained
 
         return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, **kwargs)
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise ValueError unless `input_ids` are integers in [0, vocab_size) (reads them on the host: a sync on an
-    accelerator)."""
-    dtype = input_ids.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(f"token ids must be an integer tensor, got {dtype}")
-    if input_ids.numel():
-        low, high = (int(v) for v in input_ids.aminmax())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got ids from {low} to {high}")
 
 
 def _cache_length(cache: list | None) -> int:
