@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,6 @@ from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.rope import RotaryEmbedding
 from moeformer.models import generation
-from moeformer.models.generation import check_token_ids
 from moeformer.models.cache import StaticCache
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
 
@@ -159,10 +158,10 @@ class CausalLM(nn.Module):
 
         Checked here: the shapes, the sequence length against `config.max_seq_len` (not under dynamic-NTK rope,
         whose point is to run past it; nor over a `StaticCache`, whose slots include padding and whose owner,
-        `generate`, checks the positions), and token ids
-        against the vocabulary when they are on the CPU outside torch.compile: on CUDA that check would be a host
-        sync per training step and per compiled decode step, so there an out-of-range id is left to the device-side
-        assert of the embedding (`generate` checks its prompt once per call)."""
+        `generate`, checks the positions), and token ids against the vocabulary when they are on the CPU outside
+        torch.compile: on CUDA that check would be a host sync per training step and per compiled decode step, so
+        there an out-of-range id is left to the device-side assert of the embedding (`generate` checks its prompt
+        once per call)."""
         if labels is not None and targets is not None:
             raise ValueError("pass either labels (unshifted) or targets (shifted), not both")
         if input_ids.dim() != 2:
@@ -171,14 +170,15 @@ class CausalLM(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_token_ids(input_ids, self.config.vocab_size)
+            generation.check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
         if isinstance(cache, StaticCache):
+            if document_ids is not None:
+                raise ValueError("a static cache decodes one sequence per row: document_ids do not apply")
             mask, static_positions, token_mask = cache.begin(B, T, attention_mask)
-            past = 0 if static_positions is None else None
-            if position_ids is None:
-                position_ids = static_positions
+            past = 0  # the prompt's positions count its real tokens; later forwards take the cache's
+            position_ids = static_positions if position_ids is None else position_ids
         else:
             past = _cache_length(cache)
             self._check_length(past + T)
@@ -237,28 +237,7 @@ class CausalLM(nn.Module):
         """Apply aux-loss-free bias updates from the load observed since the last call (call after each step)."""
         update_router_biases(self)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos: int | None = None,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        compile: bool = False,
-        stream: Callable[[torch.Tensor], None] | None = None,
-        sync_every: int = generation.SYNC_EVERY,
-    ) -> torch.Tensor:
-        """Sample continuations (B, T + n) with a KV cache: eager, or compiled over a static cache (a CUDA graph per
-        token on CUDA); `stream` receives the new tokens in (B, k) chunks every `sync_every` tokens. See
-        `moeformer.models.generation.generate`."""
-        return generation.generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   eos=eos, attention_mask=attention_mask, generator=generator, compile=compile,
-                                   stream=stream, sync_every=sync_every)
+    generate = generation.generate  # model.generate(input_ids, max_new_tokens, ...): eager or compiled, streamed
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave out the compiled decoders `generate(compile=True)` keeps (caches, CUDA graphs)."""
