@@ -117,22 +117,29 @@ def test_compiled_sampling_equals_eager(models):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_stream_and_eos(models, compile):
-    """The stream's chunks, concatenated, are exactly the returned new tokens; rows that emitted eos repeat it, and
-    generation stops at the step where the last row finished, between two host checks (sync_every=3)."""
+    """`stream` gets each step's tokens (B,) in order: they begin with exactly the returned new tokens, and the
+    further steps (the loop looks at the device every sync_every=3 steps) are eos in every row. Rows that emitted eos
+    repeat it; the result ends at the step where the last row finished."""
     model = models["dense"]
     ids, mask = left_padded([4, 7, 2], seed=6)
-    greedy = model.generate(ids, 20, temperature=0, attention_mask=mask)
-    eos = int(greedy[0, 7 + 4])  # row 0's fifth new token
-    chunks = []
-    out = model.generate(ids, 20, temperature=0, attention_mask=mask, eos=eos, stream=chunks.append, sync_every=3,
+    greedy = model.generate(ids, 20, temperature=0, attention_mask=mask)[:, 7:].tolist()
+
+    def last_row_done(token: int) -> int:  # the step count at which every row has emitted `token`
+        return max(row.index(token) for row in greedy) + 1
+
+    # an eos every row reaches, at a step the host does not look at: some all-eos steps get streamed past the end
+    shared = set.intersection(*(set(row) for row in greedy))
+    eos = next(t for t in sorted(shared, key=last_row_done) if last_row_done(t) % 3)
+    steps = []
+    out = model.generate(ids, 20, temperature=0, attention_mask=mask, eos=eos, stream=steps.append, sync_every=3,
                          compile=compile)
-    assert torch.equal(torch.cat(chunks, 1), out[:, 7:]) and all(c.shape[1] <= 3 for c in chunks)
-    for row in range(3):
-        new = out[row, 7:].tolist()
-        first = new.index(eos) if eos in new else len(new)
-        assert new[:first] == greedy[row, 7 : 7 + first].tolist() and set(new[first:]) <= {eos}
-    hits = [(r.tolist() + [eos]).index(eos) for r in greedy[:, 7:]]
-    assert out.shape[1] == 7 + min(20, max(hits) + 1)  # the last row's eos ends it (or max_new_tokens)
+    streamed, new = torch.stack(steps, 1), out[:, 7:]
+    assert all(s.shape == (3,) for s in steps) and torch.equal(streamed[:, : new.shape[1]], new)
+    assert streamed.shape[1] - new.shape[1] < 3 and (streamed[:, new.shape[1] :] == eos).all()
+    assert new.shape[1] == last_row_done(eos) < streamed.shape[1]
+    for row, tokens in enumerate(new.tolist()):
+        first = tokens.index(eos)
+        assert tokens[: first + 1] == greedy[row][: first + 1] and set(tokens[first:]) == {eos}
 
 
 # ---- argument checks -------------------------------------------------------------------------------------------

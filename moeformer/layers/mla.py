@@ -89,6 +89,8 @@ class MLAttention(nn.Module):
 
     Submodules: `q_proj` (full-rank) or `q_a_proj` -> `q_a_norm` -> `q_b_proj`; `kv_a_proj` (dim -> latent + rope
     key), `kv_a_norm`, `kv_b_proj` (latent -> per-head [k_nope | v]), `o_proj`. Rope dims use the rotate-half layout.
+    With a cache, queries attend either to the latents expanded by kv_b_proj or, absorbed, to the compressed cache
+    itself (`absorbs`); `absorb` True / False forces one path (None: the cheaper).
     """
 
     def __init__(self, dim: int, n_heads: int, mla: MLAConfig, *, norm_eps: float = 1e-6, backend: str = "auto",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-SYNC_EVERY = 16  # default tokens between the loop's host reads (all rows finished? hand tokens to `stream`)
+SYNC_EVERY = 16  # default steps between the loop's host reads of whether every row has finished
 CACHE_BUCKET = 256  # static caches are sized in multiples of this, so prompts of similar length share a decoder
 MIN_PREFILL = 16  # the shortest compiled prefill (prompts are left-padded to a power of two at least this long)
 RECOMPILE_LIMIT = 64  # graphs dynamo may keep for the compiled prefill or step (buckets x cache shapes)
@@ -253,15 +253,17 @@ def generate(
     stream: Callable[[torch.Tensor], None] | None = None,
     sync_every: int = SYNC_EVERY,
 ) -> torch.Tensor:
-    """Return `input_ids` followed by up to `max_new_tokens` sampled tokens (B, T + n).
+    """Return `input_ids` followed by up to `max_new_tokens` sampled tokens (B, T + n); also `CausalLM.generate`.
 
     Prompts of different lengths are left-padded with `attention_mask` (1 = real token). A row that emitted `eos`
-    is filled with `eos` afterwards; generation stops once every row has finished (n is then the step at which the
-    last row did). compile=False decodes eagerly over a host-side cache (the reference); compile=True uses a cached
-    compiled `Decoder` (a CUDA graph per token on CUDA), same tokens. The loop never waits for the device except
-    every `sync_every` tokens and at the end, when it checks whether all rows finished and passes the new tokens
-    (B, k) to `stream`, if given: the chunks, in order, are exactly the returned tensor's new columns, on the
-    model's device.
+    is filled with `eos` afterwards; generation stops once every row has finished, n being the step at which the
+    last row did. compile=False decodes eagerly over a host-side cache (the reference); compile=True uses a cached
+    compiled `Decoder` (a CUDA graph per token on CUDA), same tokens.
+
+    `stream(tokens)` is called once per step with that step's tokens, (B,) on the model's device, as soon as they are
+    queued: reading them on the host is the caller's choice (and sync). The loop itself waits for the device only
+    every `sync_every` steps, to see whether every row has finished; so after the last row's eos up to
+    sync_every - 1 further steps, eos in every row, may be streamed, which the returned tensor leaves out.
     """
     mask = check_prompt(model, input_ids, max_new_tokens, attention_mask)
     check_sampling(temperature, top_k, top_p)
@@ -284,7 +286,6 @@ def generate(
     out[:, :prompt_len] = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     finished_at = torch.zeros(batch, dtype=torch.long, device=input_ids.device)  # step of each row's eos
-    steps, streamed = max_new_tokens, 0
     for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if eos is not None:
@@ -293,13 +294,11 @@ def generate(
             finished_at.masked_fill_(hit, i)
             finished |= hit
         out[:, prompt_len + i] = token
-        if (i + 1) % sync_every == 0 or i + 1 == max_new_tokens:
-            if eos is not None and bool(finished.all()):
-                steps = int(finished_at.max()) + 1
-            if stream is not None:
-                stream(out[:, prompt_len + streamed : prompt_len + min(i + 1, steps)])
-                streamed = i + 1
-            if steps <= i + 1:
-                break
+        if stream is not None:
+            stream(token)
+        if i + 1 == max_new_tokens or (eos is not None and (i + 1) % sync_every == 0 and bool(finished.all())):
+            break
         logits = decoder.step(token)
-    return out[:, : prompt_len + steps]
+    if eos is not None and bool(finished.all()):
+        return out[:, : prompt_len + int(finished_at.max()) + 1]
+    return out[:, : prompt_len + i + 1]
