@@ -1,5 +1,6 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
+from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
@@ -10,6 +11,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CausalLM",
     "CausalLMOutput",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
