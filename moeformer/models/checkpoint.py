@@ -159,7 +159,8 @@ class Checkpoint:
     """Every tensor of a checkpoint directory, from `model.safetensors` or the shards of its index.
 
     A tensor `W` stored with a companion `W_scale_inv` is block-quantized FP8 and is read dequantized (fp32);
-    `block` is the tile shape (HF `quantization_config.weight_block_size`).
+    `block` is the tile shape (HF `quantization_config.weight_block_size`). Files are read only inside `directory`
+    (or `roots`, see `hub_blobs`).
     """
 
     def __init__(self, directory: Path, block: tuple[int, int] | None = None, roots: tuple[Path, ...] = ()) -> None:
@@ -319,6 +320,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     dtype: parameter dtype (default: the checkpoint's; bfloat16 for FP8 block-quantized DeepSeek-V3 weights, which
     are dequantized); buffers keep theirs. device: where the weights go (default CPU). Returns the model in eval mode.
+    Safe on untrusted checkpoints: only data is read, only from files inside `path` (names and symlinks leading out
+    are refused), and any problem with the checkpoint raises a CheckpointError naming it.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
