@@ -194,8 +194,8 @@ class Experts(nn.Module):
         order = counts = None
         if expert_idx.numel() > MAX_SCAN_SLOTS:
             order, counts = _stable_argsort(expert_idx, e), _bincount(expert_idx, e)
-        y = fused_experts(x.to(compute_dtype(x)), token_idx, expert_idx, weights, self.w_in, self.w_out,
-                          self.activation, order, counts)
+        y = fused_experts(x.to(compute_dtype(x)), None if slots_per_token else token_idx, expert_idx, weights,
+                          self.w_in, self.w_out, self.activation, order, counts)
         if slots_per_token is not None:  # token-major: each token's k slots are consecutive
             out = y.view(y.shape[0], x.shape[0], slots_per_token, x.shape[1]).sum((0, 2))
         else:

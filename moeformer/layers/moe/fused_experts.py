@@ -31,11 +31,13 @@ def _expert_matrix(w: Tensor, scale: Tensor | None, offset: Tensor | None, mode:
     return dequantize(w[e], scale[e], None if offset is None else offset[e], mode, group_size).t()
 
 
-def fused_experts_reference(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
+def fused_experts_reference(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
                             scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor,
                             scale_out: Tensor | None, offset_out: Tensor | None, mode: str, group_size: int,
                             activation: str) -> Tensor:
     """(1, S, D) fp32: each chosen expert's weights gathered (dequantised) in fp32, applied to its slots in fp32."""
+    if token_idx is None:
+        token_idx = torch.arange(x.shape[0], device=x.device).repeat_interleave(expert_idx.numel() // x.shape[0])
     y = x.new_zeros(1, expert_idx.numel(), x.shape[1], dtype=torch.float32)
     for e in expert_idx.unique().tolist():
         slots = (expert_idx == e).nonzero().squeeze(1)
@@ -55,7 +57,7 @@ def triton_serves(x: Tensor) -> bool:
     return _triton is not None and runs_triton(x)
 
 
-def _fused_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
+def _fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
                    scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None,
                    offset_out: Tensor | None, mode: str, group_size: int, ffn_dim: int, activation: str,
                    order: Tensor | None, counts: Tensor | None) -> Tensor:
@@ -71,7 +73,7 @@ _fused_experts_op = torch.library.custom_op("moeformer::fused_experts", _fused_e
 
 
 @_fused_experts_op.register_fake
-def _(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Tensor, w_in: Tensor, scale_in: Tensor | None,
+def _(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor, scale_in: Tensor | None,
       offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None, offset_out: Tensor | None, mode: str,
       group_size: int, ffn_dim: int, activation: str, order: Tensor | None, counts: Tensor | None) -> Tensor:
     split = 1
@@ -88,16 +90,19 @@ def _parts(w: Tensor | QuantizedWeight) -> tuple[Tensor, Tensor | None, Tensor |
     return w, None, None, "none", 0
 
 
-def fused_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Tensor,
+def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor,
                   w_in: Tensor | QuantizedWeight, w_out: Tensor | QuantizedWeight, activation: str,
                   order: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
     """Per-slot expert outputs, fp32 (split, S, D): their sum over the first dimension (a K split of the second
     matmul, summed by the caller together with each token's slots) is weights[s] * expert_e(x[token_idx[s]]) for
-    e = expert_idx[s]. x (N, D) in the compute dtype; w_in (E, D, 2F | F) and w_out (E, F, D) full precision (x's
+    e = expert_idx[s]. token_idx None: token-major slots, k = S / N per token (slot s belongs to token s // k, and
+    no index tensor need exist). x (N, D) in the compute dtype; w_in (E, D, 2F | F) and w_out (E, F, D) full precision (x's
     dtype) or both quantized alike. With `order` (slots sorted by expert) and `counts` (slots per expert) the
     kernels take the sorted rows, else they scan the routing (meant for at most MAX_SCAN_SLOTS slots). Under
     torch.compile one opaque custom op; with a gradient to flow, the (differentiable) reference."""
     (w1, s1, o1, mode, group), (w2, s2, o2, mode2, _) = _parts(w_in), _parts(w_out)
+    if token_idx is None and expert_idx.numel() % x.shape[0]:
+        raise ValueError(f"token-major slots need a multiple of {x.shape[0]} slots, got {expert_idx.numel()}")
     if mode != mode2:
         raise ValueError(f"w_in and w_out must be quantized alike, got {mode!r} and {mode2!r}")
     ffn_dim = w_out.shape[-2]

@@ -92,8 +92,8 @@ def _tile_slots(expert_idx, order, e, first, end, base, S, ROWS: tl.constexpr, B
 @triton.jit
 def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S, E, K, F, stride_xm,
                      w, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg,
-                     ROWS: tl.constexpr, SWIGLU: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
-                     EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr,
+                     ROWS: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, SWIGLU: tl.constexpr,
+                     QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr,
                      E_POW2: tl.constexpr, UPCAST: tl.constexpr):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -103,7 +103,10 @@ def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S,
     offset_e = offset + e.to(tl.int64) * stride_se
     for row in range(first, end, BM):
         slots, row_mask = _tile_slots(expert_idx, order, e, row, end, base, S, ROWS, BM, SC)
-        tokens = tl.load(token_idx + slots, mask=row_mask, other=0).to(tl.int64)
+        if SLOTS_PER_TOKEN:  # token-major slots
+            tokens = slots // SLOTS_PER_TOKEN
+        else:
+            tokens = tl.load(token_idx + slots, mask=row_mask, other=0).to(tl.int64)
         gate, up = weight_product(x + tokens * stride_xm, row_mask, w_e, scale_e, offset_e, cols, col_mask,
                                   F * stride_wn, F * stride_sn, stride_wk, stride_wn, stride_sn, stride_sg, 0, K,
                                   QUANT, GROUP, SWIGLU, EVEN_K, BM, BN, BK, UPCAST)
@@ -184,7 +187,7 @@ def _weight_args(w: Tensor, scale: Tensor | None, offset: Tensor | None, quant: 
     return w, scale, offset, w.stride(0), stride_wk, stride_wn, stride_se, stride_sn, stride_sg
 
 
-def fused_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
+def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
                   scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None,
                   offset_out: Tensor | None, quant: int, group: int, ffn: int, swiglu: bool, order: Tensor | None,
                   counts: Tensor | None) -> Tensor:
@@ -202,13 +205,14 @@ def fused_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weights: Ten
         programs = s if cfg.rows == "by_slot" else e
     h = torch.empty(s, ffn, dtype=x.dtype, device=x.device)
     y = torch.empty(cfg.split, s, dim, dtype=torch.float32, device=x.device)
-    common = dict(ROWS=ROW_MODES.index(cfg.rows), QUANT=quant, GROUP=group, BM=cfg.bm, SC=min(SCAN_CHUNK, triton.next_power_of_2(s)),
-                  E_POW2=triton.next_power_of_2(e), UPCAST=INTERPRETER, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    common = dict(ROWS=ROW_MODES.index(cfg.rows), QUANT=quant, GROUP=group, BM=cfg.bm,
+                  SC=min(SCAN_CHUNK, triton.next_power_of_2(s)), E_POW2=triton.next_power_of_2(e), UPCAST=INTERPRETER,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _fused_up_kernel[(programs, triton.cdiv(ffn, cfg.bn_up))](
-        x, token_idx, expert_idx, weights, order, counts, h, s, e, dim, ffn, x.stride(0),
-        *_weight_args(w_in, scale_in, offset_in, quant), SWIGLU=swiglu, EVEN_K=dim % cfg.bk_up == 0, BN=cfg.bn_up,
-        BK=cfg.bk_up, **common,
+        x, token_idx if token_idx is not None else expert_idx, expert_idx, weights, order, counts, h, s, e, dim, ffn,
+        x.stride(0), *_weight_args(w_in, scale_in, offset_in, quant),
+        SLOTS_PER_TOKEN=s // x.shape[0] if token_idx is None else 0, SWIGLU=swiglu, EVEN_K=dim % cfg.bk_up == 0,
+        BN=cfg.bn_up, BK=cfg.bk_up, **common,
     )
     k_per_split = triton.cdiv(triton.cdiv(ffn, cfg.split), cfg.bk_down) * cfg.bk_down
     _fused_down_kernel[(programs, triton.cdiv(dim, cfg.bn_down), cfg.split)](
