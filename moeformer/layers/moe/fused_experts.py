@@ -96,10 +96,10 @@ def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weigh
     """Per-slot expert outputs, fp32 (split, S, D): their sum over the first dimension (a K split of the second
     matmul, summed by the caller together with each token's slots) is weights[s] * expert_e(x[token_idx[s]]) for
     e = expert_idx[s]. token_idx None: token-major slots, k = S / N per token (slot s belongs to token s // k, and
-    no index tensor need exist). x (N, D) in the compute dtype; w_in (E, D, 2F | F) and w_out (E, F, D) full precision (x's
-    dtype) or both quantized alike. With `order` (slots sorted by expert) and `counts` (slots per expert) the
-    kernels take the sorted rows, else they scan the routing (meant for at most MAX_SCAN_SLOTS slots). Under
-    torch.compile one opaque custom op; with a gradient to flow, the (differentiable) reference."""
+    no index tensor need exist). x (N, D) in the compute dtype; w_in (E, D, 2F | F) and w_out (E, F, D) full
+    precision (x's dtype) or both quantized alike. With `order` (slots sorted by expert) and `counts` (slots per
+    expert) the kernels take the sorted rows, else they scan the routing (meant for at most MAX_SCAN_SLOTS slots).
+    Under torch.compile one opaque custom op; with a gradient to flow, the (differentiable) reference."""
     (w1, s1, o1, mode, group), (w2, s2, o2, mode2, _) = _parts(w_in), _parts(w_out)
     if token_idx is None and expert_idx.numel() % x.shape[0]:
         raise ValueError(f"token-major slots need a multiple of {x.shape[0]} slots, got {expert_idx.numel()}")

@@ -93,8 +93,9 @@ def _tile_slots(expert_idx, order, e, first, end, base, S, ROWS: tl.constexpr, B
 def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S, E, K, F, stride_xm,
                      w, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg,
                      ROWS: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, SWIGLU: tl.constexpr,
-                     QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr,
-                     E_POW2: tl.constexpr, UPCAST: tl.constexpr):
+                     QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr, E_POW2: tl.constexpr,
+                     UPCAST: tl.constexpr):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < F

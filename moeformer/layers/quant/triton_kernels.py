@@ -162,7 +162,7 @@ def matmul_config(m: int, n: int, k: int, quant: int, group: int) -> MatmulConfi
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 32, 256, 4, 4
     elif m <= 64:
-        bm, bn, bk, warps, stages = triton.next_power_of_2(m), 64, 128, 4, 4
+        bm, bn, bk, warps, stages = 32 if m <= 32 else 64, 64, 128, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if quant == 4:
