@@ -116,6 +116,12 @@ def test_quantized_weight_transposed_and_chunked_equals_the_formats():
     assert q.dequantize().shape == w.shape and q.in_features == 64 and q.out_features == 40
     with pytest.raises(ValueError, match="shape"):
         q.quantize_(w[:2])
+    one_by_one = QuantizedWeight(tuple(w.shape), "int4", 32, device="meta", transposed=True)
+    for e in (2, 0, 1):  # a loader filling one expert at a time
+        one_by_one.quantize_(w[e], index=e)
+    assert torch.equal(one_by_one.codes, q.codes) and torch.equal(one_by_one.offset, q.offset)
+    with pytest.raises(ValueError, match="index 3"):
+        q.quantize_(w[0], index=3)
 
 
 # ---- the Triton matmul -----------------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def _convert(model: nn.Module, mode: str, group_size: int, empty: bool) -> nn.Mo
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
     """Quantize `model` in place to int8 (per output channel) or int4 (groups of `group_size` inputs) and return
-    it. The model becomes inference-only: every remaining parameter is frozen (requires_grad=False)."""
+    it. Scales are stored in each weight's dtype, so cast the model to its inference dtype first. The model becomes
+    inference-only: every remaining parameter is frozen (requires_grad=False)."""
     return _convert(model, mode, group_size, empty=False)
 
 

@@ -61,13 +61,16 @@ class QuantizedWeight(nn.Module):
         return module.quantize_(weight)
 
     @torch.no_grad()
-    def quantize_(self, weight: Tensor) -> QuantizedWeight:
-        """Fill the buffers from the full-precision `weight` (of `shape`; any float dtype and device). Buffers on
-        the meta device are allocated on the weight's device; others are written in place, on their device.
-        Stacked matrices are quantized one at a time, so the temporaries stay at one matrix."""
-        if tuple(weight.shape) != self.shape:
-            raise ValueError(f"cannot quantize a tensor of shape {tuple(weight.shape)} into a weight of shape "
-                             f"{self.shape}")
+    def quantize_(self, weight: Tensor, index: int | None = None) -> QuantizedWeight:
+        """Fill the buffers from the full-precision `weight` (of `shape`; any float dtype and device), or with
+        `index` only the index-th matrix of the stack from `weight` of shape `shape[1:]` (one expert: a loader need
+        not assemble the whole stack). Buffers on the meta device are allocated on the weight's device; others are
+        written in place, on their device. Matrices are quantized one at a time: the temporaries stay at one."""
+        expected = self.shape if index is None else self.shape[1:]
+        if tuple(weight.shape) != expected or (index is not None and not 0 <= index < self.shape[0]):
+            where = "" if index is None else f" at index {index} of {self.shape[0]}"
+            raise ValueError(f"cannot quantize a tensor of shape {tuple(weight.shape)}{where} into a weight of "
+                             f"shape {self.shape}")
         if not weight.is_floating_point():
             raise TypeError(f"expected a floating-point weight to quantize, got {weight.dtype}")
         device = weight.device if self.codes.is_meta else self.codes.device
@@ -76,10 +79,11 @@ class QuantizedWeight(nn.Module):
             if buf is not None and buf.is_meta:
                 setattr(self, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))
         matrices = weight.transpose(-1, -2) if self.transposed else weight
-        lead = matrices.shape[:-2]
         matrices = matrices.reshape(-1, *matrices.shape[-2:])
-        outputs = [t.view(-1, *t.shape[len(lead):]) for t in (self.codes, self.scale, self.offset) if t is not None]
-        for i, matrix in enumerate(matrices):
+        first = 0 if index is None else index
+        lead = len(self.matrix_shape) - 2
+        outputs = [t.view(-1, *t.shape[lead:]) for t in (self.codes, self.scale, self.offset) if t is not None]
+        for i, matrix in enumerate(matrices, start=first):
             matrix = matrix.to(device)
             if self.mode == "int8":
                 parts = quantize_int8(matrix, self.scale.dtype)
