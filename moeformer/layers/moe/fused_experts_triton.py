@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moeformer.layers.quant.triton_kernels import k_split, scale_strides, weight_product, weight_strides
+from moeformer.layers.quant.triton_kernels import k_split, scale_strides, weight_product
 from moeformer.layers.triton_dispatch import INTERPRETER
 
 ROW_MODES = ("by_slot", "by_expert", "sorted")  # the kernels' ROWS constant is the index
@@ -179,8 +179,9 @@ def experts_config(slots: int, experts: int, dim: int, ffn: int, quant: int, gro
 
 def _weight_args(w: Tensor, scale: Tensor | None, offset: Tensor | None, quant: int) -> tuple:
     """(weight, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg) of a 3-D expert
-    weight as the kernels take them (absent scales/offsets replaced by a pointer that is never read)."""
-    stride_wk, stride_wn = weight_strides(w, quant, transposed=True)
+    weight as the kernels take them (absent scales/offsets replaced by a pointer that is never read): full precision
+    is stored (E, K, N), codes (E, N, K)."""
+    stride_wk, stride_wn = (w.stride(1), w.stride(2)) if quant == 0 else (w.stride(2), w.stride(1))
     stride_sn, stride_sg = scale_strides(scale, quant)
     stride_se = scale.stride(0) if scale is not None else 0
     scale = scale if scale is not None else w

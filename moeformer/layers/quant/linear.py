@@ -26,14 +26,14 @@ def quant_matmul_reference(x: Tensor, codes: Tensor, scale: Tensor, offset: Tens
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-def _uses_triton(x: Tensor) -> bool:
+def _triton_serves(x: Tensor) -> bool:
     return _triton is not None and runs_triton(x)
 
 
 def _quant_matmul(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str,
                   group_size: int) -> Tensor:
     """(M, N) in x's dtype, or with a split K the Triton kernel's fp32 partial products (split, M, N), unbiased."""
-    if _uses_triton(x):
+    if _triton_serves(x):
         return _triton.quant_matmul(x, codes, scale, offset, bias, QUANT_BITS[mode], group_size)
     return quant_matmul_reference(x, codes, scale, offset, bias, mode, group_size)
 
@@ -46,7 +46,7 @@ def _(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tens
       group_size: int) -> Tensor:
     m, k = x.shape
     n = codes.shape[0]
-    if _uses_triton(x):
+    if _triton_serves(x):
         split = _triton.matmul_config(m, n, k, QUANT_BITS[mode], group_size).split
         if split > 1:
             return x.new_empty(split, m, n, dtype=torch.float32)

@@ -172,14 +172,6 @@ def matmul_config(m: int, n: int, k: int, quant: int, group: int) -> MatmulConfi
     return MatmulConfig(bm, bn, bk, split, warps, stages)
 
 
-def weight_strides(w: Tensor, quant: int, transposed: bool) -> tuple[int, int]:
-    """(stride along K, stride along N) of a weight: quantized codes are (..., N, K); full-precision weights are
-    (..., N, K) like nn.Linear, or (..., K, N) when `transposed` (the experts' storage)."""
-    if quant == 0 and transposed:
-        return w.stride(-2), w.stride(-1)
-    return w.stride(-1), w.stride(-2)
-
-
 def scale_strides(scale: Tensor | None, quant: int) -> tuple[int, int]:
     """(stride along N, stride along the groups) of the scales (0 where absent)."""
     if quant == 4:
