@@ -4,7 +4,20 @@ from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigErr
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
-from moeformer.models import CausalLM, CausalLMOutput, MLAConfig, ModelConfig, ParamCount, build_model, compile_blocks, count_params, list_models
+from moeformer.models import (
+    CausalLM,
+    CausalLMOutput,
+    MLAConfig,
+    ModelConfig,
+    ParamCount,
+    build_model,
+    build_quantized,
+    compile_blocks,
+    count_params,
+    list_models,
+    quantize,
+    quantized_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -19,10 +32,13 @@ __all__ = [
     "ModelConfig",
     "ParamCount",
     "build_model",
+    "build_quantized",
     "compile_blocks",
     "count_params",
     "from_pretrained",
     "linear_cross_entropy",
     "list_models",
+    "quantize",
+    "quantized_weights",
     "save_pretrained",
 ]

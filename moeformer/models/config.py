@@ -15,6 +15,7 @@ import yaml
 
 from moeformer.errors import ConfigError
 from moeformer.layers.moe.config import MoEConfig
+from moeformer.layers.quant.formats import check_format
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -79,6 +80,9 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (bounds fp32 logits memory)
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific settings kept for export
+    # weight-only format of the linear and expert weights, e.g. {"mode": "int4", "group_size": 128} (see
+    # moeformer.quantize); None: full precision
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key, value in _checked(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
@@ -110,6 +114,8 @@ class ModelConfig:
             bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"moe_layers {bad} are outside [0, n_layers={self.n_layers})")
+        if self.quantization is not None:
+            self.quantization = _quantization_record(self.quantization)
         if self.attention_types is not None and len(self.attention_types) == 0:
             raise ValueError("attention_types must not be empty (use None for softmax everywhere)")
         unknown = sorted(set(self.attention_types or ()) - set(ATTENTION_TYPES))
@@ -191,6 +197,15 @@ class ModelConfig:
             else:
                 d[key] = value
         return ModelConfig.from_dict(d)
+
+
+def _quantization_record(record: Any) -> dict[str, Any]:
+    """The validated `quantization` record, with its group size filled in."""
+    if not isinstance(record, dict) or "mode" not in record or set(record) - {"mode", "group_size"}:
+        raise ValueError(f"quantization must be a mapping with 'mode' and optionally 'group_size', got {record!r}")
+    record = {"mode": record["mode"], "group_size": record.get("group_size", 128)}
+    check_format(record["mode"], record["group_size"])
+    return record
 
 
 def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
