@@ -1,5 +1,6 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
+from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
@@ -12,9 +13,12 @@ from moeformer.models import (
     ParamCount,
     StaticCache,
     build_model,
+    build_quantized,
     compile_blocks,
     count_params,
     list_models,
+    quantize,
+    quantized_weights,
 )
 
 __version__ = "0.1.0"
@@ -22,6 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CausalLM",
     "CausalLMOutput",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
     "Decoder",
     "MLAConfig",
     "MoEConfig",
@@ -29,10 +36,13 @@ __all__ = [
     "ParamCount",
     "StaticCache",
     "build_model",
+    "build_quantized",
     "compile_blocks",
     "count_params",
     "from_pretrained",
     "linear_cross_entropy",
     "list_models",
+    "quantize",
+    "quantized_weights",
     "save_pretrained",
 ]

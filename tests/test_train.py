@@ -213,6 +213,7 @@ class _FakeEngine:
     """Writes one file per save, like DeepSpeed would, so the bookkeeping around it can be tested alone."""
 
     module = torch.nn.Linear(2, 2)  # the wrapped model: not parallelised, so no expert files or layout
+    checkpoint_engine = None  # DeepSpeed's file writer (unused here)
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         assert not save_latest

@@ -5,6 +5,7 @@ from moeformer.models.config import MLAConfig, ModelConfig
 from moeformer.models.generation import Decoder
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.models.params import ParamCount, count_params
+from moeformer.models.quantize import build_quantized, quantize, quantized_weights
 from moeformer.models.zoo import list_models
 
 __all__ = [
@@ -16,7 +17,10 @@ __all__ = [
     "ParamCount",
     "StaticCache",
     "build_model",
+    "build_quantized",
     "compile_blocks",
     "count_params",
     "list_models",
+    "quantize",
+    "quantized_weights",
 ]

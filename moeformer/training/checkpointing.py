@@ -5,7 +5,8 @@ Layout of `<out_dir>/checkpoints/`:
         trainer_state_rank0.pt   step, data position, RNG states of python / numpy / torch, counters
         COMPLETE                 written last by rank 0: the step and the size and CRC-32 of every file in it
     latest                    the newest complete tag (replaced atomically; DeepSpeed's loaders read it too)
-A directory without COMPLETE is an interrupted save and is never resumed from.
+A directory without COMPLETE is an interrupted save and is never resumed from. Loading reads only files inside the
+checkpoint directory and unpickles them with an allow-list (`moeformer.safe_files`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moeformer.errors import CheckpointError, naming_file, write_error
+from moeformer.safe_files import confined, load_pickle
+
 COMPLETE_FILE = "COMPLETE"
 MARKER_FORMAT = 1
 LATEST_FILE = "latest"
 TAG_PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 def tag_for(step: int) -> str:
@@ -94,12 +97,17 @@ class CheckpointManager:
                 shutil.rmtree(path)
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
-        save_parallel_extras(engine, self.root, tag)
-        state_file = path / f"trainer_state_rank{self.rank}.pt"
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"step": step, **trainer_state, "rng": rng_state()}, tmp)
-        os.replace(tmp, state_file)
+        try:
+            with checkpoint_files(engine, path):
+                engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+                save_parallel_extras(engine, self.root, tag)
+            state_file = path / f"trainer_state_rank{self.rank}.pt"
+            tmp = state_file.with_suffix(".tmp")
+            with naming_file(tmp), open(tmp, "wb") as f:
+                torch.save({"step": step, **trainer_state, "rng": rng_state()}, f)
+            os.replace(tmp, state_file)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only or vanished directory, a quota
+            raise write_error(path, e) from e
         _barrier()
         if self.rank == 0:
             files = {str(p.relative_to(path)): {"size": p.stat().st_size, "crc32": file_crc32(p)}
@@ -137,8 +145,9 @@ class CheckpointManager:
         """The checkpoint named by `latest` when it is complete, else the newest complete one, else None."""
         marker = self.root / LATEST_FILE
         if marker.is_file():
-            path = self.root / marker.read_text().strip()
-            if (path / COMPLETE_FILE).is_file():
+            tag = marker.read_text().strip()
+            path = self.root / tag
+            if re.fullmatch(f"{TAG_PREFIX}[0-9]+", tag) and (path / COMPLETE_FILE).is_file():  # never elsewhere
                 return path
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
@@ -159,9 +168,12 @@ class CheckpointManager:
         """Load the engine state and return this rank's trainer state (RNG states already restored)."""
         verify(path)
         try:
-            load_path, client_state = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+            with checkpoint_files(engine, path):
+                load_path, client_state = engine.load_checkpoint(
+                    str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except CheckpointError:
+            raise
         except Exception as e:  # DeepSpeed raises whatever torch.load or its own asserts raise on bad files
             raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
         if load_path is None:
@@ -169,15 +181,48 @@ class CheckpointManager:
         state_file = path / f"trainer_state_rank{self.rank}.pt"
         if not state_file.is_file():  # a different world size: the data position is global, rank 0 holds it too
             state_file = path / "trainer_state_rank0.pt"
-        try:
-            state = torch.load(state_file, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read trainer state {state_file}: {type(e).__name__}: {e}") from e
+        state = load_pickle(confined(path, state_file.name))
+        if not isinstance(state, dict) or not {"step", "rng"} <= state.keys():
+            raise CheckpointError(f"{state_file} is not a trainer state (no step and RNG states)")
         if state["step"] != client_state.get("step"):
             raise CheckpointError(f"{path}: trainer state is for step {state['step']}, engine state for "
                                   f"step {client_state.get('step')}")
         set_rng_state(state["rng"])
         return state
+
+
+class ConfinedCheckpointEngine:
+    """A DeepSpeed checkpoint engine whose loads read only files inside checkpoint directory `root`, through the
+    allow-listed unpickler, and whose failed saves name their file; everything else is the wrapped engine's."""
+
+    def __init__(self, inner, root: Path) -> None:
+        self.inner, self.root = inner, root
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None) -> Any:
+        return load_pickle(confined(self.root, os.path.relpath(path, self.root)), map_location)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        with naming_file(path):
+            if type(self.inner) is not TorchCheckpointEngine:
+                return self.inner.save(state_dict, path)
+            with open(path, "wb") as f:  # through a Python file a failed write keeps its errno (ENOSPC, EDQUOT)
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+
+
+@contextmanager
+def checkpoint_files(engine, root: Path) -> Iterator[None]:
+    """Route `engine`'s checkpoint file reads and writes through a `ConfinedCheckpointEngine` for checkpoint `root`."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = ConfinedCheckpointEngine(inner, root)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
@@ -191,6 +236,9 @@ def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
 
 def verify(path: Path) -> dict[str, Any]:
     """Check that `path` is a complete checkpoint whose files all have the size and CRC-32 recorded at save time."""
+    for root, dirs, names in os.walk(path):  # no symlink may lead out of the checkpoint
+        for name in dirs + names:
+            confined(path, Path(root, name).relative_to(path))
     marker = path / COMPLETE_FILE
     if not marker.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: no {COMPLETE_FILE} marker (interrupted save?)")
@@ -201,8 +249,12 @@ def verify(path: Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != MARKER_FORMAT:
         raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker is not of format {MARKER_FORMAT} "
                               "(written by another version of moeformer?)")
-    for name, saved in info["files"].items():
-        file = path / name
+    files = info.get("files")
+    if not isinstance(files, dict) or not all(isinstance(s, dict) and {"size", "crc32"} <= s.keys()
+                                              for s in files.values()):
+        raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker has no valid file list")
+    for name, saved in files.items():
+        file = confined(path, name)
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
         if file.stat().st_size != saved["size"]:
