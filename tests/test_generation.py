@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from moeformer import ModelConfig, build_model
+from moeformer import ModelConfig, build_model, quantize
 from moeformer.models.generation import Decoder, cached_decoder
 
 VOCAB = 97
@@ -194,19 +194,16 @@ def test_decoders_are_not_copied_with_the_model(models):
 # ---- GPU: CUDA graphs ------------------------------------------------------------------------------------------
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_grouped_mm = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                                      reason="needs CUDA with the grouped GEMM (compute capability >= 9.0)")
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", ["dense", "mla"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpu_cuda_graph_generate_equals_eager_fp32(kind):
-    """On CUDA, compile=True replays the decode step as one CUDA graph: the eager path's tokens in fp32 (dense MLPs:
-    the MoE's fp32 reference expert loop reads group sizes on the host, which a graph cannot capture), and a second
-    call replays the same graph without compiling."""
+    """On CUDA, compile=True replays the decode step as one CUDA graph (MoE layers on the fused expert kernels):
+    the eager path's tokens in fp32, and a second call replays the same graph without compiling."""
     torch.manual_seed(8)
-    model = build_model(tiny(kind, moe=None), device="cuda").eval()
+    model = build_model(tiny(kind), device="cuda").eval()
     ids, mask = (t.cuda() for t in left_padded([5, 9, 2], seed=9))
     compiled = model.generate(ids, 12, temperature=0, attention_mask=mask, compile=True)
     assert torch.equal(compiled, model.generate(ids, 12, temperature=0, attention_mask=mask))
@@ -220,11 +217,26 @@ def test_gpu_cuda_graph_generate_equals_eager_fp32(kind):
 
 
 @gpu
-@needs_grouped_mm
+@needs_cuda
+@pytest.mark.parametrize("mode,group_size", [("int8", 128), ("int4", 32)])
+def test_gpu_cuda_graph_quantized_generate_equals_eager(mode, group_size):
+    """A quantized MoE model (its matmuls and experts on the dequantising Triton kernels) decodes on the CUDA graph
+    to the eager path's tokens (fp32 activations and scales)."""
+    torch.manual_seed(14)
+    model = quantize(build_model(tiny("moe", dim=64, ffn_dim=64, moe={"ffn_dim": 64}), device="cuda").eval(), mode,
+                     group_size)
+    ids, mask = (t.cuda() for t in left_padded([5, 9, 2], seed=15))
+    compiled = model.generate(ids, 12, temperature=0, attention_mask=mask, compile=True)
+    assert torch.equal(compiled, model.generate(ids, 12, temperature=0, attention_mask=mask))
+    assert cached_decoder(model, 3, 9, 12)._graph is not None
+
+
+@gpu
+@needs_cuda
 def test_gpu_cuda_graph_moe_bf16_tracks_eager():
-    """OLMoE-like bf16 MoE (grouped GEMM) on a CUDA graph. Compiled bf16 rounds differently from eager bf16, so the
-    tokens are compared on logits: teacher-forced along eager's greedy tokens, the compiled logits stay within twice
-    eager's own distance from fp32 (plus 1e-2), at every step."""
+    """OLMoE-like bf16 MoE on a CUDA graph. Compiled bf16 rounds differently from eager bf16, so the tokens are
+    compared on logits: teacher-forced along eager's greedy tokens, the compiled logits stay within twice eager's own
+    distance from fp32 (plus 1e-2), at every step."""
     torch.manual_seed(10)
     model = build_model(tiny("moe", dim=64, n_kv_heads=4), device="cuda").eval()
     ids, mask = (t.cuda() for t in left_padded([5, 9, 2], seed=11))
