@@ -28,9 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError, write_error
+from moeformer.layers.quant import QuantizedWeight, check_format
 from moeformer.models.config import ModelConfig
 from moeformer.models.hf import family_for_config, get_family
 from moeformer.models.hf.common import TensorMap, copy, fill_from_hf, source_shapes, to_hf
+from moeformer.models.quantize import build_quantized, quantized_weights
 from moeformer.safe_files import confined
 
 HF_CONFIG, NATIVE_CONFIG = "config.json", "config.yaml"
@@ -315,16 +317,21 @@ def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None):
+                    device: torch.device | str | None = None, quantize: str | None = None, group_size: int = 128):
     """Load a `CausalLM` from a Hugging Face or native checkpoint directory.
 
     dtype: parameter dtype (default: the checkpoint's; bfloat16 for FP8 block-quantized DeepSeek-V3 weights, which
-    are dequantized); buffers keep theirs. device: where the weights go (default CPU). Returns the model in eval mode.
+    are dequantized), also of quantization scales; other buffers keep theirs. device: where the weights go (default
+    CPU). quantize: "int8" or "int4" (groups of `group_size`) quantizes while loading, one tensor at a time on
+    `device`, so peak memory stays near the quantized model plus one full-precision tensor (one layer's expert
+    stack); a native checkpoint saved quantized loads as it was saved. Returns the model in eval mode.
     Safe on untrusted checkpoints: only data is read, only from files inside `path` (names and symlinks leading out
     are refused), and any problem with the checkpoint raises a CheckpointError naming it.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    if quantize is not None:
+        check_format(quantize, group_size)
     from moeformer.models.model import CausalLM
 
     directory = Path(path)
@@ -335,15 +342,26 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     block = ((config.extra.get("hf_config") or {}).get("quantization_config") or {}).get("weight_block_size")
     ckpt = Checkpoint(directory, tuple(block) if block else None, roots)
     plan = _plan(maps, ckpt, ignore)
+    saved = config.quantization
+    if quantize is not None and saved is not None and saved != {"mode": quantize, "group_size": group_size}:
+        raise CheckpointError(f"{directory} holds a model quantized as {saved}; it cannot be re-quantized to "
+                              f"{quantize} (load it as saved, or quantize its full-precision checkpoint)")
     with torch.device("meta"):
         model = CausalLM(config)
-    targets = model.state_dict()
-    expected = {k for k in targets if not (config.tie_embeddings and k == "lm_head.weight")}
+    if quantize is not None and saved is None:  # empty quantized layers, filled from full-precision tensors below
+        build_quantized(model, quantize, group_size)
+    quantized = quantized_weights(model) if saved is None else {}
+    targets = {**model.state_dict(), **{key: torch.empty(q.shape, device="meta") for key, q in quantized.items()}}
+    expected = {k for k in targets if not (config.tie_embeddings and k == "lm_head.weight")
+                and not k.startswith(tuple(f"{q}." for q in quantized))}
     planned = {m.ours for m, _ in plan}
     if planned != expected:
         raise RuntimeError(f"key map and model disagree: model-only {sorted(expected - planned)}, "
                            f"map-only {sorted(planned - expected)}")
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    # tensors loaded in `dtype`: parameters, quantization scales, and the full-precision weights quantized on load
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(quantized)
+    params |= {name for name, buf in model.named_buffers() if name.endswith((".scale", ".offset"))
+               and isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedWeight)}
     mismatches, kinds = [], []
     for m, layout in plan:
         want = source_shapes(layout, tuple(targets[m.ours].shape))
@@ -367,7 +385,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             ckpt.read(layout.names[0], out=out)  # straight into place, no temporary
         else:
             fill_from_hf(out, layout, lambda j, names=layout.names: ckpt.read(names[j]))
-        state[m.ours] = out.to(device) if device is not None else out
+        out = out.to(device) if device is not None else out
+        if m.ours in quantized:  # quantized on `device`, then the full-precision copy is dropped
+            weight = quantized[m.ours].to(dtype).quantize_(out)
+            state.update((f"{m.ours}.{name}", buf) for name, buf in weight.named_buffers())
+        else:
+            state[m.ours] = out
+        del out
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -515,6 +539,9 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
     if target.is_dir() and any(target.iterdir()) and not any((target / f).exists() for f in (HF_CONFIG, NATIVE_CONFIG)):
         raise ValueError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
     config: ModelConfig = model.config
+    if format == "hf" and config.quantization:
+        raise ValueError(f"a quantized model ({config.quantization}) has no Hugging Face format; save it with "
+                         "format='native', or export the full-precision model before quantizing")
     if format == "hf":
         family = family_for_config(config)
         hf_config, maps = family.config_to_hf(config), family.tensor_maps(config)
