@@ -106,25 +106,26 @@ def test_resume_refuses_configuration_changes_unless_named(tmp_path):
     from moeformer.training.config import ResumeConfigError, resume_changes, run_identity
 
     facts = {"tokenizer": "byte", "vocab_size": 258, "train_tokens": 1000, "val_tokens": 100}
-    saved = run_identity(load_config(None, {"model": dict(TINY)}), facts)
+    saved = run_identity(load_config(None, {"model": dict(TINY)}), facts, 2)
     changed = load_config(None, {"model": dict(TINY), "data.seq_len": 64, "data.micro_batch_size": 4,
                                  "train.seed": 1, "optim.lr": 1e-3, "train.log_every": 5, "checkpoint.every": 7,
                                  "train.compile": True, "out_dir": str(tmp_path)})
     with pytest.raises(ResumeConfigError) as refused:
-        resume_changes(saved, run_identity(changed, {**facts, "train_tokens": 2000}), [])
+        resume_changes(saved, run_identity(changed, {**facts, "train_tokens": 2000}, 4), [])
     message = str(refused.value)
     for change in ("data.seq_len: 256 -> 64", "data.micro_batch_size: 8 -> 4", "train.seed: 0 -> 1",
-                   "optim.lr: 0.0003 -> 0.001", "data.train_tokens: 1000 -> 2000",
-                   "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed"):
+                   "optim.lr: 0.0003 -> 0.001", "data.train_tokens: 1000 -> 2000", "world_size: 2 -> 4",
+                   "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed,"
+                   "world_size"):
         assert change in message
     assert not any(key in message for key in ("train.log_every", "checkpoint.every", "train.compile", "out_dir:"))
     # the model section compares resolved fields: spelling out a zoo value is no change, changing one is
     spelled = load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "router": "softmax"}}})
-    assert resume_changes(saved, run_identity(spelled, facts), []) == {}
+    assert resume_changes(saved, run_identity(spelled, facts, 2), []) == {}
     with pytest.raises(ResumeConfigError, match=r"model.moe.top_k: 2 -> 1"):
         resume_changes(saved, run_identity(load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "top_k": 1}}}),
-                                           facts), [])
-    allowed = resume_changes(saved, run_identity(changed, facts), ["data", "train.seed", "optim.lr"])  # sections too
+                                           facts, 2), [])
+    allowed = resume_changes(saved, run_identity(changed, facts, 2), ["data", "train.seed", "optim.lr"])  # sections
     assert allowed == {"data.seq_len": [256, 64], "data.micro_batch_size": [8, 4], "train.seed": [0, 1],
                        "optim.lr": [3e-4, 1e-3]}
     with pytest.raises(ResumeConfigError, match="checkpoint.resume_allow names unknown keys: optim.lrr"):
@@ -416,13 +417,13 @@ def test_checkpoint_files_are_durable_before_the_marker_and_markers_readable_by_
     monkeypatch.setattr(os, "fsync", recording_fsync)
     umask = os.umask(0o022)
     try:
-        CheckpointManager(root).save(_FakeEngine(), 3, {"data": {}}, run_info={"identity": {}})
+        CheckpointManager(root).save(_FakeEngine(), 3, {"data": {}})
     finally:
         os.umask(umask)
     staging = os.path.realpath(root / ".staging-step_00000003")
     marker = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".COMPLETE."))
-    assert {os.path.join(staging, name) for name in ("model.pt", "trainer_state_rank0.pt", "run.json")} | {
-        staging} <= set(synced[:marker])  # every file and the directory itself, before the marker
+    assert {os.path.join(staging, name) for name in ("model.pt", "trainer_state_rank0.pt")} | {staging} <= set(
+        synced[:marker])  # every file and the directory itself, before the marker
     assert os.path.realpath(root) in synced[marker + 1:]  # the rename into place and `latest` are durable too
     path = root / "step_00000003"
     modes = {name: (p.stat().st_mode & 0o777) for name, p in (("model", path / "model.pt"),
@@ -432,8 +433,6 @@ def test_checkpoint_files_are_durable_before_the_marker_and_markers_readable_by_
 
 
 def test_nonfinite_weights_or_optimizer_state_are_never_saved(tmp_path):
-    from moeformer.training.checkpointing import NonFiniteStateError
-
     root = tmp_path / "ckpt"
     manager = CheckpointManager(root, keep_last=1)
     manager.save(_FakeEngine(), 3, {"data": {}})
@@ -441,7 +440,7 @@ def test_nonfinite_weights_or_optimizer_state_are_never_saved(tmp_path):
     engine.module = torch.nn.Linear(2, 2)
     with torch.no_grad():
         engine.module.weight[0, 1] = float("nan")
-    with pytest.raises(NonFiniteStateError, match=r"not saving checkpoint step_00000006: the weights or optimizer "
+    with pytest.raises(CheckpointError, match=r"not saving checkpoint step_00000006: the weights or optimizer "
                                                   r"state hold NaN/inf \(rank 0: weight\); the newest good "
                                                   r"checkpoint stays step_00000003"):
         manager.save(engine, 6, {"data": {}})
@@ -450,7 +449,7 @@ def test_nonfinite_weights_or_optimizer_state_are_never_saved(tmp_path):
     engine.module(torch.ones(1, 2)).sum().backward()
     engine.basic_optimizer.step()
     engine.basic_optimizer.state[engine.module.bias]["exp_avg_sq"][0] = float("inf")
-    with pytest.raises(NonFiniteStateError, match="optimizer group 0 tensor 1 exp_avg_sq"):
+    with pytest.raises(CheckpointError, match="optimizer group 0 tensor 1 exp_avg_sq"):
         manager.save(engine, 6, {"data": {}})
     assert _names(root) == ["latest", "step_00000003"] and verify(root / "step_00000003")["step"] == 3
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.numerics import (BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree,
                             trained_loss_bound)
@@ -97,9 +98,8 @@ OVERFLOW_RUNS = ((0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32")
 
 def overflow_run(work: Path, stage: int, dtype: str) -> dict:
     """2 steps with a checkpoint after each; the backward of step 1 overflows (inf gradients, finite loss). Whether
-    step 1 left weights and optimizer state exactly as they were, what was logged and saved, and the error when rank
-    1's weights turn NaN before another save."""
-    import torch
+    step 1 left weights and optimizer state exactly as they were, what was logged and saved, and the error when the
+    last rank's weights turn NaN before another save."""
     import torch.distributed as dist
 
     from moeformer.training.checkpointing import verify
@@ -125,7 +125,7 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
     summary = trainer.train()
     states.append(training_state(trainer))
     with torch.no_grad():
-        if dist.get_rank() == 1:
+        if dist.get_rank() == dist.get_world_size() - 1:
             p = next(trainer.engine.module.parameters())
             getattr(p, "ds_tensor", p).view(-1)[0] = float("nan")
     try:
@@ -142,10 +142,14 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
             "latest": (work / name / "checkpoints" / "latest").read_text()}
 
 
+def scenario_overflow_gpu(work: Path) -> dict:
+    """1 GPU: the overflow skip with CUDA kernels (fused AdamW without a DeepSpeed wrapper, bf16 ZeRO wrappers)."""
+    return {f"zero{stage}_{dtype}": overflow_run(work, stage, dtype) for stage, dtype in ((0, "fp32"), (2, "bf16"),
+                                                                                         (3, "bf16"))}
+
+
 def training_state(trainer) -> list:
     """Copies of this rank's weights (ZeRO-3: its partitions), the optimizer's (master) weights and its state."""
-    import torch
-
     weights = [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.engine.module.parameters()]
     optimizer = trainer.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -155,8 +159,6 @@ def training_state(trainer) -> list:
 
 
 def same_state(a: list, b: list) -> bool:
-    import torch
-
     def same(x, y):
         if isinstance(x, tuple):
             return x[0] == y[0] and same(x[1], y[1])
@@ -202,8 +204,6 @@ def scenario_resumed(work: Path) -> dict:
 
 def scenario_single(work: Path) -> dict:
     """1 rank: the parity run with the same global batch (grad_accum 2), non-finite handling, corrupt checkpoints."""
-    import torch
-
     from moeformer.training.checkpointing import CheckpointError
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
@@ -464,8 +464,6 @@ def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs
 
 def exported_val_loss(work: Path, name: str) -> float:
     """The evaluation of the run `name` (the first val batch of each of 2 ranks) redone with its exported model."""
-    import torch
-
     from moeformer.models.checkpoint import from_pretrained
     from moeformer.training.data import ShardedBatches, TokenDataset
 
@@ -600,6 +598,17 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_step(results, run):
     assert got["refused"].startswith("NonFiniteStateError: not saving checkpoint step_00000002: the weights or "
                                      "optimizer state hold NaN/inf; the newest good checkpoint stays step_00000002")
     assert got["latest"] == "step_00000002"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nonfinite_gradients_with_a_finite_loss_skip_the_step_on_gpu(work):
+    for run, got in finish(launch("overflow_gpu", work, 1), "overflow_gpu", work).items():
+        first = got["records"][0]
+        assert got["unchanged"] and got["moved"] and got["total"] == 1, run
+        assert first["skipped"] and first["nonfinite"] == "gradients" and "grad_norm" not in first, run
+        assert "NonFiniteStateError: not saving checkpoint step_00000002" in got["refused"], run
+        assert got["checkpoints"] == {"step_00000001": 1, "step_00000002": 2} and got["latest"] == "step_00000002"
 
 
 @pytest.mark.distributed

@@ -66,8 +66,10 @@ def instrument(points: KillPoints) -> None:
     from moeformer.training.checkpointing import CheckpointManager
     from moeformer.training.trainer import Trainer
 
-    def before(owner, attr, name_of):
-        fn = getattr(owner, attr)
+    def before(owner, attr, name_of):  # (a point the library lacks is left out: the test checks the points seen)
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
 
         def wrapped(*args, **kwargs):
             points.hit(name_of(*args))
@@ -75,7 +77,9 @@ def instrument(points: KillPoints) -> None:
         setattr(owner, attr, wrapped)
 
     def after(owner, attr, name_of):
-        fn = getattr(owner, attr)
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
 
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
@@ -275,6 +279,9 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run_exactly(faults)
     from moeformer.training.checkpointing import verify
 
     work, got = faults
+    kinds = {point.split(":")[0] for point in got["order"]}
+    assert kinds == {"step", "eval", "save", "file", "shards", "marker", "publish", "latest", "prune", "remove",
+                     "export", "exported"}, kinds
     segments = got["segments"]
     assert len(segments) == KILLS + 1 and segments[-1]["ended"] == {"0": "exit 0", "1": "exit 0"}
     for segment in segments[:-1]:  # every planned kill happened: a rank died by SIGKILL at or after its point

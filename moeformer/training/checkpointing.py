@@ -9,9 +9,9 @@ Layout of `<out_dir>/checkpoints/`:
 
 A save goes to a hidden `.staging-step_...` directory: its files are fsynced, then COMPLETE is written, and only then
 is it renamed into place, replacing an older save of the same step (moved aside to `.replaced-...` first and deleted
-once the new one is in place). Deleted directories go through `.trash-...`. A checkpoint is never written from NaN/inf weights or optimizer state, and
-pruning never deletes the checkpoint just saved nor anything newer. `resolve("auto")` resumes from the newest
-checkpoint that verifies, warning about each newer one it skips.
+once the new one is in place); deleted directories go through `.trash-...`. A checkpoint is never written from NaN/inf
+weights or optimizer state, and pruning never deletes the checkpoint just saved nor anything newer.
+`resolve("auto")` resumes from the newest checkpoint that verifies, warning about each newer one it skips.
 """
 
 from __future__ import annotations

@@ -193,12 +193,14 @@ class ResumeConfigError(ValueError):
     """A resume would continue a run with a configuration it was not started with, and the change was not allowed."""
 
 
-def run_identity(config: RunConfig, data_facts: dict[str, Any]) -> dict[str, Any]:
+def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What a run computes, as flat dotted keys: the config, with the model section resolved to every ModelConfig
-    field (`model.moe.top_k`, ...), and `data_facts` under `data.` (token counts, tokenizer), less RESUME_FREE_KEYS."""
+    field (`model.moe.top_k`, ...), `data_facts` under `data.` (token counts, tokenizer) and the number of processes
+    (`world_size`: with the micro-batch size, it sets the global batch), less RESUME_FREE_KEYS."""
     d = config.to_dict()
     d["model"] = config.model_config().to_dict()
     d["data"].update(data_facts)
+    d["world_size"] = world_size
     flat = json.loads(json.dumps(_flatten(d)))  # the form it takes in a checkpoint's run.json (tuples are lists)
     return {k: v for k, v in flat.items() if not _covered(k, RESUME_FREE_KEYS)}
 

@@ -188,7 +188,7 @@ class Trainer:
         if resume_from is None and self.checkpoints.complete_checkpoints():
             raise FileExistsError(f"{self.out_dir} already holds checkpoints; pass --resume auto to continue that "
                                   "run or choose another out_dir")
-        self.identity = run_identity(config, dataset_facts(config.data.dir))
+        self.identity = run_identity(config, dataset_facts(config.data.dir), dist.get_world_size())
         self.config_changes: dict[str, list] = {}
         if resume_from is not None:
             saved = self.checkpoints.run_info(resume_from)
