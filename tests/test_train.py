@@ -21,10 +21,11 @@ from moeformer.models.params import count_params
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
 from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.config import OptimConfig, RunConfig, load_config
-from moeformer.training.metrics import flops_per_token
+from moeformer.training.metrics import flops_per_token, read_metrics
 from moeformer.training.optim import param_groups, tag_expert_params
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
+from tests.numerics import assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
 TINY = {"name": "tiny-moe", "dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
@@ -481,7 +482,6 @@ def test_plot_run_writes_pngs(tmp_path):
 
 
 # ---- compiled training ------------------------------------------------------------------------------------------
-COMPILE_RTOL = 1e-4  # aot_eager keeps eager's kernels (seen: identical); inductor reorders reductions (seen: 2e-7)
 COMPILE_RUNS = {"eager": {}, "compiled": {"train.compile": True},
                 "compiled_ckpt": {"train.compile": True, "train.activation_checkpointing": "moe"}}
 
@@ -529,16 +529,19 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
     for name in ("compiled", "compiled_ckpt"):
         run = runs[name]
         assert run["graphs"] > 0, name  # dynamo really captured the forward
+        # aot_eager keeps eager's kernels (seen: identical); compiled graphs may sum in another order: the bounds of
+        # tests/numerics.py for runs that differ in summation order only
         assert run["losses"].keys() == eager["losses"].keys()
-        for step, loss in run["losses"].items():
-            assert loss == pytest.approx(eager["losses"][step], rel=COMPILE_RTOL), (name, step)
-        assert run["val_loss"] == pytest.approx(eager["val_loss"], rel=COMPILE_RTOL), name
+        curve = [eager["losses"][step] for step in sorted(eager["losses"], key=int)]
+        assert_curves_agree([run["losses"][step] for step in sorted(eager["losses"], key=int)], curve)
+        assert abs(run["val_loss"] - eager["val_loss"]) <= trained_loss_bound(curve), name
         assert sorted(load_file(tmp_path / name / "model" / "model.safetensors")) == sorted(
             load_file(tmp_path / "eager" / "model" / "model.safetensors"))  # no `_orig_mod.` prefixes
         exported = from_pretrained(tmp_path / name / "model").state_dict()
         assert list(exported) == list(reference)
-        for key, value in from_pretrained(tmp_path / "eager" / "model").state_dict().items():
-            torch.testing.assert_close(exported[key], value, rtol=COMPILE_RTOL, atol=1e-6, msg=key)
+        lrs = [r["lr"] for r in read_metrics(tmp_path / "eager") if r["split"] == "train"]
+        assert_adamw_weights_agree(exported, from_pretrained(tmp_path / "eager" / "model").state_dict(), lrs,
+                                   (OptimConfig.beta1, OptimConfig.beta2))
 
 
 if __name__ == "__main__":
