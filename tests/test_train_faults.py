@@ -138,6 +138,8 @@ def run_rank(work: Path, name: str, resume: bool, points: KillPoints) -> None:
 def run_segment(work: Path, name: str, resume: bool, order: list[str], kill_at: int | None,
                 kill_ranks: list[int], log: Path) -> dict:
     """Fork the two ranks of a segment; when one dies, kill the other. Returns how each rank ended."""
+    from tests.test_train_distributed import _free_port
+
     port = _free_port()
     ranks = {}
     for rank in (0, 1):
@@ -242,14 +244,6 @@ def _killed_at(log: Path, rank: int) -> str | None:
     path = log.with_suffix(f".rank{rank}.points")
     points = path.read_text().split() if path.is_file() else []
     return points[-2] if points[-1:] == ["killed"] else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------- the test

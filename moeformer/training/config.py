@@ -80,7 +80,7 @@ class CheckpointConfig:
 
     every: int = 0
     keep_last: int = 2
-    resume: str | None = None  # None, "auto" (newest complete checkpoint in the run), or a checkpoint directory
+    resume: str | None = None  # None, "auto" (the newest checkpoint of the run that verifies), or a checkpoint dir
     resume_allow: list[str] = field(default_factory=list)  # keys a resume may change, e.g. [optim.lr, train.steps]
     export: str = "native"  # final model: native safetensors, Hugging Face, or none
 
