@@ -6,16 +6,17 @@
 Any config key can be overridden with a dotted flag (`--optim.lr=1e-3`, `--model.moe.top_k=1`); `--resume auto`
 continues from the newest checkpoint of the run's out_dir that verifies. A resume refuses a configuration that differs
 from the checkpoint's unless the changes are named: `--resume-allow optim.lr,train.steps` (a section name covers its
-keys; where the run writes, logs, evaluates and checkpoints may always change).
+keys; where the run writes, logs, evaluates and checkpoints may always change). An error is reported in one line (per
+failing rank) with exit status 1; `--debug` (or MOEFORMER_DEBUG=1) shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
+from moeformer.errors import reported_errors
 from moeformer.training.config import load_config
 
 
@@ -26,27 +27,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory (= --checkpoint.resume)")
     parser.add_argument("--resume-allow", default=None, metavar="KEYS",
                         help="comma-separated config keys a resume may change (= --checkpoint.resume_allow)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     if args.resume_allow is not None:
-        overrides.append(f"--checkpoint.resume_allow={args.resume_allow}")
+        overrides.append(f"--checkpoint.resume_allow=[{args.resume_allow}]")
     return args, overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
-    try:
+    with reported_errors(args.debug):
         config = load_config(args.config, overrides)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
-    from moeformer.parallel import shutdown_distributed
-    from moeformer.training.trainer import Trainer  # after the config is valid: importing DeepSpeed takes seconds
+        from moeformer.parallel import shutdown_distributed
+        from moeformer.training.trainer import Trainer  # after the config is valid: importing DeepSpeed takes seconds
 
-    # DeepSpeed still calls collectives that torch.distributed marks deprecated, once per step
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    summary = Trainer(config).train()
-    shutdown_distributed()
+        # DeepSpeed still calls collectives that torch.distributed marks deprecated, once per step
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        summary = Trainer(config).train()
+        shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, model in {summary['exported']}")
     return summary

@@ -18,6 +18,7 @@ import yaml
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import build_model
 from moeformer.models.params import count_params
+from moeformer.training import checkpointing
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
 from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.config import OptimConfig, RunConfig, load_config
@@ -104,7 +105,8 @@ def test_train_script_reports_bad_key_without_traceback():
 
 
 def test_resume_refuses_configuration_changes_unless_named(tmp_path):
-    from moeformer.training.config import ResumeConfigError, resume_changes, run_identity
+    from moeformer.errors import ResumeConfigError
+    from moeformer.training.config import resume_changes, run_identity
 
     facts = {"tokenizer": "byte", "vocab_size": 258, "train_tokens": 1000, "val_tokens": 100}
     saved = run_identity(load_config(None, {"model": dict(TINY)}), facts, 2)
@@ -289,6 +291,7 @@ class _FakeEngine:
     """Writes one file per save, like DeepSpeed would, so the bookkeeping around it can be tested alone."""
 
     module = torch.nn.Linear(2, 2)  # the wrapped model: not parallelised, so no expert files or layout
+    checkpoint_engine = None  # DeepSpeed's file writer (unused here)
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         assert not save_latest
@@ -355,7 +358,12 @@ def test_a_complete_checkpoint_is_replaced_only_once_its_replacement_is_complete
     assert verify(root / "step_00000003")["step"] == 3
     assert CheckpointManager(root).resolve("auto") == root / "step_00000003"
 
-    # killed between the two renames that put the new save in place: both are complete, neither is step_00000003
+    # replaced by an atomic exchange where the system has one; else by two renames, and a kill between them leaves
+    # both saves complete, neither named step_00000003
+    manager.save(_FakeEngine(), 3, {"data": {"epoch": 2}})
+    assert torch.load(root / "step_00000003" / "trainer_state_rank0.pt", weights_only=True)["data"] == {"epoch": 2}
+    assert _names(root) == ["latest", "step_00000003"]
+    monkeypatch.setattr(checkpointing, "exchange_dirs", lambda a, b: False)
     rename, calls = os.rename, []
 
     def rename_then_die(src, dst):

@@ -642,6 +642,19 @@ def test_corrupt_checkpoint_is_refused(results):
     assert "is corrupt" in results["single"]["corrupt"] and "mp_rank_00_model_states.pt" in results["single"]["corrupt"]
 
 
+
+@pytest.mark.distributed
+def test_allow_listed_unpickler_reads_every_file_deepspeed_wrote(results, work):  # results: the runs that save
+    """The types DeepSpeed pickles for ZeRO 0-3, bf16, expert, pipeline and pipeline x expert parallelism are all on
+    the allow-list that resuming unpickles with (anything else is refused)."""
+    from moeformer.safe_files import load_pickle
+
+    files = sorted(work.glob("*/checkpoints/step_*/*.pt"))
+    assert {"zero0", "zero1", "zero2", "zero3", "bf16", "ep_cut", "pp_cut", "pp_ep_cut"} <= {f.parts[-4] for f in files}
+    for file in files:
+        assert isinstance(load_pickle(file, map_location="cpu"), dict), file
+
+
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     result = globals()[f"scenario_{scenario}"](workdir)

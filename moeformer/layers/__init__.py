@@ -5,6 +5,7 @@ from moeformer.layers.lm_head import LMHead, linear_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEConfig, MoEStats
 from moeformer.layers.norms import LayerNorm, RMSNorm, build_norm
+from moeformer.layers.quant import QuantizedWeight, QuantLinear
 from moeformer.layers.rope import RotaryEmbedding, apply_rotary
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "MoE",
     "MoEConfig",
     "MoEStats",
+    "QuantLinear",
+    "QuantizedWeight",
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary",

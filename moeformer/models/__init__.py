@@ -3,6 +3,20 @@
 from moeformer.models.config import MLAConfig, ModelConfig
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.models.params import ParamCount, count_params
+from moeformer.models.quantize import build_quantized, quantize, quantized_weights
 from moeformer.models.zoo import list_models
 
-__all__ = ["CausalLM", "CausalLMOutput", "MLAConfig", "ModelConfig", "ParamCount", "build_model", "compile_blocks", "count_params", "list_models"]
+__all__ = [
+    "CausalLM",
+    "CausalLMOutput",
+    "MLAConfig",
+    "ModelConfig",
+    "ParamCount",
+    "build_model",
+    "build_quantized",
+    "compile_blocks",
+    "count_params",
+    "list_models",
+    "quantize",
+    "quantized_weights",
+]

@@ -8,21 +8,30 @@ until the map closes, which would double the peak for a single-file checkpoint.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import math
 import os
 import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError, write_error
 from moeformer.models.config import ModelConfig
 from moeformer.models.hf import family_for_config, get_family
 from moeformer.models.hf.common import TensorMap, copy, fill_from_hf, source_shapes, to_hf
+from moeformer.safe_files import confined
 
 HF_CONFIG, NATIVE_CONFIG = "config.json", "config.yaml"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -37,30 +46,78 @@ DTYPES = {
 
 # ---- reading -------------------------------------------------------------------------------
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
 
 class SafetensorsFile:
-    """The header of one .safetensors file, and reads of single tensors from it."""
+    """The header of one .safetensors file, validated as the format requires (every tensor's dtype, shape and byte
+    range agree; the ranges tile the data exactly), and reads of single tensors from it. Any problem with the file
+    is a CheckpointError naming it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if 8 + header_len > size:
-                raise ValueError(f"{path} is truncated: its header needs {8 + header_len} bytes, file has {size}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path} has a corrupt safetensors header: {e}") from e
-        header.pop("__metadata__", None)
-        self.entries: dict[str, dict] = header
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+                (header_len,) = struct.unpack("<Q", raw)
+                if header_len > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{path} is not a safetensors file: its header would be {header_len} "
+                                          f"bytes (the format allows {MAX_HEADER_BYTES})")
+                if 8 + header_len > size:
+                    raise CheckpointError(f"{path} is truncated: its header needs {8 + header_len} bytes, file has "
+                                          f"{size}")
+                text = f.read(header_len)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+        try:
+            header = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an "
+                                  "object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str)
+                                                                            for v in metadata.values())):
+            raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+        self.entries: dict[str, dict] = {name: self._entry(name, entry) for name, entry in header.items()}
         self.data_start = 8 + header_len
-        needed = self.data_start + max((e["data_offsets"][1] for e in header.values()), default=0)
-        if needed > size:
-            raise ValueError(f"{path} is truncated: its tensors need {needed} bytes, file has {size}")
+        end = 0
+        for name, entry in sorted(self.entries.items(), key=lambda item: item[1]["data_offsets"]):
+            begin = entry["data_offsets"][0]
+            if begin != end:
+                problem = "overlaps the tensor before it" if begin < end else f"leaves bytes {end}-{begin} unused"
+                raise CheckpointError(f"{path}: tensor {name!r} (data_offsets {entry['data_offsets']}) {problem}")
+            end = entry["data_offsets"][1]
+        if self.data_start + end > size:
+            raise CheckpointError(f"{path} is truncated: its tensors need {self.data_start + end} bytes, file has "
+                                  f"{size}")
+        if self.data_start + end < size:
+            raise CheckpointError(f"{path} has {size - self.data_start - end} bytes after its last tensor")
+
+    def _entry(self, name: str, entry: Any) -> dict:
+        """One header entry, checked: a dtype string, a shape of non-negative ints, and data offsets [begin, end]
+        spanning exactly the bytes of that shape and dtype (dtypes we cannot read are refused only if used)."""
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{where} needs dtype, shape and data_offsets, got {entry!r:.200}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where} has dtype {dtype!r:.50}, not a string")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where} has shape {shape!r:.100}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r:.100}, not [begin, end] with "
+                                  "0 <= begin <= end")
+        if dtype in DTYPES and math.prod(shape) * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{where} of shape {shape} and dtype {dtype} needs "
+                                  f"{math.prod(shape) * DTYPES[dtype].itemsize} bytes, its data_offsets span "
+                                  f"{offsets[1] - offsets[0]}")
+        return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -68,7 +125,8 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         code = self.entries[name]["dtype"]
         if code not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r:.50}; supported: "
+                                  f"{', '.join(DTYPES)}")
         return DTYPES[code]
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,11 +137,14 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         buffer = out.reshape(-1).view(torch.uint8).numpy()
         if buffer.nbytes != end - begin:
-            raise ValueError(f"{self.path}: tensor {name!r} holds {end - begin} bytes, expected {buffer.nbytes}")
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(memoryview(buffer)) != buffer.nbytes:
-                raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds {end - begin} bytes, expected {buffer.nbytes}")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                    raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror or e}") from e
         return out
 
 
@@ -98,33 +159,37 @@ class Checkpoint:
     """Every tensor of a checkpoint directory, from `model.safetensors` or the shards of its index.
 
     A tensor `W` stored with a companion `W_scale_inv` is block-quantized FP8 and is read dequantized (fp32);
-    `block` is the tile shape (HF `quantization_config.weight_block_size`).
+    `block` is the tile shape (HF `quantization_config.weight_block_size`). Files are read only inside `directory`
+    (or `roots`, see `hub_blobs`).
     """
 
-    def __init__(self, directory: Path, block: tuple[int, int] | None = None) -> None:
+    def __init__(self, directory: Path, block: tuple[int, int] | None = None, roots: tuple[Path, ...] = ()) -> None:
         self.block = block
-        index_path, single = directory / INDEX_FILE, directory / SINGLE_FILE
+        index_path, single = (confined(directory, name, roots) for name in (INDEX_FILE, SINGLE_FILE))
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index_path} is not a valid safetensors index: {e}") from e
-            files = {}
-            for file in sorted(set(weight_map.values())):
-                if not (directory / file).is_file():
-                    raise FileNotFoundError(f"shard {file} listed in {index_path} does not exist")
-                files[file] = SafetensorsFile(directory / file)
+            weight_map = _weight_map(index_path)
+            files: dict[Path, SafetensorsFile] = {}
             self.where = {}
             for name, file in weight_map.items():
-                if name not in files[file].entries:
-                    raise ValueError(f"{index_path} puts tensor {name!r} in {file}, which does not contain it")
-                self.where[name] = files[file]
+                path = confined(directory, file, roots)  # a name such as ../x or /x is refused, not followed
+                if path not in files:
+                    try:
+                        found = path.is_file()  # a regular file: opening a FIFO or a device could block
+                    except OSError as e:
+                        raise CheckpointError(f"cannot read shard {file!r:.100} listed in {index_path}: "
+                                              f"{e.strerror}") from e
+                    if not found:
+                        raise CheckpointNotFoundError(f"shard {file} listed in {index_path} does not exist")
+                    files[path] = SafetensorsFile(path)
+                if name not in files[path].entries:
+                    raise CheckpointError(f"{index_path} puts tensor {name!r} in {file}, which does not contain it")
+                self.where[name] = files[path]
         elif single.is_file():
             file = SafetensorsFile(single)
             self.where = {name: file for name in file.entries}
         else:
-            raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
-                                    f"checkpoints are supported)")
+            raise CheckpointNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
+                                          "checkpoints are supported)")
 
     @property
     def names(self) -> set[str]:
@@ -144,9 +209,13 @@ class Checkpoint:
         if not self.is_quantized(name):
             return self.where[name].read(name, out)
         if self.block is None:
-            raise ValueError(f"tensor {name!r} has a block scale but config.json has no "
-                             "quantization_config.weight_block_size")
+            raise CheckpointError(f"tensor {name!r} has a block scale but config.json has no "
+                                  "quantization_config.weight_block_size")
         scale = f"{name}_scale_inv"
+        (rows, cols), (b0, b1) = self.shape(name), self.block
+        if self.shape(scale) != (-(-rows // b0), -(-cols // b1)):
+            raise CheckpointError(f"{scale} has shape {self.shape(scale)}, but {name} {(rows, cols)} in tiles of "
+                                  f"{self.block} needs {(-(-rows // b0), -(-cols // b1))}")
         weight = dequantize_blocks(self.where[name].read(name), self.where[scale].read(scale), self.block)
         return weight if out is None else out.copy_(weight)
 
@@ -154,10 +223,30 @@ class Checkpoint:
         """What `dtype=None` loads as: the dtype of the first 16/32/64-bit floating-point tensor (by name), or
         bfloat16 for an all-FP8 checkpoint."""
         for name in sorted(self.where):
-            dtype = self.where[name].dtype(name)
-            if dtype.is_floating_point and dtype.itemsize >= 2:
+            dtype = DTYPES.get(self.where[name].entries[name]["dtype"])
+            if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
                 return dtype
         return torch.bfloat16
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The tensor name -> shard file name map of a safetensors index."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index: {type(e).__name__}: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {index_path}: {e.strerror or e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to file names")
+    return weight_map
+
+
+def hub_blobs(directory: Path) -> tuple[Path, ...]:
+    """Where else the files of `directory` may live: a Hugging Face hub cache snapshot (<repo>/snapshots/<rev>)
+    holds symlinks into <repo>/blobs, written by the hub client, not named by the checkpoint."""
+    real = directory.resolve()
+    return (real.parent.parent / "blobs",) if real.parent.name == "snapshots" else ()
 
 
 def _native_maps(config: ModelConfig) -> list[TensorMap]:
@@ -169,23 +258,34 @@ def _native_maps(config: ModelConfig) -> list[TensorMap]:
     return [copy(k, k) for k in keys if not (config.tie_embeddings and k == "lm_head.weight")]
 
 
-def _read_config(directory: Path) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
+def _read_config(directory: Path, roots: tuple[Path, ...] = ()) -> tuple[ModelConfig, list[TensorMap],
+                                                                       Callable[[str], bool]]:
     """The model config, its tensor maps and the predicate of checkpoint tensors to skip."""
-    hf_path, native_path = directory / HF_CONFIG, directory / NATIVE_CONFIG
+    hf_path, native_path = (confined(directory, name, roots) for name in (HF_CONFIG, NATIVE_CONFIG))
     if hf_path.is_file():
         try:
             hf = json.loads(hf_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{hf_path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{hf_path} is not valid JSON: {e}") from e
         family = get_family(hf.get("model_type"))
         config = family.config_from_hf(hf)
         tied = config.tie_embeddings
         skip = lambda n: family.ignore(n, config) or (tied and n == "lm_head.weight")  # noqa: E731
         return config, family.tensor_maps(config), skip
     if native_path.is_file():
-        config = ModelConfig.from_yaml(native_path)
+        try:
+            config = ModelConfig.from_yaml(native_path)
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{native_path} is not valid YAML: {e}") from e
+        except ConfigError as e:  # its message names the file
+            raise CheckpointError(str(e)) from e
         return config, _native_maps(config), lambda n: False
-    raise FileNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} (moeformer)")
+    raise CheckpointNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} "
+                                  "(moeformer)")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "floating-point" if dtype.is_floating_point else "boolean" if dtype == torch.bool else "integer"
 
 
 def _listing(names: list[str], limit: int = 20) -> str:
@@ -194,7 +294,7 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 
 def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]):
-    """Pick the stored layout of each of our tensors; a ValueError lists missing and unexpected names."""
+    """Pick the stored layout of each of our tensors; a CheckpointError lists missing and unexpected names."""
     available = ckpt.names
     plan, missing = [], []
     for m in maps:
@@ -210,7 +310,7 @@ def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]
     if missing or unexpected:
         parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}"] if unexpected else []
-        raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
     return plan
 
 
@@ -220,6 +320,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     dtype: parameter dtype (default: the checkpoint's; bfloat16 for FP8 block-quantized DeepSeek-V3 weights, which
     are dequantized); buffers keep theirs. device: where the weights go (default CPU). Returns the model in eval mode.
+    Safe on untrusted checkpoints: only data is read, only from files inside `path` (names and symlinks leading out
+    are refused), and any problem with the checkpoint raises a CheckpointError naming it.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
@@ -227,10 +329,11 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    config, maps, ignore = _read_config(directory)
+        raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist")
+    roots = hub_blobs(directory)
+    config, maps, ignore = _read_config(directory, roots)
     block = ((config.extra.get("hf_config") or {}).get("quantization_config") or {}).get("weight_block_size")
-    ckpt = Checkpoint(directory, tuple(block) if block else None)
+    ckpt = Checkpoint(directory, tuple(block) if block else None, roots)
     plan = _plan(maps, ckpt, ignore)
     with torch.device("meta"):
         model = CausalLM(config)
@@ -240,17 +343,22 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if planned != expected:
         raise RuntimeError(f"key map and model disagree: model-only {sorted(expected - planned)}, "
                            f"map-only {sorted(planned - expected)}")
-    mismatches = []
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    mismatches, kinds = [], []
     for m, layout in plan:
         want = source_shapes(layout, tuple(targets[m.ours].shape))
+        kind = _kind(torch.float32 if m.ours in params else targets[m.ours].dtype)
         for name, shape in zip(layout.names, want):
             if ckpt.shape(name) != shape:
                 mismatches.append(f"{name}: checkpoint {ckpt.shape(name)} vs model {shape} (for {m.ours})")
+            if _kind(ckpt.dtype(name)) != kind:  # an integer tensor would be cast into a float parameter silently
+                kinds.append(f"{name}: {_kind(ckpt.dtype(name))} {ckpt.dtype(name)} for {kind} {m.ours}")
     if mismatches:
-        raise ValueError(f"{len(mismatches)} tensor shape mismatch(es): {_listing(mismatches)}")
+        raise CheckpointError(f"{len(mismatches)} tensor shape mismatch(es): {_listing(mismatches)}")
+    if kinds:
+        raise CheckpointError(f"{len(kinds)} tensor(s) of the wrong kind: {_listing(kinds)}")
 
     dtype = dtype or ckpt.default_dtype()
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state = {}
     for m, layout in plan:
         target = targets[m.ours]
@@ -305,26 +413,103 @@ def _shards(maps: list[TensorMap], sizes: dict[str, int], limit: int) -> list[li
     return shards + [current] if current else shards
 
 
+OUR_SHARD = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
+
+
+def _owned(directory: Path) -> set[str]:
+    """Names in checkpoint `directory` that a save replaces: the configs, the index and the weight files (ours by
+    name, or listed by the index). Everything else there (tokenizer, README, generation config...) is kept."""
+    names = {HF_CONFIG, NATIVE_CONFIG, SINGLE_FILE, INDEX_FILE}
+    if (directory / INDEX_FILE).is_file():
+        try:
+            names |= {f for f in _weight_map(directory / INDEX_FILE).values() if f.endswith(".safetensors")}
+        except CheckpointError:
+            pass  # an unreadable index lists nothing
+    return names | {p.name for p in directory.iterdir() if OUR_SHARD.fullmatch(p.name)}
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into `new` every entry of checkpoint directory `old` that the save does not own."""
+    owned = _owned(old)
+    for entry in old.iterdir():
+        if entry.name in owned:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap directories `a` and `b` in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or file system has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished `tmp` to `target`; an existing checkpoint there is removed only afterwards."""
+    """Put the finished `tmp` at `target`. An existing `target` is exchanged with `tmp` atomically, so the path
+    always holds a complete checkpoint; the old one is deleted afterwards (anything that appeared in it meanwhile,
+    and that the save does not own, is moved over first). Without an atomic exchange (not Linux), the old
+    directory is renamed away just before the new one is renamed in."""
     if not target.exists():
         os.rename(tmp, target)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, backup / target.name)
-    os.rename(tmp, target)
-    shutil.rmtree(backup)
+    if exchange_dirs(tmp, target):
+        old = trash = tmp
+    else:
+        trash = _sibling_dir(target, "old")
+        old = trash / target.name
+        os.rename(target, old)
+        os.rename(tmp, target)
+    owned = _owned(old)
+    for entry in old.iterdir():
+        if entry.name not in owned and not os.path.lexists(target / entry.name):
+            os.rename(entry, target / entry.name)
+    shutil.rmtree(trash)
+
+
+def _sibling_dir(target: Path, kind: str) -> Path:
+    """A new empty directory beside `target` (same file system: renames between them are atomic), made with the
+    default permissions (tempfile.mkdtemp's 0700 would be kept by the checkpoint)."""
+    while True:
+        path = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> Path:
     """Write `model` to directory `path` atomically: everything goes to a temporary sibling directory that
     replaces `path` only once complete. format "hf": config.json + safetensors in the HF family's names;
-    "native": config.yaml + safetensors of our state_dict. `dtype` casts floating-point parameters."""
+    "native": config.yaml + safetensors of our state_dict. `dtype` casts floating-point parameters.
+
+    Saving over a checkpoint replaces only its own files (configs, index, weights): other files there (tokenizer,
+    README, generation config) are kept. A failed write raises an OSError naming the file and the cause."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     limit = parse_size(max_shard_size)
-    target = Path(path)
+    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not any((target / f).exists() for f in (HF_CONFIG, NATIVE_CONFIG)):
@@ -346,26 +531,37 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
     shards = _shards(maps, sizes, limit)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _sibling_dir(target, "tmp")
     try:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for m in shard:
-                tensor = state[m.ours].detach().to(device="cpu", dtype=stored_dtype(m.ours))
-                tensors.update(zip(m.export.names, to_hf(tensor, m.export)))
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, file))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        if hf_config is not None:
-            saved = stored_dtype(next(k for k in state if k in params))
-            hf_config["dtype"] = hf_config["torch_dtype"] = str(saved).removeprefix("torch.")
-            (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-        else:
-            config.save(tmp / NATIVE_CONFIG)
+        if target.is_dir():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        file = tmp
+        try:
+            weight_map = {}
+            for k, shard in enumerate(shards):
+                name = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                file, tensors = tmp / name, {}
+                for m in shard:
+                    tensor = state[m.ours].detach().to(device="cpu", dtype=stored_dtype(m.ours))
+                    tensors.update(zip(m.export.names, to_hf(tensor, m.export)))
+                save_file(tensors, file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, name))
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+                file = tmp / INDEX_FILE
+                file.write_text(json.dumps(index, indent=2))
+            if hf_config is not None:
+                saved = stored_dtype(next(k for k in state if k in params))
+                hf_config["dtype"] = hf_config["torch_dtype"] = str(saved).removeprefix("torch.")
+                file = tmp / HF_CONFIG
+                file.write_text(json.dumps(hf_config, indent=2))
+            else:
+                file = tmp / NATIVE_CONFIG
+                config.save(file)
+        except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished directory
+            raise write_error(target / file.relative_to(tmp), e) from e
+        if target.is_dir():
+            _carry_over(target, tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moeformer.errors import ConfigError
 from moeformer.layers.moe.config import MoEConfig
+from moeformer.layers.quant.formats import check_format
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -75,12 +80,18 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (bounds fp32 logits memory)
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific settings kept for export
+    # weight-only format of the linear and expert weights, e.g. {"mode": "int4", "group_size": 128} (see
+    # moeformer.quantize); None: full precision
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for key, value in _checked(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                                     "model").items():
+            setattr(self, key, value)
         if isinstance(self.moe, dict):
-            self.moe = _dataclass_from_dict(MoEConfig, self.moe, "moe")
+            self.moe = _dataclass_from_dict(MoEConfig, self.moe, "model.moe")
         if isinstance(self.mla, dict):
-            self.mla = _dataclass_from_dict(MLAConfig, self.mla, "mla")
+            self.mla = _dataclass_from_dict(MLAConfig, self.mla, "model.mla")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -103,6 +114,8 @@ class ModelConfig:
             bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"moe_layers {bad} are outside [0, n_layers={self.n_layers})")
+        if self.quantization is not None:
+            self.quantization = _quantization_record(self.quantization)
         if self.attention_types is not None and len(self.attention_types) == 0:
             raise ValueError("attention_types must not be empty (use None for softmax everywhere)")
         unknown = sorted(set(self.attention_types or ()) - set(ATTENTION_TYPES))
@@ -148,11 +161,11 @@ class ModelConfig:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(d).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(d).__name__}")
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from e
 
     def save(self, path: str | Path) -> None:
         """Write as YAML (.yaml/.yml) or JSON (anything else)."""
@@ -186,9 +199,58 @@ class ModelConfig:
         return ModelConfig.from_dict(d)
 
 
+def _quantization_record(record: Any) -> dict[str, Any]:
+    """The validated `quantization` record, with its group size filled in."""
+    if not isinstance(record, dict) or "mode" not in record or set(record) - {"mode", "group_size"}:
+        raise ValueError(f"quantization must be a mapping with 'mode' and optionally 'group_size', got {record!r}")
+    record = {"mode": record["mode"], "group_size": record.get("group_size", 128)}
+    check_format(record["mode"], record["group_size"])
+    return record
+
+
 def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {where} config key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**d)
+    return cls(**_checked(cls, d, where))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _checked(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """`d` (fields of dataclass `cls`) with each value checked against its field's type by `check_value`."""
+    hints = _field_types(cls)
+    return {key: check_value(f"{where}.{key}", value, hints[key]) for key, value in d.items()}
+
+
+def check_value(key: str, value: Any, hint: Any) -> Any:
+    """`value` of config key `key` if it fits type `hint`, else a ConfigError naming the key. Ints and numeric
+    strings ("2e-3", which YAML leaves a string) become floats where a float is expected; list items are checked."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options or Any in options:
+            return None
+        raise ConfigError(f"config key {key!r} must not be null")
+    if any(typing.get_origin(o) is dict for o in options):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
+    lists = [o for o in options if typing.get_origin(o) is list]
+    if lists:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        (item,) = typing.get_args(lists[0])
+        return [check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if float in options and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}") from None
+    scalar = [t for t in options if t in (int, str, bool)]
+    if scalar and not any(type(value) is t for t in scalar):
+        raise ConfigError(f"config key {key!r} expects {' or '.join(t.__name__ for t in scalar)}, got {value!r}")
+    return value

@@ -13,8 +13,12 @@ from moeformer.layers.lm_head import IGNORE_INDEX, LMHead, chunked_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
+from moeformer.layers.quant import QuantizedWeight
 from moeformer.layers.rope import RotaryEmbedding
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
+from moeformer.models.quantize import build_quantized
+
+OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "w_out")  # initialised with std scaled by depth
 
 
 @dataclass
@@ -112,17 +116,27 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(
             config.rotary_dim, theta=config.rope_theta, max_seq_len=config.max_seq_len, scaling=config.rope_scaling
         )
+        if config.quantization:  # the empty quantized structure that the record describes
+            build_quantized(self)
 
     # ---- initialisation ------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Normal(0, init_std) for matrices, ones for norms, zeros for biases; output projections scaled by depth."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
-            else:
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight", "w_out")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
+        """Normal(0, init_std) for matrices, ones for norms, zeros for biases; output projections scaled by depth.
+        Quantized weights get the quantized codes of such a draw."""
+        depth_scale = (2 * self.config.n_layers) ** -0.5
+
+        def std(name: str) -> float:
+            return self.config.init_std * (depth_scale if name.endswith(OUTPUT_PROJECTIONS) else 1.0)
+
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=std(name))
+            for name, module in self.named_modules():
+                if isinstance(module, QuantizedWeight):
+                    module.quantize_(torch.empty(module.shape, device=module.codes.device).normal_(0.0, std(name)))
         self.reset_buffers()
 
     def reset_buffers(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -15,11 +16,12 @@ class ParamCount(NamedTuple):
 
 
 def count_params(config: ModelConfig) -> ParamCount:
-    """Count parameters by building the model on the meta device (no memory is allocated)."""
+    """Count parameters by building the model on the meta device (no memory is allocated); a quantized config
+    counts the weights its codes stand for."""
     from moeformer.models.model import CausalLM
 
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(dataclasses.replace(config, quantization=None))
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for block in model.layers:

@@ -43,6 +43,9 @@ class ParallelConfig:
     def validate_model(self, config: ModelConfig) -> None:
         """ValueError naming the model size that the parallel sizes do not divide (experts, heads, layers, vocab)."""
         problems = []
+        if config.quantization and (self.ep > 1 or self.tp > 1 or self.pp > 1):
+            problems.append(f"a {config.quantization['mode']}-quantized model runs on one device; parallelise the "
+                            "full-precision model")
         if self.ep > 1:
             if config.moe is None:
                 problems.append(f"ep={self.ep} needs a MoE model, {config.name!r} has no experts")

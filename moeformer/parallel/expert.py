@@ -68,6 +68,10 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
             raise RuntimeError(f"DeepSpeed has no expert group {self.expert_group_name!r}; build the model with "
                                "moeformer.parallel.parallelize")
 
+    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+        """Never: tokens must travel to the ranks holding their experts, through `forward`."""
+        return False
+
     def forward(
         self,
         x: Tensor,

@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moeformer.errors import CheckpointError, CheckpointNotFoundError
+from moeformer.safe_files import confined, load_pickle
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -116,19 +119,25 @@ def save_layout(model: nn.Module, directory: str | Path) -> None:
 def consolidate_checkpoint(directory: str | Path, tag: str) -> dict[str, Tensor]:
     """The full (single-process layout) weights of a DeepSpeed checkpoint `<directory>/<tag>` saved with any
     expert / tensor layout (ZeRO 0-2; `save_layout` and, for ep > 1, `save_expert_checkpoint` written beside it).
-    Runs in one process; load the result with `load_state_dict` or `load_full_state_dict` into another layout."""
+    Runs in one process; load the result with `load_state_dict` or `load_full_state_dict` into another layout.
+    Reads only files inside `<directory>/<tag>`, unpickled with the allow-list of `moeformer.safe_files`."""
     directory = Path(directory)
-    layout_path = directory / LAYOUT_FILE
+    checkpoint = confined(directory, tag)
+    layout_path = confined(directory, LAYOUT_FILE)
     if not layout_path.is_file():
-        raise FileNotFoundError(f"{layout_path} is missing: call moeformer.parallel.save_layout(model, {directory})")
-    layout = json.loads(layout_path.read_text())
-    files = sorted((directory / tag).glob("mp_rank_*_model_states.pt"))
+        raise CheckpointNotFoundError(f"{layout_path} is missing: call moeformer.parallel.save_layout(model, "
+                                      f"{directory})")
+    try:
+        layout = json.loads(layout_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{layout_path} is not valid JSON: {e}") from e
+    files = sorted(confined(checkpoint, f.name) for f in checkpoint.glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise FileNotFoundError(f"no mp_rank_*_model_states.pt in {directory / tag}")
-    modules = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+        raise CheckpointNotFoundError(f"no mp_rank_*_model_states.pt in {checkpoint}")
+    modules = [load_pickle(f, map_location="cpu")["module"] for f in files]
     experts: dict[str, Tensor] = {}
-    for f in (directory / tag).glob("layer_*_expert_*_model_states.pt"):  # tensor ranks hold copies: any will do
-        experts.update(torch.load(f, map_location="cpu", weights_only=False))
+    for f in checkpoint.glob("layer_*_expert_*_model_states.pt"):  # tensor ranks hold copies: any will do
+        experts.update(load_pickle(confined(checkpoint, f.name), map_location="cpu"))
     full = dict(modules[0])
     for name, spec in layout.items():
         if spec["kind"] == "expert":

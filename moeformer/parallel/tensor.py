@@ -103,6 +103,10 @@ class TensorParallelExperts(Experts):
         self.w_in = _shard(experts.w_in, 2, group, blocks=2 if experts.activation == "swiglu" else 1)
         self.w_out = _shard(experts.w_out, 1, group)
 
+    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+        """Never: the partial expert outputs are summed over the group inside `ffn`."""
+        return False
+
     def ffn(self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None,
             rows: Tensor | None = None) -> Tensor:
         # each rank's weight gradient sums over its slice of the activation only: reduce it like x's

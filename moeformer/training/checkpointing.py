@@ -8,10 +8,12 @@ Layout of `<out_dir>/checkpoints/`:
     latest                    the newest complete tag (replaced atomically; DeepSpeed's loaders read it too)
 
 A save goes to a hidden `.staging-step_...` directory: its files are fsynced, then COMPLETE is written, and only then
-is it renamed into place, replacing an older save of the same step (moved aside to `.replaced-...` first and deleted
-once the new one is in place); deleted directories go through `.trash-...`. A checkpoint is never written from NaN/inf
-weights or optimizer state, and pruning never deletes the checkpoint just saved nor anything newer.
-`resolve("auto")` resumes from the newest checkpoint that verifies, warning about each newer one it skips.
+is it renamed into place; an earlier save of the same step is deleted only once the new one is in place (exchanged
+atomically on Linux, else moved aside to `.replaced-...` first); deleted directories go through `.trash-...`. A
+checkpoint is never written from NaN/inf weights or optimizer state, and pruning never deletes the checkpoint just
+saved nor anything newer. `resolve("auto")` resumes from the newest checkpoint that verifies, warning about each
+newer one it skips. Loading reads only files inside the checkpoint directory and unpickles them with an allow-list
+(`moeformer.safe_files`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ import shutil
 import uuid
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
+from moeformer.models.checkpoint import exchange_dirs
+from moeformer.safe_files import confined, load_pickle
 
 COMPLETE_FILE = "COMPLETE"
 MARKER_FORMAT = 1
@@ -38,14 +46,6 @@ TAG_PREFIX = "step_"
 STAGING_PREFIX = ".staging-"  # a save in progress (hidden: never taken for a checkpoint)
 REPLACED_PREFIX = ".replaced-"  # an earlier save of a step, until its replacement is in place
 TRASH_PREFIX = ".trash-"  # a directory being deleted
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
-
-
-class NonFiniteStateError(CheckpointError):
-    """The weights or optimizer state hold NaN/inf: such a state is never saved."""
 
 
 def tag_for(step: int) -> str:
@@ -143,11 +143,19 @@ class CheckpointManager:
             if staging.exists():  # a leftover of an interrupted save of the same step
                 shutil.rmtree(staging)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step}, save_latest=False)
-        save_parallel_extras(engine, self.root, staging.name)
-        torch.save({"step": step, **trainer_state, "rng": rng_state()}, staging / f"trainer_state_rank{self.rank}.pt")
-        if self.rank == 0 and run_info is not None:
-            (staging / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
+        try:
+            with checkpoint_files(engine, staging):
+                engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step},
+                                       save_latest=False)
+                save_parallel_extras(engine, self.root, staging.name)
+            state_file = staging / f"trainer_state_rank{self.rank}.pt"
+            with naming_file(state_file), open(state_file, "wb") as f:
+                torch.save({"step": step, **trainer_state, "rng": rng_state()}, f)
+            if self.rank == 0 and run_info is not None:
+                with naming_file(staging / RUN_INFO_FILE):
+                    (staging / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only or vanished directory, a quota
+            raise write_error(staging, e) from e
         _barrier()
         if int(os.environ.get("LOCAL_RANK", self.rank)) == 0:  # one rank per node: the files written on that node
             fsync_tree(staging)
@@ -209,7 +217,7 @@ class CheckpointManager:
         marker = self.root / LATEST_FILE
         if marker.is_file():
             path = self.root / marker.read_text().strip()
-            if path in ordered:
+            if path in ordered:  # a step directory of this run, never elsewhere
                 ordered.remove(path)
                 ordered.insert(0, path)
         return ordered
@@ -278,9 +286,12 @@ class CheckpointManager:
         if path not in self._verified:
             self._verify(path)
         try:
-            load_path, client_state = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+            with checkpoint_files(engine, path):
+                load_path, client_state = engine.load_checkpoint(
+                    str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except CheckpointError:
+            raise
         except Exception as e:  # DeepSpeed raises whatever torch.load or its own asserts raise on bad files
             raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
         if load_path is None:
@@ -288,10 +299,9 @@ class CheckpointManager:
         state_file = path / f"trainer_state_rank{self.rank}.pt"
         if not state_file.is_file():  # a different world size: the data position is global, rank 0 holds it too
             state_file = path / "trainer_state_rank0.pt"
-        try:
-            state = torch.load(state_file, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read trainer state {state_file}: {type(e).__name__}: {e}") from e
+        state = load_pickle(confined(path, state_file.name))
+        if not isinstance(state, dict) or not {"step", "rng"} <= state.keys():
+            raise CheckpointError(f"{state_file} is not a trainer state (no step and RNG states)")
         if state["step"] != client_state.get("step"):
             raise CheckpointError(f"{path}: trainer state is for step {state['step']}, engine state for "
                                   f"step {client_state.get('step')}")
@@ -300,9 +310,13 @@ class CheckpointManager:
 
 
 def publish(staging: Path, path: Path) -> None:
-    """Rename the complete checkpoint `staging` to `path`. An existing `path` (an earlier save of the same step)
-    is moved aside first and deleted only once the new one is in place; `CheckpointManager.recover` finishes the
-    job after a kill between the two renames."""
+    """Rename the complete checkpoint `staging` to `path`. An existing `path` (an earlier save of the same step) is
+    deleted only once the new one is in place: exchanged with it atomically where the system can (Linux), else moved
+    aside first, `CheckpointManager.recover` finishing the job after a kill between the two renames."""
+    if path.exists() and exchange_dirs(staging, path):
+        fsync_dir(path.parent)
+        remove_dir(staging)  # now the earlier save
+        return
     replaced = path.with_name(f"{REPLACED_PREFIX}{path.name}")
     if path.exists():
         if replaced.exists():
@@ -342,6 +356,40 @@ def _finite(t: Any) -> bool:
     return not (torch.is_tensor(t) and t.is_floating_point()) or bool(torch.isfinite(t).all())
 
 
+class ConfinedCheckpointEngine:
+    """A DeepSpeed checkpoint engine whose loads read only files inside checkpoint directory `root`, through the
+    allow-listed unpickler, and whose failed saves name their file; everything else is the wrapped engine's."""
+
+    def __init__(self, inner, root: Path) -> None:
+        self.inner, self.root = inner, root
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None) -> Any:
+        return load_pickle(confined(self.root, os.path.relpath(path, self.root)), map_location)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        with naming_file(path):
+            if type(self.inner) is not TorchCheckpointEngine:
+                return self.inner.save(state_dict, path)
+            with open(path, "wb") as f:  # through a Python file a failed write keeps its errno (ENOSPC, EDQUOT)
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+
+
+@contextmanager
+def checkpoint_files(engine, root: Path) -> Iterator[None]:
+    """Route `engine`'s checkpoint file reads and writes through a `ConfinedCheckpointEngine` for checkpoint `root`."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = ConfinedCheckpointEngine(inner, root)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+
+
 def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
     """CRC-32 of a file's bytes (torch.load does not notice flipped bytes inside tensor data)."""
     crc = 0
@@ -353,6 +401,9 @@ def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
 
 def verify(path: Path) -> dict[str, Any]:
     """Check that `path` is a complete checkpoint whose files all have the size and CRC-32 recorded at save time."""
+    for root, dirs, names in os.walk(path):  # no symlink may lead out of the checkpoint
+        for name in dirs + names:
+            confined(path, Path(root, name).relative_to(path))
     marker = path / COMPLETE_FILE
     if not marker.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: no {COMPLETE_FILE} marker (interrupted save?)")
@@ -363,8 +414,12 @@ def verify(path: Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != MARKER_FORMAT:
         raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker is not of format {MARKER_FORMAT} "
                               "(written by another version of moeformer?)")
-    for name, saved in info["files"].items():
-        file = path / name
+    files = info.get("files")
+    if not isinstance(files, dict) or not all(isinstance(s, dict) and {"size", "crc32"} <= s.keys()
+                                              for s in files.values()):
+        raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker has no valid file list")
+    for name, saved in files.items():
+        file = confined(path, name)
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
         if file.stat().st_size != saved["size"]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from moeformer.models.config import ModelConfig
+from moeformer.errors import ConfigError, ResumeConfigError
+from moeformer.models.config import ModelConfig, check_value
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
@@ -120,7 +120,7 @@ class RunConfig:
         _check_choice("train.activation_checkpointing", self.train.activation_checkpointing, ACTIVATION_CHECKPOINTING)
         _check_choice("checkpoint.export", self.checkpoint.export, EXPORT_FORMATS)
         if self.train.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
         if self.train.compile:
             self._check_compile()
         if self.parallel.pp > 1:
@@ -129,14 +129,14 @@ class RunConfig:
                     "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
+                raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
         if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, "
-                             f"{self.optim.lr}")
+            raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, "
+                              f"{self.optim.lr}")
         if not 0.0 < self.optim.decay_fraction <= 1.0:
-            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
+            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
         if self.checkpoint.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         self.model_config()  # validates the model section now rather than after start-up
 
     def _check_compile(self) -> None:
@@ -146,15 +146,15 @@ class RunConfig:
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
         if self.parallel.pp > 1:
-            raise ValueError(f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
-                             f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false")
+            raise ConfigError(f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
+                              f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false")
 
     def _check_pipeline(self) -> None:
         """What DeepSpeed's pipeline engine and our pipeline stages support."""
         pp = self.parallel.pp
         if self.train.zero_stage > 1:
-            raise ValueError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
-                             f"run ZeRO-{self.train.zero_stage})")
+            raise ConfigError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
+                              f"run ZeRO-{self.train.zero_stage})")
 
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
@@ -168,6 +168,8 @@ class RunConfig:
             raise KeyError("the model section needs `name`: a zoo model such as tiny-moe")
         try:
             return ModelConfig.from_name(name, **overrides)
+        except ConfigError:
+            raise
         except ValueError as e:
             raise KeyError(f"model section: {e}") from e
 
@@ -187,10 +189,6 @@ class RunConfig:
 RESUME_FREE_KEYS = ("out_dir", "checkpoint", "train.progress_bar", "train.log_every", "train.eval_every",
                     "train.eval_batches", "train.peak_tflops", "train.max_nonfinite", "train.compile",
                     "train.compile_backend", "train.activation_checkpointing", "train.checkpoint_every_k")
-
-
-class ResumeConfigError(ValueError):
-    """A resume would continue a run with a configuration it was not started with, and the change was not allowed."""
 
 
 def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -240,7 +238,7 @@ def _covered(key: str, names: list[str] | tuple[str, ...]) -> bool:
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
@@ -250,7 +248,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 def _build(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
-        raise TypeError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
+        raise ConfigError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
@@ -262,37 +260,9 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for name, value in d.items():
         sub = _section_type(cls, name)
-        kwargs[name] = _build(sub, value, f"{where}{name}.") if sub is not None else _coerce(where + name, value,
-                                                                                              hints[name])
+        kwargs[name] = _build(sub, value, f"{where}{name}.") if sub is not None else check_value(
+            where + name, value, hints[name])
     return cls(**kwargs)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a scalar field type; ints and numeric strings ("2e-3", which YAML leaves a string)
-    become floats where a float is expected."""
-    if typing.get_origin(hint) is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"config key {key!r} must be a mapping (e.g. name: tiny-moe), got {value!r}")
-        return value
-    if typing.get_origin(hint) is list:  # a YAML list, or one comma-separated string from the command line
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise TypeError(f"config key {key!r} expects a list of names (a,b,c), got {value!r}")
-        return items
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise TypeError(f"config key {key!r} must not be null")
-    if float in options and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise TypeError(f"config key {key!r} expects a number, got {value!r}") from None
-    scalar = [t for t in options if t in (int, str, bool)]
-    if scalar and not any(type(value) is t for t in scalar):
-        raise TypeError(f"config key {key!r} expects {' or '.join(t.__name__ for t in scalar)}, got {value!r}")
-    return value
 
 
 def _section_type(cls: type, name: str) -> type | None:

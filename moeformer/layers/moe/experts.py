@@ -1,7 +1,9 @@
 """Routed experts stored as 3-D weights and run over an expert-sorted buffer of token slots: one grouped GEMM
 (torch._grouped_mm) where supported, else a reference loop over experts. Dropless, or capped per expert.
 
-Two dispatch paths share the expert FFN: the generic one (any slot layout, capacity limits) gathers slots into the
+Three paths. The fused one (fused_experts.py) reads each chosen expert's weights in place, for inference: decoding
+(few tokens, where sorting into a buffer costs more than the matmuls) and every quantized forward. Two training
+dispatch paths share the expert FFN: the generic one (any slot layout, capacity limits) gathers slots into the
 sorted buffer and scatter-adds the weighted outputs back; the token-major dropless one (token t owns slots t*k ..
 t*k+k-1, the layout of top-k routing) applies the routing weights inside the activation, only gathers, in both
 directions and in both passes, and sums each token's k outputs in one fused pass (moe/kernels.py): no atomics, no
@@ -16,9 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeformer.layers.quant import QuantizedWeight
+
+from .fused_experts import MAX_SCAN_SLOTS, fused_experts, triton_serves
 from .kernels import Combine, PermuteRows, swiglu
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+# Full-precision experts take the fused path up to this many tokens (decoding up to batch 64); beyond it the sorted
+# buffer and grouped GEMM read each expert's weights once for many rows and win. To be tuned by measurement.
+FUSED_MAX_TOKENS = 64
 
 
 @dataclass
@@ -124,6 +132,75 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         nn.init.normal_(self.w_in, std=init_std)
         nn.init.normal_(self.w_out, std=init_std)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.w_in, QuantizedWeight)
+
+    @torch.no_grad()
+    def quantize_(self, mode: str, group_size: int = 128, empty: bool = False) -> None:
+        """Replace w_in and w_out by int8/int4 `QuantizedWeight`s (codes (E, out, in)): quantized from the current
+        weights, or `empty` (shapes only, on the weights' device, meta included) for a loader to fill."""
+        quantized = {}
+        for name in ("w_in", "w_out"):
+            w = getattr(self, name)
+            q = QuantizedWeight(tuple(w.shape), mode, group_size, w.dtype, w.device if empty else "meta",
+                                transposed=True)
+            quantized[name] = q if empty else q.quantize_(w.detach())
+        for name, q in quantized.items():
+            delattr(self, name)
+            setattr(self, name, q)
+
+    def dense_weights(self) -> tuple[Tensor, Tensor]:
+        """(w_in, w_out) in full precision: the parameters, or the dequantised codes in fp32."""
+        if self.quantized:
+            return self.w_in.dequantize(), self.w_out.dequantize()
+        return self.w_in, self.w_out
+
+    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+        """Whether `forward_fused` serves x (N, dim). Always for quantized experts (the only path that reads codes).
+        Full-precision experts take it to decode: not training, no gradient needed, at most FUSED_MAX_TOKENS tokens,
+        dropless, the Triton kernels available for x and the weights in the compute dtype."""
+        if self.quantized:
+            return True
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad)
+        return (not self.training and not grad and capacity is None and x.shape[0] <= FUSED_MAX_TOKENS
+                and triton_serves(x) and self.w_in.dtype == compute_dtype(x))
+
+    def forward_fused(
+        self,
+        x: Tensor,
+        token_idx: Tensor,
+        expert_idx: Tensor,
+        weights: Tensor,
+        valid: Tensor | None,
+        capacity: int | None = None,
+        slots_per_token: int | None = None,
+        count_load: bool = True,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """`forward` through the fused kernels: same arguments and output; padding and dropped slots get weight 0.
+        Returns (out, (tokens_per_expert, dropped)), the load only when `count_load` (or a capacity needs it)."""
+        e = self.num_experts
+        keep, load = valid, None
+        if capacity is not None:
+            plan = plan_dispatch(expert_idx, valid, e, capacity)
+            keep = torch.zeros_like(expert_idx, dtype=torch.bool).scatter_(0, plan.order, plan.kept)
+            load = (plan.tokens_per_expert, plan.dropped)
+        elif count_load:
+            real = expert_idx if valid is None else torch.where(valid, expert_idx, e)
+            load = (_bincount(real, e + 1)[:e], torch.zeros((), dtype=torch.long, device=x.device))
+        if keep is not None:
+            weights = torch.where(keep, weights, 0.0)
+        order = counts = None
+        if expert_idx.numel() > MAX_SCAN_SLOTS:
+            order, counts = _stable_argsort(expert_idx, e), _bincount(expert_idx, e)
+        y = fused_experts(x.to(compute_dtype(x)), None if slots_per_token else token_idx, expert_idx, weights,
+                          self.w_in, self.w_out, self.activation, order, counts)
+        if slots_per_token is not None:  # token-major: each token's k slots are consecutive
+            out = y.view(y.shape[0], x.shape[0], slots_per_token, x.shape[1]).sum((0, 2))
+        else:
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_idx, y.sum(0))
+        return out.to(x.dtype), load
 
     def use_grouped_mm(self, x: Tensor) -> bool:
         """Whether this input goes through torch._grouped_mm ("grouped" forces it, "loop" never)."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeformer.layers.triton_dispatch import runs_triton
+
 try:  # at import, not per call: torch.compile cannot trace a lazy import
     from moeformer.layers.moe import triton_kernels as _triton
 except ImportError:  # no triton (CPU installs): the references serve everywhere
@@ -19,10 +21,10 @@ except ImportError:  # no triton (CPU installs): the references serve everywhere
 
 
 def triton_kernels(x: Tensor) -> ModuleType | SimpleNamespace | None:
-    """The Triton launchers for x when it is on CUDA and triton imports, else None (use the references). While
-    torch.compile traces they are the custom ops (single opaque calls in the graph); in eager the plain launchers,
-    which skip the custom-op dispatch (about as much host time as the launch itself)."""
-    if _triton is None or not x.is_cuda:
+    """The Triton launchers for x when they serve its device (`runs_triton`) and triton imports, else None (use the
+    references). While torch.compile traces they are the custom ops (single opaque calls in the graph); in eager
+    the plain launchers, which skip the custom-op dispatch (about as much host time as the launch itself)."""
+    if _triton is None or not runs_triton(x):
         return None
     return _triton.OPS if torch.compiler.is_compiling() else _triton
 

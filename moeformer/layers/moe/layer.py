@@ -82,8 +82,13 @@ class MoE(nn.Module):
             out = torch.sigmoid(self.shared_expert_gate(x)) * out
         return out
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, MoEStats]:
-        """x (B, T, dim), token_mask (B, T) bool with True = real token. Returns (output (B, T, dim), stats)."""
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, stats: bool = True
+    ) -> tuple[Tensor, MoEStats | None]:
+        """x (B, T, dim), token_mask (B, T) bool with True = real token. Returns (output (B, T, dim), stats); with
+        `stats=False` (decoding) the stats are None and neither the losses nor the load statistics are computed.
+        The experts run fused (reading the chosen experts' weights in place) when `Experts.use_fused` says so:
+        quantized experts, or decoding without gradients; else through the sorted buffer."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
         b, t, d = x.shape
@@ -91,22 +96,27 @@ class MoE(nn.Module):
             raise ValueError(f"token_mask must have shape {(b, t)}, got {tuple(token_mask.shape)}")
         flat = x.reshape(b * t, d)
         mask = None if token_mask is None else token_mask.reshape(b * t).bool()
-        routing = self.router(flat, mask)
+        routing = self.router(flat, mask, stats=stats)
         valid = None if mask is None else mask[routing.token_idx]
         token_major = None if self.config.router == "expert_choice" else self.config.top_k
-        out, plan = self.experts(
-            flat, routing.token_idx, routing.expert_idx, routing.weights, valid, self.capacity(b * t), token_major
-        )
+        capacity = self.capacity(b * t)
+        slots = (flat, routing.token_idx, routing.expert_idx, routing.weights, valid, capacity, token_major)
+        if self.experts.use_fused(flat, capacity):
+            out, load = self.experts.forward_fused(*slots, count_load=stats or self.training)
+        else:
+            out, plan = self.experts(*slots)
+            load = (plan.tokens_per_expert, plan.dropped)
         shared = self.shared(flat)
         if shared is not None:
             out = out + shared
         if self.training:
-            self.router.observe_load(plan.tokens_per_expert)
+            self.router.observe_load(load[0])
+        if not stats:
+            return out.view(b, t, d), None
         losses = self.losses(routing, b, t, mask)
         weighted = (getattr(self.config, LOSS_COEFS[name]) * value for name, value in losses.items())
         aux_loss = sum(weighted, routing.logits.new_zeros(()))
-        stats = MoEStats(aux_loss, losses, plan.tokens_per_expert, plan.dropped, routing.logits)
-        return out.view(b, t, d), stats
+        return out.view(b, t, d), MoEStats(aux_loss, losses, load[0], load[1], routing.logits)
 
     def losses(self, routing: Routing, batch: int, seq_len: int, token_mask: Tensor | None) -> dict[str, Tensor]:
         """The unweighted losses whose coefficient is non-zero."""

@@ -29,6 +29,7 @@ def moe_reference(x: Tensor, layer: MoE, token_mask: Tensor | None = None) -> Te
     mask = None if token_mask is None else token_mask.reshape(b * t).bool()
     routing = layer.router(flat, mask)
     capacity = layer.capacity(b * t)
+    w_in_all, w_out_all = experts.dense_weights()
     taken = [0] * cfg.num_experts
     rows = [flat.new_zeros(d, dtype=torch.float32) for _ in range(b * t)]
     for token, expert, weight in zip(
@@ -39,7 +40,7 @@ def moe_reference(x: Tensor, layer: MoE, token_mask: Tensor | None = None) -> Te
         if capacity is not None and taken[expert] >= capacity:
             continue
         taken[expert] += 1
-        w_in, w_out = experts.w_in[expert].to(x.dtype), experts.w_out[expert].to(x.dtype)
+        w_in, w_out = w_in_all[expert].to(x.dtype), w_out_all[expert].to(x.dtype)
         rows[token] = rows[token] + weight * _expert(flat[token], w_in, w_out, cfg.activation).float()
     out = torch.stack(rows).to(x.dtype)
     shared = layer.shared(flat)

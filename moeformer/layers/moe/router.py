@@ -18,8 +18,8 @@ class Routing(NamedTuple):
     A NamedTuple rather than a dataclass: ZeRO-3 finds the tensors a module returns only inside tuples."""
 
     logits: Tensor  # (N, E) fp32 router logits
-    probs: Tensor  # (N, E) fp32 per-token distribution over experts: softmax, or sigmoid scores over their sum
-    assigned: Tensor  # (N, E) fp32, 1 where the token is routed to the expert
+    probs: Tensor | None  # (N, E) fp32 distribution over experts: softmax, or sigmoid scores over their sum
+    assigned: Tensor | None  # (N, E) fp32, 1 where the token is routed to the expert (None: not asked for)
     token_idx: Tensor  # (S,) long; token-choice slots are token-major (token 0's k slots, then token 1's, ...)
     expert_idx: Tensor  # (S,) long
     weights: Tensor  # (S,) fp32 combine weights, routed_scaling_factor included
@@ -122,21 +122,22 @@ class Router(nn.Module):
             self.expert_bias = None
             self.expert_load = None
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Routing:
-        """Route x (N, dim); token_mask (N,) bool keeps padding out of expert choice."""
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, stats: bool = True) -> Routing:
+        """Route x (N, dim); token_mask (N,) bool keeps padding out of expert choice. With `stats=False` the
+        tensors only the losses need (`assigned`, and `probs` of token-choice sigmoid routing) are None."""
         cfg = self.config
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = router_logits(x, self.weight)
         n, e = logits.shape
         if cfg.router == "sigmoid":
             scores = torch.sigmoid(logits)
-            probs = scores / scores.sum(dim=-1, keepdim=True)
+            probs = scores / scores.sum(dim=-1, keepdim=True) if stats else None
         else:
             scores = probs = logits.softmax(dim=-1)
         if cfg.router == "expert_choice":  # weights are the raw probabilities: norm_topk_prob does not apply
             capacity = expert_capacity(n, e, cfg.top_k, cfg.capacity_factor or 1.0)
             token_idx, weights = expert_choice_routing(probs, capacity, token_mask)
-            assigned = torch.zeros(e, n, device=x.device).scatter_(1, token_idx, 1.0).t()
+            assigned = torch.zeros(e, n, device=x.device).scatter_(1, token_idx, 1.0).t() if stats else None
             expert_idx = torch.arange(e, device=x.device).repeat_interleave(capacity)
             weights = weights.flatten() * cfg.routed_scaling_factor
             return Routing(logits, probs, assigned, token_idx.flatten(), expert_idx, weights)
@@ -151,7 +152,7 @@ class Router(nn.Module):
             norm_topk_prob=cfg.norm_topk_prob,
             scaling=cfg.routed_scaling_factor,
         )
-        assigned = torch.zeros_like(probs).scatter_(1, indices, 1.0)
+        assigned = torch.zeros_like(scores).scatter_(1, indices, 1.0) if stats else None
         token_idx = torch.arange(n, device=x.device).repeat_interleave(cfg.top_k)
         return Routing(logits, probs, assigned, token_idx, indices.flatten(), weights.flatten())
 
