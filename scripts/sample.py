@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="compiled static-cache decoding (CUDA graphs on GPU)")
     return parser.parse_args(argv)
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     prompt = torch.tensor([[tokenizer.eos_id] + tokenizer.encode(args.prompt)] * args.num_samples)
     generator = torch.Generator().manual_seed(args.seed)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos=tokenizer.eos_id, generator=generator)
+                         top_p=args.top_p, eos=tokenizer.eos_id, generator=generator, compile=args.compile)
     # a model whose vocabulary is padded beyond the tokenizer's can emit unused ids: they are dropped
     texts = [tokenizer.decode(row[1:][row[1:] < tokenizer.vocab_size].tolist()) for row in out]
     for i, text in enumerate(texts):

@@ -289,6 +289,40 @@ def test_kv_cache_appends_and_overflows():
     assert cache.length == 0
 
 
+def test_kv_cache_writes_at_a_device_position():
+    """With `at` (a 0-d tensor) the cache writes there in place and returns the whole buffers; `length` is the
+    position owner's business and stays put."""
+    cache = KVCache(2, 3, max_len=6, head_dim=4, dtype=torch.float32, device="cpu")
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    k_all, v_all = cache.update(k, v, at=torch.tensor(3))
+    assert k_all is cache.k and v_all is cache.v and cache.length == 0
+    assert torch.equal(cache.k[:, :, 3:5], k) and torch.equal(cache.v[:, :, 3:5], v)
+    assert not cache.k[:, :, :3].any() and not cache.k[:, :, 5:].any()
+
+
+BUFFER_CASES = [  # (heads, q_len, window): decode steps (GQA/MQA fold their query heads) and a two-token step
+    ("gqa", 1, None), ("mqa", 1, 3), ("mha", 1, None), ("gqa", 2, None), ("mha", 2, 3)]
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "flash_attn"])
+@pytest.mark.parametrize("heads,q_len,window", BUFFER_CASES)
+def test_buffer_offset_equals_prefix_offset(backend, heads, q_len, window):
+    """Queries at a device offset into a whole static buffer (unwritten slots and padding hidden by key_padding)
+    equal the same queries over the written prefix with a host offset (eager reference); fp32 within 1e-5. flex
+    and flash_attn run sdpa over a buffer."""
+    offset, buffer = 7, 12
+    q, k, v = qkv(3, HEADS[heads], q_len, buffer)
+    padding = left_padding(3, buffer, [0, 2, 5])
+    written = padding & (torch.arange(buffer) < offset + q_len)
+    ref = attend(q, k[:, :, :offset + q_len], v[:, :, :offset + q_len],
+                 AttentionMask(offset, key_padding=padding[:, :offset + q_len]), window=window, scale=0.3,
+                 backend="eager")
+    mask = AttentionMask(torch.tensor(offset), key_padding=written)
+    assert resolve_backend(backend, q, mask, buffer) == ("eager" if backend == "eager" else "sdpa")
+    out = attend(q, k, v, mask, window=window, scale=0.3, backend=backend)
+    assert (out - ref).abs().max() <= 1e-5
+
+
 # ---- the layer -----------------------------------------------------------------------------------------------------
 def positions_for(padding: torch.Tensor) -> torch.Tensor:
     """Left-padded rows count positions from their first real token."""

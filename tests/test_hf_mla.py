@@ -1,7 +1,9 @@
-"""Multi-head latent attention: against a plain reference, across backends and dtypes, with its latent cache."""
+"""Multi-head latent attention: against a plain reference, across backends and dtypes, with its latent cache and the
+absorbed decode path over it."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from moeformer.layers.attention import AttentionMask
 from moeformer.layers.mla import MLAttention, mla_softmax_scale
 from moeformer.layers.rope import RotaryEmbedding, apply_rotary
-from moeformer.models.config import MLAConfig
+from moeformer.models.config import MLAConfig, ModelConfig
 
 SHAPES = [  # (n_heads, MLAConfig kwargs)
     (4, dict(q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)),
@@ -110,3 +112,43 @@ def test_softmax_scale_follows_yarn_mscale():
     layer = MLAttention(32, 2, MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4),
                         softmax_scale=0.5)
     assert layer.scale == 0.5 and not hasattr(layer, "q_a_proj")
+
+
+# ---- compressed-cache decoding (absorbed up-projections) ----------------------------------------------------------
+@pytest.mark.parametrize("n_heads,mla", SHAPES)
+@pytest.mark.parametrize("in_buffer", [False, True])  # host-side cache length, or a device offset into the buffer
+def test_absorbed_decoding_equals_expanded(n_heads, mla, in_buffer):
+    """Decoding over the compressed cache with kv_b_proj absorbed into the query and output (MQA over one shared
+    latent head) gives the outputs of expanding every cached latent into per-head keys and values: fp32, both
+    layers sharing weights and inputs, outputs of size ~1 within 1e-5."""
+    absorbed, rope = make(n_heads, mla)
+    expanded = copy.deepcopy(absorbed)
+    absorbed.absorb, expanded.absorb = True, False
+    x = torch.randn(2, 10, 24)
+    cos, sin = rope(torch.arange(10).expand(2, 10))
+    caches = [layer.init_cache(2, 12, torch.float32, "cpu") for layer in (absorbed, expanded)]
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    with torch.no_grad():
+        for t in range(10):
+            if in_buffer:
+                mask = AttentionMask(q_offset=torch.tensor(t), key_padding=padding & (torch.arange(12) <= t))
+            else:
+                mask = AttentionMask(q_offset=t)
+            rope_t = (cos[:, t : t + 1], sin[:, t : t + 1])
+            out = [layer(x[:, t : t + 1], rope_t, mask, cache) for layer, cache in zip((absorbed, expanded), caches)]
+            assert out[1].abs().max() > 0.1 and (out[0] - out[1]).abs().max() < 1e-5
+
+
+def test_compressed_cache_bytes_per_token():
+    """DeepSeek-V2-Lite's MLA caches kv_lora_rank + rope dims per token and layer (576 bf16 values, 1152 bytes),
+    against 16 heads * (192 key + 128 value dims) for the keys and values it stands for: about 8.9x less. With a
+    cache, its decode steps take the absorbed path; a prompt of 2k tokens is cheaper expanded."""
+    config = ModelConfig.from_name("deepseek-v2-lite")
+    mla, heads = config.mla, config.n_heads
+    layer = MLAttention(config.dim, heads, mla, backend="eager").to("meta")
+    cache = layer.init_cache(batch=4, max_len=100, dtype=torch.bfloat16, device="meta")
+    per_token = cache.kv.nbytes // (4 * 100)
+    assert per_token == (mla.kv_lora_rank + mla.qk_rope_head_dim) * 2 == 1152
+    full_kv = heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim) * 2
+    assert full_kv / per_token == pytest.approx(8.89, abs=0.01)
+    assert layer.absorbs(1) and layer.absorbs(64) and not layer.absorbs(2048)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeformer.layers.attention import AttentionMask, attend
+from moeformer.layers.attention import AttentionMask, attend, cache_update
 from moeformer.layers.norms import RMSNorm
 from moeformer.layers.rope import apply_rotary
 from moeformer.models.config import MLAConfig
@@ -46,24 +46,42 @@ def _attend_mixed_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 class LatentCache:
-    """Static per-layer cache of MLA latents: the normalised kv latent and the rotated shared rope key."""
+    """Static per-layer cache of MLA: per token one `kv_lora_rank + rope_dim` vector, the normalised kv latent then
+    the rotated shared rope key, in one buffer (B, max_len, kv_lora_rank + rope_dim): the absorbed decode path reads
+    it as the single key (and value) head of an MQA, without copies."""
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
-        self.latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rot = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
-        self.max_len = max_len
+        self.kv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
         self.length = 0
 
-    def update(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, T, .) latents at `length`; return everything stored so far."""
-        end = self.length + latent.shape[1]
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.kv[..., : self.kv_lora_rank]
+
+    @property
+    def k_rot(self) -> torch.Tensor:
+        return self.kv[..., self.kv_lora_rank :]
+
+    def update(self, latent: torch.Tensor, k_rot: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Store (B, T, .) latents and rope keys; return the stored [latent | k_rot] rows (B, Tk, rank + rope_dim).
+        `at` None appends at `length` and returns the filled prefix; a 0-d device tensor writes there in place and
+        returns the whole buffer (as `KVCache.update`)."""
+        new = torch.cat((latent, k_rot), dim=-1)
+        if at is not None:
+            self.kv.index_copy_(1, at + torch.arange(new.shape[1], device=at.device), new)
+            return self.kv
+        end = self.length + new.shape[1]
         if end > self.max_len:
-            raise ValueError(f"LatentCache overflow: {self.length} + {latent.shape[1]} tokens > max_len {self.max_len}")
-        self.latent[:, self.length : end] = latent
-        self.k_rot[:, self.length : end] = k_rot
+            raise ValueError(f"LatentCache overflow: {self.length} + {new.shape[1]} tokens > max_len {self.max_len}")
+        self.kv[:, self.length : end] = new
         self.length = end
-        return self.latent[:, :end], self.k_rot[:, :end]
+        return self.kv[:, :end]
+
+    def reset(self) -> None:
+        """Forget the stored tokens (the buffer is reused)."""
+        self.length = 0
 
 
 class MLAttention(nn.Module):
@@ -71,12 +89,14 @@ class MLAttention(nn.Module):
 
     Submodules: `q_proj` (full-rank) or `q_a_proj` -> `q_a_norm` -> `q_b_proj`; `kv_a_proj` (dim -> latent + rope
     key), `kv_a_norm`, `kv_b_proj` (latent -> per-head [k_nope | v]), `o_proj`. Rope dims use the rotate-half layout.
+    With a cache, queries attend either to the latents expanded by kv_b_proj or, absorbed, to the compressed cache
+    itself (`absorbs`); `absorb` True / False forces one path (None: the cheaper).
     """
 
     def __init__(self, dim: int, n_heads: int, mla: MLAConfig, *, norm_eps: float = 1e-6, backend: str = "auto",
-                 softmax_scale: float | None = None) -> None:
+                 softmax_scale: float | None = None, absorb: bool | None = None) -> None:
         super().__init__()
-        self.n_heads, self.backend = n_heads, backend
+        self.n_heads, self.backend, self.absorb = n_heads, backend, absorb
         self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         self.kv_lora_rank = mla.kv_lora_rank
         qk_dim = self.nope + self.rope_dim
@@ -89,6 +109,7 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
         self.kv_a_proj = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_a_norm = RMSNorm(self.kv_lora_rank, norm_eps)
+        # read as a matrix by the absorbed path: it stays a plain full-precision linear (quantization skips it)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_dim, dim, bias=False)
 
@@ -103,20 +124,57 @@ class MLAttention(nn.Module):
         H = self.n_heads
         cos, sin = rope
         q = self._queries(x).view(B, T, H, self.nope + self.rope_dim).transpose(1, 2)
-        q = torch.cat((q[..., : self.nope], apply_rotary(q[..., self.nope :], cos, sin)), dim=-1)
+        q_nope, q_rope = q[..., : self.nope], apply_rotary(q[..., self.nope :], cos, sin)
 
         latent, k_rot = self.kv_a_proj(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
         latent = self.kv_a_norm(latent)
         k_rot = apply_rotary(k_rot[:, None], cos, sin)[:, 0]  # one rope key shared by every head
-        if cache is not None:
-            latent, k_rot = cache.update(latent, k_rot)
-        Tk = latent.shape[1]
+        backend = backend or self.backend
+        if cache is None:
+            out = self._attend_expanded(q_nope, q_rope, latent, k_rot, mask, backend)
+        else:
+            kv = cache_update(cache, mask, latent, k_rot)
+            if self.absorbs(T):
+                out = self._attend_absorbed(q_nope, q_rope, kv, mask, backend)
+            else:
+                out = self._attend_expanded(q_nope, q_rope, *kv.split((self.kv_lora_rank, self.rope_dim), -1), mask,
+                                            backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
+    def absorbs(self, q_len: int) -> bool:
+        """Whether `q_len` cached queries take the absorbed path: per key it costs 2 * rank + rope multiply-adds per
+        query against nope + rope + v expanded, plus rank * (nope + v) once per key to expand the latent; so absorb
+        while q_len * (2 * rank - nope - v) < rank * (nope + v) (decoding: always; a long prefill: never)."""
+        if self.absorb is not None:
+            return self.absorb
+        rank = self.kv_lora_rank
+        return q_len * (2 * rank - self.nope - self.v_dim) < rank * (self.nope + self.v_dim)
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight as per-head views: W_uk (H, nope, rank) and W_uv (H, v_dim, rank)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                         mask: AttentionMask, backend: str) -> torch.Tensor:
+        """Per-head keys [k_nope | k_rot] and values from kv_b_proj(latent) (B, Tk, rank): the reference form."""
+        B, H, Tk = latent.shape[0], self.n_heads, latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, Tk, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
         k = torch.cat((k_nope, k_rot[:, None].expand(B, H, Tk, self.rope_dim)), dim=-1)
-        out = _attend_mixed_dims(q, k, v, mask, self.scale, backend or self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return _attend_mixed_dims(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.scale, backend)
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: AttentionMask,
+                         backend: str) -> torch.Tensor:
+        """DeepSeek-V2's absorbed form over the compressed cache kv (B, Tk, rank + rope): q_nope . (W_uk latent) =
+        (q_nope W_uk) . latent, so the query moves to latent space and attends, as an MQA with one shared head of
+        width rank + rope, to the cached rows themselves (also the values: only their latent part is kept); W_uv then
+        maps the latent-space output to each head's values."""
+        w_uk, w_uv = self._up_projections()
+        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope), dim=-1)
+        keys = kv[:, None]
+        out = attend(q, keys, keys, mask, window=None, scale=self.scale, backend=backend)[..., : self.kv_lora_rank]
+        return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
     def init_cache(self, batch: int, max_len: int, dtype: torch.dtype,
                    device: torch.device | str | None) -> LatentCache:

@@ -15,6 +15,8 @@ from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.quant import QuantizedWeight
 from moeformer.layers.rope import RotaryEmbedding
+from moeformer.models import generation
+from moeformer.models.cache import StaticCache
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
 from moeformer.models.quantize import build_quantized
 
@@ -92,12 +94,14 @@ class Block(nn.Module):
         mask: AttentionMask,
         cache=None,
         token_mask: torch.Tensor | None = None,
+        stats: bool = True,
     ) -> tuple[torch.Tensor, MoEStats | None]:
+        """One block; `stats=False` (inference) skips the MoE losses and load statistics and returns None for them."""
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         h = self.mlp_norm(x)
         if self.is_moe:
-            out, stats = self.mlp(h, token_mask=token_mask)
-            return x + out, stats
+            out, moe_stats = self.mlp(h, token_mask=token_mask, stats=stats)
+            return x + out, moe_stats
         return x + self.mlp(h), None
 
 
@@ -153,75 +157,107 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        cache: list | None = None,
+        cache: list | StaticCache | None = None,
         return_logits: bool = True,
         targets: torch.Tensor | None = None,
+        stats: bool = True,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """Logits and next-token loss. Either `labels`, aligned with `input_ids` (Hugging Face style: position t
         predicts labels[t + 1], targets crossing `document_ids` boundaries are dropped), or `targets`, already
         shifted (position t predicts targets[t]); -100 is ignored. `attention_mask` (B, T_cache + T), 1 = real
-        token, supports left padding."""
+        token, supports left padding (with a `StaticCache`: (B, T) with the prompt only). `stats=False` skips the MoE
+        aux losses and statistics (inference); `logits_to_keep=n` computes the logits of the last n positions only
+        (0: all).
+
+        Checked here: the shapes, the sequence length against `config.max_seq_len` (not under dynamic-NTK rope,
+        whose point is to run past it; nor over a `StaticCache`, whose slots include padding and whose owner,
+        `generate`, checks the positions), and token ids against the vocabulary when they are on the CPU outside
+        torch.compile: on CUDA that check would be a host sync per training step and per compiled decode step, so
+        there an out-of-range id is left to the device-side assert of the embedding (`generate` checks its prompt
+        once per call)."""
         if labels is not None and targets is not None:
             raise ValueError("pass either labels (unshifted) or targets (shifted), not both")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        past = _cache_length(cache)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            generation.check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-            if attention_mask.shape != (B, past + T):
+        if isinstance(cache, StaticCache):
+            if document_ids is not None:
+                raise ValueError("a static cache decodes one sequence per row: document_ids do not apply")
+            mask, static_positions, token_mask = cache.begin(B, T, attention_mask)
+            past = 0  # the prompt's positions count its real tokens; later forwards take the cache's
+            position_ids = static_positions if position_ids is None else position_ids
+        else:
+            past = _cache_length(cache)
+            self._check_length(past + T)
+            if attention_mask is not None and attention_mask.shape != (B, past + T):
                 raise ValueError(
                     f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
                 )
+            mask = AttentionMask(q_offset=past, key_padding=attention_mask, document_ids=document_ids)
+            token_mask = attention_mask[:, past:] if attention_mask is not None else None
         if position_ids is None:
             position_ids = _default_positions(B, T, past, attention_mask, input_ids.device)
-        mask = AttentionMask(q_offset=past, key_padding=attention_mask, document_ids=document_ids)
-        token_mask = attention_mask[:, past:] if attention_mask is not None else None
         rope = self.rope(position_ids)
 
         x = self.tok_embeddings(input_ids)
-        stats: list[MoEStats] = []
+        moe_stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
-            x, s = block(x, rope, mask, cache[i] if cache is not None else None, token_mask)
+            x, s = block(x, rope, mask, cache[i] if cache is not None else None, token_mask, stats=stats)
             if s is not None:
-                stats.append(s)
+                moe_stats.append(s)
         x = self.norm(x)
 
-        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else None
-        logits = self.lm_head(x) if return_logits else None
+        aux = torch.stack([s.aux_loss for s in moe_stats]).sum() if moe_stats else None
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x) if return_logits else None
         ce = loss = None
         if labels is not None:
             targets = _shift_labels(labels, document_ids)
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            if logits is not None:
+            if logits is not None and not logits_to_keep:
                 ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.config.loss_chunk_size)
             elif isinstance(self.lm_head, LMHead):
                 ce = self.lm_head(x, targets, self.config.loss_chunk_size)
             else:  # a head replaced by a parallelism transform: logits only
                 ce = chunked_cross_entropy(x, targets, self.lm_head, self.config.loss_chunk_size)
             loss = ce + aux if aux is not None else ce
-        return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=stats)
+        return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=moe_stats)
+
+    def _check_length(self, length: int) -> None:
+        """Sequences (cached + new) may not outgrow `max_seq_len`, except under dynamic-NTK rope scaling."""
+        if length > self.config.max_seq_len and self.rope.scaling_type != "dynamic":
+            raise ValueError(f"sequence of {length} tokens (cached + new) exceeds the model's max_seq_len "
+                             f"{self.config.max_seq_len}")
 
     # ---- incremental decoding ------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
-        """One per-layer cache (KV buffers, or a recurrent state for linear attention) for `generate`."""
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  static: bool = False) -> list | StaticCache:
+        """Per-layer caches (KV buffers, MLA latents, or a recurrent state for linear attention) for `max_len`
+        tokens: a list whose length is kept on the host (eager decoding), or with static=True a `StaticCache`, whose
+        position lives on the device (compiled decoding)."""
         p = next(self.parameters())
-        return [block.attn.init_cache(batch, max_len, dtype or p.dtype, p.device) for block in self.layers]
+        layers = [block.attn.init_cache(batch, max_len, dtype or p.dtype, p.device) for block in self.layers]
+        return StaticCache(layers, batch, max_len, p.device) if static else layers
 
     def update_router_biases(self) -> None:
         """Apply aux-loss-free bias updates from the load observed since the last call (call after each step)."""
         update_router_biases(self)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Sample continuations with a KV cache; see `moeformer.models.generation.generate`."""
-        from moeformer.models.generation import generate
+    generate = generation.generate  # model.generate(input_ids, max_new_tokens, ...): eager or compiled, streamed
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the compiled decoders `generate(compile=True)` keeps (caches, CUDA graphs)."""
+        state = super().__getstate__()
+        state.pop("_decoders", None)
+        return state
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

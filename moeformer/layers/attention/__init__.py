@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from moeformer.layers.attention.backends import BACKENDS, attend
-from moeformer.layers.attention.cache import KVCache
+from moeformer.layers.attention.cache import KVCache, cache_update
 from moeformer.layers.attention.layer import Attention
 from moeformer.layers.attention.mask import AttentionMask
 
-__all__ = ["BACKENDS", "Attention", "AttentionMask", "KVCache", "attend"]
+__all__ = ["BACKENDS", "Attention", "AttentionMask", "KVCache", "attend", "cache_update"]

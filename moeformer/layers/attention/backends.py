@@ -31,37 +31,55 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
     return (scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v).to(q.dtype)
 
 
-def visible_keys(q_offset: int, queries: range, window: int | None) -> range:
-    """The keys any of `queries` may see: none after the last query (causal), none a full window before the first."""
-    first = q_offset + queries.start
-    return range(0 if window is None else max(0, first - window + 1), q_offset + queries.stop)
+def visible_keys(mask: AttentionMask, queries: range, k_len: int, window: int | None) -> range:
+    """The keys any of `queries` may see: none after the last query (causal), none a full window before the first;
+    all of a static buffer (its offset lives on the device)."""
+    if mask.in_buffer:
+        return range(k_len)
+    first = mask.q_offset + queries.start
+    return range(0 if window is None else max(0, first - window + 1), mask.q_offset + queries.stop)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
                    scale: float) -> torch.Tensor:
     """torch SDPA; no mask tensor when the rule is plain causal with queries at the end of the keys, else blocks of
     queries over their visible keys, each block's boolean mask at most MASK_BLOCK_ELEMENTS entries per batch row (one
-    query at least), so no n x n mask is ever built."""
-    q_len, k_len = q.shape[2], k.shape[2]
-    plain = window is None and not mask.has_key_constraints and mask.q_offset + q_len == k_len
+    query at least), so no n x n mask is ever built. A single query under GQA/MQA (decoding) folds the query heads
+    of each KV head into rows of one block, which share its visibility: no kernel then needs GQA support (with a
+    mask, CUDA has none but the math one) and keys are read once per KV head, never repeated."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if q_len == 1 and q_heads != kv_heads:
+        folded = q.view(batch, kv_heads, q_heads // kv_heads, q.shape[-1])
+        return _sdpa_blocks(folded, k, v, mask, window, scale, 1).reshape(batch, q_heads, 1, v.shape[-1])
+    return _sdpa_blocks(q, k, v, mask, window, scale, q_len)
+
+
+def _sdpa_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
+                 scale: float, q_len: int) -> torch.Tensor:
+    """`sdpa_attention` for `q_len` queries; q holds them as rows unless q_len == 1, when its rows are folded heads."""
+    k_len = k.shape[2]
+    plain = window is None and flash_expressible(mask, q_len, k_len)
     kwargs = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if plain and q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
     if plain and q_len == 1:  # one decode step sees every key
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     size = max(1, MASK_BLOCK_ELEMENTS // k_len)
-    outs = []
+    if size >= q_len:  # one block: its mask built once and shared by the layers, like the dense mask
+        keys = visible_keys(mask, range(q_len), k_len, window)
+        allowed = mask.memoised(("sdpa", range(q_len), keys, window, q.device),
+                                functools.partial(mask.block, range(q_len), keys, window, q.device))
+        return F.scaled_dot_product_attention(q, k[:, :, keys.start:keys.stop], v[:, :, keys.start:keys.stop],
+                                              attn_mask=allowed, **kwargs)
+    outs = []  # several: each rebuilt per call, so no set of blocks adding up to n x n is kept
     for start in range(0, q_len, size):
         queries = range(start, min(start + size, q_len))
-        keys = visible_keys(mask.q_offset, queries, window)
-        build = functools.partial(mask.block, queries, keys, window, q.device)
-        if size >= q_len:  # one block: built once and shared by the layers, like the dense mask
-            allowed = mask.memoised(("sdpa", queries, keys, window, q.device), build)
-        else:  # several: rebuilt per call, so no set of blocks adding up to n x n is kept
-            allowed = build()
+        keys = visible_keys(mask, queries, k_len, window)
         outs.append(F.scaled_dot_product_attention(q[:, :, queries.start:queries.stop], k[:, :, keys.start:keys.stop],
-                                                   v[:, :, keys.start:keys.stop], attn_mask=allowed, **kwargs))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+                                                   v[:, :, keys.start:keys.stop],
+                                                   attn_mask=mask.block(queries, keys, window, q.device), **kwargs))
+    return torch.cat(outs, dim=2)
 
 
 def _import_flash_attn() -> ModuleType | None:
@@ -79,8 +97,9 @@ FLASH_ATTN = _import_flash_attn()
 
 
 def flash_expressible(mask: AttentionMask, q_len: int, k_len: int) -> bool:
-    """flash-attn covers causal (bottom-right aligned) + sliding window, but not padding or documents."""
-    return not mask.has_key_constraints and mask.q_offset + q_len == k_len
+    """flash-attn covers causal (bottom-right aligned) + sliding window, but not padding, documents or a static
+    buffer (queries not at the end of the keys)."""
+    return not mask.in_buffer and not mask.has_key_constraints and mask.q_offset + q_len == k_len
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, window: int | None,
@@ -140,9 +159,13 @@ KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash
 def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
     """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
     for packed documents (block-sparse: it skips other documents' key blocks, which sdpa computes and masks), else
-    sdpa."""
+    sdpa. Over a static buffer (compiled decoding) "flash_attn" and "flex" take sdpa too: flash-attn cannot read a
+    padded buffer, flex would rebuild its block mask every step for one query block, and a model trained with either
+    must still generate."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if mask.in_buffer and backend in ("flash_attn", "flex"):
+        return "sdpa"
     if backend != "auto":
         return backend
     use_flash = (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
@@ -168,6 +191,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         raise ValueError(f"sliding window must be a positive number of keys, got {window}")
     mask.check(q.shape[0], q.shape[2], k.shape[2])
     kernel = KERNELS[resolve_backend(backend, q, mask, k.shape[2])]
-    if window is not None and window >= mask.q_offset + q.shape[2]:
+    if window is not None and not mask.in_buffer and window >= mask.q_offset + q.shape[2]:
         window = None  # no query is that far from the first key
     return kernel(q, k, v, mask, window, scale)

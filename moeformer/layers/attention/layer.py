@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moeformer.layers.attention.backends import BACKENDS, attend
-from moeformer.layers.attention.cache import KVCache
+from moeformer.layers.attention.cache import KVCache, cache_update
 from moeformer.layers.attention.mask import AttentionMask
 from moeformer.layers.norms import RMSNorm
 from moeformer.layers.rope import apply_rotary
@@ -57,9 +57,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            if cache.length != mask.q_offset:
-                raise ValueError(f"mask.q_offset={mask.q_offset} must equal the cache length {cache.length}")
-            k, v = cache.update(k, v)
+            k, v = cache_update(cache, mask, k, v)
         out = attend(q, k, v, mask, window=self.sliding_window, scale=self.head_dim**-0.5,
                      backend=backend or self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

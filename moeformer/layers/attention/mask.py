@@ -20,12 +20,22 @@ class AttentionMask:
     Query t sits at key index i = q_offset + t and may attend key j iff j <= i, i - j < window (if any),
     key_padding[b, j] and document_ids[b, j] == document_ids[b, i]; it may always attend itself (j == i), so no row
     is empty (queries at padded positions give finite garbage).
+
+    q_offset is a host int when the keys are the cached prefix plus the new tokens (k_len = q_offset + q_len), or a
+    0-d device tensor when the keys are a whole preallocated buffer (static-cache decoding): then nothing here reads
+    it on the host, so one compiled step serves every position without a sync, and `key_padding` (the buffer's
+    validity) hides the slots not written yet.
     """
 
-    q_offset: int = 0  # index of the first query within the key sequence (cache length before this forward)
+    q_offset: int | torch.Tensor = 0  # key index of the first query (cache length before this forward)
     key_padding: torch.Tensor | None = None  # (B, Tk) bool, True = real token, covering cached + new keys
     document_ids: torch.Tensor | None = None  # (B, Tk) int, packed documents: attend only within the same id
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def in_buffer(self) -> bool:
+        """True when the keys are a whole static buffer and q_offset a device tensor (see the class docstring)."""
+        return isinstance(self.q_offset, torch.Tensor)
 
     @property
     def has_key_constraints(self) -> bool:
@@ -33,8 +43,9 @@ class AttentionMask:
         return self.key_padding is not None or self.document_ids is not None
 
     def check(self, batch: int, q_len: int, k_len: int) -> None:
-        """Raise ValueError unless this mask fits `q_len` queries over `k_len` keys for `batch` rows."""
-        if self.q_offset < 0 or self.q_offset + q_len > k_len:
+        """Raise ValueError unless this mask fits `q_len` queries over `k_len` keys for `batch` rows (a device
+        q_offset is not read: its range is the static cache's owner's to keep)."""
+        if not self.in_buffer and (self.q_offset < 0 or self.q_offset + q_len > k_len):
             raise ValueError(f"queries occupy key positions [{self.q_offset}, {self.q_offset + q_len}) but only "
                              f"{k_len} keys were given (q_offset={self.q_offset}, q_len={q_len})")
         for name in ("key_padding", "document_ids"):
@@ -85,7 +96,7 @@ class AttentionMask:
             some, every = some & real_any[:, None].bool(), every & real_all[:, None].bool()
         if self.document_ids is not None:
             docs = self.document_ids
-            q_docs = docs[:, self.q_offset:self.q_offset + q_len]
+            q_docs = self.at_queries(docs, q_len)
             (k_min, k_max), (q_min, q_max) = ((_per_block(d, block, torch.amin), _per_block(d, block, torch.amax))
                                               for d in (docs, q_docs))
             some = some & (k_min[:, None] <= q_max[:, :, None]) & (k_max[:, None] >= q_min[:, :, None])
@@ -101,6 +112,12 @@ class AttentionMask:
         return BlockMask.from_kv_blocks(*layout(partial), *layout(full), BLOCK_SIZE=block,
                                         mask_mod=self.mask_mod(window, device), seq_lengths=(q_len, k_len))
 
+    def at_queries(self, t: torch.Tensor, q_len: int) -> torch.Tensor:
+        """The columns of a (B, Tk) per-key tensor (key_padding, document_ids) at the `q_len` query positions."""
+        if self.in_buffer:
+            return t.index_select(1, self.q_offset + torch.arange(q_len, device=t.device))
+        return t[:, self.q_offset:self.q_offset + q_len]
+
     def memoised(self, key: Hashable, build: Callable[[], T]) -> T:
         """Build a derived mask once per AttentionMask (all layers of a forward share it)."""
         if key not in self._memo:
@@ -110,7 +127,7 @@ class AttentionMask:
     def mask_mod(self, window: int | None, device: torch.device) -> MaskMod:
         """The rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx) (also broadcast over index grids)."""
         padding, docs = self.key_padding, self.document_ids
-        offset = torch.tensor(self.q_offset, device=device)  # a tensor, so compiled kernels don't specialise on it
+        offset = torch.as_tensor(self.q_offset, device=device)  # a tensor, so compiled kernels don't specialise on it
 
         def allowed(b: torch.Tensor, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             i = q_idx + offset
