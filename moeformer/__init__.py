@@ -1,6 +1,7 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
-from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from moeformer.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, NonFiniteStateError,
+                              ResumeConfigError)
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
@@ -33,7 +34,9 @@ __all__ = [
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
+    "NonFiniteStateError",
     "ParamCount",
+    "ResumeConfigError",
     "StaticCache",
     "build_model",
     "build_quantized",

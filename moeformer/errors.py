@@ -20,8 +20,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint directory or one of the files it lists does not exist."""
 
 
+class NonFiniteStateError(CheckpointError):
+    """Weights or optimizer state hold NaN/inf: a checkpoint of them is never written."""
+
+
 class ConfigError(ValueError, TypeError):
     """A configuration value has the wrong type (TypeError) or is out of range (ValueError)."""
+
+
+class ResumeConfigError(ConfigError):
+    """A resume would continue a run with a configuration its checkpoint was not written with, and the changes were
+    not named as intended."""
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_parallel import _free_port, assert_layout, assert_pipeline, launch, packed, tiny_config
+from tests.test_parallel import (_free_port, assert_expert_layer, assert_layout, assert_pipeline, launch, packed,
+                                 tiny_config)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
@@ -40,9 +41,7 @@ def test_pipeline_matches_single_gpu(two_gpus, key):
 
 @needs_gpus(2)
 def test_expert_parallel_layer_on_gpus(two_gpus):
-    for case, err in two_gpus["expert_layer"].items():
-        tol = 2e-2 if "bf16" in case else 1e-5
-        assert err["out"] <= tol and err["x_grad"] <= tol and err["expert_grad"] <= tol, (case, err)
+    assert_expert_layer(two_gpus["expert_layer"])
 
 
 @needs_gpus(4)

@@ -5,6 +5,8 @@ worker process, since the trainer joins a process group: `python tests/test_trai
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +18,15 @@ import yaml
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import build_model
 from moeformer.models.params import count_params
+from moeformer.training import checkpointing
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
 from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.config import OptimConfig, RunConfig, load_config
-from moeformer.training.metrics import flops_per_token
+from moeformer.training.metrics import flops_per_token, read_metrics
 from moeformer.training.optim import param_groups, tag_expert_params
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
+from tests.numerics import assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
 TINY = {"name": "tiny-moe", "dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
@@ -98,6 +102,80 @@ def test_train_script_reports_bad_key_without_traceback():
                           text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert "unknown config key 'optim.lrr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_configuration_changes_unless_named(tmp_path):
+    from moeformer.errors import ResumeConfigError
+    from moeformer.training.config import resume_changes, run_identity
+
+    facts = {"tokenizer": "byte", "vocab_size": 258, "train_tokens": 1000, "val_tokens": 100}
+    saved = run_identity(load_config(None, {"model": dict(TINY)}), facts, 2)
+    changed = load_config(None, {"model": dict(TINY), "data.seq_len": 64, "data.micro_batch_size": 4,
+                                 "train.seed": 1, "optim.lr": 1e-3, "train.log_every": 5, "checkpoint.every": 7,
+                                 "train.compile": True, "out_dir": str(tmp_path)})
+    with pytest.raises(ResumeConfigError) as refused:
+        resume_changes(saved, run_identity(changed, {**facts, "train_tokens": 2000}, 4), [])
+    message = str(refused.value)
+    for change in ("data.seq_len: 256 -> 64", "data.micro_batch_size: 8 -> 4", "train.seed: 0 -> 1",
+                   "optim.lr: 0.0003 -> 0.001", "data.train_tokens: 1000 -> 2000", "world_size: 2 -> 4",
+                   "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed,"
+                   "world_size"):
+        assert change in message
+    assert not any(key in message for key in ("train.log_every", "checkpoint.every", "train.compile", "out_dir:"))
+    # the model section compares resolved fields: spelling out a zoo value is no change, changing one is
+    spelled = load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "router": "softmax"}}})
+    assert resume_changes(saved, run_identity(spelled, facts, 2), []) == {}
+    with pytest.raises(ResumeConfigError, match=r"model.moe.top_k: 2 -> 1"):
+        resume_changes(saved, run_identity(load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "top_k": 1}}}),
+                                           facts, 2), [])
+    allowed = resume_changes(saved, run_identity(changed, facts, 2), ["data", "train.seed", "optim.lr"])  # sections
+    assert allowed == {"data.seq_len": [256, 64], "data.micro_batch_size": [8, 4], "train.seed": [0, 1],
+                       "optim.lr": [3e-4, 1e-3]}
+    with pytest.raises(ResumeConfigError, match="checkpoint.resume_allow names unknown keys: optim.lrr"):
+        resume_changes(saved, saved, ["optim.lrr"])
+    assert resume_changes(saved, saved, ["train.compile", "checkpoint"]) == {}
+
+
+def test_train_script_resume_options_become_config_keys():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train
+
+    args, overrides = train.parse_args(["--resume", "auto", "--resume-allow", "optim.lr,train.steps",
+                                        "--optim.lr=1e-3"])
+    config = load_config(args.config, overrides)
+    assert config.checkpoint.resume == "auto" and config.checkpoint.resume_allow == ["optim.lr", "train.steps"]
+    assert load_config(None, ["--checkpoint.resume_allow=[data, optim.lr]"]).checkpoint.resume_allow == ["data",
+                                                                                                        "optim.lr"]
+    with pytest.raises(TypeError, match="checkpoint.resume_allow"):
+        load_config(None, ["--checkpoint.resume_allow=3"])
+
+
+def test_quickstart_resume_keeps_the_run_it_resumes(tmp_path):
+    """scripts/quickstart.sh in a copy of the repository whose set-up, python and torchrun are stubs."""
+    repo, log = tmp_path / "repo", tmp_path / "calls.log"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "quickstart.sh", repo / "scripts")
+    (repo / "scripts" / "setup_env.sh").write_text("")
+    stubs = repo / "stubs"
+    stubs.mkdir()
+    for name in ("python", "torchrun"):
+        (stubs / name).write_text(f'#!/bin/sh\necho "$(basename "$0") $*" >> "{log}"\n')
+        (stubs / name).chmod(0o755)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "activate").write_text(f'export PATH="{stubs}:$PATH"\n')
+    (repo / "data" / "stdlib-byte").mkdir(parents=True)
+    (repo / "data" / "stdlib-byte" / "meta.json").write_text("{}")
+    run = repo / "runs" / "tiny-moe-cpu"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    for args in (["--resume", "auto"], ["--resume=auto"], ["--checkpoint.resume=auto"]):
+        subprocess.run(["bash", str(repo / "scripts" / "quickstart.sh"), *args], check=True, capture_output=True)
+        assert (run / "metrics.jsonl").is_file(), args
+    torchrun = [line for line in log.read_text().splitlines() if line.startswith("torchrun")]
+    assert len(torchrun) == 3 and torchrun[0].endswith("--resume auto")
+    subprocess.run(["bash", str(repo / "scripts" / "quickstart.sh"), "--train.steps=5"], check=True,
+                   capture_output=True)
+    assert not run.exists()  # without --resume the quick start begins a fresh run
 
 
 def test_shipped_train_configs_load():
@@ -251,6 +329,140 @@ def test_checkpoint_manager_latest_keep_last_and_corruption(tmp_path):
         manager.resolve(str(tmp_path / "nowhere"))
 
 
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL in a one-process test: nothing after the raise runs."""
+
+
+class _KilledAfterWriting(_FakeEngine):
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        super().save_checkpoint(root, tag, client_state, save_latest)
+        raise _Killed
+
+
+def test_a_complete_checkpoint_is_replaced_only_once_its_replacement_is_complete(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=2)
+    manager.save(_FakeEngine(), 3, {"data": {}})
+    with pytest.raises(_Killed):  # a save of the same step (a resumed run redoing it) killed mid-way
+        manager.save(_KilledAfterWriting(), 3, {"data": {}})
+    assert verify(root / "step_00000003")["step"] == 3
+    assert CheckpointManager(root).resolve("auto") == root / "step_00000003"
+
+    # replaced by an atomic exchange where the system has one; else by two renames, and a kill between them leaves
+    # both saves complete, neither named step_00000003
+    manager.save(_FakeEngine(), 3, {"data": {"epoch": 2}})
+    assert torch.load(root / "step_00000003" / "trainer_state_rank0.pt", weights_only=True)["data"] == {"epoch": 2}
+    assert _names(root) == ["latest", "step_00000003"]
+    monkeypatch.setattr(checkpointing, "exchange_dirs", lambda a, b: False)
+    rename, calls = os.rename, []
+
+    def rename_then_die(src, dst):
+        calls.append(Path(dst).name)
+        rename(src, dst)
+        if len(calls) == 1:
+            raise _Killed
+
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with pytest.raises(_Killed):
+        manager.save(_FakeEngine(), 3, {"data": {"epoch": 1}})
+    monkeypatch.undo()
+    assert calls == [".replaced-step_00000003"] and not (root / "step_00000003").exists()
+    path = CheckpointManager(root).resolve("auto")  # the complete new save is moved into place
+    assert path == root / "step_00000003" and verify(path)["step"] == 3
+    assert torch.load(path / "trainer_state_rank0.pt", weights_only=True)["data"] == {"epoch": 1}
+    manager.save(_FakeEngine(), 6, {"data": {}})
+    assert _names(root) == ["latest", "step_00000003", "step_00000006"]  # the replaced one is gone
+
+
+def test_resume_auto_falls_back_past_checkpoints_that_do_not_verify(tmp_path):
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=3)
+    for step in (3, 6, 9):
+        manager.save(_FakeEngine(), step, {"data": {}})
+    _flip_a_byte(root / "step_00000009" / "model.pt")
+    (root / "step_00000006" / "COMPLETE").write_text("{")
+    with pytest.warns(UserWarning) as warned:
+        assert CheckpointManager(root).resolve("auto") == root / "step_00000003"
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2 and "step_00000009 is corrupt: the contents of model.pt changed" in messages[0]
+    assert "step_00000006: unreadable COMPLETE marker" in messages[1]
+    _flip_a_byte(root / "step_00000003" / "model.pt")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"no checkpoint in .*ckpt verifies: "):
+        CheckpointManager(root).resolve("auto")
+
+
+def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (3, 6, 9):
+        CheckpointManager(root, keep_last=2).save(_FakeEngine(), step, {"data": {}})
+    _flip_a_byte(root / "step_00000009" / "model.pt")
+    manager = CheckpointManager(root, keep_last=1)
+    with pytest.warns(UserWarning, match="step_00000009 is corrupt"):
+        assert manager.resolve("auto") == root / "step_00000006"
+    manager.save(_FakeEngine(), 7, {"data": {}})  # the run goes on from step 6
+    assert _names(root) == ["latest", "step_00000007", "step_00000009"]  # older ones pruned, newer ones kept
+    assert (root / "latest").read_text() == "step_00000007" and verify(root / "step_00000007")["step"] == 7
+    assert manager.resolve("auto") == root / "step_00000007"
+
+
+def test_checkpoint_files_are_durable_before_the_marker_and_markers_readable_by_the_group(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    umask = os.umask(0o022)
+    try:
+        CheckpointManager(root).save(_FakeEngine(), 3, {"data": {}})
+    finally:
+        os.umask(umask)
+    staging = os.path.realpath(root / ".staging-step_00000003")
+    marker = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".COMPLETE."))
+    assert {os.path.join(staging, name) for name in ("model.pt", "trainer_state_rank0.pt")} | {staging} <= set(
+        synced[:marker])  # every file and the directory itself, before the marker
+    assert os.path.realpath(root) in synced[marker + 1:]  # the rename into place and `latest` are durable too
+    path = root / "step_00000003"
+    modes = {name: (p.stat().st_mode & 0o777) for name, p in (("model", path / "model.pt"),
+                                                              ("marker", path / "COMPLETE"),
+                                                              ("latest", root / "latest"))}
+    assert modes == {"model": 0o644, "marker": 0o644, "latest": 0o644}
+
+
+def test_nonfinite_weights_or_optimizer_state_are_never_saved(tmp_path):
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=1)
+    manager.save(_FakeEngine(), 3, {"data": {}})
+    engine = _FakeEngine()
+    engine.module = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        engine.module.weight[0, 1] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not saving checkpoint step_00000006: the weights or optimizer "
+                                                  r"state hold NaN/inf \(rank 0: weight\); the newest good "
+                                                  r"checkpoint stays step_00000003"):
+        manager.save(engine, 6, {"data": {}})
+    engine.module = torch.nn.Linear(2, 2)
+    engine.basic_optimizer = torch.optim.AdamW(engine.module.parameters())
+    engine.module(torch.ones(1, 2)).sum().backward()
+    engine.basic_optimizer.step()
+    engine.basic_optimizer.state[engine.module.bias]["exp_avg_sq"][0] = float("inf")
+    with pytest.raises(CheckpointError, match="optimizer group 0 tensor 1 exp_avg_sq"):
+        manager.save(engine, 6, {"data": {}})
+    assert _names(root) == ["latest", "step_00000003"] and verify(root / "step_00000003")["step"] == 3
+
+
 def test_rng_state_round_trip(tmp_path):
     import random
 
@@ -278,7 +490,6 @@ def test_plot_run_writes_pngs(tmp_path):
 
 
 # ---- compiled training ------------------------------------------------------------------------------------------
-COMPILE_RTOL = 1e-4  # aot_eager keeps eager's kernels (seen: identical); inductor reorders reductions (seen: 2e-7)
 COMPILE_RUNS = {"eager": {}, "compiled": {"train.compile": True},
                 "compiled_ckpt": {"train.compile": True, "train.activation_checkpointing": "moe"}}
 
@@ -326,16 +537,19 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
     for name in ("compiled", "compiled_ckpt"):
         run = runs[name]
         assert run["graphs"] > 0, name  # dynamo really captured the forward
+        # aot_eager keeps eager's kernels (seen: identical); compiled graphs may sum in another order: the bounds of
+        # tests/numerics.py for runs that differ in summation order only
         assert run["losses"].keys() == eager["losses"].keys()
-        for step, loss in run["losses"].items():
-            assert loss == pytest.approx(eager["losses"][step], rel=COMPILE_RTOL), (name, step)
-        assert run["val_loss"] == pytest.approx(eager["val_loss"], rel=COMPILE_RTOL), name
+        curve = [eager["losses"][step] for step in sorted(eager["losses"], key=int)]
+        assert_curves_agree([run["losses"][step] for step in sorted(eager["losses"], key=int)], curve)
+        assert abs(run["val_loss"] - eager["val_loss"]) <= trained_loss_bound(curve), name
         assert sorted(load_file(tmp_path / name / "model" / "model.safetensors")) == sorted(
             load_file(tmp_path / "eager" / "model" / "model.safetensors"))  # no `_orig_mod.` prefixes
         exported = from_pretrained(tmp_path / name / "model").state_dict()
         assert list(exported) == list(reference)
-        for key, value in from_pretrained(tmp_path / "eager" / "model").state_dict().items():
-            torch.testing.assert_close(exported[key], value, rtol=COMPILE_RTOL, atol=1e-6, msg=key)
+        lrs = [r["lr"] for r in read_metrics(tmp_path / "eager") if r["split"] == "train"]
+        assert_adamw_weights_agree(exported, from_pretrained(tmp_path / "eager" / "model").state_dict(), lrs,
+                                   (OptimConfig.beta1, OptimConfig.beta2))
 
 
 if __name__ == "__main__":

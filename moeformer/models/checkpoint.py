@@ -471,7 +471,7 @@ def _carry_over(old: Path, new: Path) -> None:
             _link_or_copy(entry, new / entry.name)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_dirs(a: Path, b: Path) -> bool:
     """Swap directories `a` and `b` in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
     system or file system has no such call."""
     try:
@@ -496,7 +496,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    if _exchange(tmp, target):
+    if exchange_dirs(tmp, target):
         old = trash = tmp
     else:
         trash = _sibling_dir(target, "old")

@@ -3,10 +3,17 @@
 Layout of `<out_dir>/checkpoints/`:
     step_00000100/            DeepSpeed's files (model, optimizer / ZeRO shards, lr scheduler)
         trainer_state_rank0.pt   step, data position, RNG states of python / numpy / torch, counters
+        run.json                 what the run was (its configuration, its data), to compare with on resume
         COMPLETE                 written last by rank 0: the step and the size and CRC-32 of every file in it
     latest                    the newest complete tag (replaced atomically; DeepSpeed's loaders read it too)
-A directory without COMPLETE is an interrupted save and is never resumed from. Loading reads only files inside the
-checkpoint directory and unpickles them with an allow-list (`moeformer.safe_files`): a checkpoint cannot run code.
+
+A save goes to a hidden `.staging-step_...` directory: its files are fsynced, then COMPLETE is written, and only then
+is it renamed into place; an earlier save of the same step is deleted only once the new one is in place (exchanged
+atomically on Linux, else moved aside to `.replaced-...` first); deleted directories go through `.trash-...`. A
+checkpoint is never written from NaN/inf weights or optimizer state, and pruning never deletes the checkpoint just
+saved nor anything newer. `resolve("auto")` resumes from the newest checkpoint that verifies, warning about each
+newer one it skips. Loading reads only files inside the checkpoint directory and unpickles them with an allow-list
+(`moeformer.safe_files`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import tempfile
+import uuid
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,13 +34,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeformer.errors import CheckpointError, naming_file, write_error
+from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
+from moeformer.models.checkpoint import exchange_dirs
 from moeformer.safe_files import confined, load_pickle
 
 COMPLETE_FILE = "COMPLETE"
 MARKER_FORMAT = 1
 LATEST_FILE = "latest"
+RUN_INFO_FILE = "run.json"
 TAG_PREFIX = "step_"
+STAGING_PREFIX = ".staging-"  # a save in progress (hidden: never taken for a checkpoint)
+REPLACED_PREFIX = ".replaced-"  # an earlier save of a step, until its replacement is in place
+TRASH_PREFIX = ".trash-"  # a directory being deleted
 
 
 def tag_for(step: int) -> str:
@@ -41,17 +53,41 @@ def tag_for(step: int) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` to a temporary file beside `path` (permissions as for any new file: umask applies), fsync it,
+    rename it over `path` and fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (created, renamed or removed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory, deepest first."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,61 +116,90 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Saves and finds checkpoints of one run under `root`; every rank calls `save` and `load` together."""
+    """Saves and finds checkpoints of one run under `root`; every rank calls `resolve`, `save` and `load` together
+    (rank 0 alone verifies, renames and deletes, and tells the others)."""
 
     def __init__(self, root: str | Path, keep_last: int = 2) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._verified: set[Path] = set()
 
     # ---- saving ----------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Save the engine and this rank's trainer state as `step_<step>`, then mark it complete and latest."""
+    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None) -> Path:
+        """Save the engine, this rank's trainer state and `run_info` (rank 0's, as run.json) as `step_<step>`, mark
+        it complete and latest, then prune. Raises NonFiniteStateError, writing nothing, when the weights or
+        optimizer state of any rank hold NaN/inf."""
         tag = tag_for(step)
-        path = self.root / tag
+        path, staging = self.root / tag, self.root / f"{STAGING_PREFIX}{tag}"
+        bad = nonfinite_tensors(engine)
+        if _any_rank(bool(bad)):
+            latest = self.latest()
+            where = f" (rank {self.rank}: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
+            raise NonFiniteStateError(f"not saving checkpoint {tag}: the weights or optimizer state hold NaN/inf"
+                                      f"{where}; the newest good checkpoint stays {latest.name if latest else 'none'}")
         if self.rank == 0:
-            if path.exists():  # a leftover of an interrupted save of the same step
-                shutil.rmtree(path)
             self.root.mkdir(parents=True, exist_ok=True)
+            if staging.exists():  # a leftover of an interrupted save of the same step
+                shutil.rmtree(staging)
         _barrier()
         try:
-            with checkpoint_files(engine, path):
-                engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
-                save_parallel_extras(engine, self.root, tag)
-            state_file = path / f"trainer_state_rank{self.rank}.pt"
-            tmp = state_file.with_suffix(".tmp")
-            with naming_file(tmp), open(tmp, "wb") as f:
+            with checkpoint_files(engine, staging):
+                engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step},
+                                       save_latest=False)
+                save_parallel_extras(engine, self.root, staging.name)
+            state_file = staging / f"trainer_state_rank{self.rank}.pt"
+            with naming_file(state_file), open(state_file, "wb") as f:
                 torch.save({"step": step, **trainer_state, "rng": rng_state()}, f)
-            os.replace(tmp, state_file)
+            if self.rank == 0 and run_info is not None:
+                with naming_file(staging / RUN_INFO_FILE):
+                    (staging / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
         except (OSError, RuntimeError) as e:  # a full disk, a read-only or vanished directory, a quota
-            raise write_error(path, e) from e
+            raise write_error(staging, e) from e
+        _barrier()
+        if int(os.environ.get("LOCAL_RANK", self.rank)) == 0:  # one rank per node: the files written on that node
+            fsync_tree(staging)
         _barrier()
         if self.rank == 0:
-            files = {str(p.relative_to(path)): {"size": p.stat().st_size, "crc32": file_crc32(p)}
-                     for p in sorted(path.rglob("*")) if p.is_file()}
-            write_atomic(path / COMPLETE_FILE, json.dumps({"format": MARKER_FORMAT, "step": step, "files": files},
-                                                             indent=1))
+            files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "crc32": file_crc32(p)}
+                     for p in sorted(staging.rglob("*")) if p.is_file()}
+            write_atomic(staging / COMPLETE_FILE, json.dumps({"format": MARKER_FORMAT, "step": step, "files": files},
+                                                                indent=1))
+            publish(staging, path)
             write_atomic(self.root / LATEST_FILE, tag)
-            self._prune()
+            self._prune(path)
         _barrier()
+        self._verified.add(path)
         return path
 
-    def _prune(self) -> None:
-        """Delete complete checkpoints beyond the newest `keep_last`, and interrupted saves older than the newest."""
-        complete = self.complete_checkpoints()
-        keep = set(complete[-self.keep_last :])
-        newest = complete[-1] if complete else None
-        for path in self._step_dirs():
-            if path in keep:
-                continue
-            if path in complete or (newest is not None and _step_of(path) < _step_of(newest)):
-                shutil.rmtree(path, ignore_errors=True)
+    def _prune(self, saved: Path) -> None:
+        """Delete the complete checkpoints older than `saved` but the newest `keep_last - 1` of them, interrupted
+        saves older than it and leftover staging / trash directories. `saved` and anything newer stay."""
+        older = [p for p in self._step_dirs() if _step_of(p) < _step_of(saved)]
+        complete = [p for p in older if (p / COMPLETE_FILE).is_file()]
+        keep = set(complete[len(complete) - self.keep_last + 1 :])
+        leftovers = [p for p in self.root.iterdir() if p.name.startswith((STAGING_PREFIX, REPLACED_PREFIX,
+                                                                          TRASH_PREFIX))]
+        for path in [p for p in older if p not in keep] + leftovers:
+            remove_dir(path)
+
+    def recover(self) -> None:
+        """Finish what a kill in the middle of `publish` left: a complete staging directory whose checkpoint is
+        missing is moved into place, else the replaced checkpoint is moved back."""
+        if self.rank == 0 and self.root.is_dir():
+            for prefix in (STAGING_PREFIX, REPLACED_PREFIX):
+                for p in sorted(self.root.glob(f"{prefix}{TAG_PREFIX}*")):
+                    target = self.root / p.name[len(prefix) :]
+                    if not target.exists() and (p / COMPLETE_FILE).is_file():
+                        os.rename(p, target)
+                        fsync_dir(self.root)
+        _barrier()
 
     # ---- finding ---------------------------------------------------------------------------------------------
     def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)]
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and _step_of(p) >= 0]
         return sorted(dirs, key=_step_of)
 
     def complete_checkpoints(self) -> list[Path]:
@@ -143,30 +208,83 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The checkpoint named by `latest` when it is complete, else the newest complete one, else None."""
+        candidates = self._candidates()
+        return candidates[0] if candidates else None
+
+    def _candidates(self) -> list[Path]:
+        """Complete checkpoints in the order `resume auto` tries them: the one named by `latest`, then newest first."""
+        ordered = self.complete_checkpoints()[::-1]
         marker = self.root / LATEST_FILE
         if marker.is_file():
-            tag = marker.read_text().strip()
-            path = self.root / tag
-            if re.fullmatch(f"{TAG_PREFIX}[0-9]+", tag) and (path / COMPLETE_FILE).is_file():  # never elsewhere
-                return path
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+            path = self.root / marker.read_text().strip()
+            if path in ordered:  # a step directory of this run, never elsewhere
+                ordered.remove(path)
+                ordered.insert(0, path)
+        return ordered
 
     def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from: None (fresh start), "auto" (latest of this run, if any) or a directory."""
+        """The checkpoint to resume from, verified: None (a fresh start), "auto" (the first of this run's complete
+        checkpoints that verifies, newest first, with a warning for each one skipped; None when there is none) or a
+        checkpoint directory. Recovers an interrupted save first; "auto" also finishes an interrupted pruning."""
+        self.recover()
         if resume is None:
             return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint directory {path} does not exist")
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint directory {path} does not exist")
+            self._verify(path)
+            return path
+        chosen, skipped = None, []
+        if self.rank == 0:
+            for path in self._candidates():
+                try:
+                    verify(path)
+                except CheckpointError as e:
+                    warnings.warn(f"resume auto skips a checkpoint that does not verify: {e}", stacklevel=2)
+                    skipped.append(str(e))
+                    continue
+                chosen = path.name
+                break
+            if chosen is not None:  # finish the pruning a kill may have cut short
+                self._prune(self.root / chosen)
+        chosen, skipped = _from_rank0((chosen, skipped))
+        if chosen is None and skipped:
+            raise CheckpointError(f"no checkpoint in {self.root} verifies: " + "; ".join(skipped))
+        if chosen is None:
+            return None
+        path = self.root / chosen
+        self._verified.add(path)
         return path
+
+    def run_info(self, path: Path) -> dict[str, Any] | None:
+        """The run.json a checkpoint was saved with (None for a checkpoint that has none)."""
+        file = path / RUN_INFO_FILE
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable {RUN_INFO_FILE}: {e}") from e
+
+    def _verify(self, path: Path) -> None:
+        """`verify(path)` on rank 0, its verdict on every rank."""
+        error = None
+        if self.rank == 0:
+            try:
+                verify(path)
+            except CheckpointError as e:
+                error = str(e)
+        error = _from_rank0(error)
+        if error is not None:
+            raise CheckpointError(error)
+        self._verified.add(path)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self, engine, path: Path) -> dict[str, Any]:
         """Load the engine state and return this rank's trainer state (RNG states already restored)."""
-        verify(path)
+        if path not in self._verified:
+            self._verify(path)
         try:
             with checkpoint_files(engine, path):
                 load_path, client_state = engine.load_checkpoint(
@@ -189,6 +307,53 @@ class CheckpointManager:
                                   f"step {client_state.get('step')}")
         set_rng_state(state["rng"])
         return state
+
+
+def publish(staging: Path, path: Path) -> None:
+    """Rename the complete checkpoint `staging` to `path`. An existing `path` (an earlier save of the same step) is
+    deleted only once the new one is in place: exchanged with it atomically where the system can (Linux), else moved
+    aside first, `CheckpointManager.recover` finishing the job after a kill between the two renames."""
+    if path.exists() and exchange_dirs(staging, path):
+        fsync_dir(path.parent)
+        remove_dir(staging)  # now the earlier save
+        return
+    replaced = path.with_name(f"{REPLACED_PREFIX}{path.name}")
+    if path.exists():
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.rename(path, replaced)
+    os.rename(staging, path)
+    fsync_dir(path.parent)
+    if replaced.exists():
+        remove_dir(replaced)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete directory `path`: renamed into the trash first, so a kill half-way never leaves a checkpoint with
+    files missing."""
+    trash = path if path.name.startswith(TRASH_PREFIX) else path.with_name(f"{TRASH_PREFIX}{path.name}")
+    if trash != path:
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(path, trash)
+        fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def nonfinite_tensors(engine) -> list[str]:
+    """Names of this rank's weights (ZeRO-3: its partitions) and optimizer tensors (master weights, moments) that
+    hold NaN or inf."""
+    bad = [name for name, p in engine.module.named_parameters() if not _finite(getattr(p, "ds_tensor", p))]
+    optimizer = getattr(engine, "basic_optimizer", None)  # the optimizer DeepSpeed wraps (ZeRO: over flat partitions)
+    for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
+        for j, p in enumerate(group["params"]):
+            tensors = {"weights": p, **optimizer.state.get(p, {})}
+            bad += [f"optimizer group {i} tensor {j} {key}" for key, t in tensors.items() if not _finite(t)]
+    return bad
+
+
+def _finite(t: Any) -> bool:
+    return not (torch.is_tensor(t) and t.is_floating_point()) or bool(torch.isfinite(t).all())
 
 
 class ConfinedCheckpointEngine:
@@ -267,15 +432,33 @@ def verify(path: Path) -> dict[str, Any]:
 
 
 def _step_of(path: Path) -> int:
-    try:
-        return int(path.name[len(TAG_PREFIX) :])
-    except ValueError:
-        return -1
+    """The step of a checkpoint directory name (`step_<digits>`), -1 for any other name."""
+    digits = path.name[len(TAG_PREFIX) :]
+    return int(digits) if path.name.startswith(TAG_PREFIX) and digits.isdigit() else -1
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank."""
+    if not dist.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def save_parallel_extras(engine, root: Path, tag: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from moeformer.errors import ConfigError
+from moeformer.errors import ConfigError, ResumeConfigError
 from moeformer.models.config import ModelConfig, check_value
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -80,7 +80,8 @@ class CheckpointConfig:
 
     every: int = 0
     keep_last: int = 2
-    resume: str | None = None  # None, "auto" (newest complete checkpoint in the run), or a checkpoint directory
+    resume: str | None = None  # None, "auto" (the newest checkpoint of the run that verifies), or a checkpoint dir
+    resume_allow: list[str] = field(default_factory=list)  # keys a resume may change, e.g. [optim.lr, train.steps]
     export: str = "native"  # final model: native safetensors, Hugging Face, or none
 
 
@@ -176,7 +177,63 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write as YAML, atomically (a kill never leaves half a config)."""
+        from moeformer.training.checkpointing import write_atomic
+
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---- resuming ---------------------------------------------------------------------------------------------------
+# Keys that do not change what a run computes (where it writes, how it reports, how fast it runs): a resume may
+# change them without naming them. A section name covers all of its keys.
+RESUME_FREE_KEYS = ("out_dir", "checkpoint", "train.progress_bar", "train.log_every", "train.eval_every",
+                    "train.eval_batches", "train.peak_tflops", "train.max_nonfinite", "train.compile",
+                    "train.compile_backend", "train.activation_checkpointing", "train.checkpoint_every_k")
+
+
+def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What a run computes, as flat dotted keys: the config, with the model section resolved to every ModelConfig
+    field (`model.moe.top_k`, ...), `data_facts` under `data.` (token counts, tokenizer) and the number of processes
+    (`world_size`: with the micro-batch size, it sets the global batch), less RESUME_FREE_KEYS."""
+    d = config.to_dict()
+    d["model"] = config.model_config().to_dict()
+    d["data"].update(data_facts)
+    d["world_size"] = world_size
+    flat = json.loads(json.dumps(_flatten(d)))  # the form it takes in a checkpoint's run.json (tuples are lists)
+    return {k: v for k, v in flat.items() if not _covered(k, RESUME_FREE_KEYS)}
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any], allowed: list[str]) -> dict[str, list]:
+    """The keys whose values differ between `saved` and `current` run identities, as {key: [saved, current]}.
+    Raises ResumeConfigError listing them unless `allowed` (dotted keys or section names) covers every one."""
+    unknown = [name for name in allowed if not _covered(name, RESUME_FREE_KEYS)
+               and not any(_covered(key, [name]) for key in {**saved, **current})]
+    if unknown:
+        raise ResumeConfigError(f"checkpoint.resume_allow names unknown keys: {', '.join(unknown)}")
+    changes = {k: [saved.get(k), current.get(k)] for k in sorted({**saved, **current})
+               if saved.get(k) != current.get(k)}
+    refused = [k for k in changes if not _covered(k, allowed)]
+    if refused:
+        listing = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ResumeConfigError(
+            f"the checkpoint was written by a run with a different configuration ({listing}); resume with the "
+            f"original values, or name the changes as intended with --resume-allow {','.join(refused)}")
+    return changes
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _covered(key: str, names: list[str] | tuple[str, ...]) -> bool:
+    """Whether dotted `key` is one of `names` or inside a section among them."""
+    return any(key == name or key.startswith(name + ".") for name in names)
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -224,6 +224,18 @@ def load_meta(data_dir: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+
+
+def dataset_facts(data_dir: str | Path) -> dict[str, Any]:
+    """What identifies a prepared corpus cheaply: its tokenizer, vocabulary size and the tokens in each split (from
+    the files' sizes, so a rewritten split shows)."""
+    meta = load_meta(data_dir)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    facts: dict[str, Any] = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]}
+    for split in SPLITS:
+        file = Path(data_dir) / meta["splits"][split]["file"]
+        facts[f"{split}_tokens"] = file.stat().st_size // itemsize if file.is_file() else None
+    return facts
 
 
 class TokenDataset:

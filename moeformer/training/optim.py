@@ -9,6 +9,7 @@ groups marked `moe: True` named after their group, which ZeRO-1/2 partition over
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
@@ -57,15 +58,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose updates are suppressed while `skip` is set. DeepSpeed's engine steps the optimizer it wraps at
-    every accumulation boundary (bf16/fp32 have no overflow skip when the gradients are finite), possibly once per
-    parameter group, so the trainer skips a step with a non-finite micro-batch here: weights and moments stay
-    exactly as they were."""
+    """AdamW that skips an update, leaving weights and moments exactly as they were, while `skip` is set (the
+    trainer's verdict on a step with a non-finite loss) or, with `check_gradients` on, when any rank's gradients
+    hold NaN/inf. A skip sets `overflow`, which DeepSpeed's engine reads after each step: it counts the step in
+    `skipped_steps` and holds the lr schedule, as for its own wrappers' overflow skips.
+
+    `check_gradients` is for an engine that steps this optimizer directly (ZeRO-0 without bf16: no DeepSpeed
+    wrapper checks the gradient norm), where every rank calls `step` once per optimizer step; DeepSpeed's ZeRO and
+    bf16 wrappers skip a non-finite gradient norm themselves and may call `step` once per parameter group."""
 
     skip = False
+    check_gradients = False
+    overflow = False
 
     def step(self, closure=None):
-        return None if self.skip else super().step(closure)
+        self.overflow = self.skip or (self.check_gradients and not _gradients_finite(self.param_groups))
+        return None if self.overflow else super().step(closure)
+
+
+def _gradients_finite(param_groups: list[dict]) -> bool:
+    """Whether the gradients in `param_groups` are finite on every rank (their norm, so an overflowing one is not)."""
+    params = [p for group in param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
+    finite = torch.isfinite(norm).float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> SkippableAdamW:

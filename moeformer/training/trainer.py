@@ -10,7 +10,8 @@ data (sharded over the data-parallel group) -> resume.
 
 With parallel.pp > 1 the engine is DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum
 micro-batches. Its logged loss is cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a
-non-finite loss stops the run at once: the engine applies the step inside `train_batch`, so it cannot be skipped.
+non-finite loss stops the run at once: the engine applies the step inside `train_batch`, before the trainer sees the
+loss, so it cannot be skipped (a non-finite gradient norm still is, as without pipelining).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,20 +38,24 @@ from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compil
 from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
-from moeformer.training.config import ParallelConfig, RunConfig
-from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, load_meta
+from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
+from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
 from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
 from moeformer.training.optim import build_optimizer
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
 
 
+CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per start of a run: its config and what a resume changed
+OPTIM_HPARAMS = ("initial_lr", "betas", "eps", "weight_decay")  # what a checkpoint restores of each AdamW group
+
+
 class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss was NaN or infinite too many steps in a row."""
+    """Training stopped because the loss or the gradient norm was NaN or infinite too many steps in a row."""
 
 
 class NonFiniteGuard:
-    """Counts steps with a non-finite loss; raises once `max_in_row` of them come back to back."""
+    """Counts skipped steps (a non-finite loss or gradient norm); raises once `max_in_row` come back to back."""
 
     def __init__(self, max_in_row: int) -> None:
         self.max_in_row = max_in_row
@@ -65,7 +70,7 @@ class NonFiniteGuard:
         self.total += 1
         if self.in_row >= self.max_in_row:
             raise NonFiniteLossError(
-                f"stopping at step {step}: the loss was NaN/inf in {self.in_row} steps in a row "
+                f"stopping at step {step}: the loss or the gradient norm was NaN/inf in {self.in_row} steps in a row "
                 f"(train.max_nonfinite={self.max_in_row}); lower optim.lr, raise optim.warmup_steps or check the data"
             )
 
@@ -182,6 +187,14 @@ class Trainer:
         if resume_from is None and self.checkpoints.complete_checkpoints():
             raise FileExistsError(f"{self.out_dir} already holds checkpoints; pass --resume auto to continue that "
                                   "run or choose another out_dir")
+        self.identity = run_identity(config, dataset_facts(config.data.dir), dist.get_world_size())
+        self.config_changes: dict[str, list] = {}
+        if resume_from is not None:
+            saved = self.checkpoints.run_info(resume_from)
+            if saved is None:
+                self._print(f"warning: {resume_from} records no run configuration; changes cannot be checked")
+            else:
+                self.config_changes = resume_changes(saved["identity"], self.identity, config.checkpoint.resume_allow)
 
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
@@ -205,6 +218,8 @@ class Trainer:
             config=ds_config,
             **initialize_kwargs,
         )
+        # no DeepSpeed wrapper (ZeRO-0 without bf16) checks the gradient norm before stepping: the optimizer does
+        self.optimizer.check_gradients = self.engine.optimizer is self.optimizer
         if config.train.compile:
             compile_engine(self.engine, checkpointed, config.train.compile_backend)
 
@@ -222,8 +237,11 @@ class Trainer:
         if resume_from is None and config.checkpoint.resume == "auto":
             self._print(f"no complete checkpoint in {self.checkpoints.root}: starting from step 0")
         if resume_from is not None:
-            self._print(f"resuming from {resume_from}")
+            self._print(f"resuming from {resume_from}" + "".join(f"\n  {key}: {old!r} -> {new!r}" for key, (old, new)
+                                                                 in self.config_changes.items()))
+            hparams = [{k: g[k] for k in OPTIM_HPARAMS} for g in self.optimizer.param_groups]
             state = self.checkpoints.load(self.engine, resume_from)
+            self._restore_optim_hparams(hparams)
             self.step, self.tokens_seen = state["step"], state["tokens"]
             self.train_batches.load_state_dict(state["data"])
             self.guard.in_row, self.guard.total = state["nonfinite_in_row"], state["nonfinite_total"]
@@ -231,9 +249,28 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.out_dir / "config.yaml")
             if resume_from is None:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                for name in ("metrics.jsonl", CONFIG_HISTORY_FILE):
+                    (self.out_dir / name).unlink(missing_ok=True)
+            with open(self.out_dir / CONFIG_HISTORY_FILE, "a") as f:  # every start of the run, and what it changed
+                f.write(json.dumps({"step": self.step, "resumed_from": str(resume_from) if resume_from else None,
+                                    "changes": self.config_changes, "config": config.to_dict()}) + "\n")
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        if resume_from is not None:
+            self.logger.log({"step": self.step, "split": "resume", "checkpoint": str(resume_from),
+                             "changes": self.config_changes})
         self.resumed_from = resume_from
+
+    def _restore_optim_hparams(self, hparams: list[dict[str, Any]]) -> None:
+        """Give the optimizer groups this run's `hparams` again after a checkpoint restored those it was saved with,
+        and set the current lr from them: an allowed change of optim.lr, betas, eps or weight decay takes effect."""
+        groups = self.optimizer.param_groups
+        for group, fresh in zip(groups, hparams, strict=True):
+            group.update(fresh)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        with warnings.catch_warnings():  # torch warns about a schedule step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.last_epoch -= 1
+            self.scheduler.step()  # the current step's lr from the new base lrs
 
     def _print(self, message: str) -> None:
         if self.rank == 0:
@@ -263,12 +300,14 @@ class Trainer:
 
         A non-finite loss on any rank in any micro-batch skips the whole step: its loss is masked out of the
         backward, and the optimizer update at the accumulation boundary is suppressed (weights and AdamW moments are
-        untouched; DeepSpeed discards the step's gradients). The lr schedule advances once per step, skipped or not."""
+        untouched; DeepSpeed discards the step's gradients). So does a non-finite gradient norm with a finite loss
+        (an overflow in backward), under every ZeRO stage and dtype. Skipped steps are logged as such (`skipped`,
+        `nonfinite`: "loss" or "gradients") and counted. The lr schedule advances once per step, skipped or not."""
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         gas = self.config.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
-        schedule_step = self.scheduler.last_epoch
+        schedule_step, skipped_before = self.scheduler.last_epoch, self.engine.skipped_steps
         if self.pipeline:
             sums["loss"] = self._pipeline_step(batches) * gas  # the same mean loss on every rank
             finite_micro_batches, grad_norm = gas, None
@@ -276,7 +315,9 @@ class Trainer:
             finite_micro_batches, grad_norm = self._micro_batch_steps(batches, sums)
         if self.scheduler.last_epoch == schedule_step:  # DeepSpeed holds the schedule when its optimizer saw NaN/inf
             self.scheduler.step()
-        finite_step = finite_micro_batches == gas
+        # a non-finite gradient norm: DeepSpeed's wrappers (ZeRO, bf16) or SkippableAdamW skipped the update
+        gradients_skipped = self.engine.skipped_steps != skipped_before
+        finite_step = finite_micro_batches == gas and not gradients_skipped
         if not finite_step:
             sums.clear()  # a skipped step reports no loss (its finite micro-batches taught the model nothing)
         self.guard.update(finite_step, self.step + 1)
@@ -285,6 +326,8 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
         record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
+        if not finite_step:
+            record["nonfinite"] = "loss" if finite_micro_batches < gas else "gradients"
         norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         if norm is not None and finite_step:
             record["grad_norm"] = float(norm)
@@ -384,7 +427,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"data": self.train_batches.state_dict(), "tokens": self.tokens_seen,
                  "nonfinite_in_row": self.guard.in_row, "nonfinite_total": self.guard.total}
-        return self.checkpoints.save(self.engine, self.step, state)
+        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity})
 
     def export(self) -> Path | None:
         """Write the final weights (ZeRO-3 partitions or expert/tensor shards gathered) with the tokenizer files to
@@ -428,7 +471,7 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         self.engine.train()
         val_loss = None
-        saved_at = None
+        saved_at = self.step if self.resumed_from is not None else None  # a finished run resumed: nothing to re-save
         try:
             while self.step < t.steps:
                 record = self.train_step(batches)
