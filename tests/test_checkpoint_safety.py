@@ -567,6 +567,9 @@ def test_failed_writes_are_one_line_naming_the_file_and_the_cause(tmp_path):
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=8, val_fraction=0.2)
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()  # DeepSpeed compiles this op on first use: its build must not run under the file-size limit
     overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={tmp_path / 'data'}", "--data.seq_len=32",
                  "--data.micro_batch_size=2", "--train.steps=2", "--train.eval_every=0", "--train.eval_batches=1",
                  "--train.progress_bar=false", "--train.zero_stage=0", "--train.dtype=fp32", "--model.dim=64",

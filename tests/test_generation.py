@@ -90,7 +90,9 @@ def test_compiled_greedy_equals_eager_and_recomputation(models, kind):
     ids, mask = left_padded([5, 9, 2], seed=2)
     before = counters["stats"]["unique_graphs"]
     compiled = model.generate(ids, 10, temperature=0, attention_mask=mask, compile=True, sync_every=4)
-    assert counters["stats"]["unique_graphs"] - before <= 2  # one prefill bucket, one step (0 if built before)
+    # per block kind, one prefill bucket and one step, each compiled at most twice (the first block of a forward
+    # builds the mask the next ones reuse): 4 for these two-layer models, whatever their depth (0 if built before)
+    assert counters["stats"]["unique_graphs"] - before <= 4
     assert torch.equal(compiled, model.generate(ids, 10, temperature=0, attention_mask=mask))
     for row, n in enumerate([5, 9, 2]):
         assert torch.equal(compiled[row, 9 - n :], recomputed_greedy(model, ids[row, 9 - n :], 10))

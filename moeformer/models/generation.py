@@ -89,8 +89,10 @@ class Decoder:
     """Prefill and decode step of `model` over a `StaticCache` of `batch` rows and `max_len` slots (padded prompt +
     new tokens).
 
-    compile=True compiles both with torch.compile at fixed shapes, the step with fullgraph=True. The prefill is
-    bucketed: the prompt is left-padded (masked, so the logits are those of the unpadded prompt) to the next power of
+    compile=True compiles both with torch.compile at fixed shapes, block by block (one graph per block kind and
+    shape, reused by every layer: compiling a deep model takes about as long as one block), the step's blocks with
+    fullgraph=True; the few operations around the blocks (embedding, rope, norm, head) stay eager, which costs
+    nothing once the step is captured. The prefill is bucketed: the prompt is left-padded (masked, so the logits are those of the unpadded prompt) to the next power of
     two of at least MIN_PREFILL, one graph per bucket, so a few graphs cover every prompt length at most twice the
     prompt's compute. The step reads its position from the cache on the device, so it never recompiles. cuda_graph
     (default: compiled on CUDA) captures that step once as a CUDA graph and replays it per token: `step` then copies
@@ -106,9 +108,10 @@ class Decoder:
         self.model, self.compiled = model, compile
         self.cache = model.new_cache(batch, max_len, static=True)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input buffer
-        # the step must be one graph (it is captured); the prefill may break (e.g. around fla's kernels on CUDA)
-        self._prefill = _compiled(self._prefill_logits, fullgraph=False) if compile else self._prefill_logits
-        self._step = _compiled(self._step_logits, fullgraph=True) if compile else self._step_logits
+        # the step's blocks must be whole graphs (they are captured); the prefill's may break (e.g. around fla's
+        # kernels on CUDA)
+        self._prefill_layers = _compiled_layers(model, fullgraph=False) if compile else None
+        self._step_layers = _compiled_layers(model, fullgraph=True) if compile else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None  # the graph's output buffer
 
@@ -133,7 +136,8 @@ class Decoder:
             real = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             input_ids = F.pad(input_ids, (padded - length, 0))
             attention_mask = F.pad(real.bool(), (padded - length, 0))
-        return self._prefill(input_ids, attention_mask)
+        with _compile_settings():
+            return self._prefill_logits(input_ids, attention_mask)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -144,14 +148,16 @@ class Decoder:
         if self._graph is not None:
             self._graph.replay()
             return self._logits
-        return self._step()
+        return self._step_logits()
 
     def _prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        out = self.model(input_ids, attention_mask=attention_mask, cache=self.cache, stats=False, logits_to_keep=1)
+        out = self.model(input_ids, attention_mask=attention_mask, cache=self.cache, stats=False, logits_to_keep=1,
+                         layers=self._prefill_layers)
         return out.logits[:, -1]
 
     def _step_logits(self) -> torch.Tensor:
-        return self.model(self.token, cache=self.cache, stats=False).logits[:, -1]
+        with _compile_settings():
+            return self.model(self.token, cache=self.cache, stats=False, layers=self._step_layers).logits[:, -1]
 
     def _capture(self) -> None:
         """Compile and warm the step on a side stream (on a throwaway state), capture one replay of it, then leave
@@ -162,11 +168,11 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self._step_logits()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._logits = self._step()
+            self._logits = self._step_logits()
         self._graph = graph
         self.cache.reset()
 
@@ -176,17 +182,17 @@ def prefill_bucket(length: int) -> int:
     return max(MIN_PREFILL, 1 << (length - 1).bit_length())
 
 
-def _compiled(fn: Callable[..., torch.Tensor], fullgraph: bool) -> Callable[..., torch.Tensor]:
-    """torch.compile(fn) at fixed shapes. Traced with scalar outputs captured, since the reference expert loop (CPU,
-    fp32) reads its group sizes as scalars, and with room for one graph per prefill bucket and cache shape (every
+def _compiled_layers(model, fullgraph: bool) -> list:
+    """torch.compile of each of `model`'s blocks at fixed shapes (wrappers: the model itself is left as it is). Every
+    block of one kind runs the same compiled code, so the model compiles about as fast as one block."""
+    return [torch.compile(block, fullgraph=fullgraph, dynamic=False) for block in model.layers]
+
+
+def _compile_settings():
+    """Dynamo settings of the compiled blocks: scalar outputs captured, since the reference expert loop (CPU, fp32)
+    reads its group sizes as scalars, and room for one graph per block kind, prefill bucket and cache shape (every
     decoder's graphs are entries of the same code)."""
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
-
-    def run(*args: torch.Tensor | None) -> torch.Tensor:
-        with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=RECOMPILE_LIMIT):
-            return compiled(*args)
-
-    return run
+    return torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=RECOMPILE_LIMIT)
 
 
 def cached_decoder(model, batch: int, prompt_len: int, max_new_tokens: int) -> Decoder:

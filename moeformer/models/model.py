@@ -162,13 +162,15 @@ class CausalLM(nn.Module):
         targets: torch.Tensor | None = None,
         stats: bool = True,
         logits_to_keep: int = 0,
+        layers: Sequence[nn.Module] | None = None,
     ) -> CausalLMOutput:
         """Logits and next-token loss. Either `labels`, aligned with `input_ids` (Hugging Face style: position t
         predicts labels[t + 1], targets crossing `document_ids` boundaries are dropped), or `targets`, already
         shifted (position t predicts targets[t]); -100 is ignored. `attention_mask` (B, T_cache + T), 1 = real
         token, supports left padding (with a `StaticCache`: (B, T) with the prompt only). `stats=False` skips the MoE
         aux losses and statistics (inference); `logits_to_keep=n` computes the logits of the last n positions only
-        (0: all).
+        (0: all). `layers` runs other modules as the blocks, one per layer (the generation `Decoder` passes compiled
+        wrappers of them).
 
         Checked here: the shapes, the sequence length against `config.max_seq_len` (not under dynamic-NTK rope,
         whose point is to run past it; nor over a `StaticCache`, whose slots include padding and whose owner,
@@ -208,7 +210,7 @@ class CausalLM(nn.Module):
 
         x = self.tok_embeddings(input_ids)
         moe_stats: list[MoEStats] = []
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(self.layers if layers is None else layers):
             x, s = block(x, rope, mask, cache[i] if cache is not None else None, token_mask, stats=stats)
             if s is not None:
                 moe_stats.append(s)
