@@ -21,4 +21,4 @@ if [ "$resuming" = false ]; then
 fi
 torchrun --nproc_per_node 2 scripts/train.py --config configs/train/tiny-moe-cpu.yaml --out_dir="$RUN" "$@"
 python scripts/plot_run.py "$RUN"
-python scripts/sample.py --model "$RUN/model" --prompt "def " --max-new-tokens 200
+python scripts/generate.py --model "$RUN/model" --prompt "def " --max-new-tokens 200

@@ -4,6 +4,7 @@ CUDA graph. `generate` drives either with the same loop, so both give the same t
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -62,6 +63,39 @@ def sample_next(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class StepTimer:
+    """A `stream` callback that times generation without waiting for the device: a mark at its creation and at each
+    streamed step, CUDA events on a GPU (recorded in stream order), wall-clock times on the CPU."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = []
+        self.start = self._mark()
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __call__(self, tokens: torch.Tensor | None = None) -> None:
+        self.marks.append(self._mark())
+
+    @property
+    def steps(self) -> int:
+        return len(self.marks)
+
+    def seconds(self) -> tuple[float, float]:
+        """(from creation to the first step, from the first step to the last); waits for the device."""
+        if not self.marks:
+            raise RuntimeError("StepTimer saw no step")
+        if not self.cuda:
+            return self.marks[0] - self.start, self.marks[-1] - self.marks[0]
+        torch.cuda.synchronize()
+        return self.start.elapsed_time(self.marks[0]) / 1e3, self.marks[0].elapsed_time(self.marks[-1]) / 1e3
 
 
 class EagerDecoder:

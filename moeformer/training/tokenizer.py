@@ -38,6 +38,10 @@ class Tokenizer(ABC):
         """Token ids of `text` (no special tokens added)."""
         return self.encode_batch([text])[0].tolist()
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a generation prompt: training documents start after an eos, so [eos] + encode(text)."""
+        return [self.eos_id, *self.encode(text)]
+
     def artifacts(self) -> dict[str, bytes]:
         """Files (name -> content) that `load_tokenizer` needs beside the data; the byte tokenizer needs none."""
         return {}
@@ -127,11 +131,47 @@ class BPETokenizer(Tokenizer):
         return {TOKENIZER_FILE: self._tokenizer.to_str().encode("utf-8")}
 
 
+class PretrainedTokenizer(Tokenizer):
+    """The `tokenizer.json` of a Hugging Face checkpoint directory (data, no code): its own special tokens are added
+    to prompts (e.g. a bos), and eos is the checkpoint's `eos_token_id` (generation_config.json, else config.json)."""
+
+    kind = "pretrained"
+
+    def __init__(self, directory: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = Path(directory)
+        self._tokenizer = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
+        self.vocab_size = self._tokenizer.get_vocab_size()
+        eos = None
+        for name in ("generation_config.json", "config.json"):
+            if eos is None and (directory / name).is_file():
+                eos = json.loads((directory / name).read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int):
+            raise ValueError(f"{directory} names no eos_token_id in generation_config.json or config.json")
+        self.eos_id = self.bos_id = eos
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
-    """Rebuild the tokenizer named in `data_dir/meta.json` (written by scripts/prepare_data.py)."""
+    """Rebuild the tokenizer named in `data_dir/meta.json` (written by scripts/prepare_data.py and copied beside an
+    exported model), or, without one, a Hugging Face checkpoint's `tokenizer.json`."""
     meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file() and (Path(data_dir) / TOKENIZER_FILE).is_file():
+        return PretrainedTokenizer(data_dir)
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist; run scripts/prepare_data.py --out {data_dir} first")
+        raise FileNotFoundError(f"{meta_path} does not exist (nor a Hugging Face {TOKENIZER_FILE}); run "
+                                f"scripts/prepare_data.py --out {data_dir} first")
     meta = json.loads(meta_path.read_text())
     kind = meta.get("tokenizer")
     if kind == ByteTokenizer.kind:
