@@ -14,7 +14,15 @@ from moeformer.layers.moe.experts import FUSED_MAX_TOKENS
 from moeformer.layers.moe.fused_experts import fused_experts_reference
 from moeformer.layers.quant import QuantizedWeight
 
-from tests.test_quant import ACCUMULATION_UNIT, KERNEL_DEVICES, OUTPUT_ULP, assert_within, gpu, magnitude
+from tests.test_quant import (
+    ACCUMULATION_UNIT,
+    KERNEL_DEVICES,
+    OUTPUT_ULP,
+    assert_within,
+    gpu,
+    magnitude,
+    weight_unit,
+)
 
 SILU_SLOPE, GELU_SLOPE = 1.1, 1.13  # bounds of |silu'| and |gelu'|
 
@@ -33,16 +41,18 @@ def expert_weights(e: int, dim: int, f: int, activation: str, mode: str, group: 
     return quantized, values, mags
 
 
-def slot_loop(x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, activation: str, h_unit: float):
+def slot_loop(x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, activation: str, h_unit: float,
+              w_unit: float = 0.0):
     """fp64 per-slot outputs weight * expert(x[token]) and, to first order, the error bound of a kernel that sums in
-    fp32 (ACCUMULATION_UNIT per term), evaluates the activation in fp32 and rounds h with relative error h_unit."""
+    fp32 (ACCUMULATION_UNIT per term), multiplies weights with relative error w_unit, evaluates the activation in
+    fp32 and rounds h with relative error h_unit."""
     s, dim = expert_idx.numel(), x.shape[1]
     f = w_out.shape[1]
     out = torch.zeros(s, dim, dtype=torch.float64, device=x.device)
     bound = torch.zeros_like(out)
     for i in range(s):
         e, xs, w = expert_idx[i], x[token_idx[i]].double(), weights[i].double()
-        pre, d_pre = xs @ w_in[e], dim * ACCUMULATION_UNIT * (xs.abs() @ mag_in[e])
+        pre, d_pre = xs @ w_in[e], (dim * ACCUMULATION_UNIT + w_unit) * (xs.abs() @ mag_in[e])
         if activation == "swiglu":
             (gate, up), (d_gate, d_up) = pre.chunk(2), d_pre.chunk(2)
             h, d_h = F.silu(gate) * up, SILU_SLOPE * up.abs() * d_gate + F.silu(gate).abs() * d_up
@@ -51,13 +61,15 @@ def slot_loop(x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, a
         h, d_h = w * h, w.abs() * d_h
         out[i] = h @ w_out[e]
         d_h = d_h + (h_unit + 2.0**-21) * h.abs()  # rounding of h, and a few fp32 ulps for the activation
-        bound[i] = d_h @ mag_out[e] + f * ACCUMULATION_UNIT * (h.abs() @ mag_out[e])
+        bound[i] = d_h @ mag_out[e] + (f * ACCUMULATION_UNIT + w_unit) * (h.abs() @ mag_out[e])
     return out, bound
 
 
-KERNEL_CASES = [  # (tokens, k, experts, dim, ffn, activation, rows): by_slot below E slots, by_expert, sorted
-    (1, 2, 4, 64, 32, "swiglu", "scan"), (1, 8, 16, 96, 64, "swiglu", "scan"), (5, 3, 8, 64, 96, "gelu", "scan"),
-    (16, 2, 4, 96, 32, "swiglu", "scan"), (64, 4, 8, 64, 64, "swiglu", "scan"), (40, 2, 4, 96, 64, "gelu", "sorted"),
+KERNEL_CASES = [  # (tokens, k, experts, dim, ffn, activation, rows): by_slot below E slots, by_expert, sorted;
+    # GEMV row tiles up to GEMV_ROWS tokens, tensor-core tiles beyond
+    (1, 2, 4, 64, 32, "swiglu", "scan"), (1, 8, 16, 96, 64, "swiglu", "scan"), (3, 3, 8, 64, 64, "swiglu", "scan"),
+    (5, 3, 8, 64, 96, "gelu", "scan"), (16, 2, 4, 96, 32, "swiglu", "scan"), (64, 4, 8, 64, 64, "swiglu", "scan"),
+    (40, 2, 4, 96, 64, "gelu", "sorted"),
 ]
 
 
@@ -82,7 +94,8 @@ def test_fused_kernels_match_the_slot_loop(device, mode, group, dtype, n, k, e, 
                                            {"none": 0, "int8": 8, "int4": 4}[mode], group, f,
                                            activation == "swiglu", order, counts)
     h_unit = 0.0 if dtype == torch.float32 else OUTPUT_ULP[dtype]
-    ref, bound = slot_loop(x, token_idx, expert_idx, weights, v_in, v_out, m_in, m_out, activation, h_unit)
+    ref, bound = slot_loop(x, token_idx, expert_idx, weights, v_in, v_out, m_in, m_out, activation, h_unit,
+                           weight_unit(mode, dtype))
     assert y.dtype == torch.float32 and y.shape[1:] == (n * k, dim)
     assert_within(y.sum(0), ref, bound)
 

@@ -23,7 +23,7 @@ from moeformer.layers.quant import (
     quantize_int4,
     quantize_int8,
 )
-from moeformer.layers.quant.formats import pack_int4, unpack_int4
+from moeformer.layers.quant.formats import GROUP_SIZES, pack_int4, unpack_int4
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -38,6 +38,12 @@ OUTPUT_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7}
 # fp32 accumulation over K terms errs by at most K * 2^-24 of the sum of |terms|; 4x that allows the GPU's
 # tensor-core accumulation, which aligns addends with fewer guard bits.
 ACCUMULATION_UNIT = 2.0**-22
+
+
+def weight_unit(mode: str, dtype: torch.dtype) -> float:
+    """Relative error of each weight as the kernels multiply it: int4 tensor-core tiles round the dequantised weight
+    once to the activations' dtype (one ulp at most); int8 codes are exact."""
+    return OUTPUT_ULP[dtype] if mode == "int4" else 0.0
 
 
 def quantized(w: torch.Tensor, mode: str, group: int, dtype: torch.dtype):
@@ -89,8 +95,8 @@ def test_int4_round_trip_is_within_half_a_group_step(dtype, group):
     step = scale.float().repeat_interleave(group, dim=-1)
     error = (dequantize(packed, scale, offset, "int4", group) - w.float()).abs()
     assert (error <= step / 2 * (1 + 2**-20)).all()
-    codes = unpack_int4(packed)
-    assert torch.equal(pack_int4(codes), packed) and codes.max() <= 15
+    codes = unpack_int4(packed, group)
+    assert torch.equal(pack_int4(codes, group), packed) and codes.max() <= 15
     assert (codes.view(2, 6, -1, group).amax(-1)[:, 1:] == 15).all()  # the group's maximum is code 15
 
 
@@ -124,18 +130,33 @@ def test_quantized_weight_transposed_and_chunked_equals_the_formats():
         q.quantize_(w[0], index=3)
 
 
+def test_int4_packing_is_split_halves_per_group():
+    """The layout the kernels read: byte j of group g holds input g * G + j in its low nibble and g * G + G / 2 + j
+    in its high nibble; pack and unpack are inverse bijections of codes and bytes."""
+    torch.manual_seed(11)
+    for group in GROUP_SIZES:
+        q = torch.randint(0, 16, (3, 4 * group), dtype=torch.uint8)
+        packed = pack_int4(q, group)
+        byte = torch.arange(2 * group)
+        first = byte // (group // 2) * group + byte % (group // 2)
+        assert torch.equal(packed, q[:, first] | (q[:, first + group // 2] << 4))
+        assert torch.equal(unpack_int4(packed, group), q)
+        every_byte = torch.randint(0, 256, (2, 5, group), dtype=torch.uint8)
+        assert torch.equal(pack_int4(unpack_int4(every_byte, group), group), every_byte)
+
+
 # ---- the Triton matmul -----------------------------------------------------------------------------------------
-MATMUL_CASES = [  # (M, N, K, mode, group): M spans decode and prefill tiles, N and K off the block sizes
+MATMUL_CASES = [  # (M, N, K, mode, group): M spans the GEMV, decode and prefill tiles, N and K off the block sizes
     (1, 40, 96, "int8", 0), (3, 70, 200, "int8", 0), (16, 33, 256, "int8", 0), (64, 20, 130, "int8", 0),
-    (200, 65, 72, "int8", 0), (1, 72, 256, "int4", 32), (3, 40, 192, "int4", 64), (16, 17, 128, "int4", 128),
-    (64, 70, 384, "int4", 128), (200, 33, 96, "int4", 32),
+    (200, 65, 72, "int8", 0),
+] + [  # int4: every group size at each tile kind; 8 groups at M = 1 split K
+    (m, 17 + 8 * i, (8 if m == 1 else 3) * group, "int4", group)
+    for i, (m, group) in enumerate((m, g) for m in (1, 3, 16, 64, 200) for g in GROUP_SIZES)
 ]
 
 
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,mode,group", MATMUL_CASES)
-def test_quant_matmul_kernel_matches_reference(device, dtype, m, n, k, mode, group):
+def check_matmul(device: str, dtype: torch.dtype, m: int, n: int, k: int, mode: str, group: int) -> None:
+    """The Triton matmul (with the bias where M is odd) against the fp32 reference, within rounding bounds."""
     from moeformer.layers.quant import triton_kernels
 
     torch.manual_seed(m * n + k)
@@ -150,8 +171,27 @@ def test_quant_matmul_kernel_matches_reference(device, dtype, m, n, k, mode, gro
     ref = quant_matmul_reference(x.float(), codes, scale, offset, None if bias is None else bias.float(), mode,
                                  group)
     mag = x.float().abs() @ magnitude(codes, scale, offset, mode, group).t()
-    bound = OUTPUT_ULP[dtype] * ref.abs() + k * ACCUMULATION_UNIT * mag
+    bound = OUTPUT_ULP[dtype] * ref.abs() + (k * ACCUMULATION_UNIT + weight_unit(mode, dtype)) * mag
     assert_within(out.float(), ref, bound)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,mode,group", MATMUL_CASES)
+def test_quant_matmul_kernel_matches_reference(device, dtype, m, n, k, mode, group):
+    check_matmul(device, dtype, m, n, k, mode, group)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("m,tiles", [(2, (2, 16, 32, 2)), (16, (16, 32, 64, 2)), (16, (16, 16, 32, 1))])
+def test_int4_steps_within_a_group_match_reference(device, m, tiles, monkeypatch):
+    """Tile configurations the sweep may pick: K-steps of half or a quarter of a group of 128 (the GEMV and the
+    tensor-core path), with and without a K split."""
+    from moeformer.layers.quant import triton_kernels
+
+    cfg = triton_kernels.MatmulConfig(*tiles, num_warps=4, num_stages=2)
+    monkeypatch.setattr(triton_kernels, "matmul_config", lambda *args: cfg)
+    check_matmul(device, torch.bfloat16, m, 24, 512, "int4", 128)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

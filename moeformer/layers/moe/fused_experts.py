@@ -79,7 +79,7 @@ def _(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, 
     split = 1
     if triton_serves(x):
         s, dim = expert_idx.shape[0], x.shape[1]
-        split = _triton.experts_config(s, w_in.shape[0], dim, ffn_dim, QUANT_BITS[mode], group_size,
+        split = _triton.experts_config(x.shape[0], s, w_in.shape[0], dim, ffn_dim, QUANT_BITS[mode], group_size,
                                        order is not None).split
     return x.new_empty(split, expert_idx.shape[0], x.shape[1], dtype=torch.float32)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moeformer.layers.quant.triton_kernels import k_split, scale_strides, weight_product
+from moeformer.layers.quant.triton_kernels import GEMV_ROWS, k_split, scale_strides, weight_product
 from moeformer.layers.triton_dispatch import INTERPRETER
 
 ROW_MODES = ("by_slot", "by_expert", "sorted")  # the kernels' ROWS constant is the index
@@ -95,7 +95,7 @@ def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S,
                      ROWS: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, SWIGLU: tl.constexpr,
                      QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr, E_POW2: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     STAGES: tl.constexpr, UPCAST: tl.constexpr):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < F
@@ -110,7 +110,7 @@ def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S,
             tokens = tl.load(token_idx + slots, mask=row_mask, other=0).to(tl.int64)
         gate, up = weight_product(x + tokens * stride_xm, row_mask, w_e, scale_e, offset_e, cols, col_mask,
                                   F * stride_wn, F * stride_sn, stride_wk, stride_wn, stride_sn, stride_sg, 0, K,
-                                  QUANT, GROUP, SWIGLU, EVEN_K, BM, BN, BK, UPCAST)
+                                  QUANT, GROUP, SWIGLU, EVEN_K, BM, BN, BK, STAGES, UPCAST)
         if SWIGLU:
             act = gate * tl.sigmoid(gate) * up
         else:  # exact (erf) GELU
@@ -125,7 +125,7 @@ def _fused_down_kernel(h, expert_idx, order, counts, y, S, E, F, D, k_per_split,
                        w, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg,
                        ROWS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr,
-                       E_POW2: tl.constexpr, UPCAST: tl.constexpr):
+                       E_POW2: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < D
@@ -139,7 +139,7 @@ def _fused_down_kernel(h, expert_idx, order, counts, y, S, E, F, D, k_per_split,
         slots, row_mask = _tile_slots(expert_idx, order, e, row, end, base, S, ROWS, BM, SC)
         acc, _ = weight_product(h + slots * F, row_mask, w_e, scale_e, offset_e, cols, col_mask, 0, 0, stride_wk,
                                 stride_wn, stride_sn, stride_sg, k_start, k_stop, QUANT, GROUP, False, EVEN_K, BM, BN,
-                                BK, UPCAST)
+                                BK, STAGES, UPCAST)
         tl.store(y + part.to(tl.int64) * S * D + slots[:, None] * D + cols[None, :], acc,
                  mask=row_mask[:, None] & col_mask[None, :])
 
@@ -159,21 +159,23 @@ class ExpertsConfig:
     num_stages: int
 
 
-def experts_config(slots: int, experts: int, dim: int, ffn: int, quant: int, group: int,
+def experts_config(tokens: int, slots: int, experts: int, dim: int, ffn: int, quant: int, group: int,
                    sorted_rows: bool) -> ExpertsConfig:
-    """Decode (scanned rows): 16-row tiles (an expert rarely has more rows at batch <= 64), narrow
-    column tiles and a K split of the down projection so that batch 1 (k experts) still fills the SMs. Prefill:
-    64-row tiles over the sorted slots. int4 K-tiles never cross a quantization group. To be tuned by measurement
-    (scripts/bench_quant.py)."""
-    if not sorted_rows:
-        rows = "by_slot" if slots < experts else "by_expert"
-        bm, bn_up, bk_up, bn_down, bk_down, warps, stages = 16, 32, 128, 64, 128, 4, 4
-        split = k_split(ffn, bk_down, min(slots, experts) * triton.cdiv(dim, bn_down))
+    """Decode (scanned rows): an expert has at most `tokens` rows, so up to GEMV_ROWS tokens one GEMV row tile holds
+    them all; beyond, 16-row tensor-core tiles (an expert rarely has more rows at batch <= 64). Each step reads
+    128-byte lines: full-precision weights (E, K, N) along N (column tiles of 64 bf16 or more), codes (E, N, K)
+    along K (int8 steps of 128 inputs; int4 steps are at most one group). Narrow column tiles and a K split of the
+    down projection keep batch 1 (k experts) filling the SMs. Prefill: 64-row tiles over the sorted slots. Measured
+    and tuned with scripts/bench_quant.py --sweep."""
+    step = {0: 64, 8: 128, 4: min(128, group)}[quant]  # the widest K-step (int4: inside one group)
+    if sorted_rows:
+        rows, bm, bn_up, bn_down, warps, stages = "sorted", 64, 64, 64, 4, 3
+        bk_up = bk_down = step if quant == 4 else 64
     else:
-        rows = "sorted"
-        bm, bn_up, bk_up, bn_down, bk_down, warps, stages, split = 64, 64, 64, 64, 64, 4, 3, 1
-    if quant == 4:
-        bk_up, bk_down = min(bk_up, group), min(bk_down, group)
+        rows = "by_slot" if slots < experts else "by_expert"
+        bm = triton.next_power_of_2(tokens) if tokens <= GEMV_ROWS else 16
+        bn_up, bn_down, bk_up, bk_down, warps, stages = 64 if quant == 0 else 32, 64, step, step, 4, 4
+    split = 1 if sorted_rows else k_split(ffn, bk_down, min(slots, experts) * triton.cdiv(dim, bn_down))
     return ExpertsConfig(rows, bm, bn_up, bk_up, bn_down, bk_down, split, warps, stages)
 
 
@@ -197,7 +199,7 @@ def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weigh
     fused_experts.fused_experts for the arguments: with `order` and `counts` (slots sorted by expert, slots per
     expert) the rows come sorted, else the programs scan the routing."""
     s, dim, e = expert_idx.numel(), x.shape[1], w_in.shape[0]
-    cfg = experts_config(s, e, dim, ffn, quant, group, order is not None)
+    cfg = experts_config(x.shape[0], s, e, dim, ffn, quant, group, order is not None)
     if cfg.rows == "sorted":
         if e > MAX_SORTED_EXPERTS:
             raise ValueError(f"the fused expert kernels take at most {MAX_SORTED_EXPERTS} experts, got {e}")
@@ -208,8 +210,8 @@ def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weigh
     h = torch.empty(s, ffn, dtype=x.dtype, device=x.device)
     y = torch.empty(cfg.split, s, dim, dtype=torch.float32, device=x.device)
     common = dict(ROWS=ROW_MODES.index(cfg.rows), QUANT=quant, GROUP=group, BM=cfg.bm,
-                  SC=min(SCAN_CHUNK, triton.next_power_of_2(s)), E_POW2=triton.next_power_of_2(e), UPCAST=INTERPRETER,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SC=min(SCAN_CHUNK, triton.next_power_of_2(s)), E_POW2=triton.next_power_of_2(e),
+                  STAGES=cfg.num_stages, UPCAST=INTERPRETER, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _fused_up_kernel[(programs, triton.cdiv(ffn, cfg.bn_up))](
         x, token_idx if token_idx is not None else expert_idx, expert_idx, weights, order, counts, h, s, e, dim, ffn,
         x.stride(0), *_weight_args(w_in, scale_in, offset_in, quant),

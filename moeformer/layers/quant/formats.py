@@ -4,7 +4,9 @@ A weight is a matrix (..., N, K) = (..., out, in), leading dims stacking matrice
 dimension and is contiguous in the codes.
 - int8: symmetric per output channel, w ~ scale[n] * q[n, k], q in [-127, 127], scale = absmax / 127.
 - int4: asymmetric per group of `group_size` consecutive inputs, w ~ scale[n, g] * q[n, k] + offset[n, g],
-  q in [0, 15], offset = the group's minimum, scale = its range / 15; two codes per byte along K (low nibble: even k).
+  q in [0, 15], offset = the group's minimum, scale = its range / 15; two codes per byte, packed in "split halves"
+  within each group: byte j of a group's G / 2 bytes holds input j in its low nibble and input j + G / 2 in its high
+  nibble, so a kernel unpacks a group with no interleave and reads each half of its activations contiguously.
 Scales and offsets are stored in a floating dtype (the model's), rounded outward (scale up, offset down) so that
 every code stays in range and |w - dequantized| <= scale / 2 holds for the stored values.
 """
@@ -57,24 +59,29 @@ def quantize_int4(weight: Tensor, group_size: int, dtype: torch.dtype | None = N
     span = w.amax(-1) - offset.float()
     scale = _round_outward(span / INT4_MAX, dtype, up=True).clamp_min(torch.finfo(dtype).tiny)
     q = torch.round((w - offset.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp_(0, INT4_MAX)
-    return pack_int4(q.to(torch.uint8).reshape(*lead, n, k)), scale, offset
+    return pack_int4(q.to(torch.uint8).reshape(*lead, n, k), group_size), scale, offset
 
 
-def pack_int4(q: Tensor) -> Tensor:
-    """Codes in [0, 15] (..., K) -> bytes (..., K / 2): even k in the low nibble, odd k in the high one."""
-    return q[..., 0::2] | (q[..., 1::2] << 4)
+def pack_int4(q: Tensor, group_size: int) -> Tensor:
+    """uint8 codes in [0, 15] (..., K) -> bytes (..., K / 2) in split halves: per group of `group_size` inputs,
+    byte j holds input j (low nibble) and input j + group_size / 2 (high nibble)."""
+    *lead, k = q.shape
+    halves = q.reshape(*lead, k // group_size, 2, group_size // 2)
+    return (halves[..., 0, :] | (halves[..., 1, :] << 4)).reshape(*lead, k // 2)
 
 
-def unpack_int4(packed: Tensor) -> Tensor:
+def unpack_int4(packed: Tensor, group_size: int) -> Tensor:
     """The inverse of pack_int4: bytes (..., K / 2) -> codes (..., K)."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    *lead, k_half = packed.shape
+    groups = packed.reshape(*lead, 2 * k_half // group_size, 1, group_size // 2)
+    return torch.cat((groups & 15, groups >> 4), dim=-2).reshape(*lead, 2 * k_half)
 
 
 def dequantize(codes: Tensor, scale: Tensor, offset: Tensor | None, mode: str, group_size: int) -> Tensor:
     """The fp32 weight (..., N, K) that the codes stand for."""
     if mode == "int8":
         return codes.float() * scale.float().unsqueeze(-1)
-    q = unpack_int4(codes).float()
+    q = unpack_int4(codes, group_size).float()
     *lead, n, k = q.shape
     q = q.view(*lead, n, k // group_size, group_size)
     return (q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)).view(*lead, n, k)
