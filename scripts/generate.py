@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     first, decode = clock.seconds()
     new = out[:, prompt.shape[1]:]
     # a model whose vocabulary is padded beyond the tokenizer's can emit unused ids: they are dropped
-    texts = [tokenizer.decode(row[row < tokenizer.vocab_size].tolist()) for row in new]
+    texts = [args.prompt + tokenizer.decode(row[row < tokenizer.vocab_size].tolist()) for row in new]
     for i, text in enumerate(texts):
-        print(f"---- sample {i} ----\n{args.prompt}{text}")
+        print(f"---- sample {i} ----\n{text}")
     steps = clock.steps - 1
     rate = f"decode {steps * args.num_samples / decode:.1f} tokens/s" if steps > 0 else "one step"
     print(f"---- {steps + 1} steps x {args.num_samples} rows: first token after {first:.2f} s, {rate}")

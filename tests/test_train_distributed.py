@@ -486,12 +486,12 @@ def logged_lrs(run: Path) -> list[float]:
 
 
 @pytest.mark.distributed
-def test_sample_script_generates_from_export(results, work):  # results: the runs that write the exports
+def test_generate_script_generates_from_export(results, work):  # results: the runs that write the exports
     sys.path.insert(0, str(REPO / "scripts"))
-    import sample
+    import generate
 
-    texts = sample.main(["--model", str(work / "zero0" / "model"), "--prompt", "import ", "--num-samples", "2",
-                         "--max-new-tokens", "20"])
+    texts = generate.main(["--model", str(work / "zero0" / "model"), "--prompt", "import ", "--num-samples", "2",
+                           "--max-new-tokens", "20"])
     assert len(texts) == 2 and all(t.startswith("import ") and len(t) > len("import ") for t in texts)
 
 
