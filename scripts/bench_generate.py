@@ -106,7 +106,8 @@ def weight_bytes(model) -> dict[str, int]:
     experts = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if ".experts." in n)
     embedding = model.tok_embeddings.weight
     tied = model.config.tie_embeddings
-    return {"total": total, "experts": experts, "embedding": 0 if tied else embedding.numel() * embedding.element_size()}
+    embedding_bytes = 0 if tied else embedding.numel() * embedding.element_size()
+    return {"total": total, "experts": experts, "embedding": embedding_bytes}
 
 
 def roofline(config: ModelConfig, sizes: dict[str, int], batch: int, context: int, bandwidth: float) -> float:

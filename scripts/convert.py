@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import FORMATS, from_pretrained, save_pretrained
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from moeformer.models.checkpoint import DTYPE_NAMES, FORMATS, from_pretrained, save_pretrained
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,11 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="checkpoint directory to read")
     parser.add_argument("dst", help="directory to write (replaced atomically if it holds a checkpoint)")
     parser.add_argument("--to", choices=FORMATS, default="hf", help="output format (default: hf)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype (default: the source's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="parameter dtype (default: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB or 5GB (default: 5GB)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
     with reported_errors(args.debug):
         model = from_pretrained(args.src, dtype=dtype)
         path = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size)

@@ -4,7 +4,8 @@
         [--group-size 128] [--dtype bf16] [--split val] [--seq-len 1024] [--batch 16]
 
 Every window of the split is scored (packed documents, as in training: positions restart and no target crosses a
-document boundary); the result is the token-weighted mean next-token cross-entropy, printed as one JSON line.
+document boundary); the result is the token-weighted mean next-token cross-entropy, printed as one JSON line. An
+error is one line with exit status 1 (`--debug` shows its traceback).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import math
 
 import torch
 
-from moeformer.models.checkpoint import from_pretrained
+from moeformer.errors import reported_errors
+from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
 from moeformer.training.data import TokenDataset
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,10 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight-only quantization")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
@@ -51,10 +52,11 @@ def held_out_loss(model, dataset: TokenDataset, batch: int, device: str) -> tupl
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize,
-                            group_size=args.group_size)
-    dataset = TokenDataset.from_dir(args.data, args.split, args.seq_len)
-    loss, tokens = held_out_loss(model, dataset, args.batch, args.device)
+    with reported_errors(args.debug):
+        model = from_pretrained(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device,
+                                quantize=args.quantize, group_size=args.group_size)
+        dataset = TokenDataset.from_dir(args.data, args.split, args.seq_len)
+        loss, tokens = held_out_loss(model, dataset, args.batch, args.device)
     result = {"model": args.model, "split": args.split, "dtype": args.dtype, "quantize": args.quantize,
               "group_size": args.group_size if args.quantize == "int4" else None, "loss": loss,
               "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}

@@ -38,6 +38,8 @@ from moeformer.safe_files import confined
 HF_CONFIG, NATIVE_CONFIG = "config.json", "config.yaml"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 FORMATS = ("hf", "native")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}  # --dtype values of the command-line scripts
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -126,11 +126,12 @@ class Decoder:
     compile=True compiles both with torch.compile at fixed shapes, block by block (one graph per block kind and
     shape, reused by every layer: compiling a deep model takes about as long as one block), the step's blocks with
     fullgraph=True; the few operations around the blocks (embedding, rope, norm, head) stay eager, which costs
-    nothing once the step is captured. The prefill is bucketed: the prompt is left-padded (masked, so the logits are those of the unpadded prompt) to the next power of
-    two of at least MIN_PREFILL, one graph per bucket, so a few graphs cover every prompt length at most twice the
-    prompt's compute. The step reads its position from the cache on the device, so it never recompiles. cuda_graph
-    (default: compiled on CUDA) captures that step once as a CUDA graph and replays it per token: `step` then copies
-    the token into the graph's input buffer and returns its output buffer, which the next step overwrites.
+    nothing once the step is captured. The prefill is bucketed: the prompt is left-padded (masked, so the logits are
+    those of the unpadded prompt) to the next power of two of at least MIN_PREFILL, one graph per bucket, so a few
+    graphs cover every prompt length at most twice the prompt's compute. The step reads its position from the cache
+    on the device, so it never recompiles. cuda_graph (default: compiled on CUDA) captures that step once as a CUDA
+    graph and replays it per token: `step` then copies the token into the graph's input buffer and returns its output
+    buffer, which the next step overwrites.
     """
 
     def __init__(self, model, batch: int, max_len: int, *, compile: bool = True,
@@ -260,10 +261,8 @@ def check_prompt(model, input_ids: torch.Tensor, max_new_tokens: int,
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
-    limit = model.config.max_seq_len
-    if prompt_len + max_new_tokens > limit and model.rope.scaling_type != "dynamic":
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_seq_len {limit}")
+    model.check_length(prompt_len + max_new_tokens, f"prompt ({prompt_len} tokens) + max_new_tokens "
+                                                    f"({max_new_tokens})")
     if attention_mask is None:
         return None
     if tuple(attention_mask.shape) != (batch, prompt_len):

@@ -197,7 +197,7 @@ class CausalLM(nn.Module):
             position_ids = static_positions if position_ids is None else position_ids
         else:
             past = _cache_length(cache)
-            self._check_length(past + T)
+            self.check_length(past + T)
             if attention_mask is not None and attention_mask.shape != (B, past + T):
                 raise ValueError(
                     f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
@@ -233,11 +233,12 @@ class CausalLM(nn.Module):
             loss = ce + aux if aux is not None else ce
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=moe_stats)
 
-    def _check_length(self, length: int) -> None:
-        """Sequences (cached + new) may not outgrow `max_seq_len`, except under dynamic-NTK rope scaling."""
+    def check_length(self, length: int, what: str | None = None) -> None:
+        """Sequences (cached + new) may not outgrow `max_seq_len`, except under dynamic-NTK rope scaling; `what`
+        names the length in the error (default: the sequence, cached + new)."""
         if length > self.config.max_seq_len and self.rope.scaling_type != "dynamic":
-            raise ValueError(f"sequence of {length} tokens (cached + new) exceeds the model's max_seq_len "
-                             f"{self.config.max_seq_len}")
+            what = what or f"sequence of {length} tokens (cached + new)"
+            raise ValueError(f"{what} exceeds the model's max_seq_len {self.config.max_seq_len}")
 
     # ---- incremental decoding ------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
