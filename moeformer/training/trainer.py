@@ -198,6 +198,10 @@ class Trainer:
 
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
+        if config.init_from is not None and resume_from is None:
+            from moeformer.training.init_from import load_weights
+
+            load_weights(model, config.init_from)
         model, initialize_kwargs = apply_parallelism(model, config)
         self.pipeline = config.parallel.pp > 1
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
@@ -228,6 +232,12 @@ class Trainer:
                                             self.dp_rank, self.dp_size, seed=config.train.seed, shuffle=d.shuffle)
         self.val_set = TokenDataset.from_dir(d.dir, "val", d.seq_len)
         self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
+        self.distiller = None
+        if config.train.distill is not None:
+            from moeformer.training.distill import DistillConfig, Distiller
+
+            self.distiller = Distiller(DistillConfig.from_dict(config.train.distill), self.model_config, d.dir,
+                                       self.device, self.model_config.loss_chunk_size)
         self.flops_per_token = flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops(config.train.peak_tflops)
 
@@ -281,6 +291,9 @@ class Trainer:
         """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
         minimise (cross-entropy + weighted MoE aux losses)."""
         packed = self.config.data.packed_documents
+        if self.distiller is not None:  # cross-entropy and KL to the teacher, mixed (moeformer.training.distill)
+            out = self.distiller.forward(self.engine, self.engine.module, batch, packed)
+            return out, out.ce_loss, out.loss
         out = self.engine(
             batch["input_ids"],
             targets=batch["labels"],
@@ -502,6 +515,8 @@ class Trainer:
 def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Tensor, loss: torch.Tensor) -> None:
     """Add one micro-batch's metrics (detached, fp64, on device: no host sync) to `sums`."""
     values = {"loss": loss, "ce_loss": ce}
+    if getattr(out, "distill_kl", None) is not None:
+        values["distill_kl"] = out.distill_kl
     if out.moe_stats:
         stats = out.moe_stats
         values["aux_loss"] = out.aux_loss
