@@ -91,23 +91,78 @@ def select_experts(
     keep: int | None = None,
     keep_total: int | None = None,
     criterion: str = "load",
+    min_per_layer: int = 1,
 ) -> dict[int, list[int]]:
     """{layer: sorted indices of the experts to keep}: the `keep` best of every layer, or with `keep_total` the
-    best `keep_total` over all layers, each expert scored by its share of its own layer's usage (so layers with
-    more traffic do not take every slot)."""
+    best `keep_total` over all layers (each layer first keeps its `min_per_layer` best), each expert scored by its
+    share of its own layer's usage, so layers with more traffic do not take every slot."""
     if (keep is None) == (keep_total is None):
         raise ValueError("give exactly one of keep (experts per layer) and keep_total (experts over all layers)")
+    ranked = {i: u.ranking(criterion) for i, u in usage.items()}
     if keep is not None:
-        return {i: sorted(u.ranking(criterion)[:keep]) for i, u in usage.items()}
+        return {i: sorted(order[:keep]) for i, order in ranked.items()}
+    kept = {i: order[:min_per_layer] for i, order in ranked.items()}
+    if not sum(map(len, kept.values())) <= keep_total <= sum(map(len, ranked.values())):
+        raise ValueError(f"keep_total={keep_total} cannot hold {min_per_layer} experts in each of {len(usage)} "
+                         "layers or exceeds the experts there are")
     measure = {i: (u.counts.double() if criterion == "load" else u.mass) for i, u in usage.items()}
-    scored = [(-(m[e] / m.sum().clamp_min(1e-30)).item(), i, e) for i, m in measure.items() for e in range(len(m))]
-    total = sum(len(m) for m in measure.values())
-    if not 1 <= keep_total <= total:
-        raise ValueError(f"keep_total={keep_total} must be in [1, {total}] (the routed experts of all MoE layers)")
-    kept: dict[int, list[int]] = {i: [] for i in usage}
-    for _, i, e in sorted(scored)[:keep_total]:
+    rest = sorted((-(measure[i][e] / measure[i].sum().clamp_min(1e-30)).item(), i, e)
+                  for i, order in ranked.items() for e in order[min_per_layer:])
+    for _, i, e in rest[: keep_total - sum(map(len, kept.values()))]:
         kept[i].append(e)
     return {i: sorted(experts) for i, experts in kept.items()}
+
+
+def check_prunable(model: CausalLM, keep: int | None = None, keep_total: int | None = None) -> dict[int, MoE]:
+    """The MoE layers of `model` ({block index: MoE}) after checking that they can be pruned to `keep` experts per
+    layer or `keep_total` over all layers; a ValueError names what cannot be done."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers: there are no experts to prune")
+    if model.config.quantization:
+        raise ValueError(f"the model is quantized ({model.config.quantization}); prune or merge experts of the "
+                         "full-precision model, then quantize")
+    moe = model.config.moe
+    if moe.num_groups > 1:
+        raise ValueError(f"group-limited routing (moe.num_groups={moe.num_groups}) fixes the experts of each group; "
+                         "pruning it is not supported")
+    _check_count(keep, moe.num_experts, moe.top_k, "keep")
+    if keep_total is not None and not len(layers) * moe.top_k <= keep_total <= len(layers) * moe.num_experts:
+        raise ValueError(f"keep_total={keep_total} must be in [{len(layers) * moe.top_k}, "
+                         f"{len(layers) * moe.num_experts}]: {len(layers)} MoE layers of {moe.num_experts} experts, "
+                         f"each keeping at least top_k={moe.top_k}")
+    return layers
+
+
+def plan_pruning(
+    model: CausalLM,
+    keep: int | Mapping[int, list[int]] | None = None,
+    keep_total: int | None = None,
+    criterion: str = "load",
+    usage: Mapping[int, ExpertUsage] | None = None,
+) -> dict[int, list[int]]:
+    """{MoE layer: sorted indices of the experts to keep}, checked against the model (see `prune_experts` for the
+    arguments): a ValueError names a count out of range, below top_k, or a model that cannot be pruned."""
+    layers = check_prunable(model, keep if isinstance(keep, int) else None, keep_total)
+    moe = model.config.moe
+    if usage is not None and set(usage) != set(layers):
+        raise ValueError(f"usage covers layers {sorted(usage)}, the model's MoE layers are {sorted(layers)}")
+    if isinstance(keep, int) or keep_total is not None:
+        if usage is None:
+            raise ValueError("choosing experts needs their usage: pass usage=expert_usage(model, calibration batches)")
+        plan = select_experts(usage, keep if isinstance(keep, int) else None, keep_total, criterion, moe.top_k)
+    elif isinstance(keep, Mapping):
+        unknown = sorted(set(keep) - set(layers))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not MoE layers (those are {sorted(layers)})")
+        plan = {i: sorted(keep.get(i, range(moe.num_experts))) for i in layers}
+    else:
+        raise ValueError(f"keep must be an int or {{layer: [experts]}}, got {keep!r}")
+    for i, kept in plan.items():
+        if len(set(kept)) != len(kept) or not all(0 <= e < moe.num_experts for e in kept):
+            raise ValueError(f"layer {i}: experts to keep {kept} must be distinct indices in [0, {moe.num_experts})")
+        _check_count(len(kept), moe.num_experts, moe.top_k, f"the expert count of layer {i}")
+    return plan
 
 
 def prune_experts(
@@ -126,34 +181,7 @@ def prune_experts(
     Router rows (and aux-loss-free router biases) and expert weights are sliced; shared experts stay. With `merge`
     each removed expert is folded into a kept one (`merge_experts`). The new config records the expert count, so
     `top_k` must not exceed it; quantized models are refused (prune the full-precision model, then quantize)."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoE layers: there are no experts to prune")
-    if model.config.quantization:
-        raise ValueError(f"the model is quantized ({model.config.quantization}); prune or merge experts of the "
-                         "full-precision model, then quantize")
-    moe = model.config.moe
-    if moe.num_groups > 1:
-        raise ValueError(f"group-limited routing (moe.num_groups={moe.num_groups}) fixes the experts of each group; "
-                         "pruning it is not supported")
-    if usage is not None and set(usage) != set(layers):
-        raise ValueError(f"usage covers layers {sorted(usage)}, the model's MoE layers are {sorted(layers)}")
-    if isinstance(keep, int) or keep_total is not None:
-        _check_count(keep, moe.num_experts, moe.top_k, "keep")
-        if usage is None:
-            raise ValueError("choosing experts needs their usage: pass usage=expert_usage(model, calibration batches)")
-        plan = select_experts(usage, keep if isinstance(keep, int) else None, keep_total, criterion)
-    elif isinstance(keep, Mapping):
-        plan = {i: sorted(keep.get(i, range(moe.num_experts))) for i in layers}
-        unknown = sorted(set(keep) - set(layers))
-        if unknown:
-            raise ValueError(f"layers {unknown} are not MoE layers (those are {sorted(layers)})")
-    else:
-        raise ValueError(f"keep must be an int or {{layer: [experts]}}, got {keep!r}")
-    for i, kept in plan.items():
-        if len(set(kept)) != len(kept) or not all(0 <= e < moe.num_experts for e in kept):
-            raise ValueError(f"layer {i}: experts to keep {kept} must be distinct indices in [0, {moe.num_experts})")
-        _check_count(len(kept), moe.num_experts, moe.top_k, f"the expert count of layer {i}")
+    plan = plan_pruning(model, keep, keep_total, criterion, usage)
     if merge and usage is None:
         raise ValueError("merging weights experts by their routed mass: pass usage=expert_usage(...)")
     return _rebuild(model, plan, usage if merge else None)
