@@ -106,8 +106,9 @@ def check_same_tokenizer(teacher_dir: str | Path, data_dir: str | Path) -> None:
         return
     theirs, ours = _vocabulary(teacher_dir), _vocabulary(Path(data_dir))
     if theirs is not None and ours is not None and theirs != ours:
-        raise ValueError(f"the teacher's {teacher_dir / TOKENIZER_FILE} and the data's {Path(data_dir) / TOKENIZER_FILE}"
-                         " are different tokenizers: teacher and student must share a tokenizer")
+        raise ValueError(f"the teacher's {teacher_dir / TOKENIZER_FILE} and the data's "
+                         f"{Path(data_dir) / TOKENIZER_FILE} are different tokenizers: teacher and student must share "
+                         "a tokenizer")
 
 
 def load_teacher(path: str | Path, student: ModelConfig, data_dir: str | Path, device: torch.device) -> CausalLM:
