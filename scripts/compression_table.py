@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--decode-prompt", type=int, default=128)
     parser.add_argument("--decode-new", type=int, default=256)
+    parser.add_argument("--decode", default=None, choices=("compiled", "eager"),
+                        help="decode mode (default: compiled on CUDA, the hardware's limit; eager on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--redo", action="store_true", help="recompute steps whose outputs exist")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -99,10 +101,11 @@ def measure(args: argparse.Namespace) -> dict:
                             quantize=args.measure_quantize, group_size=args.group_size)
     dataset = TokenDataset.from_dir(args.data, "val", min(args.eval_seq_len, model.config.max_seq_len))
     loss, tokens = held_out_loss(model, dataset, args.eval_batch, args.device)
-    decode = ours_rates(model, 1, args.decode_prompt, args.decode_new, compile=cuda)[0]
+    mode = args.decode or ("compiled" if cuda else "eager")
+    decode = ours_rates(model, 1, args.decode_prompt, args.decode_new, compile=mode == "compiled")[0]
     params = count_params(model.config)
     moe = model.config.moe
-    return {"loss": loss, "tokens": tokens, "decode_tps": decode, "decode_mode": "compiled" if cuda else "eager",
+    return {"loss": loss, "tokens": tokens, "decode_tps": decode, "decode_mode": mode,
             "total_params": params.total, "active_params": params.active,
             "weight_bytes": weight_bytes(model)["total"], "experts": moe.num_experts if moe else None}
 
@@ -178,7 +181,8 @@ class Driver:
             command = [sys.executable, str(Path(__file__).resolve()), "--measure", str(row.model), "--data", a.data,
                        "--device", a.device, "--group-size", str(a.group_size), "--eval-seq-len", str(a.eval_seq_len),
                        "--eval-batch", str(a.eval_batch), "--decode-prompt", str(a.decode_prompt), "--decode-new",
-                       str(a.decode_new), *(["--measure-quantize", row.quantize] if row.quantize else [])]
+                       str(a.decode_new), *(["--measure-quantize", row.quantize] if row.quantize else []),
+                       *(["--decode", a.decode] if a.decode else [])]
             text = self.run(f"measure-{row.key}", command)
             result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
             path.write_text(json.dumps({"label": row.label, "model": str(row.model), "quantize": row.quantize,

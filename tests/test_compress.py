@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from moeformer.models.quantize import quantize
 from moeformer.training.data import TokenDataset, prepare_corpus
 from moeformer.training.init_from import load_weights
 from tests.test_scripts import script
+from tests.workers import REPO, worker_env
 
 BASE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
             moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16})
@@ -267,3 +270,23 @@ def test_init_from_loads_matching_weights_and_names_mismatched_shapes(source, tm
                                                   strict=True))
     with pytest.raises(CheckpointError, match=r"layers.0.mlp.router.weight: checkpoint \(8, 32\) vs model \(6, 32\)"):
         load_weights(tiny(vocab_size=258, moe={"num_experts": 6, "top_k": 2, "ffn_dim": 16}), source / "model")
+
+
+def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(source, tmp_path):
+    """scripts/train.py with model.init_from: one step at lr 1e-9 (AdamW moves each weight by about the lr) exports
+    the pruned checkpoint's weights."""
+    script("prune_experts").main([str(source / "model"), str(tmp_path / "pruned"), "--keep", "6", "--calibration",
+                                  str(source / "data"), "--batches", "1", "--batch", "2", "--seq-len", "32"])
+    pruned = from_pretrained(tmp_path / "pruned")
+    model = {k: v for k, v in pruned.config.to_dict().items() if k not in ("name", "extra")}
+    overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={source / 'data'}", "--data.seq_len=32",
+                 "--data.micro_batch_size=2", "--train.steps=1", "--train.dtype=fp32", "--train.zero_stage=0",
+                 "--train.eval_batches=1", "--train.progress_bar=false", "--optim.lr=1e-9", "--optim.warmup_steps=0",
+                 "--model.name=tiny-moe", f"--model.init_from={tmp_path / 'pruned'}",
+                 *(f"--model.{k}={json.dumps(v)}" for k, v in model.items())]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], capture_output=True,
+                          text=True, env=worker_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    trained = from_pretrained(tmp_path / "run" / "model").state_dict()
+    for name, value in pruned.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6)
