@@ -21,22 +21,9 @@ from moeformer.models.model import CausalLM
 from moeformer.models.quantize import quantize
 from moeformer.training.data import TokenDataset, prepare_corpus
 from moeformer.training.init_from import load_weights
+from tests.test_hf_checkpoint import tiny_model as tiny
 from tests.test_scripts import script
 from tests.workers import REPO, worker_env
-
-BASE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
-            moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16})
-
-
-def tiny(**overrides) -> CausalLM:
-    torch.manual_seed(0)
-    model = CausalLM(ModelConfig(**{**BASE, **overrides}))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
 
 def ids(vocab: int = 64, batch: int = 3, seq: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
