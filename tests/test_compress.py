@@ -16,7 +16,6 @@ from moeformer.errors import CheckpointError
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models.compress import (ExpertUsage, expert_usage, fold_targets, merge_experts, plan_pruning,
                                        prune_experts)
-from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
 from moeformer.models.quantize import quantize
 from moeformer.training.data import TokenDataset, prepare_corpus
