@@ -170,7 +170,8 @@ class Driver:
     def students(self) -> tuple[Path, Path]:
         a = self.args
         common = [f"--train.steps={a.student_steps}", *(f"--{kv}" for kv in a.student_set)]
-        distill = f"--train.distill={{teacher: {a.teacher}, alpha: {a.alpha}, temperature: {a.temperature}}}"
+        teacher = json.dumps(a.teacher)  # a YAML string, whatever the path holds
+        distill = f"--train.distill={{teacher: {teacher}, alpha: {a.alpha}, temperature: {a.temperature}}}"
         return (self.train("student-distilled", a.student_config, [*common, distill]),
                 self.train("student-scratch", a.student_config, common))
 

@@ -167,3 +167,31 @@ def test_trainer_runs_with_distillation_and_logs_the_kl(corpus, tmp_path):
         assert r["distill_kl"] > 0
         assert r["loss"] == pytest.approx(0.3 * r["ce_loss"] + 0.7 * 4.0 * r["distill_kl"], rel=1e-5)
     assert (tmp_path / "run" / "model" / "config.yaml").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bf16_distill_loss_on_cuda_is_bounded_by_the_rounding_of_the_logits(temperature):
+    """bf16 GEMMs round each logit to 8 significant bits (relative 2^-8): cross-entropy and KL move by at most a few
+    times that of the largest logit (divided by T for the KL); gradients compared in relative norm."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(8192, 256, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_()
+    teacher_hidden = torch.randn(3000, 128, device="cuda", generator=g).bfloat16()
+    teacher_weight = (torch.randn(8192, 128, device="cuda", generator=g) * 0.1).bfloat16()
+    targets = torch.randint(0, 8192, (3000,), device="cuda", generator=g)
+    targets[:100] = IGNORE_INDEX
+    ce, kl = linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, temperature, 1024)
+    (ce + kl).backward()
+    grads = hidden.grad.float(), weight.grad.float()
+    ref_h, ref_w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref_ce, ref_kl = distill_loss_reference(ref_h, ref_w, teacher_hidden.float(), teacher_weight.float(), targets,
+                                            temperature)
+    (ref_ce + ref_kl).backward()
+    largest = max((ref_h @ ref_w.t()).abs().max().item(), (teacher_hidden.float() @ teacher_weight.float().t())
+                  .abs().max().item())
+    bound = 4 * 2**-8 * largest
+    assert abs(ce.item() - ref_ce.item()) <= bound and abs(kl.item() - ref_kl.item()) <= bound / temperature
+    for ours, ref in zip(grads, (ref_h.grad, ref_w.grad), strict=True):
+        assert (ours - ref).norm() <= 0.02 * ref.norm()
