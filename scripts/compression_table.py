@@ -23,8 +23,8 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -34,8 +34,7 @@ from moeformer.errors import reported_errors
 SCRIPTS = Path(__file__).resolve().parent
 
 
-@dataclass
-class Row:
+class Row(NamedTuple):
     key: str  # file name of its results
     label: str
     model: Path  # checkpoint directory measured
@@ -152,9 +151,9 @@ class Driver:
             self.run(name, command)
         return run_dir / "model"
 
-    def heal(self, pruned: Path) -> Path:
-        """Fine-tune a pruned checkpoint for --heal-steps from its weights; the run config is --heal-config with
-        the model section of the checkpoint (zoo name plus every field) and `init_from` it."""
+    def heal_config(self, pruned: Path) -> Path:
+        """configs/heal-<name>.yaml: --heal-config with the model section of the pruned checkpoint (its zoo name plus
+        every field) and `init_from` it."""
         from moeformer.models.config import ModelConfig
 
         model = ModelConfig.from_yaml(pruned / "config.yaml").to_dict()
@@ -162,8 +161,12 @@ class Driver:
         base["model"] = {**model, "init_from": str(pruned)}
         config = self.out / "configs" / f"heal-{pruned.name}.yaml"
         config.write_text(yaml.safe_dump(base, sort_keys=False))
+        return config
+
+    def heal(self, pruned: Path) -> Path:
+        """Fine-tune a pruned checkpoint from its weights for --heal-steps at --heal-lr (warmup: a tenth)."""
         steps = self.args.heal_steps
-        return self.train(f"healed-{pruned.name}", config, [
+        return self.train(f"healed-{pruned.name}", self.heal_config(pruned), [
             f"--train.steps={steps}", f"--optim.lr={self.args.heal_lr}", f"--optim.warmup_steps={max(1, steps // 10)}",
             "--train.eval_every=0"])
 

@@ -196,10 +196,11 @@ def test_pruned_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, f
 # ---- the script -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A byte corpus and a tiny-moe export beside it with the corpus's meta.json, as a training run writes it."""
+    """A byte corpus and a small tiny-moe export beside it with the corpus's meta.json, as a training run writes
+    it."""
     root = tmp_path_factory.mktemp("prune")
     prepare_corpus(root / "data", max_files=4, val_fraction=0.5)
-    model = tiny(vocab_size=258, moe={"num_experts": 8, "top_k": 2, "ffn_dim": 16})
+    model = tiny(name="tiny-moe", vocab_size=258, moe={"num_experts": 8, "top_k": 2, "ffn_dim": 16})
     save_pretrained(model, root / "model", format="native")
     (root / "model" / "meta.json").write_bytes((root / "data" / "meta.json").read_bytes())
     return root
@@ -276,3 +277,29 @@ def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(sour
     trained = from_pretrained(tmp_path / "run" / "model").state_dict()
     for name, value in pruned.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6)
+
+
+def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(source, tmp_path):
+    """The driver's pieces that need no process: the healing run's config and the table with its goal lines (the
+    whole driver runs end to end on CPU in about 5 minutes; see scripts/compression_table.py)."""
+    from moeformer.training.config import load_config
+
+    table_script = script("compression_table")
+    args = table_script.parse_args(["--teacher", str(source / "model"), "--data", str(source / "data"), "--out",
+                                    str(tmp_path / "out"), "--heal-config", str(REPO / "configs/train/tiny-moe-cpu.yaml")])
+    script("prune_experts").main([str(source / "model"), str(tmp_path / "out" / "pruned-6"), "--keep", "6",
+                                  "--calibration", str(source / "data"), "--batches", "1", "--batch", "2",
+                                  "--seq-len", "32"])
+    config = load_config(table_script.Driver(args).heal_config(tmp_path / "out" / "pruned-6"))
+    assert config.model_config() == from_pretrained(tmp_path / "out" / "pruned-6").config
+    assert config.init_from == str(tmp_path / "out" / "pruned-6")
+    row = {"experts": 8, "total_params": 3e6, "active_params": 1e6, "weight_bytes": 2**20, "decode_tps": 100.0,
+           "decode_mode": "eager"}
+    results = [{**row, "key": "original", "label": "original", "loss": 2.0},
+               {**row, "key": "healed-pruned-6", "label": "pruned to 6 + heal", "experts": 6, "loss": 2.03},
+               {**row, "key": "student-distilled", "label": "distilled", "experts": None, "loss": 2.5},
+               {**row, "key": "student-scratch", "label": "scratch", "experts": None, "loss": 2.6}]
+    text = table_script.table(results, args)
+    assert "| pruned to 6 + heal | 6 | 3.0M | 1.0M | 1.0 MiB | 100 | 2.0300 | +1.50% |" in text
+    assert "pruned to 6 + heal: +1.50% of the original's loss" in text
+    assert "distilled student vs from scratch: +0.1000 nats better" in text
