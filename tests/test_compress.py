@@ -286,7 +286,8 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
 
     table_script = script("compression_table")
     args = table_script.parse_args(["--teacher", str(source / "model"), "--data", str(source / "data"), "--out",
-                                    str(tmp_path / "out"), "--heal-config", str(REPO / "configs/train/tiny-moe-cpu.yaml")])
+                                    str(tmp_path / "out"), "--heal-config",
+                                    str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml")])
     script("prune_experts").main([str(source / "model"), str(tmp_path / "out" / "pruned-6"), "--keep", "6",
                                   "--calibration", str(source / "data"), "--batches", "1", "--batch", "2",
                                   "--seq-len", "32"])
