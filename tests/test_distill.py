@@ -22,6 +22,7 @@ from moeformer.training.config import load_config
 from moeformer.training.data import TokenDataset, prepare_corpus
 from moeformer.training.distill import DistillConfig, Distiller, check_same_tokenizer
 from moeformer.training.metrics import read_metrics
+from tests.test_train_distributed import _free_port
 from tests.workers import REPO, worker_env
 
 
@@ -148,18 +149,22 @@ def test_distill_config_errors(overrides, message):
     assert DistillConfig.from_dict({"teacher": "t", "alpha": 1}).alpha == 1.0
 
 
+@pytest.mark.distributed
 def test_trainer_runs_with_distillation_and_logs_the_kl(corpus, tmp_path):
+    """Two gloo ranks, each with its replica of the teacher."""
     teacher = tiny(moe=True)
     save_pretrained(teacher, tmp_path / "teacher", format="native")
     (tmp_path / "teacher" / "meta.json").write_bytes((corpus / "data" / "meta.json").read_bytes())
     overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={corpus / 'data'}", "--data.seq_len=32",
-                 "--data.micro_batch_size=2", "--train.steps=3", "--train.dtype=fp32", "--train.zero_stage=0",
+                 "--data.micro_batch_size=1", "--train.steps=3", "--train.dtype=fp32", "--train.zero_stage=0",
                  "--train.eval_batches=1", "--train.progress_bar=false", "--optim.warmup_steps=1",
                  "--model.name=tiny-dense", "--model.vocab_size=258", "--model.dim=32", "--model.n_layers=2",
                  "--model.ffn_dim=48", "--model.n_heads=4", "--model.n_kv_heads=2", "--model.max_seq_len=64",
                  f"--train.distill={{teacher: {tmp_path / 'teacher'}, alpha: 0.7, temperature: 2.0}}"]
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], capture_output=True,
-                          text=True, env=worker_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())]
+    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "train.py"), *overrides], capture_output=True, text=True,
+                          env=worker_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert len(train) == 3
