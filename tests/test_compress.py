@@ -298,9 +298,9 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
            "decode_mode": "eager"}
     results = [{**row, "key": "original", "label": "original", "loss": 2.0},
                {**row, "key": "healed-pruned-6", "label": "pruned to 6 + heal", "experts": 6, "loss": 2.03},
-               {**row, "key": "student-distilled", "label": "distilled", "experts": None, "loss": 2.5},
+               {**row, "key": "student-distilled-a0.5-t1", "label": "distilled", "experts": None, "loss": 2.5},
                {**row, "key": "student-scratch", "label": "scratch", "experts": None, "loss": 2.6}]
     text = table_script.table(results, args)
     assert "| pruned to 6 + heal | 6 | 3.0M | 1.0M | 1.0 MiB | 100 | 2.0300 | +1.50% |" in text
     assert "pruned to 6 + heal: +1.50% of the original's loss" in text
-    assert "distilled student vs from scratch: +0.1000 nats better" in text
+    assert "distilled vs from scratch: +0.1000 nats better" in text
