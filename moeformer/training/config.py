@@ -142,6 +142,7 @@ class RunConfig:
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         self.model_config()  # validates the model section now rather than after start-up
+        check_value("model.init_from", self.init_from, str | None)
 
     def _check_compile(self) -> None:
         """train.compile needs a registered torch.compile backend and one forward per step to compile: a pipeline
@@ -174,10 +175,7 @@ class RunConfig:
     @property
     def init_from(self) -> str | None:
         """`model.init_from`: a checkpoint directory (native or Hugging Face) whose weights a new run starts from."""
-        path = self.model.get("init_from")
-        if path is not None and not isinstance(path, str):
-            raise ConfigError(f"model.init_from must be a checkpoint directory, got {path!r}")
-        return path
+        return self.model.get("init_from")
 
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
