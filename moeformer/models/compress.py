@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeformer.layers.moe import MoE, Router
-from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
 
 CRITERIA = ("load", "router_mass")
@@ -238,7 +237,7 @@ def _rebuild(model: CausalLM, plan: dict[int, list[int]], usage: Mapping[int, Ex
         per_layer = {i: len(kept) for i, kept in plan.items()}
         raise ValueError(f"the layers would keep different numbers of experts {per_layer}, but a model config holds "
                          "one expert count for all MoE layers; keep the same number in every layer")
-    config = with_num_experts(model.config, counts.pop())
+    config = model.config.replace(moe={"num_experts": counts.pop()})
     state = model.state_dict()
     for i, kept in plan.items():
         prefix = f"layers.{i}.mlp."
@@ -257,8 +256,3 @@ def _rebuild(model: CausalLM, plan: dict[int, list[int]], usage: Mapping[int, Ex
     pruned.load_state_dict(state, strict=True)
     pruned.reset_buffers()
     return pruned.train(model.training)
-
-
-def with_num_experts(config: ModelConfig, num_experts: int) -> ModelConfig:
-    """`config` with `num_experts` routed experts per MoE layer."""
-    return config.replace(moe={"num_experts": num_experts})
