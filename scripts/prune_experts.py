@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import HF_CONFIG, INDEX_FILE, NATIVE_CONFIG, from_pretrained, save_pretrained
+from moeformer.errors import CheckpointError, reported_errors
+from moeformer.models.checkpoint import (HF_CONFIG, INDEX_FILE, NATIVE_CONFIG, from_pretrained, hub_blobs,
+                                         save_pretrained)
 from moeformer.models.compress import CRITERIA, check_prunable, expert_usage, plan_pruning, prune_experts
+from moeformer.safe_files import confined
 from moeformer.training.data import TokenDataset
 
 PLAN_FILE = "pruning.json"
@@ -58,13 +60,20 @@ def calibration_batches(data_dir: str, seq_len: int, batches: int, batch: int) -
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy the regular files of `src` that are not its weights or config (tokenizer, meta.json, generation config,
-    README) into `dst`; returns their names."""
+    """Copy the files of `src` that are not its weights or config (tokenizer, meta.json, generation config, README)
+    into `dst`; returns their names. Symlinks are followed only within `src` (or a Hugging Face hub cache's blobs):
+    one leading elsewhere is not copied."""
     owned = {HF_CONFIG, NATIVE_CONFIG, INDEX_FILE, PLAN_FILE}
     copied = []
     for entry in sorted(src.iterdir()):
-        if entry.is_file() and not entry.is_symlink() and entry.name not in owned and entry.suffix != ".safetensors":
-            shutil.copyfile(entry, dst / entry.name)
+        if entry.name in owned or entry.suffix == ".safetensors":
+            continue
+        try:
+            path = confined(src, entry.name, hub_blobs(src))
+        except CheckpointError:
+            continue
+        if path.is_file():
+            shutil.copyfile(path, dst / entry.name)
             copied.append(entry.name)
     return copied
 

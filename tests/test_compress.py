@@ -247,6 +247,18 @@ def test_prune_script_errors_are_one_line(source, tmp_path, capsys, args, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_script_copies_side_files_but_no_link_leading_out(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (src / "model.safetensors").write_text("weights")
+    (tmp_path / "secret").write_text("elsewhere")
+    (src / "inside.json").symlink_to(src / "tokenizer.json")
+    (src / "outside.json").symlink_to(tmp_path / "secret")
+    assert script("prune_experts").copy_side_files(src, dst) == ["inside.json", "tokenizer.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["inside.json", "tokenizer.json"]
+
+
 def test_init_from_loads_matching_weights_and_names_mismatched_shapes(source, tmp_path):
     model = from_pretrained(source / "model")
     target = tiny(vocab_size=258, moe={"num_experts": 8, "top_k": 2, "ffn_dim": 16})
