@@ -289,7 +289,8 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[CausalLMOutput, torch.Tensor, torch.Tensor]:
         """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
-        minimise (cross-entropy + weighted MoE aux losses)."""
+        minimise (cross-entropy + weighted MoE aux losses; with train.distill, its mix of cross-entropy and KL to the
+        teacher instead of the cross-entropy alone)."""
         packed = self.config.data.packed_documents
         if self.distiller is not None:  # cross-entropy and KL to the teacher, mixed (moeformer.training.distill)
             out = self.distiller.forward(self.engine, self.engine.module, batch, packed)
