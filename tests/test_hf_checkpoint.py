@@ -374,7 +374,7 @@ def architecture(config: ModelConfig) -> dict:
     d = config.to_dict()
     for key in ("name", "extra", "init_std", "attn_backend", "loss_chunk_size"):
         d.pop(key)
-    for key in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "expert_impl"):
+    for key in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "backend", "dispatcher"):
         d["moe"].pop(key)
     return d
 

@@ -154,7 +154,7 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
             raise RuntimeError(f"DeepSpeed has no expert group {self.expert_group_name!r}; build the model with "
                                "moeformer.parallel.parallelize")
 
-    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+    def use_fused(self, x: Tensor) -> bool:
         """Never: tokens must travel to the ranks holding their experts."""
         return False
 

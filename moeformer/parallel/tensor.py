@@ -103,7 +103,7 @@ class TensorParallelExperts(Experts):
         self.w_in = _shard(experts.w_in, 2, group, blocks=2 if experts.activation == "swiglu" else 1)
         self.w_out = _shard(experts.w_out, 1, group)
 
-    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+    def use_fused(self, x: Tensor) -> bool:
         """Never: the partial expert outputs are summed over the group inside `ffn`."""
         return False
 

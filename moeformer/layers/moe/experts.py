@@ -96,14 +96,14 @@ class Experts(nn.Module):
             return self.w_in.dequantize(), self.w_out.dequantize()
         return self.w_in, self.w_out
 
-    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+    def use_fused(self, x: Tensor) -> bool:
         """Whether `forward_fused` serves x (N, dim). Always for quantized experts (the only path that reads codes).
         Full-precision experts take it to decode: not training, no gradient needed, at most FUSED_MAX_TOKENS tokens,
-        dropless, the Triton kernels available for x and the weights in the compute dtype."""
+        the Triton kernels available for x and the weights in the compute dtype."""
         if self.quantized:
             return True
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad)
-        return (not self.training and not grad and capacity is None and x.shape[0] <= FUSED_MAX_TOKENS
+        return (not self.training and not grad and x.shape[0] <= FUSED_MAX_TOKENS
                 and triton_serves(x) and self.w_in.dtype == compute_dtype(x))
 
     def forward_fused(self, x: Tensor, slots: Slots, keep: Tensor | None) -> Tensor:

@@ -99,7 +99,7 @@ class MoE(nn.Module):
         valid = None if mask is None else mask[routing.token_idx]
         top_k = None if self.config.router == "expert_choice" else self.config.top_k
         slots = Slots(routing.token_idx, routing.expert_idx, routing.weights, valid, top_k)
-        if self.experts.use_fused(flat, self.capacity(b * t)):
+        if self.experts.use_fused(flat):
             keep, tokens_per_expert, dropped = self.dispatcher.keep(slots, b * t, count_load=stats or self.training)
             out = self.experts.forward_fused(flat, slots, keep)
             shared = self.shared(flat)
