@@ -56,10 +56,36 @@ def expert_load(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
+def expert_load_summary(tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict[str, list]:
+    """Per MoE layer, from one step's exact slot counts over all ranks (tokens_per_expert (layers, experts) routed
+    slots, dropped (layers,) slots the capacity limit cut): the most slots an expert received, the mean per expert,
+    their ratio (1 = balanced), the number of experts that received none, and the dropped slots and their share of
+    the routed ones. Lists of one value per layer; counts are integers."""
+    counts = tokens_per_expert.round().long()
+    dropped = dropped.round().long()
+    routed = counts.sum(dim=-1)
+    mean = routed.double() / counts.shape[-1]
+    peak = counts.amax(dim=-1)
+    return {
+        "expert_tokens_max": peak.tolist(),
+        "expert_tokens_mean": mean.tolist(),
+        "expert_load_max_over_mean": (peak / mean.clamp(min=1e-12)).where(routed > 0, 0.0).tolist(),
+        "experts_without_tokens": (counts == 0).sum(dim=-1).tolist(),
+        "dropped_tokens": dropped.tolist(),
+        "dropped_share": (dropped.double() / routed.clamp(min=1)).tolist(),
+    }
+
+
+# summary lists with one value per MoE layer: TensorBoard scalars "<split>/<name>/layer<l>"
+PER_LAYER_METRICS = ("expert_tokens_max", "expert_tokens_mean", "expert_load_max_over_mean", "experts_without_tokens",
+                     "dropped_tokens", "dropped_share")
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    Lists (expert load per layer) go to the JSONL only, with per-layer max/min load ratios as TensorBoard scalars.
+    Lists (expert load per layer) go to the JSONL only, with per-layer max/min load ratios and the per-layer load
+    summaries (PER_LAYER_METRICS) as TensorBoard scalars.
     Only rank 0 writes; other ranks get a logger that does nothing.
     """
 
@@ -92,6 +118,9 @@ class MetricsLogger:
         for layer, load in enumerate(record.get("expert_load", [])):
             self._writer.add_scalar(f"{split}/expert_load_max/layer{layer}", max(load) * len(load), step)
             self._writer.add_scalar(f"{split}/expert_load_min/layer{layer}", min(load) * len(load), step)
+        for name in PER_LAYER_METRICS:
+            for layer, value in enumerate(record.get(name, [])):
+                self._writer.add_scalar(f"{split}/{name}/layer{layer}", value, step)
 
     def close(self) -> None:
         if self._writer is not None:
