@@ -319,7 +319,7 @@ def check_expert_layer(results: dict) -> None:
     from moeformer.layers.moe import CapacityDispatcher, DroplessDispatcher, Experts, Slots
     from moeformer.parallel import ExpertParallelExperts, ParallelConfig, init_parallel_groups
     from moeformer.parallel.expert import AllToAllDispatcher
-    from tests.workers import HostSyncs
+    from moeformer.training.metrics import HostSyncs
 
     groups = init_parallel_groups(ParallelConfig(ep=2))
     rank = dist.get_rank(groups.expert)

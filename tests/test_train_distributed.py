@@ -532,7 +532,7 @@ def test_expert_parallel_run_resumes_exactly(results):
 
 
 @pytest.mark.distributed
-def test_expert_parallel_load_counts_are_global(work):
+def test_expert_parallel_load_counts_are_global(results, work):
     """ep=2: each rank routes its own tokens over all experts; the logged counts are those of the whole step."""
     records = [json.loads(line) for line in (work / "ep_full" / "metrics.jsonl").read_text().splitlines()]
     slots = 2 * MICRO * SEQ * TINY_MODEL["model.moe.top_k"]  # 2 ranks' tokens, top-2

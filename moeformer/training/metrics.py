@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeformer.models.config import ModelConfig
 from moeformer.models.params import count_params
@@ -79,6 +80,58 @@ def expert_load_summary(tokens_per_expert: torch.Tensor, dropped: torch.Tensor) 
 # summary lists with one value per MoE layer: TensorBoard scalars "<split>/<name>/layer<l>"
 PER_LAYER_METRICS = ("expert_tokens_max", "expert_tokens_mean", "expert_load_max_over_mean", "experts_without_tokens",
                      "dropped_tokens", "dropped_share")
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, inside the block (`with HostSyncs() as syncs: ...; syncs.count`), the times the host waits for the
+    device. On CUDA: the synchronising CUDA runtime calls the profiler records (every thread, backward included).
+    Elsewhere, what would sync on a device, in this thread: reading values (`.item()`, `bool()`: aten's
+    _local_scalar_dense; `Tensor.tolist`, which does not dispatch, patched) and ops whose output size depends on
+    the values (nonzero, masked_select, unique, repeat_interleave without output_size)."""
+
+    CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+    SIZE_FROM_VALUES = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive",
+                        "aten::unique_dim")
+
+    def __init__(self, cuda: bool | None = None) -> None:
+        super().__init__()
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.count = 0
+
+    def __enter__(self):
+        self.count = 0
+        if self.cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self._profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._profile.__enter__()
+            return self
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t):
+            self.count += 1
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._profile.__exit__(*exc)
+            self.count = sum(e.count for e in self._profile.key_averages() if e.key in self.CUDA_SYNCS) - 1
+            return None  # the final torch.cuda.synchronize above is not the block's
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name == "aten::_local_scalar_dense" or name in self.SIZE_FROM_VALUES or (
+                func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+            self.count += 1
+        return func(*args, **kwargs)
 
 
 class MetricsLogger:
