@@ -65,8 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict:
-    """Train `name`'s layout; its median tokens/s after the warm-up, peak memory and host syncs of one step."""
+def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict | None:
+    """Train `name`'s layout; its median tokens/s after the warm-up, peak memory and host syncs of one step (None:
+    the run failed)."""
     nproc, keys = LAYOUTS[name]
     out = Path(args.out_dir) / name
     flags = [f"--out_dir={out}", f"--train.steps={args.steps}", "--train.log_every=1", "--train.progress_bar=false",
@@ -78,7 +79,8 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
-        raise SystemExit(f"{name} failed (exit {rc}): see {log}")
+        print(f"{name} failed (exit {rc}): see {log}", flush=True)
+        return None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
     syncs = json.loads((out / "host_syncs.json").read_text()).get("host_syncs")
@@ -110,7 +112,10 @@ def main() -> None:
           f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
           "per step |\n|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+        if r is None:
+            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
         print(f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
               f"{r['peak_gib']:.1f} | {r['host_syncs']} |")
 

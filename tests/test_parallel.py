@@ -371,6 +371,53 @@ def check_expert_layer(results: dict) -> None:
     results["expert_layer"] = errs
 
 
+def check_expert_parallel_moe_layer(results: dict) -> None:
+    """A whole MoE layer with a shared expert (its computation overlaps the all-to-all) under ep=2 against the
+    same layer on one process, each rank with its own tokens, the Triton kernels on every rank (on CPU the
+    interpreter): output, load, and the gradients of the input, the router, the shared expert and the experts."""
+    import torch.distributed as dist
+
+    from moeformer.layers import triton_dispatch
+    from moeformer.layers.moe import MoE, MoEConfig
+    from moeformer.parallel import ParallelConfig, apply_expert_parallel, init_parallel_groups
+
+    groups = init_parallel_groups(ParallelConfig(ep=2))
+    rank = dist.get_rank(groups.expert)
+    triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
+    backend = "grouped" if DEVICE.type == "cpu" else "auto"
+    errs = {}
+    for seed, (case, dtype, dispatch) in enumerate([("fp32", torch.float32, {}), ("bf16", torch.bfloat16, {}),
+                                                    ("fp32_capacity", torch.float32,
+                                                     {"dispatcher": "capacity", "capacity_factor": 0.6})]):
+        torch.manual_seed(seed)
+        config = MoEConfig(num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1, shared_ffn_dim=16,
+                           backend=backend, **dispatch)
+        single = MoE(16, config).to(DEVICE, dtype)
+        sharded = copy.deepcopy(single)
+        apply_expert_parallel(sharded, groups)
+        g = torch.Generator().manual_seed(10 * seed + rank)
+        x = torch.randn(2, 9, 16, generator=g).to(DEVICE, dtype)
+        dy = torch.randn(2, 9, 16, generator=g).to(DEVICE)
+        outs, grads = [], []
+        for layer in (single, sharded):
+            xi = x.clone().requires_grad_()
+            out, stats = layer(xi)
+            ((out.float() * dy).sum() + stats.aux_loss).backward()
+            outs.append((out, stats.tokens_per_expert, stats.dropped_tokens))
+            grads.append({"x": xi.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+        for name in ("experts.w_in", "experts.w_out"):
+            full = grads[0][name].float().clone()
+            dist.all_reduce(full, group=groups.expert)
+            grads[0][name] = full.chunk(2)[rank]
+        errs[case] = {"out": max_err(outs[0][0], outs[1][0]), "out_scale": outs[0][0].abs().max().item(),
+                      "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
+                      "dropped": int(outs[1][2]),
+                      "grads": {n: [max_err(grads[0][n], grads[1][n]), grads[0][n].abs().max().item()]
+                                for n in grads[0]}}
+    triton_dispatch.interpret_on_cpu = False
+    results["expert_parallel_moe_layer"] = errs
+
+
 def check_unsupported(results: dict) -> None:
     """The error each unsupported combination raises, before the model is touched."""
     from moeformer.models.model import build_model
@@ -445,6 +492,7 @@ def run_scenario(name: str, out: Path) -> None:
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2_same_ranks", out.parent, stages=(0,))
         check_parallel_cross_entropy(results)
         check_expert_layer(results)
+        check_expert_parallel_moe_layer(results)
         check_unsupported(results)
         check_pipeline(tiny_config(), results, "pp2")
         check_pipeline(tiny_config(tie_embeddings=True, n_layers=4, moe_layers=[1, 2]), results, "pp2_tied", "blocks",
@@ -613,6 +661,21 @@ def assert_expert_layer(errs: dict) -> None:
 @pytest.mark.distributed
 def test_expert_parallel_layer_matches_plain_experts(two_ranks):
     assert_expert_layer(two_ranks["expert_layer"])
+
+
+def assert_expert_parallel_moe_layer(errs: dict) -> None:
+    for case, err in errs.items():
+        rtol = BF16_RTOL if "bf16" in case else FP32_RTOL
+        assert err["counts_equal"] and (err["dropped"] > 0) == ("capacity" in case), (case, err)
+        assert err["out"] <= rtol * err["out_scale"], (case, err)
+        assert len(err["grads"]) == 7, err["grads"]  # x, router, shared expert (3), experts (2)
+        for name, (e, scale) in err["grads"].items():
+            assert e <= rtol * scale + 1e-12, (case, name, e, scale)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_moe_layer_matches_one_process(two_ranks):
+    assert_expert_parallel_moe_layer(two_ranks["expert_parallel_moe_layer"])
 
 
 @pytest.mark.distributed
