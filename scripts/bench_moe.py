@@ -245,11 +245,12 @@ def expert_parallel(args: argparse.Namespace) -> None:
     groups = init_parallel_groups(ParallelConfig(ep=args.ep))
     rank, cuda = dist.get_rank(), torch.cuda.is_available()
     device, dtype = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if cuda else ("cpu", torch.float32)
-    lines = [f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
-             f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
-             f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}", "",
-             "| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
-             "(fwd+bwd) | host syncs (fwd+bwd) |", "|---|---|---|---|---|---|---|---|"]
+    header = (f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
+              f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
+              f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}")
+    columns = ("| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
+               "(fwd+bwd) | host syncs (fwd+bwd) |")
+    lines = [header, "", columns, "|---|---|---|---|---|---|---|---|"]
     for key in args.shapes.split(","):
         s = SHAPES[key]
         torch._dynamo.reset()

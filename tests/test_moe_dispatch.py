@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from moeformer.layers import triton_dispatch
-from moeformer.layers.moe import CapacityDispatcher, DroplessDispatcher, Experts, Slots, source_major_to_expert_major
+from moeformer.layers.moe import (
+    CapacityDispatcher,
+    DroplessDispatcher,
+    Experts,
+    Slots,
+    source_major_to_expert_major,
+)
 from moeformer.training.metrics import HostSyncs
 
 DEVICES = [  # the references on CPU, the kernels on CPU (the interpreter) and on CUDA

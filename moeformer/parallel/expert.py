@@ -22,7 +22,15 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
-from moeformer.layers.moe import Dispatched, Dispatcher, ExpertRows, Experts, MoE, Slots, source_major_to_expert_major
+from moeformer.layers.moe import (
+    Dispatched,
+    Dispatcher,
+    ExpertRows,
+    Experts,
+    MoE,
+    Slots,
+    source_major_to_expert_major,
+)
 from moeformer.layers.moe.kernels import PermuteRows
 from moeformer.parallel.comm import all_reduce, all_to_all, exchange_counts, reduce_grad
 from moeformer.parallel.groups import ParallelGroups

@@ -19,7 +19,14 @@ from .fused_experts import fused_experts, fused_experts_reference
 from .layer import MoE, MoEStats, update_router_biases, validate_moe_config
 from .losses import load_balancing_loss, router_z_loss, sequence_aux_loss
 from .reference import moe_reference
-from .router import Router, Routing, expert_capacity, expert_choice_routing, limit_to_groups, topk_routing
+from .router import (
+    Router,
+    Routing,
+    expert_capacity,
+    expert_choice_routing,
+    limit_to_groups,
+    topk_routing,
+)
 
 __all__ = [
     "BACKENDS",
@@ -50,7 +57,7 @@ __all__ = [
     "router_z_loss",
     "sequence_aux_loss",
     "source_major_to_expert_major",
-    "update_router_biases",
     "topk_routing",
+    "update_router_biases",
     "validate_moe_config",
 ]
