@@ -5,7 +5,7 @@ tokens/s (median over the steps after the warm-up), peak memory, and the host sy
                                     [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--dotted.key=value ...]
 
 Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
-with --out_dir=<out-dir>/<layout> and the layout's --parallel.* keys; its log is <out-dir>/<layout>.log. The
+with --out_dir=<out-dir>/<layout> and the layout's keys (last: they win); its log is <out-dir>/<layout>.log. The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
 calls of the step after the warm-up (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
 dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
@@ -71,7 +71,7 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     nproc, keys = LAYOUTS[name]
     out = Path(args.out_dir) / name
     flags = [f"--out_dir={out}", f"--train.steps={args.steps}", "--train.log_every=1", "--train.progress_bar=false",
-             *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()), *overrides]
+             *overrides, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), __file__, "--worker", "--config", args.config, "--warmup", str(args.warmup), *flags]
     log = Path(args.out_dir) / f"{name}.log"
