@@ -118,6 +118,8 @@ def main() -> None:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
         print(f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
               f"{r['peak_gib']:.1f} | {r['host_syncs']} |")
+    if None in results.values():
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ TINY = ["--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.n_
 def test_bench_layouts_tiny_form(tmp_path):
     from moeformer.training.data import prepare_corpus
 
-    prepare_corpus(tmp_path / "data", max_files=5, val_fraction=0.2)
+    prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
     cmd = [sys.executable, "scripts/bench_layouts.py", "--config", "configs/train/tiny-moe-cpu.yaml", "--layouts",
            "dp2,ep2", "--steps", "3", "--warmup", "1", "--out-dir", str(tmp_path / "runs"),
            f"--data.dir={tmp_path / 'data'}", *TINY]
