@@ -2,10 +2,12 @@
 tokens/s (median over the steps after the warm-up), peak memory, and the host synchronisations of one training step.
 
     python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,tp2,pp2]
-                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--dotted.key=value ...]
+                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report]
+                                    [--dotted.key=value ...]
 
 Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
-with --out_dir=<out-dir>/<layout> and the layout's keys (last: they win); its log is <out-dir>/<layout>.log. The
+with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
+<out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands). The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
 calls of the step after the warm-up (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
 dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -70,6 +73,7 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     the run failed)."""
     nproc, keys = LAYOUTS[name]
     out = Path(args.out_dir) / name
+    shutil.rmtree(out, ignore_errors=True)  # this script's own earlier run of the layout: metrics.jsonl appends
     flags = [f"--out_dir={out}", f"--train.steps={args.steps}", "--train.log_every=1", "--train.progress_bar=false",
              *overrides, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -81,11 +85,20 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     if rc != 0:
         print(f"{name} failed (exit {rc}): see {log}", flush=True)
         return None
+    return read_layout(name, args)
+
+
+def read_layout(name: str, args: argparse.Namespace) -> dict | None:
+    """The results of layout `name`'s run in --out-dir (None: it did not finish)."""
+    out = Path(args.out_dir) / name
+    if not (out / "host_syncs.json").is_file():
+        print(f"{name}: no finished run in {out}", flush=True)
+        return None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
     syncs = json.loads((out / "host_syncs.json").read_text()).get("host_syncs")
     compiled = yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"]  # as the run resolved it
-    return {"gpus": nproc, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+    return {"gpus": LAYOUTS[name][0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "peak_gib": max(r["peak_mem_gib"] for r in timed), "host_syncs": syncs, "compiled": compiled}
 
 
@@ -96,6 +109,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--out-dir", default="runs/bench-layouts")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table of the layouts' runs already in --out-dir (run them one by one "
+                             "where a command may not take long)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.worker:
@@ -106,7 +122,10 @@ def main() -> None:
         raise SystemExit(f"unknown layouts {unknown} (choose from {list(LAYOUTS)})" if unknown
                          else f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    results = {name: run_layout(name, args, overrides) for name in layouts}
+    if args.report:
+        results = {name: read_layout(name, args) for name in layouts}
+    else:
+        results = {name: run_layout(name, args, overrides) for name in layouts}
     base = results.get("dp2")
     print(f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
           f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
