@@ -192,7 +192,7 @@ def test_export_rejects_what_hf_cannot_express(tmp_path):
         save_pretrained(tiny_model(norm="layernorm"), tmp_path / "x")
     with pytest.raises(ValueError, match="mixtral.* needs softmax"):
         save_pretrained(tiny_model(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice",
-                                        "capacity_factor": 1.0}), tmp_path / "y")
+                                        "dispatcher": "capacity", "capacity_factor": 1.0}), tmp_path / "y")
 
 
 # ---- clear errors --------------------------------------------------------------------------
