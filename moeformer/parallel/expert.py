@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
@@ -48,6 +49,7 @@ class _Exchange:
     capacity: int | None
     received: tuple[Tensor, Tensor] | None  # rows and their weights, valid once `pending` is done
     pending: list
+    share: tuple[int, int, int] | None  # under tensor parallelism: this rank's tokens [lo, hi) of n
     permutation: tuple[Tensor, Tensor] | None = None  # (dest, src) of the regrouping by local expert
 
 
@@ -67,11 +69,9 @@ class AllToAllDispatcher:
     @torch.compiler.disable  # communication and a host sync: eager between the compiled parts
     def dispatch(self, x: Tensor, slots: Slots) -> Dispatched:
         """Start the all-to-all of this rank's rows; `expert_rows` waits for it."""
+        share = None
         if self.tensor_group is not None:
-            x, weights = reduce_grad(x, self.tensor_group), reduce_grad(slots.weights, self.tensor_group)
-            tp, tp_rank = dist.get_world_size(self.tensor_group), dist.get_rank(self.tensor_group)
-            mine = slots.token_idx * tp // x.shape[0] == tp_rank
-            slots = replace(slots, weights=weights, valid=mine if slots.valid is None else slots.valid & mine)
+            x, slots, share = self._tensor_share(x, slots)
         local = self.local.dispatch(x, slots)
         rows, ep, pending = local.rows, self.ep, []
         if rows.capacity is not None:  # static: L groups of `capacity` rows for each rank
@@ -88,7 +88,8 @@ class AllToAllDispatcher:
             counts = torch.cat([tokens_per_expert, dropped.view(1)])
             dist.all_reduce(counts, group=self.tensor_group)
             tokens_per_expert, dropped = counts[:-1], counts[-1]
-        exchange = _Exchange(local, send_splits, recv_splits, recv_counts, rows.capacity, (x_recv, w_recv), pending)
+        exchange = _Exchange(local, send_splits, recv_splits, recv_counts, rows.capacity, (x_recv, w_recv), pending,
+                             share)
         return Dispatched(None, tokens_per_expert, dropped, exchange)
 
     @torch.compiler.disable
@@ -117,7 +118,27 @@ class AllToAllDispatcher:
             dest, src = ex.permutation
             y = PermuteRows.apply(y, dest, src, 1)
         out = self.local.combine(all_to_all(y, ex.recv_splits, ex.send_splits, self.group), ex.local)
-        return out if self.tensor_group is None else all_reduce(out, self.tensor_group)
+        if self.tensor_group is None:
+            return out
+        if ex.share is not None:  # this rank's tokens [lo, hi) of n, zero elsewhere
+            lo, hi, n = ex.share
+            out = F.pad(out, (0, 0, lo, n - hi))
+        return all_reduce(out, self.tensor_group)
+
+    def _tensor_share(self, x: Tensor, slots: Slots) -> tuple[Tensor, Slots, tuple[int, int, int] | None]:
+        """This tensor rank's 1/tp of the tokens (the ranks of the tensor group hold the same ones; gradients summed
+        over them): token-major dropless slots are cut to its contiguous share [lo, hi) of the tokens (returned as
+        (lo, hi, n)), other layouts (the capacity buffer is static anyway) mask the other ranks' slots."""
+        x, weights = reduce_grad(x, self.tensor_group), reduce_grad(slots.weights, self.tensor_group)
+        tp, rank, n = dist.get_world_size(self.tensor_group), dist.get_rank(self.tensor_group), x.shape[0]
+        k = slots.top_k
+        if k is None or self.local.capacity(n) is not None:
+            mine = slots.token_idx * tp // n == rank
+            return x, replace(slots, weights=weights, valid=mine if slots.valid is None else slots.valid & mine), None
+        lo, hi = -(-rank * n // tp), -(-(rank + 1) * n // tp)  # the tokens t with t * tp // n == rank
+        cut = slice(lo * k, hi * k)
+        valid = None if slots.valid is None else slots.valid[cut]
+        return x[lo:hi], Slots(slots.token_idx[cut] - lo, slots.expert_idx[cut], weights[cut], valid, k), (lo, hi, n)
 
 
 class ExpertParallelExperts(DeepSpeedMoE, Experts):
