@@ -13,4 +13,3 @@ def worker_env(**extra: str) -> dict[str, str]:
     """os.environ with the repository prepended to PYTHONPATH and `extra` variables set."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
-
