@@ -9,7 +9,7 @@ Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, 
 with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
 <out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands). The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
-calls of the step after the warm-up (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
+calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
 dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
 """
 
@@ -115,12 +115,12 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.worker:
-        return worker(args.config, overrides, args.warmup + 1)
+        return worker(args.config, overrides, args.warmup)  # the last warm-up step: the profiler slows it
     layouts = args.layouts.split(",")
     unknown = sorted(set(layouts) - set(LAYOUTS))
-    if unknown or args.warmup >= args.steps:
+    if unknown or not 1 <= args.warmup < args.steps:
         raise SystemExit(f"unknown layouts {unknown} (choose from {list(LAYOUTS)})" if unknown
-                         else f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}")
+                         else f"need 1 <= --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.report:
         results = {name: read_layout(name, args) for name in layouts}
