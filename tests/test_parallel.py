@@ -310,7 +310,7 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
 def check_expert_layer(results: dict) -> None:
     """The all-to-all dispatcher with this rank's experts against the local dispatcher with all of them, on fresh
     random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
-    other, and the Triton kernels (on CPU: the interpreter) on every rank. Expert gradients are compared with the
+    other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every rank. Expert gradients are compared with the
     sum over ranks of the plain layer's gradients (each rank's tokens reach every rank's experts). Also counts the
     host syncs of one forward and backward of each."""
     import torch.distributed as dist
@@ -324,7 +324,8 @@ def check_expert_layer(results: dict) -> None:
     groups = init_parallel_groups(ParallelConfig(ep=2))
     rank = dist.get_rank(groups.expert)
     cases = {"fp32": (24, 4, 2, torch.float32, None, False), "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
-             "fp32_skewed": (9, 8, 2, torch.float32, None, True), "bf16": (40, 4, 2, torch.bfloat16, None, False),
+             "fp32_skewed": (9, 8, 2, torch.float32, None, True), "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
+             "bf16": (40, 4, 2, torch.bfloat16, None, False),
              "fp32_kernels": (13, 4, 2, torch.float32, None, False), "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False)}
     errs = {}
     for seed, (case, (n, num_experts, k, dtype, capacity, skewed)) in enumerate(cases.items()):
@@ -337,7 +338,8 @@ def check_expert_layer(results: dict) -> None:
         dispatchers = (local, AllToAllDispatcher(local, groups.expert))
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
-        high = num_experts // 2 if skewed and rank == 0 else num_experts  # skewed: rank 0 keeps to its own experts
+        # skewed: rank 0 keeps to its own experts; "all": both ranks do, rank 1's experts receive no row at all
+        high = num_experts // 2 if skewed == "all" or (skewed and rank == 0) else num_experts
         expert_idx = torch.rand(n, high, generator=g).argsort(dim=-1)[:, :k].flatten().to(DEVICE)
         token_idx = torch.arange(n, device=DEVICE).repeat_interleave(k)
         weights = torch.rand(n * k, generator=g).to(DEVICE)

@@ -134,6 +134,10 @@ class Experts(nn.Module):
         """Expert e's FFN on its group of rows of the sorted buffer; rows past the groups are undefined. With
         `weight`, buffer row i's activation is scaled by weight[rows[i]] (`rows` a permutation of weight's indices,
         None: the identity): the output is then already weighted."""
+        if x_sorted.shape[0] == 0:  # a rank whose experts received no row: gradients (zero) still reach everything
+            touch = x_sorted.sum() + self.w_in.sum() + self.w_out.sum()  # ... so every rank joins the backward
+            touch = touch if weight is None else touch + weight.sum()
+            return x_sorted.new_zeros(0, self.dim) + 0.0 * touch.to(x_sorted.dtype)
         if weight is not None and rows is None:
             rows = torch.arange(x_sorted.shape[0], device=x_sorted.device)
         if self.use_grouped_mm(x_sorted):
