@@ -40,7 +40,14 @@ from moeformer.training.activation_checkpointing import apply_activation_checkpo
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
 from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
-from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
+from moeformer.training.metrics import (
+    MetricsLogger,
+    expert_load,
+    expert_load_summary,
+    flops_per_token,
+    peak_flops,
+    peak_memory_gib,
+)
 from moeformer.training.optim import build_optimizer
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
@@ -400,10 +407,12 @@ class Trainer:
         for name in names:
             if name not in ("tokens_per_expert", "dropped_tokens"):
                 record[name] = values[name].item() / replicas
-        if "tokens_per_expert" in values:
-            counts = values["tokens_per_expert"].reshape(sums["tokens_per_expert"].shape)
+        if "tokens_per_expert" in values:  # summed over all ranks; the ranks of a tensor group count the same tokens
+            copies = self.config.parallel.tp
+            counts = values["tokens_per_expert"].reshape(sums["tokens_per_expert"].shape) / copies
             record["expert_load"] = expert_load(counts).tolist()
-            record["dropped_frac"] = values["dropped_tokens"].item() / max(counts.sum().item(), 1.0)
+            record["dropped_frac"] = values["dropped_tokens"].sum().item() / copies / max(counts.sum().item(), 1.0)
+            record.update(expert_load_summary(counts, values["dropped_tokens"] / copies))
         record["tokens_per_s"] = self.tokens_per_step / seconds
         record["tokens"] = self.tokens_seen
         if self.peak_flops is not None:
@@ -524,7 +533,7 @@ def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Te
         for name in stats[0].losses:  # unweighted, averaged over MoE layers
             values[name] = torch.stack([s.losses[name] for s in stats]).mean()
         values["tokens_per_expert"] = torch.stack([s.tokens_per_expert for s in stats])
-        values["dropped_tokens"] = torch.stack([s.dropped_tokens for s in stats]).sum()
+        values["dropped_tokens"] = torch.stack([s.dropped_tokens for s in stats])
     for name, value in values.items():
         value = value.detach().double()
         sums[name] = sums[name] + value if name in sums else value
