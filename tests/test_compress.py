@@ -37,7 +37,8 @@ VARIANTS = {
     "softmax": {},
     "sigmoid-bias-shared-tied": dict(tie_embeddings=True, moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16,
                                      "router": "sigmoid", "router_bias": True, "num_shared_experts": 1}),
-    "expert-choice": dict(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice"}),
+    "expert-choice": dict(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice",
+                              "dispatcher": "capacity", "capacity_factor": 1.0}),
 }
 
 
