@@ -1,0 +1,229 @@
+"""An OpenAI-compatible HTTP server (FastAPI) over one engine: `POST /v1/completions` (plain or streamed as
+server-sent events), `GET /v1/models`, `GET /health`.
+
+    app = create_app(EngineRunner(engine), tokenizer, "my-model")
+    uvicorn.run(app, port=8000)
+
+Requests follow OpenAI's completion API with one prompt per request (a string, or a list of token ids used as
+given) and `n` = 1; `top_k` is an extension (0: off). Fields are checked strictly: a value of the wrong type, out of
+range, or a field the server does not know (so a misspelt or unsupported option is never silently ignored) is an
+HTTP 400 whose body, `{"error": {"message", "type": "invalid_request_error", "param"}}`, names the field. A string
+prompt is encoded as the model's tokenizer encodes prompts (`encode_prompt`: its special tokens, or eos first for
+models trained on eos-separated documents). Stop strings end the text before them (finish_reason "stop"), the
+model's eos token ends it too; a client that goes away stops its request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from moeformer.serving import SamplingParams
+from moeformer.serving.runner import EngineRunner, RequestStream
+from moeformer.serving.text import CompletionText
+
+DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole completion is still there
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of `POST /v1/completions`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None  # the served model's name (optional)
+    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    stop: Annotated[str | list[str] | None, Field(validate_default=True)] = None
+    seed: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None  # accepted for compatibility, unused
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+
+class APIError(Exception):
+    """An error answered as OpenAI answers it: `status` and {"error": {"message", "type", "param"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": None}}, status_code=self.status)
+
+
+def validation_error(error: RequestValidationError) -> APIError:
+    """A request body that failed validation as a 400 naming its field (None for malformed JSON or a body that is
+    not an object); a field that fits none of its types lists what each type wanted."""
+    problems = error.errors()
+    first = problems[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"malformed JSON body{f': {detail}' if detail else ''}")
+    path = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not path:
+        return APIError(400, f"request body: {first.get('msg')}")
+    param = path[0]
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument: {param}", param)
+    messages = dict.fromkeys(p["msg"] for p in problems if [str(x) for x in p["loc"] if x != "body"][:1] == [param])
+    return APIError(400, f"{param}: {' or '.join(messages)}", param)
+
+
+def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
+    """The FastAPI app serving `runner`'s engine as `model_name`; `tokenizer` (moeformer.training.tokenizer's
+    interface) encodes string prompts and decodes completions. The app starts the runner when it starts and
+    stops it when it shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="moeformer", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(error).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return APIError(error.status_code, str(error.detail), kind=kind).response()
+
+    @app.exception_handler(APIError)
+    async def _api(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not runner.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "moeformer"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model != model_name:
+            raise APIError(400, f"model {body.model!r} is not served here (this server serves {model_name!r})",
+                           "model")
+        prompt_ids = tokenizer.encode_prompt(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                top_p=body.top_p, seed=body.seed)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        try:
+            stream = await runner.submit(request_id, prompt_ids, params)
+        except ValueError as e:  # empty prompt, ids outside the vocabulary, longer than the context
+            raise APIError(400, str(e), "prompt") from None
+        text = CompletionText(tokenizer, prompt_ids, body.stop)
+        head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
+        pieces = _pieces(stream, text)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _events(pieces, head, len(prompt_ids), stream, usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        collected = asyncio.ensure_future(_collect(pieces))
+        while not collected.done():
+            await asyncio.wait({collected}, timeout=DISCONNECT_POLL)
+            if not collected.done() and await request.is_disconnected():
+                collected.cancel()  # its generator's cleanup aborts the request
+                return JSONResponse({}, status_code=499)
+        try:
+            completion, reason, count = collected.result()
+        except Exception as e:  # the engine failed while running this request
+            raise APIError(500, f"the engine failed: {e}", kind="server_error") from None
+        choice = {"index": 0, "text": completion, "logprobs": None, "finish_reason": reason}
+        return {**head, "choices": [choice], "usage": _usage(len(prompt_ids), count)}
+
+    return app
+
+
+async def _pieces(stream: RequestStream, text: CompletionText) -> AsyncIterator[tuple[str, str | None, int]]:
+    """(new text, finish reason or None, completion tokens so far) as the request's tokens arrive; the last piece
+    has the finish reason. A stop string aborts the request in the engine; so does leaving early (a client gone)."""
+    count = 0
+    try:
+        async for out in stream:
+            count += len(out.new_token_ids)
+            piece = text.push(out.new_token_ids)
+            if text.stopped:
+                stream.abort()
+                yield piece, "stop", count
+                return
+            if out.finished:
+                piece += text.finish()
+                yield piece, "stop" if text.stopped else out.finish_reason, count
+                return
+            if piece:
+                yield piece, None, count
+    finally:
+        stream.abort()
+
+
+async def _collect(pieces: AsyncIterator[tuple[str, str | None, int]]) -> tuple[str, str | None, int]:
+    parts, reason, count = [], None, 0
+    async for piece, reason, count in pieces:
+        parts.append(piece)
+    return "".join(parts), reason, count
+
+
+async def _events(pieces: AsyncIterator[tuple[str, str | None, int]], head: dict, prompt_tokens: int,
+                  stream: RequestStream, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one completion chunk per text piece, the last with its finish reason (then a usage
+    chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event."""
+    count = 0
+    try:
+        async for piece, reason, count in pieces:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
+            yield _event({**head, "choices": [choice]})
+    except Exception as e:  # the engine failed: the status line is sent already, so tell the client in the stream
+        yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        return
+    finally:
+        stream.abort()
+    if include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, count)})
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
