@@ -58,7 +58,8 @@ class StopMatcher:
     """Cuts a stream of text pieces at the first occurrence of any stop string.
 
     `push` returns the text that is safe to show: everything except a tail that is the beginning of a stop string.
-    Once a stop string is complete, `stopped` is set and the text ends right before it.
+    Once a stop string is complete, `stopped` is set and the text ends right before it (of overlapping stop strings,
+    the one that completes first).
     """
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
@@ -72,9 +73,9 @@ class StopMatcher:
         if self.stopped:
             return ""
         self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending, self.stopped = self.pending[:min(found)], "", True
+        found = [(i + len(s), i) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
+        if found:  # the stop string completed first (the longest of those ending there) wins, however text is split
+            out, self.pending, self.stopped = self.pending[:min(found)[1]], "", True
             return out
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
