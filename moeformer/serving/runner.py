@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,9 +69,12 @@ class EngineRunner:
     while it has unfinished requests, and delivers each StepOutput to its request's caller. An exception from a
     step fails the requests then running (their callers receive it) and the thread goes on with new ones."""
 
-    def __init__(self, engine, idle_poll: float = 0.1) -> None:
+    def __init__(self, engine, idle_poll: float = 0.1, keepalive: float = 60.0) -> None:
         self.engine = engine
         self.idle_poll = idle_poll  # seconds between checks for a stop request while idle
+        # a multi-rank engine's other ranks wait in a collective for rank 0's next step: an idle engine still steps
+        # every `keepalive` seconds (an empty step), so that wait never reaches the process group's timeout
+        self.keepalive = keepalive if getattr(engine, "group", None) is not None else None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._stop = threading.Event()
@@ -116,10 +120,13 @@ class EngineRunner:
 
     # ---- the engine's thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        last_step = time.monotonic()
         while not self._stop.is_set():
             self._apply_commands(wait=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
+            idle = not self.engine.has_unfinished()
+            if idle and (self.keepalive is None or time.monotonic() - last_step < self.keepalive):
                 continue
+            last_step = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as error:  # fail the running requests, keep serving

@@ -147,8 +147,8 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
             stream = await runner.submit(request_id, prompt_ids, params)
-        except ValueError as e:  # empty prompt, ids outside the vocabulary, longer than the context
-            raise APIError(400, str(e), "prompt") from None
+        except ValueError as e:  # empty prompt, ids outside the vocabulary, no room for max_tokens in the context
+            raise APIError(400, str(e), _culprit(runner.engine, prompt_ids, body.max_tokens)) from None
         text = CompletionText(tokenizer, prompt_ids, body.stop)
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
         pieces = _pieces(stream, text)
@@ -170,6 +170,13 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         return {**head, "choices": [choice], "usage": _usage(len(prompt_ids), count)}
 
     return app
+
+
+def _culprit(engine, prompt_ids: list[int], max_tokens: int) -> str:
+    """The field behind the engine's refusal of a request: max_tokens when the prompt is valid and fits the context
+    but leaves no room for max_tokens, else the prompt."""
+    valid = bool(prompt_ids) and max(prompt_ids) < engine.vocab_size
+    return "max_tokens" if valid and len(prompt_ids) < engine.max_model_len < len(prompt_ids) + max_tokens else "prompt"
 
 
 async def _pieces(stream: RequestStream, text: CompletionText) -> AsyncIterator[tuple[str, str | None, int]]:

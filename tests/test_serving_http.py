@@ -1,0 +1,218 @@
+"""The OpenAI-compatible server on localhost, driven by the real `openai` client and httpx: a tiny MoE with the byte
+tokenizer, one engine behind a uvicorn server started in a thread. Greedy completions are compared with
+`model.generate` on the same prompt (an independent decoding path: a contiguous cache, no paging or batching)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from moeformer.models import ModelConfig, build_model  # noqa: E402
+from moeformer.serving import Engine  # noqa: E402
+from moeformer.serving.runner import EngineRunner  # noqa: E402
+from moeformer.serving.server import create_app  # noqa: E402
+from moeformer.training.tokenizer import ByteTokenizer  # noqa: E402
+
+MAX_SEQ_LEN = 96
+served_options = {"step_delay": 0.0}  # seconds the served engine sleeps before each step
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Engine
+    model: object
+    tokenizer: ByteTokenizer
+    finished: list  # the engine's finished StepOutputs, in order
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def greedy(self, prompt: str, max_tokens: int) -> str:
+        """The reference: `model.generate` alone on the prompt, decoded."""
+        ids = torch.tensor([self.tokenizer.encode_prompt(prompt)])
+        out = self.model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:]
+        return self.tokenizer.decode(out[out < self.tokenizer.vocab_size].tolist())
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        """The engine's stats once it holds no request (fails after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self.engine.has_unfinished():
+            assert time.monotonic() < deadline, "the engine did not become idle"
+            time.sleep(0.02)
+        return self.engine.stats()
+
+
+@pytest.fixture(scope="module")
+def served():
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258,
+                                   moe={"ffn_dim": 64}, max_seq_len=MAX_SEQ_LEN)
+    model = build_model(config).eval()
+    tokenizer = ByteTokenizer()
+    # no eos: a random model's greedy text runs to max_tokens, so lengths (and the disconnect test) are known
+    engine = Engine(model, max_batch=4, block_size=8)
+    finished, step = [], engine.step
+
+    def recorded_step():  # the engine's own step, its finished outputs kept for the tests; slowed on demand
+        time.sleep(served_options["step_delay"])
+        outputs = step()
+        finished.extend(o for o in outputs if o.finished)
+        return outputs
+
+    engine.step = recorded_step
+    server = uvicorn.Server(uvicorn.Config(create_app(EngineRunner(engine), tokenizer, "tiny"), host="127.0.0.1",
+                                           port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield Served(f"http://127.0.0.1:{port}", engine, model, tokenizer, finished)
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_completion_is_the_models_greedy_text_for_a_string_or_token_ids(served):
+    expected = served.greedy("def add(a, b):", 12)
+    out = served.client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    prompt_ids = served.tokenizer.encode_prompt("def add(a, b):")
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+    assert out.object == "text_completion" and out.model == "tiny" and out.id.startswith("cmpl-")
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        len(prompt_ids), 12, len(prompt_ids) + 12)
+    by_ids = served.client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == expected
+
+
+def test_streamed_chunks_join_to_the_completion_and_end_with_done(served):
+    expected = served.greedy("import os", 10)
+    chunks = list(served.client.completions.create(model="tiny", prompt="import os", max_tokens=10, temperature=0,
+                                                   stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    body = {"prompt": "import os", "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    data = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    assert "".join(d["choices"][0]["text"] for d in data if d["choices"]) == expected
+    assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_concurrent_requests_each_get_their_own_greedy_text(served):
+    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line"]
+
+    async def ask_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        outs = await asyncio.gather(*(client.completions.create(model="tiny", prompt=p, max_tokens=6 + 3 * i,
+                                                                temperature=0) for i, p in enumerate(prompts)))
+        await client.close()
+        return [o.choices[0].text for o in outs]
+
+    assert asyncio.run(ask_all()) == [served.greedy(p, 6 + 3 * i) for i, p in enumerate(prompts)]
+    stats = served.wait_idle()
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_seeded_sampling_repeats(served):
+    def sample(seed: int) -> str:
+        return served.client.completions.create(model="tiny", prompt="x = ", max_tokens=12, temperature=1.0,
+                                                top_p=0.9, seed=seed).choices[0].text
+    assert sample(3) == sample(3) and served.greedy("x = ", 12) != sample(3)
+
+
+def test_stop_string_ends_the_text_before_it_and_frees_the_slot(served):
+    full = served.greedy("def f(x):", 40)
+    stop = full[10:12]  # a string the greedy text reaches after 10 characters (or earlier)
+    start = full.find(stop)
+    out = served.client.completions.create(model="tiny", prompt="def f(x):", max_tokens=40, temperature=0,
+                                           stop=[stop, "\x00never"])
+    assert out.choices[0].text == full[:start] and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens < 40
+    chunks = list(served.client.completions.create(model="tiny", prompt="def f(x):", max_tokens=40, temperature=0,
+                                                   stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:start] and chunks[-1].choices[0].finish_reason == "stop"
+    stats = served.wait_idle()
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
+TOO_LONG = "y" * MAX_SEQ_LEN
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"prompt": "a", "max_tokens": 4', None),  # malformed JSON
+    ('["a"]', None),  # not an object
+    ('{"max_tokens": 4}', "prompt"),  # missing
+    ('{"prompt": "a", "max_tokens": -1}', "max_tokens"),
+    ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "a", "max_tokens": "4"}', "max_tokens"),  # wrong type, even when convertible
+    ('{"prompt": "a", "temperature": "hot"}', "temperature"),
+    ('{"prompt": "a", "top_p": 1.5}', "top_p"),
+    ('{"prompt": "a", "stream": "yes"}', "stream"),
+    ('{"prompt": "a", "stop": ["ok", ""]}', "stop"),
+    ('{"prompt": [1, "b"]}', "prompt"),
+    ('{"prompt": [1, 300]}', "prompt"),  # outside the vocabulary
+    (json.dumps({"prompt": TOO_LONG}), "prompt"),  # longer than the context
+    (json.dumps({"prompt": TOO_LONG[:80], "max_tokens": 30}), "max_tokens"),  # no room left for max_tokens
+    ('{"prompt": "a", "model": "gpt-4"}', "model"),
+    ('{"prompt": "a", "n": 2}', "n"),
+    ('{"prompt": "a", "logprobs": 2}', "logprobs"),  # not supported: refused, never ignored
+])
+def test_bad_requests_are_400_naming_the_field(served, body, param):
+    response = httpx.post(f"{served.url}/v1/completions", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    if param is not None:
+        assert param in error["message"]
+
+
+def test_the_openai_client_sees_a_bad_request_error(served):
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.client.completions.create(model="tiny", prompt="a", max_tokens=-3)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == "max_tokens"
+
+
+def test_models_and_health(served):
+    models = served.client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    health = httpx.get(f"{served.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_leaving_mid_request_frees_its_slot(served, stream, monkeypatch):
+    monkeypatch.setitem(served_options, "step_delay", 0.01)  # 80 tokens take >= 0.8 s: the client leaves first
+    served.wait_idle()
+    before = len(served.finished)
+    body = {"prompt": "while True:", "max_tokens": 80, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i == 2:
+                    break  # leaves the block: the connection closes mid-stream
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served.url}/v1/completions", json=body, timeout=0.2)
+    stats = served.wait_idle()
+    assert [o.finish_reason for o in served.finished[before:]] == ["abort"]
+    assert stats["free_blocks"] == stats["total_blocks"]
