@@ -10,19 +10,17 @@ import threading
 import time
 from dataclasses import dataclass
 
+import httpx
+import openai
 import pytest
 import torch
+import uvicorn
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-
-from moeformer.models import ModelConfig, build_model  # noqa: E402
-from moeformer.serving import Engine  # noqa: E402
-from moeformer.serving.runner import EngineRunner  # noqa: E402
-from moeformer.serving.server import create_app  # noqa: E402
-from moeformer.training.tokenizer import ByteTokenizer  # noqa: E402
+from moeformer.models import ModelConfig, build_model
+from moeformer.serving import Engine
+from moeformer.serving.runner import EngineRunner
+from moeformer.serving.server import create_app
+from moeformer.training.tokenizer import ByteTokenizer
 
 MAX_SEQ_LEN = 96
 served_options = {"step_delay": 0.0}  # seconds the served engine sleeps before each step

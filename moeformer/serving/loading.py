@@ -1,0 +1,42 @@
+"""A checkpoint directory loaded to generate from, with its tokenizer: the command-line options and the loading that
+scripts/generate.py and scripts/serve.py share. A native training export brings its corpus tokenizer (meta.json),
+a Hugging Face checkpoint its tokenizer.json."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.training.tokenizer import Tokenizer, load_tokenizer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --quantize, --group-size, --compile, --dtype, --device and --debug."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (native or Hugging Face)")
+    parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight-only quantization")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
+    parser.add_argument("--compile", action="store_true", help="compiled decode (CUDA graph on GPU)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                        help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def load_model(args: argparse.Namespace, parallel=None) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode on args.device, tokenizer) from the options of `add_model_arguments`. With `parallel` (a
+    `moeformer.parallel.ParallelConfig`; torchrun's ranks) every rank reads the checkpoint on the CPU, keeps its
+    shard through `moeformer.parallel.parallelize` and moves that to its device."""
+    dtype = DTYPE_NAMES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if parallel is None:
+        model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                group_size=args.group_size)
+    else:
+        from moeformer.parallel import init_distributed, parallelize
+
+        init_distributed()
+        model = from_pretrained(args.model, dtype=dtype, device="cpu", quantize=args.quantize,
+                                group_size=args.group_size)
+        model = parallelize(model, parallel)[0].to(args.device)
+    return model, load_tokenizer(args.model)

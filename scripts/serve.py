@@ -1,0 +1,71 @@
+"""Serve a checkpoint directory (a training run's native export with its meta.json tokenizer, or a Hugging Face
+checkpoint with its tokenizer.json) over HTTP with OpenAI's completions API, many requests batched together by one
+engine.
+
+    python scripts/serve.py --model runs/tiny-moe-cpu/model --port 8000 [--quantize int8|int4] [--max-batch 64]
+    torchrun --nproc_per_node 2 scripts/serve.py --model path/to/hf-checkpoint --tp 2     # or --ep 2 (MoE)
+
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "def fib(n):", "max_tokens": 64, "temperature": 0, "stop": ["\\n\\n"]}'
+
+Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, GET /health. Under torchrun
+the model is split with moeformer.parallel as in training; rank 0 answers HTTP and schedules, the other ranks step
+with it. An error at start-up is one line with exit status 1 (`--debug` shows its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moeformer.errors import reported_errors
+from moeformer.serving.loading import add_model_arguments, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--name", default=None, help="model name clients ask for (default: the directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=64, help="requests decoded together at most")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the "
+                        "model's max_seq_len)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt prefixes")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under torchrun)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (under torchrun, MoE models)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with reported_errors(args.debug):
+        import torch.distributed as dist
+        import uvicorn
+
+        from moeformer.parallel import ParallelConfig, shutdown_distributed
+        from moeformer.serving import Engine
+        from moeformer.serving.runner import EngineRunner
+        from moeformer.serving.server import create_app
+
+        several = args.tp > 1 or args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        model, tokenizer = load_model(args, ParallelConfig(tp=args.tp, ep=args.ep) if several else None)
+        engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size, max_model_len=args.max_model_len,
+                        prefix_caching=not args.no_prefix_caching, compile=args.compile,
+                        eos_token_id=tokenizer.eos_id, group=dist.group.WORLD if several else None)
+    if several and dist.get_rank() != 0:
+        engine.follow()
+    else:
+        name = args.name or Path(args.model).resolve().name
+        try:
+            uvicorn.run(create_app(EngineRunner(engine), tokenizer, name), host=args.host, port=args.port)
+        finally:
+            engine.close()
+    if several:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
