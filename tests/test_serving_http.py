@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,12 +24,28 @@ import torch
 import uvicorn
 
 from moeformer.models import ModelConfig, build_model
+from moeformer.models.checkpoint import from_pretrained
 from moeformer.serving import Engine
 from moeformer.serving.runner import EngineRunner
 from moeformer.serving.server import create_app
-from moeformer.training.tokenizer import ByteTokenizer
+from moeformer.training.data import prepare_corpus
+from moeformer.training.tokenizer import ByteTokenizer, load_tokenizer
+from tests.test_scripts import script
+from tests.workers import REPO, free_port, kill_tree, worker_env
 
 MAX_SEQ_LEN = 96
+
+
+def tiny_moe(max_seq_len: int = MAX_SEQ_LEN) -> ModelConfig:
+    return ModelConfig.from_name("tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258,
+                                 moe={"ffn_dim": 64}, max_seq_len=max_seq_len)
+
+
+def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    """The reference: `model.generate` alone on the prompt, decoded."""
+    ids = torch.tensor([tokenizer.encode_prompt(prompt)])
+    out = model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:]
+    return tokenizer.decode(out[out < tokenizer.vocab_size].tolist())
 served_options = {"step_delay": 0.0}  # seconds the served engine sleeps before each step
 
 
@@ -39,10 +62,7 @@ class Served:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def greedy(self, prompt: str, max_tokens: int) -> str:
-        """The reference: `model.generate` alone on the prompt, decoded."""
-        ids = torch.tensor([self.tokenizer.encode_prompt(prompt)])
-        out = self.model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:]
-        return self.tokenizer.decode(out[out < self.tokenizer.vocab_size].tolist())
+        return greedy_text(self.model, self.tokenizer, prompt, max_tokens)
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """The engine's stats once it holds no request (fails after `timeout` seconds)."""
@@ -56,9 +76,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served():
     torch.manual_seed(0)
-    config = ModelConfig.from_name("tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258,
-                                   moe={"ffn_dim": 64}, max_seq_len=MAX_SEQ_LEN)
-    model = build_model(config).eval()
+    model = build_model(tiny_moe()).eval()
     tokenizer = ByteTokenizer()
     # no eos: a random model's greedy text runs to max_tokens, so lengths (and the disconnect test) are known
     engine = Engine(model, max_batch=4, block_size=8)
@@ -214,3 +232,51 @@ def test_a_client_leaving_mid_request_frees_its_slot(served, stream, monkeypatch
     stats = served.wait_idle()
     assert [o.finish_reason for o in served.finished[before:]] == ["abort"]
     assert stats["free_blocks"] == stats["total_blocks"]
+
+
+# ---- scripts/serve.py ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    """A tiny MoE saved the way a training run exports it: native weights + the byte corpus's meta.json."""
+    root = tmp_path_factory.mktemp("export")
+    prepare_corpus(root / "data", max_files=2, val_fraction=0.5)
+    torch.manual_seed(1)
+    build_model(tiny_moe(128)).save_pretrained(root / "model", format="native")
+    shutil.copyfile(root / "data" / "meta.json", root / "model" / "meta.json")
+    return root / "model"
+
+
+def test_serve_script_reports_a_bad_model_path_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        script("serve").main(["--model", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: checkpoint directory {tmp_path / 'missing'} does not exist"
+
+
+@pytest.mark.distributed
+def test_two_tensor_parallel_ranks_serve_the_one_process_greedy_text(export, tmp_path):
+    """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` on gloo: rank 0 answers over HTTP with the other rank
+    stepping beside it; the text is the single-process model's greedy text; SIGINT shuts both ranks down."""
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", "--tp", "2"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    try:
+        deadline, found = time.monotonic() + 240, None
+        while found is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+            found = re.search(r"Started server process \[(\d+)\].*?Uvicorn running on (http://[\d.]+:\d+)",
+                              log.read_text(), re.S)
+        client = openai.OpenAI(base_url=f"{found.group(2)}/v1", api_key="unused", max_retries=0, timeout=120)
+        text = client.completions.create(model="model", prompt="def f(x):", max_tokens=16, temperature=0)
+        model, tokenizer = from_pretrained(export), load_tokenizer(export)
+        assert text.choices[0].text == greedy_text(model, tokenizer, "def f(x):", 16)
+        os.kill(int(found.group(1)), signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
