@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +45,11 @@ def tiny_moe(max_seq_len: int = MAX_SEQ_LEN) -> ModelConfig:
 
 def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
     """The reference: `model.generate` alone on the prompt, decoded."""
-    ids = torch.tensor([tokenizer.encode_prompt(prompt)])
-    out = model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:]
+    ids = torch.tensor([tokenizer.encode_prompt(prompt)], device=next(model.parameters()).device)
+    out = model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:].cpu()
     return tokenizer.decode(out[out < tokenizer.vocab_size].tolist())
+
+
 served_options = {"step_delay": 0.0}  # seconds the served engine sleeps before each step
 
 
@@ -73,6 +77,24 @@ class Served:
         return self.engine.stats()
 
 
+@contextmanager
+def serving(engine: Engine, tokenizer) -> Iterator[str]:
+    """A uvicorn server of `engine` as "tiny" on a free localhost port, in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(EngineRunner(engine), tokenizer, "tiny"), host="127.0.0.1",
+                                           port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def served():
     torch.manual_seed(0)
@@ -89,18 +111,8 @@ def served():
         return outputs
 
     engine.step = recorded_step
-    server = uvicorn.Server(uvicorn.Config(create_app(EngineRunner(engine), tokenizer, "tiny"), host="127.0.0.1",
-                                           port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Served(f"http://127.0.0.1:{port}", engine, model, tokenizer, finished)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(engine, tokenizer) as url:
+        yield Served(url, engine, model, tokenizer, finished)
 
 
 def test_completion_is_the_models_greedy_text_for_a_string_or_token_ids(served):
@@ -146,6 +158,25 @@ def test_concurrent_requests_each_get_their_own_greedy_text(served):
     assert asyncio.run(ask_all()) == [served.greedy(p, 6 + 3 * i) for i, p in enumerate(prompts)]
     stats = served.wait_idle()
     assert stats["free_blocks"] == stats["total_blocks"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_engine_serves_concurrent_greedy_texts():
+    """The engine on its own thread with a compiled decode step (CUDA graphs captured there), fp32: concurrent
+    requests get the greedy text of `model.generate` (eager) on the same device."""
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_moe()).cuda().eval(), ByteTokenizer()
+    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line"]
+    with serving(Engine(model, max_batch=4, block_size=8, compile=True), tokenizer) as url:
+        async def ask_all() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+            outs = await asyncio.gather(*(client.completions.create(model="tiny", prompt=p, max_tokens=16,
+                                                                    temperature=0) for p in prompts))
+            await client.close()
+            return [o.choices[0].text for o in outs]
+
+        assert asyncio.run(ask_all()) == [greedy_text(model, tokenizer, p, 16) for p in prompts]
 
 
 def test_seeded_sampling_repeats(served):
@@ -270,7 +301,7 @@ def test_two_tensor_parallel_ranks_serve_the_one_process_greedy_text(export, tmp
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
             found = re.search(r"Started server process \[(\d+)\].*?Uvicorn running on (http://[\d.]+:\d+)",
-                              log.read_text(), re.S)
+                              log.read_text(), re.DOTALL)
         client = openai.OpenAI(base_url=f"{found.group(2)}/v1", api_key="unused", max_retries=0, timeout=120)
         text = client.completions.create(model="model", prompt="def f(x):", max_tokens=16, temperature=0)
         model, tokenizer = from_pretrained(export), load_tokenizer(export)

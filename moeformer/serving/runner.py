@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 _ACCEPTED = object()  # first item on a request's queue once the engine holds it
 
 
@@ -74,7 +76,7 @@ class EngineRunner:
         self.idle_poll = idle_poll  # seconds between checks for a stop request while idle
         # a multi-rank engine's other ranks wait in a collective for rank 0's next step: an idle engine still steps
         # every `keepalive` seconds (an empty step), so that wait never reaches the process group's timeout
-        self.keepalive = keepalive if getattr(engine, "group", None) is not None else None
+        self.keepalive = keepalive if engine.group is not None else None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._stop = threading.Event()
@@ -120,6 +122,8 @@ class EngineRunner:
 
     # ---- the engine's thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.engine.device.type == "cuda":  # the current CUDA device is per thread
+            torch.cuda.set_device(self.engine.device)
         last_step = time.monotonic()
         while not self._stop.is_set():
             self._apply_commands(wait=not self.engine.has_unfinished())
