@@ -146,7 +146,8 @@ def test_streamed_chunks_join_to_the_completion_and_end_with_done(served):
 
 
 def test_concurrent_requests_each_get_their_own_greedy_text(served):
-    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line"]
+    """Twice as many requests as the engine's batch: some wait for a slot while the others run."""
+    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line", "x", "yield", "if x:", "[1, 2"]
 
     async def ask_all() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -179,11 +180,14 @@ def test_compiled_cuda_engine_serves_concurrent_greedy_texts():
         assert asyncio.run(ask_all()) == [greedy_text(model, tokenizer, p, 16) for p in prompts]
 
 
-def test_seeded_sampling_repeats(served):
+def test_seeded_sampling_repeats_and_top_k_is_applied(served):
     def sample(seed: int) -> str:
         return served.client.completions.create(model="tiny", prompt="x = ", max_tokens=12, temperature=1.0,
                                                 top_p=0.9, seed=seed).choices[0].text
     assert sample(3) == sample(3) and served.greedy("x = ", 12) != sample(3)
+    top1 = served.client.completions.create(model="tiny", prompt="x = ", max_tokens=12, temperature=1.0, seed=3,
+                                            extra_body={"top_k": 1})
+    assert top1.choices[0].text == served.greedy("x = ", 12)  # top_k (an extension) reaches the sampler
 
 
 def test_stop_string_ends_the_text_before_it_and_frees_the_slot(served):
@@ -286,12 +290,13 @@ def test_serve_script_reports_a_bad_model_path_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_two_tensor_parallel_ranks_serve_the_one_process_greedy_text(export, tmp_path):
-    """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` on gloo: rank 0 answers over HTTP with the other rank
-    stepping beside it; the text is the single-process model's greedy text; SIGINT shuts both ranks down."""
+@pytest.mark.parametrize("layout", ["--tp", "--ep"])
+def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout):
+    """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` (or --ep 2) on gloo: rank 0 answers over HTTP with the
+    other rank stepping beside it; the text is the single-process model's greedy text; SIGINT ends both ranks."""
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", "--tp", "2"]
+           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
@@ -311,3 +316,4 @@ def test_two_tensor_parallel_ranks_serve_the_one_process_greedy_text(export, tmp
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
+        print(log.read_text()[-6000:])  # shown when the test fails
