@@ -156,23 +156,37 @@ class PagedBatch:
     """The cache argument of one forward over the pools (the protocol of `StaticCache`: `begin`, len, indexing).
 
     Inputs are device tensors of fixed shape: `block_tables` (B, max_blocks) (row b's blocks; unused entries and
-    padded rows: the null block), `lengths` (B,) tokens row b holds after this forward (padded rows: T), and `rows`
-    (B,) bool, real rows. `view_len` L (a multiple of the block size, at least every length) fixes the view."""
+    padded rows: the null block), `lengths` (B,) tokens row b holds after this forward (padded rows: `seq`) and,
+    optionally, `new` (B,) how many of the forward's `seq` tokens are row b's (default all; a row with fewer has
+    its real tokens last, after seq - new[b] filler tokens, which are written to the null block and hidden from
+    every query: several prompt chunks of different lengths share one forward) and `rows` (B,) bool, the real rows.
+    `view_len` L (a multiple of the block size, at least every length + filler) fixes the view's width."""
 
-    def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor,
-                 rows: torch.Tensor | None, seq: int, view_len: int) -> None:
-        self.pools, self.seq, self.rows = pools, seq, rows
+    def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor, seq: int,
+                 view_len: int, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        self.pools, self.seq = pools, seq
         batch = block_tables.shape[0]
         self.view_shape = (batch, view_len)
         device = block_tables.device
-        position = torch.arange(view_len, device=device) - (view_len - lengths[:, None])  # (B, L) token index
-        self.valid = position >= 0
+        column = torch.arange(view_len, device=device)
+        position = column - (view_len - lengths[:, None])  # token index of each view slot, (B, L)
+        filler = None
+        if new is not None:
+            filler = (column >= view_len - seq) & (column < view_len - new[:, None])
+            position = torch.where(column < view_len - seq, position + seq - new[:, None], position)
+        self.valid = position >= 0 if filler is None else (position >= 0) & ~filler
         position = position.clamp(min=0)
         slots = block_tables.gather(1, position // block_size) * block_size + position % block_size
+        if filler is not None:
+            slots = slots.masked_fill(filler, NULL_BLOCK * block_size)
         self.read_slots = slots.reshape(-1)
         self.write_slots = slots[:, view_len - seq:].reshape(-1)
         self.positions = position[:, view_len - seq:]
         self.offset = torch.full((), view_len - seq, dtype=torch.long, device=device)
+        real = None if filler is None else ~filler[:, view_len - seq:]
+        if rows is not None:
+            real = rows[:, None].expand(batch, seq) if real is None else real & rows[:, None]
+        self.token_mask = real
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -184,9 +198,8 @@ class PagedBatch:
 
     def begin(self, batch: int, seq: int, attention_mask: torch.Tensor | None
               ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor | None]:
-        """The forward's attention mask, rope positions and MoE token mask (padded rows route no experts' load)."""
+        """The forward's attention mask, rope positions and MoE token mask (fillers and padded rows route nothing)."""
         if (batch, seq) != (self.view_shape[0], self.seq) or attention_mask is not None:
             raise ValueError(f"a paged batch runs {self.view_shape[0]} rows of {self.seq} tokens without an "
                              f"attention_mask, got ({batch}, {seq})")
-        token_mask = None if self.rows is None else self.rows[:, None].expand(batch, seq)
-        return AttentionMask(q_offset=self.offset, key_padding=self.valid), self.positions, token_mask
+        return AttentionMask(q_offset=self.offset, key_padding=self.valid), self.positions, self.token_mask
