@@ -41,15 +41,15 @@ def models() -> dict[str, torch.nn.Module]:
     return built
 
 
-def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
+def workload(n: int, seed: int, vocab: int = VOCAB) -> list[tuple[list[int], int]]:
     """`n` (prompt, max_tokens): 1-40 token prompts, half of them after one of two shared 9- and 20-token prefixes
     (prefix-cache hits over 2 and 5 blocks of 4), 1-12 new tokens."""
     g = torch.Generator().manual_seed(seed)
     randint = lambda low, high: int(torch.randint(low, high, (1,), generator=g))  # noqa: E731
-    shared = [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in (9, 20)]
+    shared = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in (9, 20)]
     out = []
     for i in range(n):
-        prompt = torch.randint(0, VOCAB, (randint(1, 41),), generator=g).tolist()
+        prompt = torch.randint(0, vocab, (randint(1, 41),), generator=g).tolist()
         if i % 2:
             prompt = shared[i % 4 // 2] + prompt[:20]
         out.append((prompt, randint(1, 13)))
@@ -107,7 +107,7 @@ def test_continuous_batching_equals_each_request_alone(models, oracle, kind, pre
     assert_idle(engine)
 
 
-def test_packed_prompt_chunks_and_compiled_sizes_agree(models, oracle):
+def test_packed_prompt_chunks_agree(models, oracle):
     """Prompt chunks of different lengths share one forward (filler tokens), 64 slots, a roomy pool: same tokens."""
     engine = Engine(models["moe"], max_batch=64, block_size=16, prefill_chunk=256, prefix_caching=False)
     outputs = run_arriving(engine, workload(64, 7), per_step=16)
@@ -266,3 +266,77 @@ def test_engine_refuses_what_it_cannot_serve(models):
     hybrid = build_model(tiny("moe", attention_types=["gla", "softmax"], linear_attention={"chunk_size": 4}))
     with pytest.raises(ValueError, match="recurrent state"):
         Engine(hybrid)
+
+
+def test_compiled_decode_equals_eager():
+    """compile=True (the decode step compiled at a padded batch size; a CUDA graph on CUDA) gives the eager tokens."""
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    max_seq_len=64, attn_backend="sdpa")).eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    params = SamplingParams(max_tokens=6)
+    compiled = Engine(model, max_batch=4, block_size=16, compile=True)
+    assert compiled.generate(prompts, params) == [alone(model, p, 6) for p in prompts]
+    assert list(compiled._graphs) == [(4, 1)]  # 3 rows padded to 4, one block of view
+    assert_idle(compiled)
+
+
+# ---------------------------------------------------------------------------------------------------- two ranks
+
+PARALLEL_LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2)}
+
+
+def rank_worker(out: Path) -> None:
+    """On each of 2 ranks: the single-process greedy outputs, then the same requests through a multi-rank engine
+    over the tensor- or expert-parallel model (rank 0 steps, rank 1 follows)."""
+    import torch.distributed as dist
+
+    from moeformer.parallel import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+
+    torch.set_num_threads(1)
+    init_distributed()
+    results = {}
+    for key, layout in PARALLEL_LAYOUTS.items():
+        torch.manual_seed(0)
+        model = build_model(tiny("moe", vocab_size=96, qk_norm=None)).eval()  # tp: vocab divisible, per-head norm
+        requests = workload(12, 3, vocab=96)
+        reference = [alone(model, p, n) for p, n in requests]
+        model, _ = parallelize(model, ParallelConfig(**layout))
+        engine = Engine(model, max_batch=4, block_size=4, num_blocks=18, max_model_len=64, prefill_chunk=8,
+                        group=dist.group.WORLD)
+        if dist.get_rank() == 0:
+            outputs = run_arriving(engine, requests, per_step=2)
+            engine.close()
+            results[key] = {"mismatched": [i for i in range(len(requests)) if outputs[f"r{i}"] != reference[i]]}
+        else:
+            engine.follow()
+        stats = [None, None]
+        dist.all_gather_object(stats, engine.stats())
+        if dist.get_rank() == 0:
+            results[key]["stats"] = stats
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(results))
+    shutdown_distributed()
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_single_process_tokens(tmp_path):
+    from tests.test_parallel import _free_port
+    from tests.workers import REPO, worker_env
+
+    out = tmp_path / "ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), __file__, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0 and out.exists(), f"rc {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = json.loads(out.read_text())
+    for key in PARALLEL_LAYOUTS:
+        assert results[key]["mismatched"] == [], (key, results[key])
+        leader, follower = results[key]["stats"]
+        assert leader == follower, "both ranks must have run the same steps"
+        assert leader["free_blocks"] == leader["total_blocks"] and leader["preemptions"] > 0, leader
+
+
+if __name__ == "__main__":
+    rank_worker(Path(sys.argv[1]))
