@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 import torch
 
 from moeformer.layers.attention import Attention, AttentionMask
+from moeformer.layers.attention.paged import Pages
 from moeformer.layers.mla import MLAttention
 
 NULL_BLOCK = 0  # never handed out: padded batch rows write their garbage there
@@ -102,7 +103,8 @@ class BlockPool:
 
 class PagedKV:
     """One softmax-attention layer's keys and values, (num_blocks * block_size, n_kv_heads, head_dim) each, seen by
-    the layer during a forward as a `KVCache` whose `update` writes the new tokens and returns the gathered view."""
+    the layer during a forward as a `KVCache` whose `update` writes the new tokens and returns the gathered view, or
+    in a decode step the pools themselves (attention reads them through the mask's `pages`)."""
 
     def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.k = torch.zeros(slots, n_kv_heads, head_dim, dtype=dtype, device=device)
@@ -110,13 +112,14 @@ class PagedKV:
         self.batch: PagedBatch | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, at=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) at the batch's write slots; return the gathered (B, Hkv, L, D) keys and values
-        (`at`, the mask's offset, is implied by the batch)."""
+        """Store k, v (B, Hkv, T, D) at the batch's write slots; return the gathered (B, Hkv, L, D) keys and values,
+        or the pools in a decode step (`at`, the mask's offset, is implied by the batch)."""
         batch = self.batch
         for pool, new in ((self.k, k), (self.v, v)):
             pool.index_copy_(0, batch.write_slots, new.transpose(1, 2).reshape(-1, *pool.shape[1:]))
-        return tuple(pool[batch.read_slots].view(*batch.view_shape, *pool.shape[1:]).transpose(1, 2)
-                     for pool in (self.k, self.v))
+        if batch.pages is not None:
+            return self.k, self.v
+        return batch.view.gather(self.k), batch.view.gather(self.v)
 
     @property
     def bytes_per_slot(self) -> int:
@@ -125,17 +128,23 @@ class PagedKV:
 
 class PagedLatent:
     """One MLA layer's cache, (num_blocks * block_size, kv_lora_rank + rope_dim): per token the normalised latent
-    then the rotated rope key, as MLA's `LatentCache` stores them."""
+    then the rotated rope key, as MLA's `LatentCache` stores them. A decode step of a layer that absorbs one query
+    (MLA's decode path: the latent rows are its single key and value head) gets the pool itself; otherwise, as for a
+    prompt, the gathered rows, which the layer expands per head."""
 
-    def __init__(self, slots: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, slots: int, width: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> None:
         self.kv = torch.zeros(slots, width, dtype=dtype, device=device)
+        self.in_place = in_place
         self.batch: PagedBatch | None = None
 
     def update(self, latent: torch.Tensor, k_rot: torch.Tensor, at=None) -> torch.Tensor:
-        """Store (B, T, rank) latents and (B, T, rope) keys; return the gathered (B, L, rank + rope) rows."""
+        """Store (B, T, rank) latents and (B, T, rope) keys; return the gathered (B, L, rank + rope) rows, or the
+        pool (slots, rank + rope) in a decode step."""
         batch = self.batch
         self.kv.index_copy_(0, batch.write_slots, torch.cat((latent, k_rot), dim=-1).reshape(-1, self.kv.shape[1]))
-        return self.kv[batch.read_slots].view(*batch.view_shape, self.kv.shape[1])
+        if batch.pages is not None and self.in_place:
+            return self.kv
+        return batch.view.gather(self.kv[:, None])[:, 0]
 
     @property
     def bytes_per_slot(self) -> int:
@@ -145,7 +154,7 @@ class PagedLatent:
 def layer_pool(attn, slots: int, dtype: torch.dtype, device: torch.device) -> PagedKV | PagedLatent:
     """The pool for one layer's attention module; linear attention keeps a recurrent state, which has no pages."""
     if isinstance(attn, MLAttention):
-        return PagedLatent(slots, attn.kv_lora_rank + attn.rope_dim, dtype, device)
+        return PagedLatent(slots, attn.kv_lora_rank + attn.rope_dim, dtype, device, in_place=attn.absorbs(1))
     if isinstance(attn, Attention):
         return PagedKV(slots, attn.n_kv_heads, attn.head_dim, dtype, device)
     raise ValueError(f"the serving engine pages softmax and MLA attention caches; {type(attn).__name__} keeps a "
@@ -160,7 +169,8 @@ class PagedBatch:
     optionally, `new` (B,) how many of the forward's `seq` tokens are row b's (default all; a row with fewer has
     its real tokens last, after seq - new[b] filler tokens, which are written to the null block and hidden from
     every query: several prompt chunks of different lengths share one forward) and `rows` (B,) bool, the real rows.
-    `view_len` L (a multiple of the block size, at least every length + filler) fixes the view's width."""
+    `view_len` L (a multiple of the block size, at least every length + filler) fixes the view's width. A decode
+    step (seq 1) hands attention the pools and `Pages` through the mask (read in place by the paged kernel)."""
 
     def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor, seq: int,
                  view_len: int, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
@@ -179,7 +189,8 @@ class PagedBatch:
         slots = block_tables.gather(1, position // block_size) * block_size + position % block_size
         if filler is not None:
             slots = slots.masked_fill(filler, NULL_BLOCK * block_size)
-        self.read_slots = slots.reshape(-1)
+        self.view = Pages(block_tables, lengths, block_size, slots.reshape(-1), view_len)
+        self.pages = self.view if seq == 1 else None
         self.write_slots = slots[:, view_len - seq:].reshape(-1)
         self.positions = position[:, view_len - seq:]
         self.offset = torch.full((), view_len - seq, dtype=torch.long, device=device)
@@ -202,4 +213,5 @@ class PagedBatch:
         if (batch, seq) != (self.view_shape[0], self.seq) or attention_mask is not None:
             raise ValueError(f"a paged batch runs {self.view_shape[0]} rows of {self.seq} tokens without an "
                              f"attention_mask, got ({batch}, {seq})")
-        return AttentionMask(q_offset=self.offset, key_padding=self.valid), self.positions, self.token_mask
+        mask = AttentionMask(q_offset=self.offset, key_padding=self.valid, pages=self.pages)
+        return mask, self.positions, self.token_mask
