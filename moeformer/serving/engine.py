@@ -1,6 +1,6 @@
 """`Engine`: continuous batching over a paged KV cache. Requests join and leave the running batch at every step; a
 step decodes one token for every running request (one forward, padded to a few fixed batch sizes when compiled) and
-prefills up to `prefill_chunk` prompt tokens (one forward per prompt chunk), so a long prompt never stalls the
+runs chunks of waiting prompts (one forward of at most `prefill_chunk` tokens), so a long prompt never stalls the
 decodes. Full prompt blocks are shared across requests through the prefix cache.
 
     engine = Engine(model, max_batch=64, eos_token_id=tokenizer_eos)
@@ -48,7 +48,7 @@ class Engine:
     max_batch: running requests at most. block_size: tokens per cache block. num_blocks: cache blocks (default: from
     `cache_memory` bytes, itself by default half the free GPU memory, or on the CPU up to CPU_CACHE_BUDGET);
     enough for one request of max_model_len tokens is required. max_model_len: prompt + max_tokens limit (default
-    and at most the model's max_seq_len). prefill_chunk: prompt tokens per step. prefix_caching: share full prompt
+    and at most the model's max_seq_len). prefill_chunk: tokens of the prompt-chunk forward per step (rows x longest chunk). prefix_caching: share full prompt
     blocks. compile: a compiled decode step at padded batch sizes (BATCH_SIZES) and view lengths (powers of two
     blocks), captured as a CUDA graph on CUDA; compile=False runs eagerly (the reference). eos_token_id: stops every
     request. group: the process group of a multi-rank model (see the module docstring).
@@ -176,13 +176,15 @@ class Engine:
         self._aborts = []
         plan = self.scheduler.schedule()
         sampled, logits = [], []
-        for request, n in plan.prefill:
-            row = self._forward([request], n)
-            self.prefilled_tokens += n
-            self.scheduler.computed(request, n)
-            if request.uncomputed == 0:
-                sampled.append(request)
-                logits.append(row)
+        if plan.prefill:
+            chunks = [request for request, _ in plan.prefill]
+            rows = self._forward(chunks, [n for _, n in plan.prefill])
+            for i, (request, n) in enumerate(plan.prefill):
+                self.prefilled_tokens += n
+                self.scheduler.computed(request, n)
+                if request.uncomputed == 0:
+                    sampled.append(request)
+                    logits.append(rows[i:i + 1])
         if plan.decode:
             logits.append(self._decode(plan.decode))
             for request in plan.decode:
@@ -201,20 +203,22 @@ class Engine:
             request.new_tokens = []
         return outputs
 
-    def _forward(self, rows: list[Request], seq: int) -> torch.Tensor:
-        """Eager forward of the next `seq` uncomputed tokens of each row (all rows hold that many); logits (B, V)
-        of the token after them."""
-        ids = torch.tensor([r.tokens[r.computed:r.computed + seq] for r in rows], device=self.device)
-        lengths = [r.computed + seq for r in rows]
-        width = -(-max(lengths) // self.block_size)
-        batch = PagedBatch(self.pools, self.block_size, self._tables(rows, width), self._tensor(lengths), None, seq,
-                           width * self.block_size)
+    def _forward(self, rows: list[Request], counts: list[int]) -> torch.Tensor:
+        """Eager forward of the next counts[b] uncomputed tokens of each row; logits (B, V) of the token after them."""
+        seq = max(counts)
+        ids = torch.tensor([[0] * (seq - n) + r.tokens[r.computed:r.computed + n] for r, n in zip(rows, counts)],
+                           device=self.device)
+        lengths = [r.computed + n for r, n in zip(rows, counts)]
+        width = -(-max(length + seq - n for length, n in zip(lengths, counts)) // self.block_size)
+        new = None if min(counts) == seq else self._tensor(counts)
+        batch = PagedBatch(self.pools, self.block_size, self._tables(rows, width), self._tensor(lengths), seq,
+                           width * self.block_size, new)
         return self.model(ids, cache=batch, stats=False, logits_to_keep=1).logits[:, -1]
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
         """Logits (B, V) of the next token of every decoding row."""
         if not self.compile:
-            return self._forward(rows, 1)
+            return self._forward(rows, [1] * len(rows))
         size = next(s for s in BATCH_SIZES if s >= len(rows)) if len(rows) <= BATCH_SIZES[-1] else len(rows)
         needed = -(-max(r.computed + 1 for r in rows) // self.block_size)
         width = min(1 << (needed - 1).bit_length(), -(-self.max_model_len // self.block_size))
@@ -316,8 +320,8 @@ class _DecodeGraph:
 
     def _run(self) -> torch.Tensor:
         engine = self.engine
-        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, self.rows, 1,
-                           self.width * engine.block_size)
+        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1,
+                           self.width * engine.block_size, rows=self.rows)
         with _compile_settings():
             return engine.model(self.ids, cache=batch, stats=False, layers=engine._layers).logits[:, -1]
 

@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 import torch
 
 from moeformer.layers.attention import Attention, AttentionMask
+from moeformer.layers.attention.paged import Pages
 from moeformer.layers.mla import MLAttention
 
 NULL_BLOCK = 0  # never handed out: padded batch rows write their garbage there
@@ -102,7 +103,8 @@ class BlockPool:
 
 class PagedKV:
     """One softmax-attention layer's keys and values, (num_blocks * block_size, n_kv_heads, head_dim) each, seen by
-    the layer during a forward as a `KVCache` whose `update` writes the new tokens and returns the gathered view."""
+    the layer during a forward as a `KVCache` whose `update` writes the new tokens and returns the gathered view, or
+    in a decode step the pools themselves (attention reads them through the mask's `pages`)."""
 
     def __init__(self, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.k = torch.zeros(slots, n_kv_heads, head_dim, dtype=dtype, device=device)
@@ -110,13 +112,14 @@ class PagedKV:
         self.batch: PagedBatch | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, at=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) at the batch's write slots; return the gathered (B, Hkv, L, D) keys and values
-        (`at`, the mask's offset, is implied by the batch)."""
+        """Store k, v (B, Hkv, T, D) at the batch's write slots; return the gathered (B, Hkv, L, D) keys and values,
+        or the pools in a decode step (`at`, the mask's offset, is implied by the batch)."""
         batch = self.batch
         for pool, new in ((self.k, k), (self.v, v)):
             pool.index_copy_(0, batch.write_slots, new.transpose(1, 2).reshape(-1, *pool.shape[1:]))
-        return tuple(pool[batch.read_slots].view(*batch.view_shape, *pool.shape[1:]).transpose(1, 2)
-                     for pool in (self.k, self.v))
+        if batch.pages is not None:
+            return self.k, self.v
+        return batch.view.gather(self.k), batch.view.gather(self.v)
 
     @property
     def bytes_per_slot(self) -> int:
@@ -125,17 +128,23 @@ class PagedKV:
 
 class PagedLatent:
     """One MLA layer's cache, (num_blocks * block_size, kv_lora_rank + rope_dim): per token the normalised latent
-    then the rotated rope key, as MLA's `LatentCache` stores them."""
+    then the rotated rope key, as MLA's `LatentCache` stores them. A decode step of a layer that absorbs one query
+    (MLA's decode path: the latent rows are its single key and value head) gets the pool itself; otherwise, as for a
+    prompt, the gathered rows, which the layer expands per head."""
 
-    def __init__(self, slots: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, slots: int, width: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> None:
         self.kv = torch.zeros(slots, width, dtype=dtype, device=device)
+        self.in_place = in_place
         self.batch: PagedBatch | None = None
 
     def update(self, latent: torch.Tensor, k_rot: torch.Tensor, at=None) -> torch.Tensor:
-        """Store (B, T, rank) latents and (B, T, rope) keys; return the gathered (B, L, rank + rope) rows."""
+        """Store (B, T, rank) latents and (B, T, rope) keys; return the gathered (B, L, rank + rope) rows, or the
+        pool (slots, rank + rope) in a decode step."""
         batch = self.batch
         self.kv.index_copy_(0, batch.write_slots, torch.cat((latent, k_rot), dim=-1).reshape(-1, self.kv.shape[1]))
-        return self.kv[batch.read_slots].view(*batch.view_shape, self.kv.shape[1])
+        if batch.pages is not None and self.in_place:
+            return self.kv
+        return batch.view.gather(self.kv[:, None])[:, 0]
 
     @property
     def bytes_per_slot(self) -> int:
@@ -145,7 +154,7 @@ class PagedLatent:
 def layer_pool(attn, slots: int, dtype: torch.dtype, device: torch.device) -> PagedKV | PagedLatent:
     """The pool for one layer's attention module; linear attention keeps a recurrent state, which has no pages."""
     if isinstance(attn, MLAttention):
-        return PagedLatent(slots, attn.kv_lora_rank + attn.rope_dim, dtype, device)
+        return PagedLatent(slots, attn.kv_lora_rank + attn.rope_dim, dtype, device, in_place=attn.absorbs(1))
     if isinstance(attn, Attention):
         return PagedKV(slots, attn.n_kv_heads, attn.head_dim, dtype, device)
     raise ValueError(f"the serving engine pages softmax and MLA attention caches; {type(attn).__name__} keeps a "
@@ -156,23 +165,39 @@ class PagedBatch:
     """The cache argument of one forward over the pools (the protocol of `StaticCache`: `begin`, len, indexing).
 
     Inputs are device tensors of fixed shape: `block_tables` (B, max_blocks) (row b's blocks; unused entries and
-    padded rows: the null block), `lengths` (B,) tokens row b holds after this forward (padded rows: T), and `rows`
-    (B,) bool, real rows. `view_len` L (a multiple of the block size, at least every length) fixes the view."""
+    padded rows: the null block), `lengths` (B,) tokens row b holds after this forward (padded rows: `seq`) and,
+    optionally, `new` (B,) how many of the forward's `seq` tokens are row b's (default all; a row with fewer has
+    its real tokens last, after seq - new[b] filler tokens, which are written to the null block and hidden from
+    every query: several prompt chunks of different lengths share one forward) and `rows` (B,) bool, the real rows.
+    `view_len` L (a multiple of the block size, at least every length + filler) fixes the view's width. A decode
+    step (seq 1) hands attention the pools and `Pages` through the mask (read in place by the paged kernel)."""
 
-    def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor,
-                 rows: torch.Tensor | None, seq: int, view_len: int) -> None:
-        self.pools, self.seq, self.rows = pools, seq, rows
+    def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor, seq: int,
+                 view_len: int, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        self.pools, self.seq = pools, seq
         batch = block_tables.shape[0]
         self.view_shape = (batch, view_len)
         device = block_tables.device
-        position = torch.arange(view_len, device=device) - (view_len - lengths[:, None])  # (B, L) token index
-        self.valid = position >= 0
+        column = torch.arange(view_len, device=device)
+        position = column - (view_len - lengths[:, None])  # token index of each view slot, (B, L)
+        filler = None
+        if new is not None:
+            filler = (column >= view_len - seq) & (column < view_len - new[:, None])
+            position = torch.where(column < view_len - seq, position + seq - new[:, None], position)
+        self.valid = position >= 0 if filler is None else (position >= 0) & ~filler
         position = position.clamp(min=0)
         slots = block_tables.gather(1, position // block_size) * block_size + position % block_size
-        self.read_slots = slots.reshape(-1)
+        if filler is not None:
+            slots = slots.masked_fill(filler, NULL_BLOCK * block_size)
+        self.view = Pages(block_tables, lengths, block_size, slots.reshape(-1), view_len)
+        self.pages = self.view if seq == 1 else None
         self.write_slots = slots[:, view_len - seq:].reshape(-1)
         self.positions = position[:, view_len - seq:]
         self.offset = torch.full((), view_len - seq, dtype=torch.long, device=device)
+        real = None if filler is None else ~filler[:, view_len - seq:]
+        if rows is not None:
+            real = rows[:, None].expand(batch, seq) if real is None else real & rows[:, None]
+        self.token_mask = real
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -184,9 +209,9 @@ class PagedBatch:
 
     def begin(self, batch: int, seq: int, attention_mask: torch.Tensor | None
               ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor | None]:
-        """The forward's attention mask, rope positions and MoE token mask (padded rows route no experts' load)."""
+        """The forward's attention mask, rope positions and MoE token mask (fillers and padded rows route nothing)."""
         if (batch, seq) != (self.view_shape[0], self.seq) or attention_mask is not None:
             raise ValueError(f"a paged batch runs {self.view_shape[0]} rows of {self.seq} tokens without an "
                              f"attention_mask, got ({batch}, {seq})")
-        token_mask = None if self.rows is None else self.rows[:, None].expand(batch, seq)
-        return AttentionMask(q_offset=self.offset, key_padding=self.valid), self.positions, token_mask
+        mask = AttentionMask(q_offset=self.offset, key_padding=self.valid, pages=self.pages)
+        return mask, self.positions, self.token_mask

@@ -1,7 +1,7 @@
 """The scheduler: which requests run in a step and with which cache blocks. First come, first served: waiting
 requests are admitted while batch slots and blocks allow (a prefix-cache hit takes its cached blocks instead of new
-ones); each step decodes every running request holding one uncomputed token and spends up to `prefill_chunk` prompt
-tokens on the others, oldest first; when a decode needs a block and none is free, the newest running request is
+ones); each step decodes every running request holding one uncomputed token and runs chunks of the others' prompts,
+oldest first, in one forward of at most `prefill_chunk` tokens (rows x the longest chunk); when a decode needs a block and none is free, the newest running request is
 preempted (its blocks freed, its output kept, its cache recomputed when it is admitted again), so the engine never
 deadlocks and never drops a request."""
 
@@ -18,7 +18,7 @@ ROOT_KEY = b""  # parent key of a sequence's first block
 
 @dataclass
 class StepPlan:
-    """One step's work: requests decoding one token each, and prompt chunks (request, number of tokens)."""
+    """One step's work: requests decoding one token each, and prompt chunks (request, number of tokens) run together."""
 
     decode: list[Request]
     prefill: list[tuple[Request, int]]
@@ -50,14 +50,15 @@ class Scheduler:
             if request in self.running:  # not preempted by an earlier request's growth
                 self._grow(request, request.computed + 1)
         decode = [r for r in decode if r in self.running]
-        prefill, budget = [], self.prefill_chunk
+        prefill, width = [], 0  # prompt chunks share one forward of len(prefill) x width tokens at most prefill_chunk
         for request in self.running:
-            if budget == 0:
-                break
             if request.uncomputed > 1:
-                n = min(budget, request.uncomputed)
+                rows = len(prefill) + 1
+                if rows * width > self.prefill_chunk:
+                    break
+                n = min(request.uncomputed, self.prefill_chunk // rows)
                 prefill.append((request, n))
-                budget -= n
+                width = max(width, n)
         return StepPlan(decode, prefill)
 
     def computed(self, request: Request, n: int) -> None:

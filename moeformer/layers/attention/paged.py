@@ -1,0 +1,47 @@
+"""Attention over a paged KV cache read in place: the keys and values of every sequence live in shared pools
+(slots, Hkv, D), slot = block * block_size + offset, and a block table per sequence lists its blocks. One-query
+(decode) steps run the Triton kernel (`paged_triton`), whose work follows each sequence's real length; every other
+case, and the reference, gathers each sequence's keys into the right-aligned (B, Hkv, L, D) view that the
+forward's `AttentionMask` (q_offset, key_padding) describes and attends as usual."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeformer.layers import triton_dispatch
+
+
+@dataclass
+class Pages:
+    """Where a forward's keys live. block_tables (B, W) block ids, lengths (B,) keys per sequence, block_size;
+    read_slots (B * L,) the pool slot of each position of the right-aligned view of `view_len` L keys per row."""
+
+    block_tables: torch.Tensor
+    lengths: torch.Tensor
+    block_size: int
+    read_slots: torch.Tensor
+    view_len: int
+
+    def gather(self, pool: torch.Tensor) -> torch.Tensor:
+        """(slots, H, D) -> the (B, H, L, D) view (the reference's copy of each sequence's keys)."""
+        rows = self.block_tables.shape[0]
+        return pool[self.read_slots].view(rows, self.view_len, *pool.shape[1:]).transpose(1, 2)
+
+
+def uses_kernel(q: torch.Tensor, pages: Pages, backend: str) -> bool:
+    """The Triton kernel serves one query per sequence on CUDA (or the interpreter in tests), block sizes that are
+    powers of two; backend "eager" keeps the reference."""
+    block = pages.block_size
+    return (q.shape[2] == 1 and backend != "eager" and block & (block - 1) == 0 and triton_dispatch.runs_triton(q))
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, window: int | None,
+                 scale: float) -> torch.Tensor:
+    """q (B, Hq, 1, Dk) against the pools k (slots, Hkv, Dk), v (slots, Hkv, Dv) -> (B, Hq, 1, Dv)."""
+    from moeformer.layers.attention.paged_triton import paged_decode_op
+
+    out = paged_decode_op(q[:, :, 0].contiguous(), k, v, pages.block_tables, pages.lengths, pages.block_size,
+                          scale, window or 0)
+    return out[:, :, None]
