@@ -50,7 +50,7 @@ def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
     return tokenizer.decode(out[out < tokenizer.vocab_size].tolist())
 
 
-served_options = {"step_delay": 0.0}  # seconds the served engine sleeps before each step
+served_options = {"step_delay": 0.0, "fail": False}  # the served engine's sleep before each step; fail the next
 
 
 @dataclass
@@ -104,8 +104,11 @@ def served():
     engine = Engine(model, max_batch=4, block_size=8)
     finished, step = [], engine.step
 
-    def recorded_step():  # the engine's own step, its finished outputs kept for the tests; slowed on demand
+    def recorded_step():  # the engine's own step, its finished outputs kept for the tests; slowed or failed on demand
         time.sleep(served_options["step_delay"])
+        if served_options["fail"]:
+            served_options["fail"] = False
+            raise RuntimeError("device lost")
         outputs = step()
         finished.extend(o for o in outputs if o.finished)
         return outputs
@@ -248,6 +251,25 @@ def test_models_and_health(served):
     assert [m.id for m in models.data] == ["tiny"]
     health = httpx.get(f"{served.url}/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_engine_error_fails_the_running_request_and_serving_goes_on(served, stream):
+    served.wait_idle()
+    served_options["fail"] = True
+    body = {"prompt": "try:", "max_tokens": 8, "temperature": 0, "stream": stream}
+    response = httpx.post(f"{served.url}/v1/completions", json=body, timeout=60)
+    if stream:  # the status line was sent before the error: it ends the event stream
+        assert response.status_code == 200 and "data: [DONE]" not in response.text
+        error = json.loads(response.text.strip().splitlines()[-1][len("data: "):])["error"]
+    else:
+        assert response.status_code == 500
+        error = response.json()["error"]
+    assert error["type"] == "server_error" and "device lost" in error["message"]
+    stats = served.wait_idle()
+    assert stats["free_blocks"] == stats["total_blocks"]
+    out = served.client.completions.create(model="tiny", prompt="try:", max_tokens=8, temperature=0)
+    assert out.choices[0].text == served.greedy("try:", 8)
 
 
 @pytest.mark.parametrize("stream", [True, False])
