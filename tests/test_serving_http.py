@@ -219,7 +219,9 @@ TOO_LONG = "y" * MAX_SEQ_LEN
     ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
     ('{"prompt": "a", "max_tokens": "4"}', "max_tokens"),  # wrong type, even when convertible
     ('{"prompt": "a", "temperature": "hot"}', "temperature"),
+    ('{"prompt": "a", "temperature": Infinity}', "temperature"),  # Python's JSON reads it; not a temperature
     ('{"prompt": "a", "top_p": 1.5}', "top_p"),
+    ('{"prompt": "a", "seed": 18446744073709551616}', "seed"),
     ('{"prompt": "a", "stream": "yes"}', "stream"),
     ('{"prompt": "a", "stop": ["ok", ""]}', "stop"),
     ('{"prompt": [1, "b"]}', "prompt"),

@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -44,7 +44,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """The body of `POST /v1/completions`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str | None = None  # the served model's name (optional)
     prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] = 16
@@ -52,7 +52,7 @@ class CompletionRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
     stop: Annotated[str | list[str] | None, Field(validate_default=True)] = None
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -154,7 +154,7 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         pieces = _pieces(stream, text)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _events(pieces, head, len(prompt_ids), stream, usage)
+            events = _events(pieces, head, len(prompt_ids), usage)
             return StreamingResponse(events, media_type="text/event-stream")
         collected = asyncio.ensure_future(_collect(pieces))
         while not collected.done():
@@ -208,10 +208,11 @@ async def _collect(pieces: AsyncIterator[tuple[str, str | None, int]]) -> tuple[
     return "".join(parts), reason, count
 
 
-async def _events(pieces: AsyncIterator[tuple[str, str | None, int]], head: dict, prompt_tokens: int,
-                  stream: RequestStream, include_usage: bool) -> AsyncIterator[str]:
+async def _events(pieces: AsyncGenerator[tuple[str, str | None, int]], head: dict, prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one completion chunk per text piece, the last with its finish reason (then a usage
-    chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event."""
+    chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event. Closed early (the
+    client went away), it closes `pieces`, which aborts the request."""
     count = 0
     try:
         async for piece, reason, count in pieces:
@@ -221,7 +222,7 @@ async def _events(pieces: AsyncIterator[tuple[str, str | None, int]], head: dict
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
     finally:
-        stream.abort()
+        await pieces.aclose()
     if include_usage:
         yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, count)})
     yield "data: [DONE]\n\n"
