@@ -94,7 +94,8 @@ class EngineRunner:
         return self
 
     def stop(self) -> None:
-        """Abort what is running and end the thread (the engine is left idle)."""
+        """End the thread: the requests in flight fail with a RuntimeError and are aborted in the engine (their
+        blocks are freed by its next step, if any)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
