@@ -13,6 +13,14 @@ Multi-rank (tensor / expert parallel models, `moeformer.parallel` applied as for
 same Engine with `group` (all ranks of the model); rank 0 takes requests and calls `step`, which first sends that
 step's new requests and aborts to the other ranks, then, after sampling, rank 0's tokens; ranks != 0 call
 `follow()`, which steps with rank 0 until rank 0 calls `close()`. So every rank runs the same forwards.
+
+    model, _ = parallelize(model, ParallelConfig(tp=2))        # under torchrun, as for training
+    engine = Engine(model, group=dist.new_group(backend="gloo"))  # the plan is a Python object: a CPU group suits it
+    if dist.get_rank() == 0:
+        ...  # add_request / step as above; an idle server still calls step() now and then (the other ranks wait in
+        engine.close()  # a collective, which times out after the group's timeout)
+    else:
+        engine.follow()
 """
 
 from __future__ import annotations
