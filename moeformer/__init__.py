@@ -21,6 +21,7 @@ from moeformer.models import (
     quantize,
     quantized_weights,
 )
+from moeformer.serving import Engine, SamplingParams, StepOutput
 
 __version__ = "0.1.0"
 
@@ -31,13 +32,16 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "Decoder",
+    "Engine",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
     "NonFiniteStateError",
     "ParamCount",
     "ResumeConfigError",
+    "SamplingParams",
     "StaticCache",
+    "StepOutput",
     "build_model",
     "build_quantized",
     "compile_blocks",

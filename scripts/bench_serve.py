@@ -20,7 +20,8 @@ request runs to its max_tokens). Rows of the table:
 Everything is warmed first (compiles, CUDA graphs: the engine's `warmup`, a full untimed static pass).
 
     python scripts/bench_serve.py --model olmoe-1b-7b --dtype bf16 [--concurrency 64] [--requests 512] [--rate 64]
-    python scripts/bench_serve.py --model tiny-moe --device cpu --requests 24 --concurrency 8 --system-len 256 ...
+    python scripts/bench_serve.py --model tiny-moe --device cpu --dtype fp32 --no-compile --requests 24 \
+        --concurrency 8 --rate 0 --prompt-max 64 --out-max 32 --shared-len 32 --system-len 256 --prefix-trials 2
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run_engine(engine: Engine, requests) -> dict:
 
 
 @torch.no_grad()
-def run_static(model, requests, concurrency: int, device) -> dict:
+def run_static(model, requests, concurrency: int, device, compile: bool) -> dict:
     """Batches of `concurrency` in arrival order, each one left-padded compiled generate; useful tokens/s."""
     tokens, start = 0, time.perf_counter()
     for first in range(0, len(requests), concurrency):
@@ -102,7 +103,7 @@ def run_static(model, requests, concurrency: int, device) -> dict:
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
         out = model.generate(ids.to(device), max(n for _, _, n in batch), temperature=0.0,
-                             attention_mask=mask.to(device), compile=True)
+                             attention_mask=mask.to(device), compile=compile)
         out[0, -1].item()  # wait for the device
         tokens += sum(n for _, _, n in batch)
     elapsed = time.perf_counter() - start
@@ -110,11 +111,11 @@ def run_static(model, requests, concurrency: int, device) -> dict:
 
 
 @torch.no_grad()
-def single_decode_tps(model, vocab: int, prompt_len: int, new: int, device) -> float:
+def single_decode_tps(model, vocab: int, prompt_len: int, new: int, device, compile: bool) -> float:
     ids = torch.randint(0, vocab, (1, prompt_len), device=device)
-    model.generate(ids, new, temperature=0.0, compile=True)  # warm
+    model.generate(ids, new, temperature=0.0, compile=compile)  # warm
     timer = StepTimer(device)
-    model.generate(ids, new, temperature=0.0, compile=True, stream=timer)
+    model.generate(ids, new, temperature=0.0, compile=compile, stream=timer)
     return (timer.steps - 1) / timer.seconds()[1]
 
 
@@ -161,10 +162,11 @@ def main() -> None:
     parser.add_argument("--shared-len", type=int, default=256)
     parser.add_argument("--system-len", type=int, default=2048, help="system prompt of the prefix hit/miss TTFT")
     parser.add_argument("--prefix-trials", type=int, default=5)
+    parser.add_argument("--single-new", type=int, default=256, help="new tokens of the single-request rows")
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_seq_len")
-    parser.add_argument("--no-compile", action="store_true", help="eager engine (the static rows still compile)")
+    parser.add_argument("--no-compile", action="store_true", help="everything eager (a quick CPU run)")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -188,22 +190,24 @@ def main() -> None:
     served = run_engine(engine, requests)
     rows = [("engine (continuous batching)", served["tps"], served["ttft"], served["itl"])]
     if not args.skip_static:
-        run_static(model, requests, args.concurrency, device)  # compiles every batch's shapes
-        static = run_static(model, requests, args.concurrency, device)
-        rows.append(("static batching (compiled generate)", static["tps"], [], []))
-    single = single_decode_tps(model, vocab, 128, 256, device)
-    engine_single = engine_single_tps(engine, vocab, 128, 256)
+        compile = not args.no_compile
+        run_static(model, requests, args.concurrency, device, compile)  # compiles every batch's shapes
+        static = run_static(model, requests, args.concurrency, device, compile)
+        rows.append((f"static batching ({'compiled' if compile else 'eager'} generate)", static["tps"], [], []))
+    single = single_decode_tps(model, vocab, 128, args.single_new, device, not args.no_compile)
+    engine_single = engine_single_tps(engine, vocab, 128, args.single_new)
     miss, hit = prefix_ttft(engine, vocab, args.system_len, args.prefix_trials, args.seed)
 
     ms = lambda values, q: f"{percentile(values, q) * 1e3:.1f}" if values else "-"  # noqa: E731
-    print(f"\n{len(requests)} requests, Poisson {args.rate}/s, prompts {args.prompt_min}-{args.prompt_max} "
+    arrivals = f"Poisson {args.rate}/s" if args.rate > 0 else "all at once"
+    print(f"\n{len(requests)} requests, {arrivals}, prompts {args.prompt_min}-{args.prompt_max} "
           f"(+{args.shared_len} shared for {args.shared:.0%}), outputs log-uniform {args.out_min}-{args.out_max}, "
           f"concurrency {args.concurrency}\n")
     print("| run | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|")
     for name, tps, ttft, itl in rows:
         print(f"| {name} | {tps:,.0f} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(itl, 50)} | {ms(itl, 99)} |")
-    print(f"| single request, compiled generate | {single:,.0f} | | | | |")
+    print(f"| single request, {'eager' if args.no_compile else 'compiled'} generate | {single:,.0f} | | | | |")
     print(f"| single request, engine | {engine_single:,.0f} | | | | |")
     print(f"\nengine / single-request generate: {served['tps'] / single:.1f}x"
           + (f"; engine / static batching: {served['tps'] / static['tps']:.2f}x" if not args.skip_static else ""))

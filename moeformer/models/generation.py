@@ -217,10 +217,11 @@ def prefill_bucket(length: int) -> int:
     return max(MIN_PREFILL, 1 << (length - 1).bit_length())
 
 
-def _compiled_layers(model, fullgraph: bool) -> list:
-    """torch.compile of each of `model`'s blocks at fixed shapes (wrappers: the model itself is left as it is). Every
-    block of one kind runs the same compiled code, so the model compiles about as fast as one block."""
-    return [torch.compile(block, fullgraph=fullgraph, dynamic=False) for block in model.layers]
+def _compiled_layers(model, fullgraph: bool, dynamic: bool | None = False) -> list:
+    """torch.compile of each of `model`'s blocks, at fixed shapes unless `dynamic` (wrappers: the model itself is
+    left as it is). Every block of one kind runs the same compiled code, so the model compiles about as fast as one
+    block."""
+    return [torch.compile(block, fullgraph=fullgraph, dynamic=dynamic) for block in model.layers]
 
 
 def _compile_settings():

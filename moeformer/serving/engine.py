@@ -13,6 +13,14 @@ Multi-rank (tensor / expert parallel models, `moeformer.parallel` applied as for
 same Engine with `group` (all ranks of the model); rank 0 takes requests and calls `step`, which first sends that
 step's new requests and aborts to the other ranks, then, after sampling, rank 0's tokens; ranks != 0 call
 `follow()`, which steps with rank 0 until rank 0 calls `close()`. So every rank runs the same forwards.
+
+    model, _ = parallelize(model, ParallelConfig(tp=2))        # under torchrun, as for training
+    engine = Engine(model, group=dist.new_group(backend="gloo"))  # the plan is a Python object: a CPU group suits it
+    if dist.get_rank() == 0:
+        ...  # add_request / step as above; an idle server still calls step() now and then (the other ranks wait in
+        engine.close()  # a collective, which times out after the group's timeout)
+    else:
+        engine.follow()
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moeformer.layers import triton_dispatch
 from moeformer.models.generation import _compile_settings, _compiled_layers, sample_next
 from moeformer.serving.paged_cache import BlockPool, PagedBatch, layer_pool
 from moeformer.serving.request import Request, SamplingParams, StepOutput
@@ -48,10 +57,12 @@ class Engine:
     max_batch: running requests at most. block_size: tokens per cache block. num_blocks: cache blocks (default: from
     `cache_memory` bytes, itself by default half the free GPU memory, or on the CPU up to CPU_CACHE_BUDGET);
     enough for one request of max_model_len tokens is required. max_model_len: prompt + max_tokens limit (default
-    and at most the model's max_seq_len). prefill_chunk: tokens of the prompt-chunk forward per step (rows x longest chunk). prefix_caching: share full prompt
-    blocks. compile: a compiled decode step at padded batch sizes (BATCH_SIZES) and view lengths (powers of two
-    blocks), captured as a CUDA graph on CUDA; compile=False runs eagerly (the reference). eos_token_id: stops every
-    request. group: the process group of a multi-rank model (see the module docstring).
+    and at most the model's max_seq_len). prefill_chunk: tokens of a step's prompt-chunk forward (rows x longest
+    chunk). prefix_caching: share full prompt blocks. compile: the blocks compiled (dynamic shapes: a few compiles
+    serve every batch), the decode step at padded batch sizes (BATCH_SIZES) captured as a CUDA graph on CUDA (call
+    `warmup` to do it before traffic); compile=False runs eagerly (the reference). eos_token_id: stops every
+    request. group: the process group of a multi-rank model (see the module docstring). Linear-attention layers
+    keep a recurrent state, which has no pages: such models are refused.
 
     `stats()` reports blocks, prefix-cache hits, preemptions and the tokens prefilled."""
 
@@ -92,9 +103,16 @@ class Engine:
         self.prefilled_tokens = 0  # tokens run through prefill forwards (a prefix-cache hit skips its share)
         self.steps = 0
         self._ids = itertools.count()
-        self._layers = _compiled_layers(model, fullgraph=True) if compile else None
+        # shapes vary with the batch, the prompt chunks and the view: compiled with dynamic shapes (after the first
+        # recompile), so a few compiles serve them all; the decode step's blocks are whole graphs (it is captured)
+        self._prefill_layers = _compiled_layers(model, fullgraph=False, dynamic=None) if compile else None
+        self._step_layers = _compiled_layers(model, fullgraph=True, dynamic=None) if compile else None
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool = None
+        # decode attention reads the pools in place (paged kernel): its view width changes nothing, so one width
+        # serves every step; without the kernel the gathered view's width is bucketed (powers of two blocks)
+        self._max_blocks = blocks_per_request
+        self._in_place = triton_dispatch.runs_triton(param) and block_size & (block_size - 1) == 0
 
     def _default_blocks(self, cache_memory: int | None, per_token: int, blocks_per_request: int) -> int:
         per_block = per_token * self.block_size
@@ -213,7 +231,9 @@ class Engine:
         new = None if min(counts) == seq else self._tensor(counts)
         batch = PagedBatch(self.pools, self.block_size, self._tables(rows, width), self._tensor(lengths), seq,
                            width * self.block_size, new)
-        return self.model(ids, cache=batch, stats=False, logits_to_keep=1).logits[:, -1]
+        with _compile_settings():
+            out = self.model(ids, cache=batch, stats=False, logits_to_keep=1, layers=self._prefill_layers)
+        return out.logits[:, -1]
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
         """Logits (B, V) of the next token of every decoding row."""
@@ -221,11 +241,31 @@ class Engine:
             return self._forward(rows, [1] * len(rows))
         size = next(s for s in BATCH_SIZES if s >= len(rows)) if len(rows) <= BATCH_SIZES[-1] else len(rows)
         needed = -(-max(r.computed + 1 for r in rows) // self.block_size)
-        width = min(1 << (needed - 1).bit_length(), -(-self.max_model_len // self.block_size))
+        width = self._max_blocks if self._in_place else min(1 << (needed - 1).bit_length(), self._max_blocks)
+        return self._graph(size, width)(rows)[:len(rows)]
+
+    def _graph(self, size: int, width: int) -> _DecodeGraph:
         graph = self._graphs.get((size, width))
         if graph is None:
             graph = self._graphs[size, width] = _DecodeGraph(self, size, width)
-        return graph(rows)[:len(rows)]
+        return graph
+
+    def warmup(self) -> None:
+        """Compile and capture ahead of traffic (compile=True): the decode step at every padded batch size up to
+        max_batch (at every view width too, without the paged kernel), and prompt forwards of a few shapes."""
+        if not self.compile:
+            return
+        sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [next((s for s in BATCH_SIZES if s >= self.max_batch),
+                                                                       self.max_batch)]
+        widths = [self._max_blocks] if self._in_place else sorted(
+            {min(1 << i, self._max_blocks) for i in range(self._max_blocks.bit_length() + 1)})
+        for size in sizes:
+            for width in widths:
+                graph = self._graph(size, width)
+                if graph.graph is None:
+                    graph([])  # compiles (on CUDA the graph was captured on creation)
+        self.generate([[0] * 5, [0] * 37], SamplingParams(max_tokens=2))
+        self.generate([[1] * 19], SamplingParams(max_tokens=2))
 
     def _tables(self, rows: list[Request], width: int) -> torch.Tensor:
         return self._tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in rows])
@@ -323,7 +363,7 @@ class _DecodeGraph:
         batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1,
                            self.width * engine.block_size, rows=self.rows)
         with _compile_settings():
-            return engine.model(self.ids, cache=batch, stats=False, layers=engine._layers).logits[:, -1]
+            return engine.model(self.ids, cache=batch, stats=False, layers=engine._step_layers).logits[:, -1]
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
@@ -341,13 +381,14 @@ class _DecodeGraph:
     def __call__(self, rows: list[Request]) -> torch.Tensor:
         n, engine = len(rows), self.engine
         self.ids.zero_()
-        self.ids[:n, 0] = engine._tensor([r.tokens[r.computed] for r in rows])
         self.tables.zero_()
-        self.tables[:n] = engine._tables(rows, self.width)
         self.lengths.fill_(1)
-        self.lengths[:n] = engine._tensor([r.computed + 1 for r in rows])
         self.rows.zero_()
-        self.rows[:n] = True
+        if n:
+            self.ids[:n, 0] = engine._tensor([r.tokens[r.computed] for r in rows])
+            self.tables[:n] = engine._tables(rows, self.width)
+            self.lengths[:n] = engine._tensor([r.computed + 1 for r in rows])
+            self.rows[:n] = True
         if self.graph is None:
             return self._run()
         self.graph.replay()

@@ -1,9 +1,9 @@
 """The scheduler: which requests run in a step and with which cache blocks. First come, first served: waiting
 requests are admitted while batch slots and blocks allow (a prefix-cache hit takes its cached blocks instead of new
 ones); each step decodes every running request holding one uncomputed token and runs chunks of the others' prompts,
-oldest first, in one forward of at most `prefill_chunk` tokens (rows x the longest chunk); when a decode needs a block and none is free, the newest running request is
-preempted (its blocks freed, its output kept, its cache recomputed when it is admitted again), so the engine never
-deadlocks and never drops a request."""
+oldest first, in one forward of at most `prefill_chunk` tokens (rows x the longest chunk); when a decode needs a
+block and none is free, the newest running request is preempted (its blocks freed, its output kept, its cache
+recomputed when it is admitted again), so the engine never deadlocks and never drops a request."""
 
 from __future__ import annotations
 

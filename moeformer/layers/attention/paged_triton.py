@@ -72,7 +72,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, blo
     kv_heads, dv = k.shape[1], v.shape[2]
     group = q_heads // kv_heads
     out = torch.empty(batch, q_heads, dv, dtype=q.dtype, device=q.device)
-    group_pad = max(triton.next_power_of_2(group), 1)
+    group_pad = max(triton.next_power_of_2(group), 2)  # no size-1 tiles
     use_dot = group_pad >= 16 and block_size >= 16 and min(dk, dv) >= 16  # tl.dot needs 16 x 16 tiles
     _paged_decode_kernel[(batch, kv_heads)](
         q, k, v, tables, lengths, out, scale, window,
