@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> None:
 
         several = args.tp > 1 or args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
         model, tokenizer = load_model(args, ParallelConfig(tp=args.tp, ep=args.ep) if several else None)
+        # the ranks exchange each step's plan and tokens as Python objects: a CPU (gloo) group carries them
         engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size, max_model_len=args.max_model_len,
                         prefix_caching=not args.no_prefix_caching, compile=args.compile,
-                        eos_token_id=tokenizer.eos_id, group=dist.group.WORLD if several else None)
+                        eos_token_id=tokenizer.eos_id, group=dist.new_group(backend="gloo") if several else None)
+        if not several:
+            engine.warmup()  # compiles ahead of traffic (a multi-rank engine compiles as its steps come)
     if several and dist.get_rank() != 0:
         engine.follow()
     else:
