@@ -33,7 +33,8 @@ from moeformer.serving.server import create_app
 from moeformer.training.data import prepare_corpus
 from moeformer.training.tokenizer import ByteTokenizer, load_tokenizer
 from tests.test_scripts import script
-from tests.workers import REPO, free_port, kill_tree, worker_env
+from tests.test_train_distributed import kill_tree
+from tests.workers import REPO, worker_env
 
 MAX_SEQ_LEN = 96
 
@@ -319,7 +320,7 @@ def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout):
     """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` (or --ep 2) on gloo: rank 0 answers over HTTP with the
     other rank stepping beside it; the text is the single-process model's greedy text; SIGINT ends both ranks."""
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 
 from tests.numerics import (BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree,
                             trained_loss_bound)
-from tests.workers import REPO, free_port, kill_tree, worker_env
+from tests.workers import REPO, worker_env
 
 TINY_MODEL = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 128,
               "model.vocab_size": 258, "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.ffn_dim": 64}
@@ -350,8 +351,36 @@ def launch(scenario: str, work: Path, nproc: int) -> subprocess.Popen:
         cmd = [sys.executable, __file__, scenario, str(work)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), __file__, scenario, str(work)]
+               str(_free_port()), __file__, scenario, str(work)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants (torchrun may start its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def finish(proc: subprocess.Popen, scenario: str, work: Path, timeout: float = 240) -> dict:

@@ -202,10 +202,10 @@ async def _pieces(stream: RequestStream, text: CompletionText) -> AsyncIterator[
 
 
 async def _collect(pieces: AsyncIterator[tuple[str, str | None, int]]) -> tuple[str, str | None, int]:
-    parts, reason, count = [], None, 0
-    async for piece, reason, count in pieces:
-        parts.append(piece)
-    return "".join(parts), reason, count
+    parts, last = [], ("", None, 0)
+    async for last in pieces:
+        parts.append(last[0])
+    return "".join(parts), last[1], last[2]
 
 
 async def _events(pieces: AsyncGenerator[tuple[str, str | None, int]], head: dict, prompt_tokens: int,
@@ -215,9 +215,10 @@ async def _events(pieces: AsyncGenerator[tuple[str, str | None, int]], head: dic
     client went away), it closes `pieces`, which aborts the request."""
     count = 0
     try:
-        async for piece, reason, count in pieces:
+        async for piece, reason, tokens in pieces:
             choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
             yield _event({**head, "choices": [choice]})
+            count = tokens
     except Exception as e:  # the engine failed: the status line is sent already, so tell the client in the stream
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
