@@ -228,6 +228,7 @@ TOO_LONG = "y" * MAX_SEQ_LEN
     ('{"prompt": [1, "b"]}', "prompt"),
     ('{"prompt": [1, 300]}', "prompt"),  # outside the vocabulary
     (json.dumps({"prompt": TOO_LONG}), "prompt"),  # longer than the context
+    (json.dumps({"prompt": TOO_LONG, "stream": True}), "prompt"),  # refused before any event is sent
     (json.dumps({"prompt": TOO_LONG[:80], "max_tokens": 30}), "max_tokens"),  # no room left for max_tokens
     ('{"prompt": "a", "model": "gpt-4"}', "model"),
     ('{"prompt": "a", "n": 2}', "n"),
@@ -249,9 +250,13 @@ def test_the_openai_client_sees_a_bad_request_error(served):
     assert caught.value.status_code == 400 and caught.value.body["param"] == "max_tokens"
 
 
-def test_models_and_health(served):
+def test_models_health_and_unknown_paths(served):
     models = served.client.models.list()
-    assert [m.id for m in models.data] == ["tiny"]
+    assert [m.id for m in models.data] == ["tiny"] and served.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        served.client.models.retrieve("gpt-4")
+    missing = httpx.get(f"{served.url}/v1/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     health = httpx.get(f"{served.url}/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 

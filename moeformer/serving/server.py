@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server (FastAPI) over one engine: `POST /v1/completions` (plain or streamed as
-server-sent events), `GET /v1/models`, `GET /health`.
+server-sent events), `GET /v1/models` (and `/v1/models/{name}`), `GET /health`.
 
     app = create_app(EngineRunner(engine), tokenizer, "my-model")
     uvicorn.run(app, port=8000)
@@ -110,7 +110,6 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         runner.stop()
 
     app = FastAPI(title="moeformer", lifespan=lifespan)
-    created = int(time.time())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -131,10 +130,18 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "moeformer"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "moeformer"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} is not served here (this server serves {model_name!r})", "model",
+                           kind="not_found_error")
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
