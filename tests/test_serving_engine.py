@@ -16,20 +16,9 @@ import torch
 
 from moeformer import ModelConfig, build_model
 from moeformer.serving import Engine, SamplingParams
+from tests.test_generation import VOCAB, tiny
 
-VOCAB = 97
-MOE = {"num_experts": 4, "top_k": 2, "ffn_dim": 32}
-MLA = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
-KINDS = {
-    "moe": dict(moe=MOE, qk_norm="full"),  # OLMoE-like: GQA, routed experts, QK-norm over all heads
-    "mla": dict(attention_types=["mla"], mla=MLA, moe=MOE, first_k_dense=1),  # DeepSeek-like
-}
-
-
-def tiny(kind: str, **overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=96,
-                attn_backend="sdpa")
-    return ModelConfig(**{**base, **KINDS[kind], **overrides})
+KINDS = ("moe", "mla")  # tests/test_generation.py's OLMoE-like (GQA, QK-norm, routed experts) and DeepSeek-like
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +220,7 @@ BAD_REQUESTS = [
     (dict(prompt_ids=[1, VOCAB]), "vocab_size"),
     (dict(prompt_ids=[-1]), "vocab_size"),
     (dict(prompt_ids=[1.5]), "ints"),
-    (dict(prompt_ids=[1] * 90, params=SamplingParams(max_tokens=7)), "exceeds the context"),
+    (dict(prompt_ids=[1] * 60, params=SamplingParams(max_tokens=5)), "exceeds the context"),
     (dict(request_id="dup"), "already"),
     (dict(request_id=""), "request_id"),
     (dict(params={"max_tokens": 3}), "SamplingParams"),
@@ -258,12 +247,12 @@ def test_bad_sampling_params_name_the_field(field, value):
 
 def test_engine_refuses_what_it_cannot_serve(models):
     with pytest.raises(ValueError, match="num_blocks"):
-        Engine(models["moe"], block_size=4, num_blocks=24)  # 96 tokens need 24 blocks + the null block
+        Engine(models["moe"], block_size=4, num_blocks=16)  # 64 tokens need 16 blocks + the null block
     with pytest.raises(ValueError, match="max_model_len"):
-        Engine(models["moe"], max_model_len=97)
+        Engine(models["moe"], max_model_len=65)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(models["moe"], max_batch=0)
-    hybrid = build_model(tiny("moe", attention_types=["gla", "softmax"], linear_attention={"chunk_size": 4}))
+    hybrid = build_model(tiny("hybrid"))
     with pytest.raises(ValueError, match="recurrent state"):
         Engine(hybrid)
 
@@ -294,7 +283,7 @@ def test_gpu_compiled_engine_equals_each_request_alone_fp32(kind):
     from torch._dynamo.utils import counters
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(300 + list(KINDS).index(kind))
+    torch.manual_seed(300 + KINDS.index(kind))
     model = build_model(tiny(kind), device="cuda").eval()
     requests = workload(64, 7)
     expected = [alone(model, p, n) for p, n in requests]

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from moeformer.layers import triton_dispatch
-from moeformer.models.generation import _compile_settings, _compiled_layers, sample_next
+from moeformer.models.generation import _compile_settings, _compiled_layers, capture_graph, sample_next
 from moeformer.serving.paged_cache import BlockPool, PagedBatch, layer_pool
 from moeformer.serving.request import Request, SamplingParams, StepOutput
 from moeformer.serving.scheduler import Scheduler
@@ -366,17 +366,9 @@ class _DecodeGraph:
             return engine.model(self.ids, cache=batch, stats=False, layers=engine._step_layers).logits[:, -1]
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
         if self.engine._graph_pool is None:
             self.engine._graph_pool = torch.cuda.graph_pool_handle()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.engine._graph_pool):
-            self.logits = self._run()
+        self.graph, self.logits = capture_graph(self._run, self.engine._graph_pool)
 
     def __call__(self, rows: list[Request]) -> torch.Tensor:
         n, engine = len(rows), self.engine
