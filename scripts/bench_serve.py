@@ -19,7 +19,12 @@ request runs to its max_tokens). Rows of the table:
 
 Everything is warmed first (compiles, CUDA graphs: the engine's `warmup`, a full untimed static pass).
 
+Under torchrun with --tp / --ep the model is split with `moeformer.parallel` (one GPU per rank) and served by a
+multi-rank engine: rank 0 runs the load and prints, the other ranks follow; the static and single-request
+`generate` rows are left out there.
+
     python scripts/bench_serve.py --model olmoe-1b-7b --dtype bf16 [--concurrency 64] [--requests 512] [--rate 64]
+    torchrun --nproc_per_node 2 scripts/bench_serve.py --model deepseek-v3 --layers 8 --ep 2 --skip-static
     python scripts/bench_serve.py --model tiny-moe --device cpu --dtype fp32 --no-compile --requests 24 \
         --concurrency 8 --rate 0 --prompt-max 64 --out-max 32 --shared-len 32 --system-len 256 --prefix-trials 2
 """
@@ -27,6 +32,7 @@ Everything is warmed first (compiles, CUDA graphs: the engine's `warmup`, a full
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import statistics
@@ -35,7 +41,7 @@ import time
 
 import torch
 
-from moeformer.models import build_model
+from moeformer.models import ModelConfig, build_model
 from moeformer.models.checkpoint import DTYPE_NAMES
 from moeformer.models.generation import StepTimer
 from moeformer.serving import Engine, SamplingParams
@@ -169,15 +175,46 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="everything eager (a quick CPU run)")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="override the model's depth (a shallower copy)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (under torchrun)")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel ranks (under torchrun)")
     args = parser.parse_args()
 
+    config = ModelConfig.from_name(args.model)
+    if args.layers is not None:
+        config = dataclasses.replace(config, n_layers=args.layers)
+    group, rank = None, 0
+    if args.tp > 1 or args.ep > 1:
+        import torch.distributed as dist
+
+        from moeformer.parallel import ParallelConfig, init_distributed, parallelize
+
+        init_distributed()
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            args.device = f"cuda:{torch.cuda.current_device()}"
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, device=device, dtype=DTYPE_NAMES[args.dtype]).eval()
+    torch.manual_seed(args.seed)  # every rank builds the same weights, then keeps its shard
+    model = build_model(config, device=device, dtype=DTYPE_NAMES[args.dtype]).eval()
+    if args.tp > 1 or args.ep > 1:
+        model, _ = parallelize(model, ParallelConfig(tp=args.tp, ep=args.ep))
+        group = dist.new_group(backend="gloo")
+        args.skip_static = True
     vocab = model.config.vocab_size
     requests = workload(args, vocab)
     engine = Engine(model, max_batch=args.concurrency, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                    max_model_len=args.max_model_len, compile=not args.no_compile)
+                    max_model_len=args.max_model_len, compile=not args.no_compile, group=group)
+    if rank != 0:
+        return engine.follow()
+    try:
+        report(args, model, engine, requests, device)
+    finally:
+        engine.close()
+
+
+def report(args, model, engine: Engine, requests, device) -> None:
+    """Warm up, run every measurement, print the table (rank 0)."""
+    vocab = model.config.vocab_size
     print(f"model {args.model} ({args.dtype}, random weights) on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch {torch.__version__}; "
           f"{engine.num_blocks} cache blocks of {args.block_size}; command: python scripts/bench_serve.py "
@@ -194,7 +231,9 @@ def main() -> None:
         run_static(model, requests, args.concurrency, device, compile)  # compiles every batch's shapes
         static = run_static(model, requests, args.concurrency, device, compile)
         rows.append((f"static batching ({'compiled' if compile else 'eager'} generate)", static["tps"], [], []))
-    single = single_decode_tps(model, vocab, 128, args.single_new, device, not args.no_compile)
+    single = None
+    if engine.group is None:
+        single = single_decode_tps(model, vocab, 128, args.single_new, device, not args.no_compile)
     engine_single = engine_single_tps(engine, vocab, 128, args.single_new)
     miss, hit = prefix_ttft(engine, vocab, args.system_len, args.prefix_trials, args.seed)
 
@@ -207,10 +246,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, tps, ttft, itl in rows:
         print(f"| {name} | {tps:,.0f} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(itl, 50)} | {ms(itl, 99)} |")
-    print(f"| single request, {'eager' if args.no_compile else 'compiled'} generate | {single:,.0f} | | | | |")
+    if single is not None:
+        print(f"| single request, {'eager' if args.no_compile else 'compiled'} generate | {single:,.0f} | | | | |")
     print(f"| single request, engine | {engine_single:,.0f} | | | | |")
-    print(f"\nengine / single-request generate: {served['tps'] / single:.1f}x"
-          + (f"; engine / static batching: {served['tps'] / static['tps']:.2f}x" if not args.skip_static else ""))
+    if single is not None:
+        print(f"\nengine / single-request generate: {served['tps'] / single:.1f}x"
+              + (f"; engine / static batching: {served['tps'] / static['tps']:.2f}x" if not args.skip_static else ""))
     print(f"prefix cache, {args.system_len}-token system prompt: TTFT miss {miss * 1e3:.1f} ms, hit {hit * 1e3:.1f} "
           f"ms ({miss / hit:.1f}x); engine stats {engine.stats()}")
 

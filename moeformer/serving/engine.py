@@ -32,7 +32,9 @@ import torch
 import torch.distributed as dist
 
 from moeformer.layers import triton_dispatch
-from moeformer.models.generation import _compile_settings, _compiled_layers, sample_next
+from moeformer.layers.attention.paged import kernel_fits
+from moeformer.layers.mla import MLAttention
+from moeformer.models.generation import _compile_settings, _compiled_layers, capture_graph, sample_next
 from moeformer.serving.paged_cache import BlockPool, PagedBatch, layer_pool
 from moeformer.serving.request import Request, SamplingParams, StepOutput
 from moeformer.serving.scheduler import Scheduler
@@ -58,11 +60,11 @@ class Engine:
     `cache_memory` bytes, itself by default half the free GPU memory, or on the CPU up to CPU_CACHE_BUDGET);
     enough for one request of max_model_len tokens is required. max_model_len: prompt + max_tokens limit (default
     and at most the model's max_seq_len). prefill_chunk: tokens of a step's prompt-chunk forward (rows x longest
-    chunk). prefix_caching: share full prompt blocks. compile: the blocks compiled (dynamic shapes: a few compiles
-    serve every batch), the decode step at padded batch sizes (BATCH_SIZES) captured as a CUDA graph on CUDA (call
-    `warmup` to do it before traffic); compile=False runs eagerly (the reference). eos_token_id: stops every
-    request. group: the process group of a multi-rank model (see the module docstring). Linear-attention layers
-    keep a recurrent state, which has no pages: such models are refused.
+    chunk). prefix_caching: share full prompt blocks. compile: the blocks compiled, for prompt chunks with dynamic
+    shapes, for the decode step at each padded batch size (BATCH_SIZES; and view width, without the paged kernel),
+    captured as a CUDA graph on CUDA (`warmup` does it before traffic); compile=False runs eagerly (the reference).
+    eos_token_id: stops every request. group: the process group of a multi-rank model (see the module docstring).
+    Linear-attention layers keep a recurrent state, which has no pages: such models are refused.
 
     `stats()` reports blocks, prefix-cache hits, preemptions and the tokens prefilled."""
 
@@ -103,16 +105,18 @@ class Engine:
         self.prefilled_tokens = 0  # tokens run through prefill forwards (a prefix-cache hit skips its share)
         self.steps = 0
         self._ids = itertools.count()
-        # shapes vary with the batch, the prompt chunks and the view: compiled with dynamic shapes (after the first
-        # recompile), so a few compiles serve them all; the decode step's blocks are whole graphs (it is captured)
+        # prompt chunks vary in rows, length and view: their blocks compile with dynamic shapes (after the first
+        # recompile; graph breaks allowed), so a few compiles serve them all; the decode step's blocks are whole
+        # graphs at fixed shapes (each padded batch size is captured as a CUDA graph)
         self._prefill_layers = _compiled_layers(model, fullgraph=False, dynamic=None) if compile else None
-        self._step_layers = _compiled_layers(model, fullgraph=True, dynamic=None) if compile else None
+        self._step_layers = _compiled_layers(model, fullgraph=True) if compile else None
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool = None
         # decode attention reads the pools in place (paged kernel): its view width changes nothing, so one width
         # serves every step; without the kernel the gathered view's width is bucketed (powers of two blocks)
         self._max_blocks = blocks_per_request
-        self._in_place = triton_dispatch.runs_triton(param) and block_size & (block_size - 1) == 0
+        self._in_place = triton_dispatch.runs_triton(param) and all(_kernel_serves(b.attn, block_size)
+                                                                    for b in model.layers)
 
     def _default_blocks(self, cache_memory: int | None, per_token: int, blocks_per_request: int) -> int:
         per_block = per_token * self.block_size
@@ -342,6 +346,16 @@ class Engine:
             raise RuntimeError(f"{what}() is rank 0's: rank {self.rank} of a multi-rank engine calls follow()")
 
 
+def _kernel_serves(attn, block_size: int) -> bool:
+    """Whether the paged decode kernel serves `attn`'s decode steps (else they gather the view)."""
+    if attn.backend == "eager":
+        return False
+    if isinstance(attn, MLAttention):
+        width = attn.kv_lora_rank + attn.rope_dim
+        return attn.absorbs(1) and kernel_fits(attn.n_heads, width, width, block_size)
+    return kernel_fits(attn.n_heads // attn.n_kv_heads, attn.head_dim, attn.head_dim, block_size)
+
+
 class _DecodeGraph:
     """The compiled decode step at `size` rows and a view of `width` blocks: fixed input buffers, the compiled blocks
     and, on CUDA, one CUDA graph replaying the whole step (rows past the real ones are padding: the null block, no
@@ -366,17 +380,9 @@ class _DecodeGraph:
             return engine.model(self.ids, cache=batch, stats=False, layers=engine._step_layers).logits[:, -1]
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
         if self.engine._graph_pool is None:
             self.engine._graph_pool = torch.cuda.graph_pool_handle()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.engine._graph_pool):
-            self.logits = self._run()
+        self.graph, self.logits = capture_graph(self._run, self.engine._graph_pool)
 
     def __call__(self, rows: list[Request]) -> torch.Tensor:
         n, engine = len(rows), self.engine

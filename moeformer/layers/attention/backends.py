@@ -181,7 +181,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """Masked softmax attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D); or,
     with `mask.pages`, k/v the paged pools (slots, Hkv, D), read in place by one-query steps' kernel, else gathered."""
     if mask.pages is not None and k.dim() == 3:
-        if uses_kernel(q, mask.pages, backend):
+        if uses_kernel(q, k, v, mask.pages, backend):
             return paged_decode(q, k, v, mask.pages, window, scale)
         k, v = mask.pages.gather(k), mask.pages.gather(v)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:

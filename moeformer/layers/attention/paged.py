@@ -30,11 +30,21 @@ class Pages:
         return pool[self.read_slots].view(rows, self.view_len, *pool.shape[1:]).transpose(1, 2)
 
 
-def uses_kernel(q: torch.Tensor, pages: Pages, backend: str) -> bool:
-    """The Triton kernel serves one query per sequence on CUDA (or the interpreter in tests), block sizes that are
-    powers of two; backend "eager" keeps the reference."""
-    block = pages.block_size
-    return (q.shape[2] == 1 and backend != "eager" and block & (block - 1) == 0 and triton_dispatch.runs_triton(q))
+KERNEL_MAX_HEAD_DIM = 256  # wider heads (MLA's 576-wide latent rows) would spill the kernel's tiles: reference
+KERNEL_MAX_GROUP = 16  # query heads per KV head a program holds
+
+
+def kernel_fits(group: int, head_dim: int, value_dim: int, block_size: int) -> bool:
+    """Whether the kernel's tiles take `group` query heads per KV head, these head sizes and this block size."""
+    return (block_size & (block_size - 1) == 0 and max(head_dim, value_dim) <= KERNEL_MAX_HEAD_DIM
+            and group <= KERNEL_MAX_GROUP)
+
+
+def uses_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, backend: str) -> bool:
+    """The Triton kernel serves one query per sequence on CUDA (or the interpreter in tests) where it fits;
+    backend "eager" keeps the reference."""
+    return (q.shape[2] == 1 and backend != "eager" and triton_dispatch.runs_triton(q)
+            and kernel_fits(q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1], pages.block_size))
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, window: int | None,
