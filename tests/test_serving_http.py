@@ -150,17 +150,28 @@ def test_streamed_chunks_join_to_the_completion_and_end_with_done(served):
 
 
 def test_concurrent_requests_each_get_their_own_greedy_text(served):
-    """Twice as many requests as the engine's batch: some wait for a slot while the others run."""
-    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line", "x", "yield", "if x:", "[1, 2"]
+    """Three times as many clients as the engine's batch, streaming or not, a third of them leaving after their
+    first event: some wait for a slot while others run or leave; every finished one gets its own greedy text."""
+    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line", "x", "yield", "if x:", "[1, 2",
+               "return", "import sys", "def main():", "print("]
 
-    async def ask_all() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        outs = await asyncio.gather(*(client.completions.create(model="tiny", prompt=p, max_tokens=6 + 3 * i,
-                                                                temperature=0) for i, p in enumerate(prompts)))
-        await client.close()
-        return [o.choices[0].text for o in outs]
+    async def ask(client: openai.AsyncOpenAI, i: int) -> str | None:
+        body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 4 + 2 * i, "temperature": 0}
+        if i % 3 == 2:  # leaves after its first event
+            async with client.completions.with_streaming_response.create(**body, stream=True) as response:
+                async for _ in response.iter_lines():
+                    return None
+        if i % 3 == 1:
+            return "".join([c.choices[0].text async for c in await client.completions.create(**body, stream=True)])
+        return (await client.completions.create(**body)).choices[0].text
 
-    assert asyncio.run(ask_all()) == [served.greedy(p, 6 + 3 * i) for i, p in enumerate(prompts)]
+    async def ask_all() -> list[str | None]:
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as client:
+            return await asyncio.gather(*(ask(client, i) for i in range(len(prompts))))
+
+    texts = asyncio.run(ask_all())
+    assert texts == [None if i % 3 == 2 else served.greedy(p, 4 + 2 * i) for i, p in enumerate(prompts)]
     stats = served.wait_idle()
     assert stats["free_blocks"] == stats["total_blocks"]
 
