@@ -43,14 +43,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with reported_errors(args.debug):
         import torch.distributed as dist
-        import uvicorn
 
         from moeformer.parallel import ParallelConfig, shutdown_distributed
         from moeformer.serving import Engine
         from moeformer.serving.runner import EngineRunner
-        from moeformer.serving.server import create_app
 
-        several = args.tp > 1 or args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        try:
+            import uvicorn
+
+            from moeformer.serving.server import create_app
+        except ImportError as e:
+            raise ImportError(f"{e}: the server needs the serve extra (pip install 'moeformer[serve]')") from e
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != max(args.tp, args.ep):  # every rank holds a different part of one copy of the model
+            raise ValueError(f"--tp {args.tp} --ep {args.ep} serves one copy of the model over max(tp, ep) = "
+                             f"{max(args.tp, args.ep)} processes, got {world} (torchrun --nproc_per_node "
+                             f"{max(args.tp, args.ep)})")
+        several = world > 1
         model, tokenizer = load_model(args, ParallelConfig(tp=args.tp, ep=args.ep) if several else None)
         # the ranks exchange each step's plan and tokens as Python objects: a CPU (gloo) group carries them
         engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size, max_model_len=args.max_model_len,

@@ -322,12 +322,17 @@ def export(tmp_path_factory) -> Path:
     return root / "model"
 
 
-def test_serve_script_reports_a_bad_model_path_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/missing"], "checkpoint directory {tmp}/missing does not exist"),
+    (["--model", "{tmp}", "--tp", "2"], "--tp 2 --ep 1 serves one copy of the model over max(tp, ep) = 2 processes, "
+                                        "got 1 (torchrun --nproc_per_node 2)"),
+])
+def test_serve_script_reports_a_bad_start_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exited:
-        script("serve").main(["--model", str(tmp_path / "missing")])
+        script("serve").main([a.format(tmp=tmp_path) for a in args])
     err = capsys.readouterr().err
     assert exited.value.code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    assert err.strip().splitlines()[-1] == f"error: {message.format(tmp=tmp_path)}"
 
 
 @pytest.mark.distributed

@@ -9,6 +9,7 @@ import argparse
 import torch
 
 from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.parallel.config import ParallelConfig
 from moeformer.training.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -24,10 +25,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
-def load_model(args: argparse.Namespace, parallel=None) -> tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode on args.device, tokenizer) from the options of `add_model_arguments`. With `parallel` (a
-    `moeformer.parallel.ParallelConfig`; torchrun's ranks) every rank reads the checkpoint on the CPU, keeps its
-    shard through `moeformer.parallel.parallelize` and moves that to its device."""
+def load_model(args: argparse.Namespace, parallel: ParallelConfig | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode on args.device, tokenizer) from the options of `add_model_arguments`. With `parallel`
+    (torchrun's ranks) every rank reads the checkpoint on the CPU, keeps its shard through
+    `moeformer.parallel.parallelize` and moves that to its device."""
     dtype = DTYPE_NAMES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     if parallel is None:
         model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
