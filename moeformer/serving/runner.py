@@ -38,6 +38,11 @@ class _Sink:
             return False
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
+
+
 class RequestStream:
     """The outputs of one submitted request, as an async iterator that ends after the finished output; an engine
     error ends it by raising that error."""
@@ -137,18 +142,28 @@ class EngineRunner:
             except Exception as error:  # fail the running requests, keep serving
                 self._fail_all(error)
                 continue
-            for out in outputs:
-                sink = self._sinks.get(out.request_id)
-                if out.finished:
-                    self._sinks.pop(out.request_id, None)
-                if sink is not None and not sink.put(out) and not out.finished:
-                    self._abort(out.request_id)
+            self._deliver(outputs)
         closing = RuntimeError("the engine has stopped")
         self._fail_all(closing)
         while not self._commands.empty():  # requests submitted too late
             command = self._commands.get_nowait()
             if command[0] == "add":
                 command[-1].put(closing)
+
+    def _deliver(self, outputs: list) -> None:
+        """Hand a step's outputs to their callers: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                by_loop.setdefault(sink.loop, []).append((sink.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody reads these requests anymore
+                for _, out in items:
+                    if not out.finished:
+                        self._abort(out.request_id)
 
     def _apply_commands(self, wait: bool) -> None:
         try:
