@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moeformer.serving.engine import Engine
+from moeformer.serving.request import SamplingParams, StepOutput
+
 _ACCEPTED = object()  # first item on a request's queue once the engine holds it
 
 
@@ -29,13 +32,10 @@ class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item) -> bool:
-        """Hand `item` to the caller's event loop; False when that loop is gone."""
-        try:
+    def put(self, item) -> None:
+        """Hand `item` to the caller's event loop (dropped when that loop is closed)."""
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the loop is closed
-            return False
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -54,7 +54,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> StepOutput:
         if self.finished:
             raise StopAsyncIteration
         item = await self._items.get()
@@ -76,7 +76,7 @@ class EngineRunner:
     while it has unfinished requests, and delivers each StepOutput to its request's caller. An exception from a
     step fails the requests then running (their callers receive it) and the thread goes on with new ones."""
 
-    def __init__(self, engine, idle_poll: float = 0.1, keepalive: float = 60.0) -> None:
+    def __init__(self, engine: Engine, idle_poll: float = 0.1, keepalive: float = 60.0) -> None:
         self.engine = engine
         self.idle_poll = idle_poll  # seconds between checks for a stop request while idle
         # a multi-rank engine's other ranks wait in a collective for rank 0's next step: an idle engine still steps
@@ -106,7 +106,7 @@ class EngineRunner:
             self._thread.join()
             self._thread = None
 
-    async def submit(self, request_id: str, prompt_ids: Sequence[int], params) -> RequestStream:
+    async def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> RequestStream:
         """Add a request (on the engine's thread); returns its stream once the engine accepted it, or raises the
         engine's ValueError for a bad request. Cancelled while waiting, the request is aborted."""
         if not self.alive:
@@ -150,7 +150,7 @@ class EngineRunner:
             if command[0] == "add":
                 command[-1].put(closing)
 
-    def _deliver(self, outputs: list) -> None:
+    def _deliver(self, outputs: list[StepOutput]) -> None:
         """Hand a step's outputs to their callers: one wake-up per event loop, not one per request."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for out in outputs:
