@@ -37,6 +37,7 @@ from tests.test_train_distributed import kill_tree
 from tests.workers import REPO, worker_env
 
 MAX_SEQ_LEN = 96
+TOO_LONG = "y" * MAX_SEQ_LEN
 
 
 def tiny_moe(max_seq_len: int = MAX_SEQ_LEN) -> ModelConfig:
@@ -149,6 +150,27 @@ def test_streamed_chunks_join_to_the_completion_and_end_with_done(served):
     assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 10
 
 
+def test_several_prompts_give_one_choice_each(served):
+    prompts = ["def a():", "b = [", "# c"]
+    expected = [served.greedy(p, 8) for p in prompts]
+    ids = [served.tokenizer.encode_prompt(p) for p in prompts]
+    out = served.client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0)
+    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [(i, t, "length") for i, t in
+                                                                         enumerate(expected)]
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (sum(map(len, ids)), 3 * 8)
+    texts, reasons = ["", "", ""], {}
+    for chunk in served.client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, stream=True):
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        if choice.finish_reason is not None:
+            reasons[choice.index] = choice.finish_reason
+    assert texts == expected and reasons == {0: "length", 1: "length", 2: "length"}
+    refused = httpx.post(f"{served.url}/v1/completions", json={"prompt": ["ok", TOO_LONG]}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("prompt 1: ")
+    stats = served.wait_idle()  # the first prompt, accepted before the second was refused, is gone too
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
 def test_concurrent_requests_each_get_their_own_greedy_text(served):
     """Three times as many clients as the engine's batch, streaming or not, a third of them leaving after their
     first event: some wait for a slot while others run or leave; every finished one gets its own greedy text."""
@@ -220,9 +242,6 @@ def test_stop_string_ends_the_text_before_it_and_frees_the_slot(served):
     assert stats["free_blocks"] == stats["total_blocks"]
 
 
-TOO_LONG = "y" * MAX_SEQ_LEN
-
-
 @pytest.mark.parametrize("body, param", [
     ('{"prompt": "a", "max_tokens": 4', None),  # malformed JSON
     ('["a"]', None),  # not an object
@@ -238,6 +257,8 @@ TOO_LONG = "y" * MAX_SEQ_LEN
     ('{"prompt": "a", "stop": ["ok", ""]}', "stop"),
     ('{"prompt": [1, "b"]}', "prompt"),
     ('{"prompt": [1, 300]}', "prompt"),  # outside the vocabulary
+    ('{"prompt": []}', "prompt"),
+    ('{"prompt": [[1, 2], []]}', "prompt"),
     (json.dumps({"prompt": TOO_LONG}), "prompt"),  # longer than the context
     (json.dumps({"prompt": TOO_LONG, "stream": True}), "prompt"),  # refused before any event is sent
     (json.dumps({"prompt": TOO_LONG[:80], "max_tokens": 30}), "max_tokens"),  # no room left for max_tokens

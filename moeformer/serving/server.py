@@ -4,13 +4,13 @@ server-sent events), `GET /v1/models` (and `/v1/models/{name}`), `GET /health`.
     app = create_app(EngineRunner(engine), tokenizer, "my-model")
     uvicorn.run(app, port=8000)
 
-Requests follow OpenAI's completion API with one prompt per request (a string, or a list of token ids used as
-given) and `n` = 1; `top_k` is an extension (0: off). Fields are checked strictly: a value of the wrong type, out of
-range, or a field the server does not know (so a misspelt or unsupported option is never silently ignored) is an
-HTTP 400 whose body, `{"error": {"message", "type": "invalid_request_error", "param"}}`, names the field. A string
-prompt is encoded as the model's tokenizer encodes prompts (`encode_prompt`: its special tokens, or eos first for
-models trained on eos-separated documents). Stop strings end the text before them (finish_reason "stop"), the
-model's eos token ends it too; a client that goes away stops its request in the engine.
+Requests follow OpenAI's completion API: `prompt` is a string, a list of token ids (used as given), or a list of
+either, one choice per prompt (`n` = 1); `top_k` is an extension (0: off). Fields are checked strictly: a value of
+the wrong type, out of range, or a field the server does not know (so a misspelt or unsupported option is never
+silently ignored) is an HTTP 400 whose body, `{"error": {"message", "type": "invalid_request_error", "param"}}`,
+names the field. A string prompt is encoded as the model's tokenizer encodes prompts (`encode_prompt`: its special
+tokens, or eos first for models trained on eos-separated documents). Stop strings end the text before them
+(finish_reason "stop"), the model's eos token ends it too; a client that goes away stops its requests in the engine.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from moeformer.serving.text import CompletionText
 DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole completion is still there
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -46,7 +49,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str | None = None  # the served model's name (optional)
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] = 16
     temperature: Annotated[float, Field(ge=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -148,35 +151,46 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         if body.model is not None and body.model != model_name:
             raise APIError(400, f"model {body.model!r} is not served here (this server serves {model_name!r})",
                            "model")
-        prompt_ids = tokenizer.encode_prompt(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        prompts = _prompt_ids(body.prompt, tokenizer)
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                                 top_p=body.top_p, seed=body.seed)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        try:
-            stream = await runner.submit(request_id, prompt_ids, params)
-        except ValueError as e:  # empty prompt, ids outside the vocabulary, no room for max_tokens in the context
-            raise APIError(400, str(e), _culprit(runner.engine, prompt_ids, body.max_tokens)) from None
-        text = CompletionText(tokenizer, prompt_ids, body.stop)
+        streams: list[RequestStream] = []
+        for i, prompt_ids in enumerate(prompts):
+            try:
+                streams.append(await runner.submit(f"{request_id}-{i}", prompt_ids, params))
+            except ValueError as e:  # empty prompt, ids outside the vocabulary, no room for max_tokens
+                for stream in streams:
+                    stream.abort()
+                which = f"prompt {i}: " if len(prompts) > 1 else ""
+                raise APIError(400, f"{which}{e}", _culprit(runner.engine, prompt_ids, body.max_tokens)) from None
+        pieces = [_pieces(stream, CompletionText(tokenizer, ids, body.stop)) for stream, ids in zip(streams, prompts)]
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
-        pieces = _pieces(stream, text)
+        prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _events(pieces, head, len(prompt_ids), usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        collected = asyncio.ensure_future(_collect(pieces))
+            return StreamingResponse(_events(pieces, head, prompt_tokens, usage), media_type="text/event-stream")
+        collected = asyncio.ensure_future(asyncio.gather(*(_collect(p) for p in pieces)))
         while not collected.done():
             await asyncio.wait({collected}, timeout=DISCONNECT_POLL)
             if not collected.done() and await request.is_disconnected():
-                collected.cancel()  # its generator's cleanup aborts the request
+                collected.cancel()  # the generators' cleanup aborts the requests
                 return JSONResponse({}, status_code=499)
         try:
-            completion, reason, count = collected.result()
-        except Exception as e:  # the engine failed while running this request
+            results = collected.result()
+        except Exception as e:  # the engine failed while running these requests
             raise APIError(500, f"the engine failed: {e}", kind="server_error") from None
-        choice = {"index": 0, "text": completion, "logprobs": None, "finish_reason": reason}
-        return {**head, "choices": [choice], "usage": _usage(len(prompt_ids), count)}
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason, _) in enumerate(results)]
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(count for *_, count in results))}
 
     return app
+
+
+def _prompt_ids(prompt: str | list, tokenizer) -> list[list[int]]:
+    """The token ids of each prompt of a request (strings encoded as the tokenizer encodes prompts)."""
+    many = prompt if isinstance(prompt, list) and not isinstance(prompt[0], int) else [prompt]
+    return [tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in many]
 
 
 def _culprit(engine, prompt_ids: list[int], max_tokens: int) -> str:
@@ -215,25 +229,46 @@ async def _collect(pieces: AsyncIterator[tuple[str, str | None, int]]) -> tuple[
     return "".join(parts), last[1], last[2]
 
 
-async def _events(pieces: AsyncGenerator[tuple[str, str | None, int]], head: dict, prompt_tokens: int,
+async def _events(pieces: list[AsyncGenerator[tuple[str, str | None, int]]], head: dict, prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one completion chunk per text piece, the last with its finish reason (then a usage
-    chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event. Closed early (the
-    client went away), it closes `pieces`, which aborts the request."""
-    count = 0
+    """Server-sent events: one completion chunk per text piece of any choice, each choice's last with its finish
+    reason (then a usage chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event.
+    Closed early (the client went away), it closes `pieces`, which aborts the requests."""
+    counts = [0] * len(pieces)
     try:
-        async for piece, reason, tokens in pieces:
-            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
+        async for i, (piece, reason, tokens) in _merged(pieces):
+            choice = {"index": i, "text": piece, "logprobs": None, "finish_reason": reason}
             yield _event({**head, "choices": [choice]})
-            count = tokens
+            counts[i] = tokens
     except Exception as e:  # the engine failed: the status line is sent already, so tell the client in the stream
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
-    finally:
-        await pieces.aclose()
     if include_usage:
-        yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, count)})
+        yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, sum(counts))})
     yield "data: [DONE]\n\n"
+
+
+async def _merged(generators: list[AsyncGenerator]) -> AsyncIterator[tuple[int, object]]:
+    """(index, item) from several async generators as their items come; on leaving, early or by an error, every
+    generator is closed."""
+    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(generators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, item
+                pending[asyncio.ensure_future(anext(generators[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for g in generators:
+            await g.aclose()
 
 
 def _event(data: dict) -> str:
