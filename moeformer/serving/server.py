@@ -156,14 +156,17 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
                                 top_p=body.top_p, seed=body.seed)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
-        for i, prompt_ids in enumerate(prompts):
-            try:
-                streams.append(await runner.submit(f"{request_id}-{i}", prompt_ids, params))
-            except ValueError as e:  # empty prompt, ids outside the vocabulary, no room for max_tokens
-                for stream in streams:
-                    stream.abort()
-                which = f"prompt {i}: " if len(prompts) > 1 else ""
-                raise APIError(400, f"{which}{e}", _culprit(runner.engine, prompt_ids, body.max_tokens)) from None
+        try:
+            for prompt_ids in prompts:
+                streams.append(await runner.submit(f"{request_id}-{len(streams)}", prompt_ids, params))
+        except BaseException as e:  # nothing runs for a request that is not answered
+            for stream in streams:
+                stream.abort()
+            if not isinstance(e, ValueError):
+                raise
+            # empty prompt, ids outside the vocabulary, no room for max_tokens
+            which = f"prompt {len(streams)}: " if len(prompts) > 1 else ""
+            raise APIError(400, f"{which}{e}", _culprit(runner.engine, prompt_ids, body.max_tokens)) from None
         pieces = [_pieces(stream, CompletionText(tokenizer, ids, body.stop)) for stream, ids in zip(streams, prompts)]
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
