@@ -67,16 +67,16 @@ def main(argv: list[str] | None = None) -> None:
                         eos_token_id=tokenizer.eos_id, group=dist.new_group(backend="gloo") if several else None)
         if not several:
             engine.warmup()  # compiles ahead of traffic (a multi-rank engine compiles as its steps come)
-    if several and dist.get_rank() != 0:
-        engine.follow()
-    else:
-        name = args.name or Path(args.model).resolve().name
-        try:
-            uvicorn.run(create_app(EngineRunner(engine), tokenizer, name), host=args.host, port=args.port)
-        finally:
-            engine.close()
-    if several:
-        shutdown_distributed()
+        if several and dist.get_rank() != 0:
+            engine.follow()
+        else:
+            name = args.name or Path(args.model).resolve().name
+            try:
+                uvicorn.run(create_app(EngineRunner(engine), tokenizer, name), host=args.host, port=args.port)
+            finally:
+                engine.close()
+        if several:
+            shutdown_distributed()
 
 
 if __name__ == "__main__":
