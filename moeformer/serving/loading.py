@@ -27,17 +27,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, parallel: ParallelConfig | None = None) -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode on args.device, tokenizer) from the options of `add_model_arguments`. With `parallel`
-    (torchrun's ranks) every rank reads the checkpoint on the CPU, keeps its shard through
-    `moeformer.parallel.parallelize` and moves that to its device."""
+    (torchrun's ranks; the groups are created as for training) the ranks take turns: each reads the checkpoint on
+    the CPU, keeps its shard and moves it to its device, so the host holds one full copy at a time."""
     dtype = DTYPE_NAMES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    options = dict(dtype=dtype, quantize=args.quantize, group_size=args.group_size)
     if parallel is None:
-        model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
-                                group_size=args.group_size)
-    else:
-        from moeformer.parallel import init_distributed, parallelize
+        return from_pretrained(args.model, device=args.device, **options), load_tokenizer(args.model)
+    import torch.distributed as dist
 
-        init_distributed()
-        model = from_pretrained(args.model, dtype=dtype, device="cpu", quantize=args.quantize,
-                                group_size=args.group_size)
-        model = parallelize(model, parallel)[0].to(args.device)
+    from moeformer.parallel import apply_expert_parallel, apply_tensor_parallel, init_distributed, init_parallel_groups
+
+    init_distributed()
+    groups = init_parallel_groups(parallel)
+    for turn in range(dist.get_world_size()):
+        if dist.get_rank() == turn:
+            model = from_pretrained(args.model, device="cpu", **options)
+            groups.config.validate_model(model.config)
+            apply_expert_parallel(model, groups)
+            apply_tensor_parallel(model, groups)
+            model = model.to(args.device)
+        dist.barrier()
     return model, load_tokenizer(args.model)
