@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
+CONTEXT = 4  # prompt ids decoded before the first new ones (enough for a word boundary or a split character)
 
 
 class Decoder(Protocol):
@@ -30,7 +31,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Decoder, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids = [i for i in context[-4:] if 0 <= i < tokenizer.vocab_size]
+        self.ids = [i for i in context[-CONTEXT:] if 0 <= i < tokenizer.vocab_size]
         self.prefix = 0  # window start: ids before it are final
         self.read = len(self.ids)  # ids before it have been turned into text
 
