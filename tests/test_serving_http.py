@@ -363,7 +363,7 @@ def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout):
     other rank stepping beside it; the text is the single-process model's greedy text; SIGINT ends both ranks."""
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2"]
+           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2", "--device", "cpu"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
