@@ -356,17 +356,22 @@ def test_serve_script_reports_a_bad_start_in_one_line(tmp_path, capsys, args, me
     assert err.strip().splitlines()[-1] == f"error: {message.format(tmp=tmp_path)}"
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
 @pytest.mark.distributed
+@pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=[pytest.mark.gpu, TWO_GPUS])], ids=["gloo", "nccl"])
 @pytest.mark.parametrize("layout", ["--tp", "--ep"])
-def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout):
-    """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` (or --ep 2) on gloo: rank 0 answers over HTTP with the
-    other rank stepping beside it; the text is the single-process model's greedy text; SIGINT ends both ranks."""
+def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout, gpus):
+    """`torchrun --nproc_per_node 2 scripts/serve.py --tp 2` (or --ep 2), on the CPU (gloo) or two GPUs (fp32):
+    rank 0 answers over HTTP with the other rank stepping beside it; the text is the single-process model's greedy
+    text; SIGINT ends both ranks."""
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2", "--device", "cpu"]
+           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2", "--dtype", "fp32"]
+    env = worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""}))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline, found = time.monotonic() + 240, None
         while found is None:
@@ -376,7 +381,7 @@ def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout):
                               log.read_text(), re.DOTALL)
         client = openai.OpenAI(base_url=f"{found.group(2)}/v1", api_key="unused", max_retries=0, timeout=120)
         text = client.completions.create(model="model", prompt="def f(x):", max_tokens=16, temperature=0)
-        model, tokenizer = from_pretrained(export), load_tokenizer(export)
+        model, tokenizer = from_pretrained(export, device="cuda" if gpus else "cpu"), load_tokenizer(export)
         assert text.choices[0].text == greedy_text(model, tokenizer, "def f(x):", 16)
         os.kill(int(found.group(1)), signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
