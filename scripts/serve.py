@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--api-key", default=os.environ.get("MOEFORMER_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEFORMER_API_KEY, else none)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=64, help="requests decoded together at most")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             name = args.name or Path(args.model).resolve().name
             try:
-                uvicorn.run(create_app(EngineRunner(engine), tokenizer, name), host=args.host, port=args.port)
+                app = create_app(EngineRunner(engine), tokenizer, name, api_key=args.api_key)
+                uvicorn.run(app, host=args.host, port=args.port)
             finally:
                 engine.close()
         if several:

@@ -80,10 +80,10 @@ class Served:
 
 
 @contextmanager
-def serving(engine: Engine, tokenizer) -> Iterator[str]:
+def serving(engine: Engine, tokenizer, api_key: str | None = None) -> Iterator[str]:
     """A uvicorn server of `engine` as "tiny" on a free localhost port, in a thread; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(EngineRunner(engine), tokenizer, "tiny"), host="127.0.0.1",
-                                           port=0, log_level="warning"))
+    app = create_app(EngineRunner(engine), tokenizer, "tiny", api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -291,6 +291,20 @@ def test_models_health_and_unknown_paths(served):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     health = httpx.get(f"{served.url}/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_an_api_key_guards_the_v1_endpoints():
+    torch.manual_seed(0)
+    engine = Engine(build_model(tiny_moe()).eval(), max_batch=2, block_size=8)
+    with serving(engine, ByteTokenizer(), api_key="s3cret") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert client.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
+        for key in ("wrong", "s3cret-but-longer"):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).models.list()
+        anonymous = httpx.post(f"{url}/v1/completions", content="{bad json", timeout=10)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # health checks need no key
 
 
 @pytest.mark.parametrize("stream", [True, False])

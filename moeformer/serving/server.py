@@ -16,6 +16,7 @@ tokens, or eos first for models trained on eos-separated documents). Stop string
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -23,7 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -101,10 +102,17 @@ def validation_error(error: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {' or '.join(messages)}", param)
 
 
-def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
+def create_app(runner: EngineRunner, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `runner`'s engine as `model_name`; `tokenizer` (moeformer.training.tokenizer's
-    interface) encodes string prompts and decodes completions. The app starts the runner when it starts and
+    interface) encodes string prompts and decodes completions. With `api_key`, the /v1 endpoints answer only requests
+    with the header `Authorization: Bearer <api_key>` (401 otherwise). The app starts the runner when it starts and
     stops it when it shuts down."""
+
+    async def authorized(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "a valid API key is required (header Authorization: Bearer <key>)",
+                           kind="authentication_error")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -113,6 +121,7 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
         runner.stop()
 
     app = FastAPI(title="moeformer", lifespan=lifespan)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -135,18 +144,18 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
 
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "moeformer"}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{name:path}")
+    @v1.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_name:
             raise APIError(404, f"model {name!r} is not served here (this server serves {model_name!r})", "model",
                            kind="not_found_error")
         return card
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model != model_name:
             raise APIError(400, f"model {body.model!r} is not served here (this server serves {model_name!r})",
@@ -187,6 +196,7 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str) -> FastAPI:
                    for i, (text, reason, _) in enumerate(results)]
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(count for *_, count in results))}
 
+    app.include_router(v1)
     return app
 
 
