@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             name = args.name or Path(args.model).resolve().name
             try:
                 app = create_app(EngineRunner(engine), tokenizer, name, api_key=args.api_key)
-                uvicorn.run(app, host=args.host, port=args.port)
+                # on SIGINT/SIGTERM, streams still running after a few seconds are cut (and their requests aborted)
+                uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
             finally:
                 engine.close()
         if several:
