@@ -200,9 +200,10 @@ def test_concurrent_requests_each_get_their_own_greedy_text(served):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_cuda_engine_serves_concurrent_greedy_texts():
-    """The engine on its own thread with a compiled decode step (CUDA graphs captured there), fp32: concurrent
-    requests get the greedy text of `model.generate` (eager) on the same device."""
+def test_compiled_cuda_engine_serves_concurrent_greedy_texts(monkeypatch):
+    """The engine on its own thread with a compiled decode step (CUDA graphs captured there), fp32 without TF32:
+    concurrent requests get the greedy text of `model.generate` (eager) on the same device."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model, tokenizer = build_model(tiny_moe()).cuda().eval(), ByteTokenizer()
     prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line"]
