@@ -271,6 +271,23 @@ def test_compiled_decode_equals_eager():
     assert_idle(compiled)
 
 
+def test_bench_serve_runs_on_a_cpu(monkeypatch, capsys):
+    """scripts/bench_serve.py end to end at toy sizes (eager, CPU): every row of its table and the prefix line."""
+    import runpy
+
+    from tests.workers import REPO
+
+    args = ("--model tiny-moe --device cpu --dtype fp32 --no-compile --requests 6 --concurrency 4 --rate 0 "
+            "--prompt-min 4 --prompt-max 16 --out-min 2 --out-max 6 --shared-len 8 --system-len 64 --prefix-trials 1 "
+            "--single-new 4")
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", *args.split()])
+    runpy.run_path(str(REPO / "scripts" / "bench_serve.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for row in ("| engine (continuous batching) |", "| static batching (eager generate) |",
+                "| single request, eager generate |", "| single request, engine |", "prefix cache, 64-token"):
+        assert row in out, out
+
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
