@@ -17,10 +17,13 @@ step's new requests and aborts to the other ranks, then, after sampling, rank 0'
     model, _ = parallelize(model, ParallelConfig(tp=2))        # under torchrun, as for training
     engine = Engine(model, group=dist.new_group(backend="gloo"))  # the plan is a Python object: a CPU group suits it
     if dist.get_rank() == 0:
-        ...  # add_request / step as above; an idle server still calls step() now and then (the other ranks wait in
-        engine.close()  # a collective, which times out after the group's timeout)
+        ...              # add_request / step as above
+        engine.close()   # releases the other ranks
     else:
         engine.follow()
+
+Between steps the other ranks wait inside a collective: an idle server should still call `step()` (an empty step)
+more often than the group's timeout.
 """
 
 from __future__ import annotations
