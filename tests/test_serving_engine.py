@@ -17,7 +17,7 @@ import torch
 
 from moeformer import ModelConfig, build_model
 from moeformer.serving import Engine, SamplingParams
-from tests.test_generation import VOCAB, tiny
+from tests.test_generation import VOCAB, gpu, needs_cuda, tiny
 
 KINDS = ("moe", "mla")  # tests/test_generation.py's OLMoE-like (GQA, QK-norm, routed experts) and DeepSeek-like
 
@@ -287,9 +287,6 @@ def test_bench_serve_runs_on_a_cpu(monkeypatch, capsys):
                 "| single request, eager generate |", "| single request, engine |", "prefix cache, 64-token"):
         assert row in out, out
 
-
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @gpu

@@ -297,7 +297,8 @@ class Engine:
     # ---- running to completion, statistics ----------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[int]]:
-        """Run `prompts` to completion (with whatever else is queued); their output tokens, in order."""
+        """Run `prompts` to completion; their output tokens, in order. Requests queued by `add_request` run along,
+        but their step outputs are consumed here: use `step` to follow them."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
