@@ -475,6 +475,11 @@ def test_engine_decodes_through_the_paged_kernel(models, monkeypatch, kind):
     if not torch.cuda.is_available() and not triton_dispatch.INTERPRETER:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    expected = [alone(models[kind], p, 4) for p in prompts]
     engine = Engine(models[kind], block_size=4)
-    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == [alone(models[kind], p, 4) for p in prompts]
+    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == expected
+    engine.compile = True  # the padded decode step, here with eager blocks: no view built, the pools read in place
+    assert engine._in_place
+    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == expected
+    assert {width for _, width in engine._graphs} == {engine._max_blocks}

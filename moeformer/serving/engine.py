@@ -378,8 +378,8 @@ class _DecodeGraph:
 
     def _run(self) -> torch.Tensor:
         engine = self.engine
-        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1,
-                           self.width * engine.block_size, rows=self.rows)
+        view = None if engine._in_place else self.width * engine.block_size
+        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1, view, rows=self.rows)
         with _compile_settings():
             return engine.model(self.ids, cache=batch, stats=False, layers=engine._step_layers).logits[:, -1]
 

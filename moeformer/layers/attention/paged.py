@@ -21,16 +21,19 @@ except ImportError:  # no triton (CPU installs): the reference serves everywhere
 @dataclass
 class Pages:
     """Where a forward's keys live. block_tables (B, W) block ids, lengths (B,) keys per sequence, block_size;
-    read_slots (B * L,) the pool slot of each position of the right-aligned view of `view_len` L keys per row."""
+    read_slots (B * L,) the pool slot of each position of the right-aligned view of `view_len` L keys per row (None:
+    no view was built, only the kernel can read these pages)."""
 
     block_tables: torch.Tensor
     lengths: torch.Tensor
     block_size: int
-    read_slots: torch.Tensor
+    read_slots: torch.Tensor | None
     view_len: int
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         """(slots, H, D) -> the (B, H, L, D) view (the reference's copy of each sequence's keys)."""
+        if self.read_slots is None:
+            raise RuntimeError("these pages have no view to gather: the paged kernel must read them in place")
         rows = self.block_tables.shape[0]
         return pool[self.read_slots].view(rows, self.view_len, *pool.shape[1:]).transpose(1, 2)
 
