@@ -6,7 +6,9 @@ A forward over the pool sees, per request row, its tokens gathered right-aligned
 view: row b's n_b tokens sit at view slots [L - n_b, L) and the forward's T new tokens are the last T slots of every
 row, so one `AttentionMask` (queries at the device offset L - T, left padding hidden by `key_padding`) serves the
 whole batch through the model's ordinary attention path; the shapes depend on (B, T, L) only, never on the lengths,
-which live in device tensors (a compiled, CUDA-graph captured decode step replays at any lengths)."""
+which live in device tensors (a compiled, CUDA-graph captured decode step replays at any lengths). A decode step
+(T = 1) instead hands attention the pools with the block tables (`moeformer.layers.attention.paged`): its kernel
+reads each row's own blocks in place, the view being the reference's."""
 
 from __future__ import annotations
 
