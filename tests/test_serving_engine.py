@@ -453,6 +453,9 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     batch, q_heads, kv_heads, dk, dv, block, lengths, window = case
     q, k, v, pages, valid = paged_case(batch, q_heads, kv_heads, dk, dv, block, lengths, dtype, seed=len(lengths))
+    if torch.cuda.is_available():
+        q, k, v, valid = (t.cuda() for t in (q, k, v, valid))
+        pages = type(pages)(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in vars(pages).values()))
     if kv_heads == 1:  # MLA: the latent rows are both keys and values
         v = k
     mask = AttentionMask(q_offset=torch.tensor(pages.view_len - 1), key_padding=valid, pages=pages)
@@ -468,12 +471,13 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_decodes_through_the_paged_kernel(models, monkeypatch, kind):
-    """The engine's decode steps through the kernel (interpreted: a few short requests) give the tokens alone."""
+    """The engine's decode steps through the kernel (interpreted: a few short requests) give the tokens alone (the
+    CPU stand-in of the GPU tests below)."""
     from moeformer.layers import triton_dispatch
 
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_dispatch.INTERPRETER:
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if not triton_dispatch.INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1 (on a GPU: test_gpu_compiled_engine_equals_each_request_alone_fp32)")
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
     expected = [alone(models[kind], p, 4) for p in prompts]
