@@ -396,7 +396,8 @@ class _DecodeGraph:
         self.rows.zero_()
         if n:
             self.ids[:n, 0] = engine._tensor([r.tokens[r.computed] for r in rows])
-            self.tables[:n] = engine._tables(rows, self.width)
+            used = min(self.width, max(len(r.blocks) for r in rows))  # the rest stays the null block
+            self.tables[:n, :used] = engine._tables(rows, used)
             self.lengths[:n] = engine._tensor([r.computed + 1 for r in rows])
             self.rows[:n] = True
         if self.graph is None:
