@@ -205,11 +205,16 @@ def main() -> None:
     engine = Engine(model, max_batch=args.concurrency, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
                     max_model_len=args.max_model_len, compile=not args.no_compile, group=group)
     if rank != 0:
-        return engine.follow()
-    try:
-        report(args, model, engine, requests, device)
-    finally:
-        engine.close()
+        engine.follow()
+    else:
+        try:
+            report(args, model, engine, requests, device)
+        finally:
+            engine.close()
+    if group is not None:
+        from moeformer.parallel import shutdown_distributed
+
+        shutdown_distributed()
 
 
 def report(args, model, engine: Engine, requests, device) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from moeformer import ModelConfig, build_model
 from moeformer.serving import Engine, SamplingParams
-from tests.test_generation import VOCAB, tiny
+from tests.test_generation import VOCAB, gpu, needs_cuda, tiny
 
 KINDS = ("moe", "mla")  # tests/test_generation.py's OLMoE-like (GQA, QK-norm, routed experts) and DeepSeek-like
 
@@ -271,8 +271,22 @@ def test_compiled_decode_equals_eager():
     assert_idle(compiled)
 
 
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_serve_runs_on_a_cpu(monkeypatch, capsys):
+    """scripts/bench_serve.py end to end at toy sizes (eager, CPU): every row of its table and the prefix line."""
+    import runpy
+
+    from tests.workers import REPO
+
+    args = ("--model tiny-moe --device cpu --dtype fp32 --no-compile --requests 6 --concurrency 4 --rate 0 "
+            "--prompt-min 4 --prompt-max 16 --out-min 2 --out-max 6 --shared-len 8 --system-len 64 --prefix-trials 1 "
+            "--single-new 4")
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", *args.split()])
+    runpy.run_path(str(REPO / "scripts" / "bench_serve.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for row in ("| engine (continuous batching) |", "| static batching (eager generate) |",
+                "| single request, eager generate |", "| single request, engine |", "prefix cache, 64-token"):
+        assert row in out, out
+
 
 
 @gpu
@@ -280,9 +294,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_compiled_engine_equals_each_request_alone_fp32(kind):
     """On CUDA: compiled blocks, the decode step as CUDA graphs at padded batch sizes, the paged kernel; 64 arriving
-    requests (fp32, TF32 off) give each request's eager greedy tokens; a second run replays without compiling."""
-    from torch._dynamo.utils import counters
-
+    requests (fp32, TF32 off) give each request's eager greedy tokens; a second run replays the same graphs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(300 + KINDS.index(kind))
     model = build_model(tiny(kind), device="cuda").eval()
@@ -293,10 +305,10 @@ def test_gpu_compiled_engine_equals_each_request_alone_fp32(kind):
     assert engine._in_place and all(graph.graph is not None for graph in engine._graphs.values())
     outputs = run_arriving(engine, requests, per_step=3)
     assert [outputs[f"r{i}"] for i in range(64)] == expected
-    before = counters["stats"]["unique_graphs"]
-    outputs = run_arriving(engine, requests, per_step=5)
+    graphs = dict(engine._graphs)
+    outputs = run_arriving(engine, requests, per_step=5)  # prefix-cache hits now
     assert [outputs[f"r{i}"] for i in range(64)] == expected
-    assert counters["stats"]["unique_graphs"] == before, "a warm engine must not compile again"
+    assert engine._graphs == graphs, "warm: every decode step replays a graph captured by warmup"
     assert_idle(engine)
 
 
@@ -439,6 +451,9 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     batch, q_heads, kv_heads, dk, dv, block, lengths, window = case
     q, k, v, pages, valid = paged_case(batch, q_heads, kv_heads, dk, dv, block, lengths, dtype, seed=len(lengths))
+    if torch.cuda.is_available():
+        q, k, v, valid = (t.cuda() for t in (q, k, v, valid))
+        pages = type(pages)(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in vars(pages).values()))
     if kv_heads == 1:  # MLA: the latent rows are both keys and values
         v = k
     mask = AttentionMask(q_offset=torch.tensor(pages.view_len - 1), key_padding=valid, pages=pages)
@@ -454,13 +469,19 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_decodes_through_the_paged_kernel(models, monkeypatch, kind):
-    """The engine's decode steps through the kernel (interpreted: a few short requests) give the tokens alone."""
+    """The engine's decode steps through the kernel (interpreted: a few short requests) give the tokens alone (the
+    CPU stand-in of the GPU tests below)."""
     from moeformer.layers import triton_dispatch
 
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_dispatch.INTERPRETER:
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if not triton_dispatch.INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1 (on a GPU: test_gpu_compiled_engine_equals_each_request_alone_fp32)")
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    expected = [alone(models[kind], p, 4) for p in prompts]
     engine = Engine(models[kind], block_size=4)
-    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == [alone(models[kind], p, 4) for p in prompts]
+    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == expected
+    engine.compile = True  # the padded decode step, here with eager blocks: no view built, the pools read in place
+    assert engine._in_place
+    assert engine.generate(prompts, SamplingParams(max_tokens=4)) == expected
+    assert {width for _, width in engine._graphs} == {engine._max_blocks}

@@ -17,10 +17,13 @@ step's new requests and aborts to the other ranks, then, after sampling, rank 0'
     model, _ = parallelize(model, ParallelConfig(tp=2))        # under torchrun, as for training
     engine = Engine(model, group=dist.new_group(backend="gloo"))  # the plan is a Python object: a CPU group suits it
     if dist.get_rank() == 0:
-        ...  # add_request / step as above; an idle server still calls step() now and then (the other ranks wait in
-        engine.close()  # a collective, which times out after the group's timeout)
+        ...              # add_request / step as above
+        engine.close()   # releases the other ranks
     else:
         engine.follow()
+
+Between steps the other ranks wait inside a collective: an idle server should still call `step()` (an empty step)
+more often than the group's timeout.
 """
 
 from __future__ import annotations
@@ -294,7 +297,8 @@ class Engine:
     # ---- running to completion, statistics ----------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[int]]:
-        """Run `prompts` to completion (with whatever else is queued); their output tokens, in order."""
+        """Run `prompts` to completion; their output tokens, in order. Requests queued by `add_request` run along,
+        but their step outputs are consumed here: use `step` to follow them."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
@@ -374,8 +378,8 @@ class _DecodeGraph:
 
     def _run(self) -> torch.Tensor:
         engine = self.engine
-        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1,
-                           self.width * engine.block_size, rows=self.rows)
+        view = None if engine._in_place else self.width * engine.block_size
+        batch = PagedBatch(engine.pools, engine.block_size, self.tables, self.lengths, 1, view, rows=self.rows)
         with _compile_settings():
             return engine.model(self.ids, cache=batch, stats=False, layers=engine._step_layers).logits[:, -1]
 
@@ -392,7 +396,8 @@ class _DecodeGraph:
         self.rows.zero_()
         if n:
             self.ids[:n, 0] = engine._tensor([r.tokens[r.computed] for r in rows])
-            self.tables[:n] = engine._tables(rows, self.width)
+            used = min(self.width, max(len(r.blocks) for r in rows))  # the rest stays the null block
+            self.tables[:n, :used] = engine._tables(rows, used)
             self.lengths[:n] = engine._tensor([r.computed + 1 for r in rows])
             self.rows[:n] = True
         if self.graph is None:

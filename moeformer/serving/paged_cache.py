@@ -6,7 +6,9 @@ A forward over the pool sees, per request row, its tokens gathered right-aligned
 view: row b's n_b tokens sit at view slots [L - n_b, L) and the forward's T new tokens are the last T slots of every
 row, so one `AttentionMask` (queries at the device offset L - T, left padding hidden by `key_padding`) serves the
 whole batch through the model's ordinary attention path; the shapes depend on (B, T, L) only, never on the lengths,
-which live in device tensors (a compiled, CUDA-graph captured decode step replays at any lengths)."""
+which live in device tensors (a compiled, CUDA-graph captured decode step replays at any lengths). A decode step
+(T = 1) instead hands attention the pools with the block tables (`moeformer.layers.attention.paged`): its kernel
+reads each row's own blocks in place, the view being the reference's."""
 
 from __future__ import annotations
 
@@ -170,26 +172,35 @@ class PagedBatch:
     its real tokens last, after seq - new[b] filler tokens, which are written to the null block and hidden from
     every query: several prompt chunks of different lengths share one forward) and `rows` (B,) bool, the real rows.
     `view_len` L (a multiple of the block size, at least every length + filler) fixes the view's width. A decode
-    step (seq 1) hands attention the pools and `Pages` through the mask (read in place by the paged kernel)."""
+    step (seq 1) hands attention the pools and `Pages` through the mask (read in place by the paged kernel); with
+    view_len None it builds no view at all (every layer must then read in place: the view of a long context costs
+    B x max_model_len indices per step)."""
 
     def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor, seq: int,
-                 view_len: int, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+                 view_len: int | None, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
         self.pools, self.seq = pools, seq
-        batch = block_tables.shape[0]
-        self.view_shape = (batch, view_len)
+        self.rows = batch = block_tables.shape[0]
         device = block_tables.device
-        column = torch.arange(view_len, device=device)
-        position = column - (view_len - lengths[:, None])  # token index of each view slot, (B, L)
         filler = None
-        if new is not None:
-            filler = (column >= view_len - seq) & (column < view_len - new[:, None])
-            position = torch.where(column < view_len - seq, position + seq - new[:, None], position)
-        self.valid = position >= 0 if filler is None else (position >= 0) & ~filler
-        position = position.clamp(min=0)
+        if view_len is None:
+            if seq != 1 or new is not None:
+                raise ValueError("a paged batch without a view runs one token per row")
+            position = (lengths - 1)[:, None]
+            self.valid, view_len = None, seq
+            self.view = Pages(block_tables, lengths, block_size, None, 0)
+        else:
+            column = torch.arange(view_len, device=device)
+            position = column - (view_len - lengths[:, None])  # token index of each view slot, (B, L)
+            if new is not None:
+                filler = (column >= view_len - seq) & (column < view_len - new[:, None])
+                position = torch.where(column < view_len - seq, position + seq - new[:, None], position)
+            self.valid = position >= 0 if filler is None else (position >= 0) & ~filler
+            position = position.clamp(min=0)
         slots = block_tables.gather(1, position // block_size) * block_size + position % block_size
         if filler is not None:
             slots = slots.masked_fill(filler, NULL_BLOCK * block_size)
-        self.view = Pages(block_tables, lengths, block_size, slots.reshape(-1), view_len)
+        if self.valid is not None:
+            self.view = Pages(block_tables, lengths, block_size, slots.reshape(-1), view_len)
         self.pages = self.view if seq == 1 else None
         self.write_slots = slots[:, view_len - seq:].reshape(-1)
         self.positions = position[:, view_len - seq:]
@@ -210,8 +221,8 @@ class PagedBatch:
     def begin(self, batch: int, seq: int, attention_mask: torch.Tensor | None
               ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor | None]:
         """The forward's attention mask, rope positions and MoE token mask (fillers and padded rows route nothing)."""
-        if (batch, seq) != (self.view_shape[0], self.seq) or attention_mask is not None:
-            raise ValueError(f"a paged batch runs {self.view_shape[0]} rows of {self.seq} tokens without an "
+        if (batch, seq) != (self.rows, self.seq) or attention_mask is not None:
+            raise ValueError(f"a paged batch runs {self.rows} rows of {self.seq} tokens without an "
                              f"attention_mask, got ({batch}, {seq})")
         mask = AttentionMask(q_offset=self.offset, key_padding=self.valid, pages=self.pages)
         return mask, self.positions, self.token_mask
