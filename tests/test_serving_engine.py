@@ -127,6 +127,29 @@ def test_prefix_hit_gives_the_miss_tokens_and_skips_prefill(models, kind):
     assert_idle(engine)
 
 
+def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes(models):
+    """A 56-token prompt arriving with prefill_chunk 8 takes 7 steps to prefill, and in each of them both running
+    requests still get their token; its own output equals generating it alone."""
+    model = models["moe"]
+    engine = Engine(model, block_size=4, prefill_chunk=8)
+    for name in ("a", "b"):
+        engine.add_request(name, [1, 2, 3], SamplingParams(max_tokens=20))
+    engine.step()  # both prompts in one chunk forward, first tokens
+    long_prompt = torch.randint(0, VOCAB, (56,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine.add_request("long", long_prompt, SamplingParams(max_tokens=3))
+    before = engine.prefilled_tokens
+    for _ in range(6):
+        outs = {o.request_id: o.new_token_ids for o in engine.step()}
+        assert len(outs["a"]) == len(outs["b"]) == 1 and outs["long"] == []
+    outs = {o.request_id: o.new_token_ids for o in engine.step()}
+    assert len(outs["a"]) == len(outs["b"]) == len(outs["long"]) == 1  # the 7th chunk ends the prompt
+    assert engine.prefilled_tokens - before == 56
+    rest = outs["long"]
+    while engine.has_unfinished():
+        rest += [t for o in engine.step() if o.request_id == "long" for t in o.new_token_ids]
+    assert rest == alone(model, long_prompt, 3)
+
+
 def test_stop_tokens_eos_and_finish_reasons(models):
     model = models["moe"]
     g = torch.Generator().manual_seed(0)
