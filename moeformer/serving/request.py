@@ -16,9 +16,9 @@ FINISH_REASONS = ("stop", "length", "abort")
 class SamplingParams:
     """How one request samples: temperature 0 is greedy; top_k 0 and top_p 1 are off. `seed` gives the request its
     own generator, so its tokens do not depend on which other requests share its batch (None: torch's global RNG,
-    one draw for all such requests of a step).
-    Generation stops after `max_tokens` tokens or at a token of `stop_token_ids` (or the engine's eos), which is
-    kept as the last output token. Invalid values raise ValueError naming the field."""
+    one draw for all such requests of a step). Generation stops after `max_tokens` tokens or at a token of
+    `stop_token_ids` (or the engine's eos), which is kept as the last output token. Invalid values raise ValueError
+    naming the field."""
 
     max_tokens: int = 16
     temperature: float = 0.0
