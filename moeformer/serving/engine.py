@@ -39,7 +39,7 @@ from moeformer.layers.attention.paged import kernel_fits
 from moeformer.layers.mla import MLAttention
 from moeformer.models.generation import _compile_settings, _compiled_layers, capture_graph, sample_next
 from moeformer.serving.paged_cache import BlockPool, PagedBatch, layer_pool
-from moeformer.serving.request import Request, SamplingParams, StepOutput
+from moeformer.serving.request import Request, SamplingParams, StepOutput, sample_rows
 from moeformer.serving.scheduler import Scheduler
 
 CPU_CACHE_BUDGET = 1 << 30  # default KV cache bytes on the CPU (at most what max_batch full requests need)
@@ -281,14 +281,26 @@ class Engine:
         return torch.tensor(data, dtype=torch.long).to(self.device, non_blocking=True)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """One token per row: argmax for greedy requests, else each with its own options and generator; on a
-        multi-rank engine every rank takes rank 0's tokens."""
+        """One token per row: argmax for greedy requests; seeded ones each from its own generator (`sample_next`,
+        as `generate` draws); the other sampled rows together (`sample_rows`). On a multi-rank engine every rank
+        takes rank 0's tokens."""
         tokens = logits.argmax(dim=-1)
+        unseeded = []
         for i, request in enumerate(requests):
             p = request.params
-            if not p.greedy:
-                tokens[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k or None,
-                                        p.top_p if p.top_p < 1 else None, request.generator)[0]
+            if p.greedy:
+                continue
+            if request.generator is None:
+                unseeded.append(i)
+                continue
+            tokens[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k or None, p.top_p if p.top_p < 1 else None,
+                                    request.generator)[0]
+        if unseeded:
+            params = [requests[i].params for i in unseeded]
+            options = torch.tensor([[p.temperature, p.top_k, p.top_p] for p in params], dtype=torch.float64)
+            temperature, top_k, top_p = options.to(self.device).unbind(1)
+            rows = torch.tensor(unseeded, device=self.device)
+            tokens[rows] = sample_rows(logits[rows], temperature.float(), top_k.long(), top_p.float())
         tokens = tokens.tolist()
         if self.group is not None:
             tokens = self._broadcast(tokens)

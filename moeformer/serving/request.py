@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -14,9 +15,10 @@ FINISH_REASONS = ("stop", "length", "abort")
 @dataclass
 class SamplingParams:
     """How one request samples: temperature 0 is greedy; top_k 0 and top_p 1 are off. `seed` gives the request its
-    own generator, so its tokens do not depend on which other requests share its batch (None: torch's global RNG).
-    Generation stops after `max_tokens` tokens or at a token of `stop_token_ids` (or the engine's eos), which is
-    kept as the last output token. Invalid values raise ValueError naming the field."""
+    own generator, so its tokens do not depend on which other requests share its batch (None: torch's global RNG,
+    one draw for all such requests of a step). Generation stops after `max_tokens` tokens or at a token of
+    `stop_token_ids` (or the engine's eos), which is kept as the last output token. Invalid values raise ValueError
+    naming the field."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -98,3 +100,18 @@ class Request:
             self.finish_reason = "stop"
         elif len(self.tokens) - self.prompt_len >= self.params.max_tokens:
             self.finish_reason = "length"
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                ) -> torch.Tensor:
+    """One token per row of `logits` (N, V), each row with its own temperature (> 0), top_k (0: off) and top_p
+    (1: off), all (N,) tensors, in one draw from torch's global RNG: the distribution of `sample_next` per row
+    (top-k, ties kept, then the smallest prefix of mass top_p), without a launch per row."""
+    scaled = logits.float() / temperature[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=ordered.shape[-1]), ordered.shape[-1])
+    ordered = ordered.masked_fill(ordered < ordered.gather(1, (k - 1)[:, None]), float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    choice = torch.multinomial(F.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1), 1)
+    return order.gather(1, choice).squeeze(1)
