@@ -25,6 +25,7 @@ from moeformer.models import (
     quantize,
     quantized_weights,
 )
+from moeformer.serving import Engine, SamplingParams, StepOutput
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "Decoder",
+    "Engine",
     "ExpertUsage",
     "MLAConfig",
     "MoEConfig",
@@ -42,7 +44,9 @@ __all__ = [
     "NonFiniteStateError",
     "ParamCount",
     "ResumeConfigError",
+    "SamplingParams",
     "StaticCache",
+    "StepOutput",
     "build_model",
     "build_quantized",
     "compile_blocks",

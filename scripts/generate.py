@@ -17,14 +17,13 @@ import argparse
 import torch
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
 from moeformer.models.generation import StepTimer
-from moeformer.training.tokenizer import load_tokenizer
+from moeformer.serving.loading import add_model_arguments, load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint directory (native or Hugging Face)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", default="def ", help="text to continue")
     parser.add_argument("--num-samples", type=int, default=2, help="rows generated together (one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -32,23 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight-only quantization")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
-    parser.add_argument("--compile", action="store_true", help="static cache, compiled decode (CUDA graph on GPU)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
-                        help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
-    dtype = DTYPE_NAMES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     with reported_errors(args.debug):
-        model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
-                                group_size=args.group_size)
-        tokenizer = load_tokenizer(args.model)
+        model, tokenizer = load_model(args)
         prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)] * args.num_samples, device=args.device)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos=tokenizer.eos_id,

@@ -199,17 +199,23 @@ class Decoder:
         the cache empty: capturing records kernels without running them."""
         self.cache.reset()
         self.cache.prefilled = True  # the step's code path: a prompt is in
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_logits()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._step_logits()
-        self._graph = graph
+        self._graph, self._logits = capture_graph(self._step_logits)
         self.cache.reset()
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run `fn` twice on a side stream (compiling and warming it), then capture one call as a CUDA graph, in the
+    memory `pool` if given (graphs replayed one at a time may share one); the graph and its output buffer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def prefill_bucket(length: int) -> int:
@@ -217,10 +223,11 @@ def prefill_bucket(length: int) -> int:
     return max(MIN_PREFILL, 1 << (length - 1).bit_length())
 
 
-def _compiled_layers(model, fullgraph: bool) -> list:
-    """torch.compile of each of `model`'s blocks at fixed shapes (wrappers: the model itself is left as it is). Every
-    block of one kind runs the same compiled code, so the model compiles about as fast as one block."""
-    return [torch.compile(block, fullgraph=fullgraph, dynamic=False) for block in model.layers]
+def _compiled_layers(model, fullgraph: bool, dynamic: bool | None = False) -> list:
+    """torch.compile of each of `model`'s blocks, at fixed shapes unless `dynamic` (wrappers: the model itself is
+    left as it is). Every block of one kind runs the same compiled code, so the model compiles about as fast as one
+    block."""
+    return [torch.compile(block, fullgraph=fullgraph, dynamic=dynamic) for block in model.layers]
 
 
 def _compile_settings():

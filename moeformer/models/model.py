@@ -189,7 +189,7 @@ class CausalLM(nn.Module):
             generation.check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-        if isinstance(cache, StaticCache):
+        if hasattr(cache, "begin"):  # a cache that places the tokens itself: StaticCache, the serving PagedBatch
             if document_ids is not None:
                 raise ValueError("a static cache decodes one sequence per row: document_ids do not apply")
             mask, static_positions, token_mask = cache.begin(B, T, attention_mask)

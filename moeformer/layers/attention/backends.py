@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moeformer.layers.attention.mask import AttentionMask
+from moeformer.layers.attention.paged import paged_decode, uses_kernel
 
 BACKENDS = ("auto", "eager", "sdpa", "flash_attn", "flex")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -177,7 +178,12 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: i
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, window: int | None,
            scale: float, backend: str) -> torch.Tensor:
-    """Masked softmax attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D)."""
+    """Masked softmax attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D); or,
+    with `mask.pages`, k/v the paged pools (slots, Hkv, D), read in place by one-query steps' kernel, else gathered."""
+    if mask.pages is not None and k.dim() == 3:
+        if uses_kernel(q, k, v, mask.pages, backend):
+            return paged_decode(q, k, v, mask.pages, window, scale)
+        k, v = mask.pages.gather(k), mask.pages.gather(v)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"attend expects q (B, Hq, Tq, D) and k, v of equal shape (B, Hkv, Tk, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -24,12 +24,14 @@ class AttentionMask:
     q_offset is a host int when the keys are the cached prefix plus the new tokens (k_len = q_offset + q_len), or a
     0-d device tensor when the keys are a whole preallocated buffer (static-cache decoding): then nothing here reads
     it on the host, so one compiled step serves every position without a sync, and `key_padding` (the buffer's
-    validity) hides the slots not written yet.
+    validity) hides the slots not written yet. With `pages` the keys come as paged pools (serving); the rule is that
+    of their gathered view (see `moeformer.layers.attention.paged`).
     """
 
     q_offset: int | torch.Tensor = 0  # key index of the first query (cache length before this forward)
     key_padding: torch.Tensor | None = None  # (B, Tk) bool, True = real token, covering cached + new keys
     document_ids: torch.Tensor | None = None  # (B, Tk) int, packed documents: attend only within the same id
+    pages: Any = None  # `paged.Pages` when the keys are read from paged pools (the rule above is of their view)
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
