@@ -1,10 +1,14 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
-from moeformer.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, NonFiniteStateError,
-                              ResumeConfigError)
+from moeformer.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    NonFiniteStateError,
+    ResumeConfigError,
+)
 from moeformer.layers.lm_head import linear_cross_entropy
 from moeformer.layers.moe import MoEConfig
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models import (
     CausalLM,
     CausalLMOutput,
@@ -21,6 +25,8 @@ from moeformer.models import (
     quantize,
     quantized_weights,
 )
+from moeformer.models.checkpoint import save_pretrained
+from moeformer.models.model import from_pretrained
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,8 @@ import math
 import torch
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES
+from moeformer.models.model import from_pretrained
 from moeformer.training.data import TokenDataset
 
 

@@ -17,8 +17,9 @@ import argparse
 import torch
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES
 from moeformer.models.generation import StepTimer
+from moeformer.models.model import from_pretrained
 from moeformer.training.tokenizer import load_tokenizer
 
 

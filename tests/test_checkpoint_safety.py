@@ -25,11 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeformer.errors import CheckpointError, ConfigError, write_error
-from moeformer.models import checkpoint
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
+from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.hf import family_for_config
-from moeformer.models.model import CausalLM
+from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import load_config
 from tests.workers import REPO, worker_env

@@ -522,7 +522,7 @@ def scenario_compiled_vs_eager(work: Path) -> dict:
 def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
     from safetensors.torch import load_file
 
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)

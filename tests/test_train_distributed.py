@@ -453,7 +453,7 @@ def test_bf16_with_grad_accumulation_trains(results):
 def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs that write the exports
     """ZeRO-3's export (its partitions gathered) holds the weights it trained: the exported model's val loss is the
     run's own, and its weights are ZeRO-0's within what AdamW makes of summation-order noise (tests/numerics.py)."""
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
 
     for stage in ("0", "3"):
         want = results["main"]["zero"][stage]["val_loss"]
@@ -464,7 +464,7 @@ def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs
 
 def exported_val_loss(work: Path, name: str) -> float:
     """The evaluation of the run `name` (the first val batch of each of 2 ranks) redone with its exported model."""
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.training.data import ShardedBatches, TokenDataset
 
     model = from_pretrained(work / name / "model").eval()

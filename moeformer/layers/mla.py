@@ -7,7 +7,7 @@ Each head's query/key is `[nope | rope]`: the `nope` part comes from the latent 
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +16,18 @@ from torch import nn
 
 from moeformer.layers.attention import AttentionMask, attend, cache_update
 from moeformer.layers.norms import RMSNorm
-from moeformer.layers.rope import apply_rotary
-from moeformer.models.config import MLAConfig
+from moeformer.layers.rope import apply_rotary, yarn_mscale
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q/kv projections with decoupled RoPE."""
+
+    q_lora_rank: int | None = None  # None: full-rank q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
 
 
 def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None) -> float:
@@ -26,12 +36,8 @@ def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None
     scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
     if not rope_scaling or (rope_scaling.get("type") or rope_scaling.get("rope_type")) in (None, "default"):
         return scale
-    mscale_all_dim = rope_scaling.get("mscale_all_dim") or 0.0
-    factor = rope_scaling.get("factor") or 1.0
-    if mscale_all_dim and factor > 1:
-        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-        scale *= mscale * mscale
-    return scale
+    mscale = yarn_mscale(rope_scaling.get("factor") or 1.0, rope_scaling.get("mscale_all_dim") or 0.0)
+    return scale * mscale * mscale
 
 
 def _attend_mixed_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,

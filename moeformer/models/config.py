@@ -14,8 +14,10 @@ from typing import Any
 import yaml
 
 from moeformer.errors import ConfigError
+from moeformer.layers.mla import MLAConfig
 from moeformer.layers.moe.config import MoEConfig
 from moeformer.layers.quant.formats import check_format
+from moeformer.models.zoo import zoo_path
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -24,17 +26,6 @@ SOFTMAX_ATTENTION = "softmax"
 MLA_ATTENTION = "mla"
 LINEAR_ATTENTION = {"linear": "vanilla", "retnet": "retnet", "gla": "gla", "deltanet": "deltanet"}  # type -> kind
 ATTENTION_TYPES = (SOFTMAX_ATTENTION, MLA_ATTENTION, *LINEAR_ATTENTION)
-
-
-@dataclass
-class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q/kv projections with decoupled RoPE."""
-
-    q_lora_rank: int | None = None  # None: full-rank q projection
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
 
 
 @dataclass
@@ -178,8 +169,6 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """Look a model up in the zoo (`configs/models/<name>.yaml`), with keyword overrides."""
-        from moeformer.models.zoo import zoo_path
-
         config = cls.from_yaml(zoo_path(name))
         return config.replace(**overrides) if overrides else config
 

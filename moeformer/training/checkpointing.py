@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -36,7 +35,8 @@ import torch.distributed as dist
 
 from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
 from moeformer.models.checkpoint import exchange_dirs
-from moeformer.safe_files import confined, load_pickle
+from moeformer.parallel import save_expert_checkpoint, save_layout
+from moeformer.safe_files import confined, fsync_dir, load_pickle, write_atomic
 
 COMPLETE_FILE = "COMPLETE"
 MARKER_FORMAT = 1
@@ -50,32 +50,6 @@ TRASH_PREFIX = ".trash-"  # a directory being deleted
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` (permissions as for any new file: umask applies), fsync it,
-    rename it over `path` and fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory `path` (created, renamed or removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: Path) -> None:
@@ -467,8 +441,6 @@ def save_parallel_extras(engine, root: Path, tag: str) -> None:
     groups = getattr(engine.module, "parallel_groups", None)
     if groups is None:
         return
-    from moeformer.parallel import save_expert_checkpoint, save_layout
-
     if groups.config.ep > 1:
         save_expert_checkpoint(engine, root, tag)
     if groups.config.pp == 1:  # pipeline checkpoints are per layer: no offline consolidation

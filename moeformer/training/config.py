@@ -19,6 +19,7 @@ import yaml
 
 from moeformer.errors import ConfigError, ResumeConfigError
 from moeformer.models.config import ModelConfig, check_value
+from moeformer.safe_files import write_atomic
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
@@ -178,8 +179,6 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write as YAML, atomically (a kill never leaves half a config)."""
-        from moeformer.training.checkpointing import write_atomic
-
         write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

@@ -34,8 +34,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from moeformer.layers.moe import update_router_biases
+from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
-from moeformer.parallel.groups import init_distributed
+from moeformer.parallel import full_state_dict, init_distributed, parallelize
+from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
@@ -44,7 +46,6 @@ from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_tok
 from moeformer.training.optim import build_optimizer
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
-
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per start of a run: its config and what a resume changed
 OPTIM_HPARAMS = ("initial_lr", "betas", "eps", "weight_decay")  # what a checkpoint restores of each AdamW group
@@ -105,8 +106,6 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     if t.zero_stage == 3:
         built["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if config.parallel.pp > 1:
-        from moeformer.parallel.pipeline import PIPELINE_CONFIG
-
         built["pipeline"] = dict(PIPELINE_CONFIG)
     if config.deepspeed.config is None:
         return built
@@ -136,12 +135,6 @@ def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, di
     """
     if config.parallel == ParallelConfig():
         return model, {}
-    try:
-        from moeformer.parallel import parallelize
-    except ImportError as e:
-        raise NotImplementedError(
-            f"parallel={config.parallel} needs moeformer.parallel.parallelize, which is not available yet"
-        ) from e
     return parallelize(model, config.parallel)
 
 
@@ -206,8 +199,6 @@ class Trainer:
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
         self.router_group = None  # ranks whose expert loads are summed for router bias updates (None: all)
         if self.pipeline:
-            from moeformer.parallel.pipeline import stage_group
-
             self.router_group = stage_group(model)
         ds_config = deepspeed_config(config, self.dp_size)
         self.optimizer = build_optimizer(model, config.optim)
@@ -438,19 +429,13 @@ class Trainer:
         if self.engine.zero_optimization_partition_weights():
             state = self.engine._zero3_consolidated_16bit_state_dict()
         elif self.pipeline:
-            from moeformer.parallel.pipeline import pipeline_full_state_dict
-
             state = pipeline_full_state_dict(self.engine.module)
         elif self.config.parallel != ParallelConfig():  # expert / tensor shards: gather the single-process layout
-            from moeformer.parallel import full_state_dict
-
             state = full_state_dict(self.engine.module)
         else:
             state = self.engine.module.state_dict() if self.rank == 0 else None
         path = self.out_dir / "model"
         if self.rank == 0:
-            from moeformer.models.checkpoint import save_pretrained
-
             model = build_model(self.model_config, device="cpu")
             model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
             save_pretrained(model, path, format=fmt, dtype=next(iter(state.values())).dtype)
