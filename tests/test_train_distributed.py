@@ -473,7 +473,7 @@ def exported_val_loss(work: Path, name: str) -> float:
     for rank in range(2):
         batch = next(iter(ShardedBatches(val, MICRO, rank, 2, shuffle=False, loop=False)))
         with torch.no_grad():
-            out = model(batch["input_ids"], targets=batch["labels"], position_ids=batch["position_ids"],
+            out = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"],
                         document_ids=batch["document_ids"], return_logits=False)
         losses.append(out.ce_loss.item())
     return sum(losses) / len(losses)

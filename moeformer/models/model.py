@@ -10,7 +10,7 @@ from torch import nn
 
 from moeformer.layers.attention import Attention, AttentionMask
 from moeformer.layers.linear_attention import CausalLinearAttention
-from moeformer.layers.lm_head import IGNORE_INDEX, LMHead, chunked_cross_entropy
+from moeformer.layers.lm_head import IGNORE_INDEX, LMHead
 from moeformer.layers.mla import MLAttention, mla_softmax_scale
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEStats, update_router_biases
@@ -167,7 +167,8 @@ class CausalLM(nn.Module):
         shifted (position t predicts targets[t]); -100 is ignored. `attention_mask` (B, T_cache + T), 1 = real
         token, supports left padding (with a `StaticCache`: (B, T) with the prompt only). `stats=False` skips the MoE
         aux losses and statistics (inference); `logits_to_keep=n` computes the logits of the last n positions only
-        (0: all). `layers` runs other modules as the blocks, one per layer (the generation `Decoder` passes compiled
+        (0: all); the loss never needs them: the LM head computes it from the hidden states, chunk by chunk.
+        `layers` runs other modules as the blocks, one per layer (the generation `Decoder` passes compiled
         wrappers of them).
 
         Checked here: the shapes, the sequence length against `config.max_seq_len` (not under dynamic-NTK rope,
@@ -222,12 +223,7 @@ class CausalLM(nn.Module):
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            if logits is not None and not logits_to_keep:
-                ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.config.loss_chunk_size)
-            elif isinstance(self.lm_head, LMHead):
-                ce = self.lm_head(x, targets, self.config.loss_chunk_size)
-            else:  # a head replaced by a parallelism transform: logits only
-                ce = chunked_cross_entropy(x, targets, self.lm_head, self.config.loss_chunk_size)
+            ce = self.lm_head(x, targets, self.config.loss_chunk_size)  # every head: hidden states + targets -> loss
             loss = ce + aux if aux is not None else ce
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=moe_stats)
 

@@ -31,8 +31,8 @@ from moeformer.parallel.tensor import (
     RowParallelLinear,
     TensorParallelExperts,
     VocabParallelEmbedding,
+    VocabParallelLMHead,
     apply_tensor_parallel,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -78,6 +78,7 @@ __all__ = [
     "Shard",
     "TensorParallelExperts",
     "VocabParallelEmbedding",
+    "VocabParallelLMHead",
     "apply_expert_parallel",
     "apply_tensor_parallel",
     "consolidate_checkpoint",
@@ -92,5 +93,4 @@ __all__ = [
     "save_layout",
     "shutdown_distributed",
     "to_pipeline",
-    "vocab_parallel_cross_entropy",
 ]

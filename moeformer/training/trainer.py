@@ -269,12 +269,12 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[CausalLMOutput, torch.Tensor, torch.Tensor]:
-        """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
+        """Model output, next-token cross-entropy against the batch's (already shifted) targets, and the loss to
         minimise (cross-entropy + weighted MoE aux losses)."""
         packed = self.config.data.packed_documents
         out = self.engine(
             batch["input_ids"],
-            targets=batch["labels"],
+            targets=batch["targets"],
             position_ids=batch["position_ids"] if packed else None,
             document_ids=batch["document_ids"] if packed else None,
             return_logits=False,
@@ -358,12 +358,12 @@ class Trainer:
         return loss
 
     def _pipeline_batch(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """A batch in the pipeline's format: (input_ids or (input_ids, position_ids, document_ids), labels)."""
+        """A batch in the pipeline's format: (input_ids or (input_ids, position_ids, document_ids), targets)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         inputs = batch["input_ids"]
         if self.config.data.packed_documents:
             inputs = (inputs, batch["position_ids"], batch["document_ids"])
-        return inputs, batch["labels"]
+        return inputs, batch["targets"]
 
     def _step_record(self, sums: dict[str, torch.Tensor], micro_batches: int, seconds: float) -> dict[str, Any]:
         """Averages of the step's sums over its finite micro-batches and all ranks, throughput and memory."""
