@@ -113,8 +113,8 @@ def checkpoint_round_trip(engine, build, stage: int, path: Path, ids, targets) -
     dist.barrier()
     offline = consolidate_checkpoint(path, "t")
     torch.manual_seed(99)
-    model, kwargs = build()
-    other = make_engine(model, stage, kwargs, ids.shape[0])
+    model, groups = build()
+    other = make_engine(model, stage, groups.initialize_kwargs, ids.shape[0])
     other.load_checkpoint(str(path), tag="t")
     want, got = full_state_dict(engine.module), full_state_dict(other.module)
     err = max(max_err(want[name], got[name]) for name in want)
@@ -176,8 +176,8 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
     ids, targets = fixed_batch(cfg.vocab_size)
     probe = copy.deepcopy(ref)
     apply_activation_checkpointing(probe, checkpointing)
-    model, kwargs = parallelize(probe, pc)
-    groups = model.parallel_groups
+    model, groups = parallelize(probe, pc)
+    kwargs = groups.initialize_kwargs
     dp, dp_rank = groups.config.dp, dist.get_rank(groups.data)
     micro = BATCH // dp
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
@@ -199,8 +199,8 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
 
     ref_curve = reference_curve(fresh(), micro_batches, STEPS)
     for stage in stages:
-        model, kwargs = parallelize(fresh(), pc)
-        engine = make_engine(model, stage, kwargs, micro)
+        model, stage_groups = parallelize(fresh(), pc)
+        engine = make_engine(model, stage, stage_groups.initialize_kwargs, micro)
         curve = engine_curve(engine, ids[rows], targets[rows], groups.data, STEPS)
         results[key][f"curve_err_zero{stage}"] = max(abs(a - b) for a, b in zip(curve, ref_curve))
         results[key][f"curve_zero{stage}"] = curve

@@ -38,6 +38,12 @@ class ParallelGroups:
         return f"ep_size_{self.config.ep}"
 
     @property
+    def initialize_kwargs(self) -> dict[str, object]:
+        """The extra keyword arguments of `deepspeed.initialize`: the grid as `mpu` with tensor parallelism (a
+        pipeline module carries its own grid instead)."""
+        return {"mpu": self.mpu} if self.mpu is not None and self.config.pp == 1 else {}
+
+    @property
     def ep_rank(self) -> int:
         return dist.get_rank(self.expert) if self.expert is not None else 0
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
 from moeformer.models.checkpoint import exchange_dirs
-from moeformer.parallel import save_expert_checkpoint, save_layout
+from moeformer.parallel import ParallelGroups, save_expert_checkpoint, save_layout
 from moeformer.safe_files import confined, fsync_dir, load_pickle, write_atomic
 
 COMPLETE_FILE = "COMPLETE"
@@ -100,9 +100,11 @@ class CheckpointManager:
         self._verified: set[Path] = set()
 
     # ---- saving ----------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None) -> Path:
+    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None,
+             groups: ParallelGroups | None = None) -> Path:
         """Save the engine, this rank's trainer state and `run_info` (rank 0's, as run.json) as `step_<step>`, mark
-        it complete and latest, then prune. Raises NonFiniteStateError, writing nothing, when the weights or
+        it complete and latest, then prune. `groups`: those `moeformer.parallel.parallelize` returned for the model,
+        if any (expert files and the shard layout are saved beside). Raises NonFiniteStateError, writing nothing, when the weights or
         optimizer state of any rank hold NaN/inf."""
         tag = tag_for(step)
         path, staging = self.root / tag, self.root / f"{STAGING_PREFIX}{tag}"
@@ -121,7 +123,8 @@ class CheckpointManager:
             with checkpoint_files(engine, staging):
                 engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step},
                                        save_latest=False)
-                save_parallel_extras(engine, self.root, staging.name)
+                if groups is not None:
+                    save_parallel_extras(engine, groups, self.root, staging.name)
             state_file = staging / f"trainer_state_rank{self.rank}.pt"
             with naming_file(state_file), open(state_file, "wb") as f:
                 torch.save({"step": step, **trainer_state, "rng": rng_state()}, f)
@@ -435,12 +438,10 @@ def _from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def save_parallel_extras(engine, root: Path, tag: str) -> None:
-    """For a model parallelised by `moeformer.parallel.parallelize`: the per-expert files DeepSpeed cannot write for
-    our expert modules (needed to resume with ep > 1) and the shard layout (for offline consolidation)."""
-    groups = getattr(engine.module, "parallel_groups", None)
-    if groups is None:
-        return
+def save_parallel_extras(engine, groups: ParallelGroups, root: Path, tag: str) -> None:
+    """For a model parallelised by `moeformer.parallel.parallelize` into `groups`: the per-expert files DeepSpeed
+    cannot write for our expert modules (needed to resume with ep > 1) and the shard layout (for offline
+    consolidation)."""
     if groups.config.ep > 1:
         save_expert_checkpoint(engine, root, tag)
     if groups.config.pp == 1:  # pipeline checkpoints are per layer: no offline consolidation

@@ -19,6 +19,7 @@ import yaml
 
 from moeformer.errors import ConfigError, ResumeConfigError
 from moeformer.models.config import ModelConfig, check_value
+from moeformer.parallel.config import ParallelConfig
 from moeformer.safe_files import write_atomic
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -94,15 +95,6 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Model-parallel sizes; data parallelism takes the rest of the world. Applied by `moeformer.parallel`."""
-
-    ep: int = 1
-    tp: int = 1
-    pp: int = 1
-
-
-@dataclass
 class RunConfig:
     """Everything a training run needs; `out_dir` receives checkpoints, logs, plots and the exported model."""
 
@@ -113,7 +105,7 @@ class RunConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # data parallelism takes the rest of the world
 
     def __post_init__(self) -> None:
         _check_choice("optim.schedule", self.optim.schedule, SCHEDULES)
@@ -127,7 +119,7 @@ class RunConfig:
         if self.parallel.pp > 1:
             self._check_pipeline()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
-                    "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
+                    "train.max_nonfinite", "train.checkpoint_every_k"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")

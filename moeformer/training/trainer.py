@@ -36,11 +36,11 @@ from tqdm import tqdm
 from moeformer.layers.moe import update_router_biases
 from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
-from moeformer.parallel import full_state_dict, init_distributed, parallelize
+from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, init_distributed, parallelize
 from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
-from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
+from moeformer.training.config import RunConfig, resume_changes, run_identity
 from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
 from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
 from moeformer.training.optim import build_optimizer
@@ -127,14 +127,12 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Hand the built model to `moeformer.parallel.parallelize(model, parallel_config)` when any of ep/tp/pp > 1.
-
-    It returns the model to train and extra keyword arguments for `deepspeed.initialize`; an `mpu` among them
-    (get_data_parallel_rank/world_size, get_model_parallel_*) also decides how the data is sharded.
-    """
+def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, ParallelGroups | None]:
+    """Hand the built model to `moeformer.parallel.parallelize` when any of ep/tp/pp > 1: the model to train and
+    its groups (None otherwise). The groups' `mpu` (get_data_parallel_rank/world_size, get_model_parallel_*) also
+    decides how the data is sharded."""
     if config.parallel == ParallelConfig():
-        return model, {}
+        return model, None
     return parallelize(model, config.parallel)
 
 
@@ -191,11 +189,11 @@ class Trainer:
 
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
-        model, initialize_kwargs = apply_parallelism(model, config)
+        model, self.parallel_groups = apply_parallelism(model, config)
         self.pipeline = config.parallel.pp > 1
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
                                                       config.train.checkpoint_every_k)
-        mpu = model.mpu() if self.pipeline else initialize_kwargs.get("mpu")
+        mpu = self.parallel_groups.mpu if self.parallel_groups is not None else None
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
         self.router_group = None  # ranks whose expert loads are summed for router bias updates (None: all)
         if self.pipeline:
@@ -207,7 +205,7 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=partial(build_scheduler, total_steps=config.train.steps, config=config.optim),
             config=ds_config,
-            **initialize_kwargs,
+            **(self.parallel_groups.initialize_kwargs if self.parallel_groups is not None else {}),
         )
         # no DeepSpeed wrapper (ZeRO-0 without bf16) checks the gradient norm before stepping: the optimizer does
         self.optimizer.check_gradients = self.engine.optimizer is self.optimizer
@@ -418,7 +416,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"data": self.train_batches.state_dict(), "tokens": self.tokens_seen,
                  "nonfinite_in_row": self.guard.in_row, "nonfinite_total": self.guard.total}
-        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity})
+        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity},
+                                     groups=self.parallel_groups)
 
     def export(self) -> Path | None:
         """Write the final weights (ZeRO-3 partitions or expert/tensor shards gathered) with the tokenizer files to
