@@ -431,7 +431,7 @@ def test_registry_and_family_choice():
 
 
 def test_hf_load_balancing_loss_matches_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     torch.manual_seed(0)

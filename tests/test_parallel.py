@@ -556,8 +556,9 @@ def test_expert_parallel_matches_single_process(two_ranks):
 @pytest.mark.distributed
 def test_tensor_parallel_matches_single_process(two_ranks):
     sharded = two_ranks["tp2"]["sharded"]
-    for name in ("tok_embeddings.weight", "lm_head.weight", "layers.0.attn.q_proj.weight", "layers.0.attn.k_proj.weight",
-                 "layers.0.attn.o_proj.weight", "layers.0.mlp.down_proj.weight", "layers.1.mlp.shared_expert.up_proj.weight"):
+    for name in ("tok_embeddings.weight", "lm_head.weight", "layers.0.attn.q_proj.weight",
+                 "layers.0.attn.k_proj.weight", "layers.0.attn.o_proj.weight", "layers.0.mlp.down_proj.weight",
+                 "layers.1.mlp.shared_expert.up_proj.weight"):
         assert name in sharded, name
     assert "layers.1.mlp.experts.w_in" not in sharded  # routed experts stay whole without expert_tp
     assert_layout(two_ranks["tp2"], stages=(0,))

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.numerics import (BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree,
-                            trained_loss_bound)
+from tests.numerics import BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
 TINY_MODEL = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 128,
@@ -263,7 +262,8 @@ def scenario_single(work: Path) -> dict:
         "moments_compared": sum(len(m) for m in moments2.values()),
         "lrs": [r["lr"] for r in map(json.loads, (work / "nonfinite_accum" / "metrics.jsonl").read_text().splitlines())
                 if r["split"] == "train"],
-        "reference_lrs": [r["lr"] for r in map(json.loads, (work / "parity1" / "metrics.jsonl").read_text().splitlines())
+        "reference_lrs": [r["lr"] for r in map(json.loads,
+                                               (work / "parity1" / "metrics.jsonl").read_text().splitlines())
                           if r["split"] == "train"],
     }
 

@@ -57,7 +57,8 @@ def _pipeline(model: nn.Module, config: ParallelConfig) -> tuple[nn.Module, Para
     apply_expert_parallel(model, groups)
     apply_tensor_parallel(model, groups)
     cfg = groups.config
-    pipe = to_pipeline(model, cfg.pp, topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))
+    topology = PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp)
+    pipe = to_pipeline(model, cfg.pp, topology=topology)
     return pipe, groups
 
 

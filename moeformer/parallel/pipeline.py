@@ -114,7 +114,8 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
         layers = [tied(), *(BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))]
         layers += [NormPipe(model.norm), tied(forward_fn=tied_head)]
     else:
-        layers = [EmbeddingPipe(model.tok_embeddings), *(BlockPipe(b, model.rope, i) for i, b in enumerate(model.layers))]
+        blocks = (BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))
+        layers = [EmbeddingPipe(model.tok_embeddings), *blocks]
         layers.append(NormPipe(model.norm, model.lm_head))
     # the engine backpropagates each stage output with retain_graph=True, which a compiled graph (e.g. FlexAttention's
     # kernel) refuses when it donates saved buffers; the flag is read at compile and at backward time: process-wide

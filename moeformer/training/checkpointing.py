@@ -54,7 +54,7 @@ def tag_for(step: int) -> str:
 
 def fsync_tree(path: Path) -> None:
     """fsync every file under `path`, then every directory, deepest first."""
-    for root, dirs, files in os.walk(path, topdown=False):
+    for root, _dirs, files in os.walk(path, topdown=False):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
@@ -104,8 +104,8 @@ class CheckpointManager:
              groups: ParallelGroups | None = None) -> Path:
         """Save the engine, this rank's trainer state and `run_info` (rank 0's, as run.json) as `step_<step>`, mark
         it complete and latest, then prune. `groups`: those `moeformer.parallel.parallelize` returned for the model,
-        if any (expert files and the shard layout are saved beside). Raises NonFiniteStateError, writing nothing, when the weights or
-        optimizer state of any rank hold NaN/inf."""
+        if any (expert files and the shard layout are saved beside). Raises NonFiniteStateError, writing nothing,
+        when the weights or optimizer state of any rank hold NaN/inf."""
         tag = tag_for(step)
         path, staging = self.root / tag, self.root / f"{STAGING_PREFIX}{tag}"
         bad = nonfinite_tensors(engine)

@@ -48,7 +48,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     of each KV head into rows of one block, which share its visibility: no kernel then needs GQA support (with a
     mask, CUDA has none but the math one) and keys are read once per KV head, never repeated."""
     batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     if q_len == 1 and q_heads != kv_heads:
         folded = q.view(batch, kv_heads, q_heads // kv_heads, q.shape[-1])
         return _sdpa_blocks(folded, k, v, mask, window, scale, 1).reshape(batch, q_heads, 1, v.shape[-1])
