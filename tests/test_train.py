@@ -15,15 +15,16 @@ import pytest
 import torch
 import yaml
 
+from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import build_model
 from moeformer.models.params import count_params
-from moeformer.training import checkpointing
+from moeformer.training import run_checkpoints as checkpointing
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
-from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.config import OptimConfig, RunConfig, load_config
 from moeformer.training.metrics import flops_per_token, read_metrics
 from moeformer.training.optim import param_groups, tag_expert_params
+from moeformer.training.run_checkpoints import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
 from tests.numerics import assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
@@ -53,6 +54,25 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_unknown_keys_name_the_key(overrides, key):
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.checkpoint_every_k=3"], "'train.checkpoint_every_k' is now 'train.activation_checkpointing_every'"),
+    (["--model.attention_types=[linear]"], "attention type 'linear' is now called 'vanilla'"),
+    (["--model.linear_attention={mode: chunked}"], "model.linear_attention.mode is now model.linear_attention.backend"),
+])
+def test_renamed_keys_name_the_new_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_parallel_section_is_the_parallel_config():
+    from moeformer.parallel.config import ParallelConfig
+
+    config = load_config(None, ["--parallel.tp=2", "--parallel.expert_tp=true"])
+    assert config.parallel == ParallelConfig(tp=2, expert_tp=True)
+    with pytest.raises(ConfigError, match="expert_tp needs tp > 1"):
+        load_config(None, ["--parallel.expert_tp=true"])
 
 
 def test_compile_option_from_yaml_and_command_line(tmp_path):

@@ -101,8 +101,8 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
     last rank's weights turn NaN before another save."""
     import torch.distributed as dist
 
-    from moeformer.training.checkpointing import verify
     from moeformer.training.metrics import read_metrics
+    from moeformer.training.run_checkpoints import verify
     from moeformer.training.trainer import Trainer
 
     class Overflow(torch.autograd.Function):
@@ -203,7 +203,7 @@ def scenario_resumed(work: Path) -> dict:
 
 def scenario_single(work: Path) -> dict:
     """1 rank: the parity run with the same global batch (grad_accum 2), non-finite handling, corrupt checkpoints."""
-    from moeformer.training.checkpointing import CheckpointError
+    from moeformer.training.run_checkpoints import CheckpointError
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
     out = {"parity": train(run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,

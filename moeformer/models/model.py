@@ -62,7 +62,7 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
         )
     if kind in LINEAR_ATTENTION:
         return CausalLinearAttention(
-            config.dim, config.n_heads, config.head_dim, kind=LINEAR_ATTENTION[kind], norm_eps=config.norm_eps,
+            config.dim, config.n_heads, config.head_dim, kind=kind, norm_eps=config.norm_eps,
             **config.linear_attention,
         )
     raise ValueError(f"layer {layer}: unknown attention type {kind!r}")

@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_k", "attention", "moe")
 EXPORT_FORMATS = ("native", "hf", "none")
+RENAMED_KEYS = {"train.checkpoint_every_k": "train.activation_checkpointing_every"}  # old key -> new key
 
 
 @dataclass
@@ -64,8 +65,8 @@ class LoopConfig:
     seed: int = 0
     dtype: str = "bf16"
     zero_stage: int = 1
-    activation_checkpointing: str = "none"  # none | full | every_k | attention | moe
-    checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    activation_checkpointing: str = "none"  # none | full | every_k | attention | moe (recompute in backward)
+    activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
     eval_every: int = 100  # 0: only at the end
@@ -119,7 +120,7 @@ class RunConfig:
         if self.parallel.pp > 1:
             self._check_pipeline()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
-                    "train.max_nonfinite", "train.checkpoint_every_k"):
+                    "train.max_nonfinite", "train.activation_checkpointing_every"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
@@ -179,7 +180,8 @@ class RunConfig:
 # change them without naming them. A section name covers all of its keys.
 RESUME_FREE_KEYS = ("out_dir", "checkpoint", "train.progress_bar", "train.log_every", "train.eval_every",
                     "train.eval_batches", "train.peak_tflops", "train.max_nonfinite", "train.compile",
-                    "train.compile_backend", "train.activation_checkpointing", "train.checkpoint_every_k")
+                    "train.compile_backend", "train.activation_checkpointing",
+                    "train.activation_checkpointing_every")
 
 
 def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -241,6 +243,9 @@ def _build(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = sorted(where + key for key in d if where + key in RENAMED_KEYS)
+    if renamed:
+        raise ConfigError(f"config key {renamed[0]!r} is now {RENAMED_KEYS[renamed[0]]!r}")
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise KeyError(

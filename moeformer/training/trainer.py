@@ -39,11 +39,11 @@ from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compil
 from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, init_distributed, parallelize
 from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
-from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import RunConfig, resume_changes, run_identity
 from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
 from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
 from moeformer.training.optim import build_optimizer
+from moeformer.training.run_checkpoints import CheckpointManager
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
 
@@ -192,7 +192,7 @@ class Trainer:
         model, self.parallel_groups = apply_parallelism(model, config)
         self.pipeline = config.parallel.pp > 1
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
-                                                      config.train.checkpoint_every_k)
+                                                      config.train.activation_checkpointing_every)
         mpu = self.parallel_groups.mpu if self.parallel_groups is not None else None
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
         self.router_group = None  # ranks whose expert loads are summed for router bias updates (None: all)

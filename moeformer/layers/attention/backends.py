@@ -156,14 +156,18 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
 KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash_attention, "flex": flex_attention}
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
 def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
     """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
     for packed documents (block-sparse: it skips other documents' key blocks, which sdpa computes and masks), else
     sdpa. Over a static buffer (compiled decoding) "flash_attn" and "flex" take sdpa too: flash-attn cannot read a
     padded buffer, flex would rebuild its block mask every step for one query block, and a model trained with either
     must still generate."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    check_backend(backend)
     if mask.in_buffer and backend in ("flash_attn", "flex"):
         return "sdpa"
     if backend != "auto":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeformer.layers.attention.backends import BACKENDS, attend
+from moeformer.layers.attention.backends import attend, check_backend
 from moeformer.layers.attention.cache import KVCache, cache_update
 from moeformer.layers.attention.mask import AttentionMask
 from moeformer.layers.norms import RMSNorm
@@ -29,8 +29,7 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        check_backend(backend)
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim

@@ -18,7 +18,7 @@ from moeformer.layers.linear_attention.fla_backend import (
     fla_delta_rule_bthd,
     fla_gated_backward_ok,
 )
-from moeformer.layers.linear_attention.layer import KINDS, MODES, LinearAttention
+from moeformer.layers.linear_attention.layer import BACKENDS, KINDS, LinearAttention
 from moeformer.layers.linear_attention.mixer import CausalLinearAttention, RecurrentCache
 from moeformer.layers.linear_attention.packing import segment_ids
 from moeformer.layers.linear_attention.vanilla import (
@@ -31,11 +31,11 @@ from moeformer.layers.linear_attention.vanilla import (
 )
 
 __all__ = [
+    "BACKENDS",
     "CausalLinearAttention",
     "RecurrentCache",
     "FEATURE_MAPS",
     "KINDS",
-    "MODES",
     "LinearAttention",
     "PerformerFeatureMap",
     "build_feature_map",
