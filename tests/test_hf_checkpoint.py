@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from moeformer.models import checkpoint
 from moeformer.models.checkpoint import parse_size, save_pretrained
 from moeformer.models.config import ModelConfig
-from moeformer.models.hf import FAMILIES, family_for_config, get_family, hf_load_balancing_loss
+from moeformer.models.hf import FAMILIES, family_for_config, get_family
 from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.params import count_params
+from tests.hf_aux_loss import hf_load_balancing_loss
 from tests.workers import REPO, worker_env
 
 ENV = worker_env()

@@ -11,21 +11,45 @@ from moeformer.layers.linear_attention import (
     LinearAttention,
     build_feature_map,
     decayed_linear_attn_chunked,
-    decayed_linear_attn_fla,
     decayed_linear_attn_naive,
     decayed_linear_attn_recurrent,
     delta_rule_chunked,
-    delta_rule_fla,
     delta_rule_naive,
     delta_rule_recurrent,
     fla_available,
+    fla_chunk_bthd,
+    fla_delta_rule_bthd,
     fla_gated_backward_ok,
     gla_log_decay,
-    linear_attn_chunked,
-    linear_attn_naive,
-    linear_attn_recurrent,
     retnet_log_decay,
 )
+
+
+def _bhtd(fn):
+    """A (B, T, H, D) fla form in the (B, H, T, D) layout of the PyTorch forms (gates (B, H, T) -> (B, T, H))."""
+
+    def wrapped(q, k, v, gate=None, **kwargs):
+        gate = gate.transpose(1, 2) if gate is not None and gate.dim() == 3 else gate
+        o, final = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate, **kwargs)
+        return o.transpose(1, 2), final
+
+    return wrapped
+
+
+decayed_linear_attn_fla, delta_rule_fla = _bhtd(fla_chunk_bthd), _bhtd(fla_delta_rule_bthd)
+
+
+def linear_attn_naive(q, k, v, **kwargs):  # vanilla linear attention: the decayed forms without decay
+    return decayed_linear_attn_naive(q, k, v, None, **kwargs)
+
+
+def linear_attn_chunked(q, k, v, **kwargs):
+    return decayed_linear_attn_chunked(q, k, v, None, **kwargs)
+
+
+def linear_attn_recurrent(q, k, v, **kwargs):
+    return decayed_linear_attn_recurrent(q, k, v, None, **kwargs)
+
 
 FORMS = {"chunked": decayed_linear_attn_chunked, "recurrent": decayed_linear_attn_recurrent}
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and fla-core")

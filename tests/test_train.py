@@ -23,7 +23,7 @@ from moeformer.training import run_checkpoints as checkpointing
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
 from moeformer.training.config import OptimConfig, RunConfig, load_config
 from moeformer.training.metrics import flops_per_token, read_metrics
-from moeformer.training.optim import param_groups, tag_expert_params
+from moeformer.training.optim import expert_parameters, param_groups
 from moeformer.training.run_checkpoints import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
@@ -262,7 +262,8 @@ def test_param_groups_separate_experts_and_follow_deepspeed_tags():
     assert {id(p) for p in groups["experts"]["params"]} == {id(p) for p in experts} and len(experts) == 6
     assert groups["no_decay"]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups["no_decay"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
-    tag_expert_params(model, ep_size=2)
+    for p in expert_parameters(model):  # DeepSpeed's expert tag, as expert parallelism sets it
+        p.allreduce, p.group_name = False, "ep_size_2"
     split = param_groups(model, 0.1)
     moe_groups = [g for g in split if g.get("moe")]
     assert [g["name"] for g in moe_groups] == ["ep_size_2"]

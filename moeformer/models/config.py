@@ -15,7 +15,7 @@ import yaml
 
 from moeformer.errors import ConfigError
 from moeformer.layers.attention.layer import QK_NORMS
-from moeformer.layers.linear_attention import KINDS as LINEAR_KINDS
+from moeformer.layers.linear_attention import KINDS as LINEAR_ATTENTION  # each a LinearAttention kind
 from moeformer.layers.mla import MLAConfig
 from moeformer.layers.mlp import ACTIVATIONS
 from moeformer.layers.moe.config import MoEConfig
@@ -25,7 +25,6 @@ from moeformer.models.zoo import zoo_path
 
 SOFTMAX_ATTENTION = "softmax"
 MLA_ATTENTION = "mla"
-LINEAR_ATTENTION = LINEAR_KINDS  # each linear attention type is a `LinearAttention` kind of the same name
 ATTENTION_TYPES = (SOFTMAX_ATTENTION, MLA_ATTENTION, *LINEAR_ATTENTION)
 RENAMED_ATTENTION_TYPES = {"linear": "vanilla"}
 

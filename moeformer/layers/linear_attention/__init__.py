@@ -11,8 +11,6 @@ from moeformer.layers.linear_attention.decayed import (
 )
 from moeformer.layers.linear_attention.delta import delta_rule_chunked, delta_rule_naive, delta_rule_recurrent
 from moeformer.layers.linear_attention.fla_backend import (
-    decayed_linear_attn_fla,
-    delta_rule_fla,
     fla_available,
     fla_chunk_bthd,
     fla_delta_rule_bthd,
@@ -25,9 +23,6 @@ from moeformer.layers.linear_attention.vanilla import (
     FEATURE_MAPS,
     PerformerFeatureMap,
     build_feature_map,
-    linear_attn_chunked,
-    linear_attn_naive,
-    linear_attn_recurrent,
 )
 
 __all__ = [
@@ -40,11 +35,9 @@ __all__ = [
     "PerformerFeatureMap",
     "build_feature_map",
     "decayed_linear_attn_chunked",
-    "decayed_linear_attn_fla",
     "decayed_linear_attn_naive",
     "decayed_linear_attn_recurrent",
     "delta_rule_chunked",
-    "delta_rule_fla",
     "delta_rule_naive",
     "delta_rule_recurrent",
     "fla_available",
@@ -52,9 +45,6 @@ __all__ = [
     "fla_delta_rule_bthd",
     "fla_gated_backward_ok",
     "gla_log_decay",
-    "linear_attn_chunked",
-    "linear_attn_naive",
-    "linear_attn_recurrent",
     "retnet_log_decay",
     "segment_ids",
 ]
