@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moeformer.layers.quant import QuantLinear
+
 IGNORE_INDEX = -100
 
 
@@ -140,3 +142,13 @@ class LMHead(nn.Linear):
         if targets is None:
             return super().forward(x)
         return linear_cross_entropy(x, self.weight, targets, chunk_size)
+
+
+class QuantLMHead(QuantLinear):
+    """An int8/int4 LM head (inference, see `moeformer.quantize`) answering `LMHead`'s call: logits, or with targets
+    the mean cross-entropy of its logits, `chunk_size` tokens at a time."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return chunked_cross_entropy(x, targets, super().forward, chunk_size)
