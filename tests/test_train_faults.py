@@ -63,6 +63,7 @@ def instrument(points: KillPoints) -> None:
 
     from moeformer.models import checkpoint as model_checkpoint
     from moeformer.training import run_checkpoints as checkpointing
+    from moeformer.training import trainer as trainer_module
     from moeformer.training.run_checkpoints import CheckpointManager
     from moeformer.training.trainer import Trainer
 
@@ -118,7 +119,7 @@ def instrument(points: KillPoints) -> None:
            else f"marker:{points.saving}")
     after(Trainer, "train_step", lambda self, batches: f"step:{self.step + 1}")
     before(Trainer, "evaluate", lambda self: f"eval:{self.step}")
-    before(Trainer, "export", lambda self: "export")
+    before(trainer_module, "export_model", lambda *a: "export")
     after(model_checkpoint, "save_pretrained", lambda *a: "exported")
 
 
