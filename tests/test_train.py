@@ -254,6 +254,24 @@ def test_flops_per_token_counts_active_params_and_attention():
     assert flops_per_token(moe, 1) == 6 * (counts.active - moe.vocab_size * moe.dim) + 12 * moe.n_layers * moe.dim
 
 
+def test_flops_per_token_counts_each_attention_kind():
+    """Growth with the sequence length comes from softmax and MLA layers only (within a sliding window); linear
+    attention layers add their state's fixed cost."""
+    dense = ModelConfig.from_name("tiny-dense")
+    heads, head_dim = dense.n_heads, dense.head_dim
+    growth = lambda config: flops_per_token(config, 300) - flops_per_token(config, 100)  # noqa: E731
+    softmax_growth = 12 * heads * head_dim * 200
+    hybrid = dense.replace(attention_types=["retnet", "softmax"], n_layers=4)
+    assert growth(hybrid) == 2 * softmax_growth
+    assert growth(dense.replace(sliding_window=100)) == 0
+    softmax_only = dense.replace(n_layers=4)
+    mixing = lambda config: flops_per_token(config, 100) - 6 * count_params(config).active  # noqa: E731
+    assert mixing(hybrid) - mixing(softmax_only) == 2 * (3 * 2 * 2 * heads * head_dim**2 - 12 * heads * head_dim * 100)
+    mla = dense.replace(attention_types=["mla"], mla={"kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                                                      "qk_rope_head_dim": 4, "v_head_dim": 8})
+    assert growth(mla) == dense.n_layers * 6 * heads * (8 + 4 + 8) * 200
+
+
 # ---- optimizer groups -------------------------------------------------------------------------------------------
 def test_param_groups_separate_experts_and_follow_deepspeed_tags():
     model = build_model(ModelConfig.from_dict(dict(TINY)))

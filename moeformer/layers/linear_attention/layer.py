@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from moeformer.layers.linear_attention.decayed import (
@@ -146,11 +147,9 @@ class LinearAttention(nn.Module):
         """
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
-        batch, seq_len, _ = x.shape
-        shape = (batch, seq_len, self.n_heads, self.head_dim)
-        q = self.feature_map(self.q_proj(x).view(shape))
-        k = self.feature_map(self.k_proj(x).view(shape))
-        v = self.v_proj(x).view(shape)
+        q, k, v = (rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.feature_map(q), self.feature_map(k)
         options = dict(scale=self.scale, initial_state=state, output_final_state=state is not None,
                        document_ids=document_ids)
         if self.kind == "deltanet":
@@ -170,7 +169,7 @@ class LinearAttention(nn.Module):
             o = o.transpose(1, 2)
         if self.out_norm is not None:
             o = self.out_norm(o)
-        return self.o_proj(o.reshape(batch, seq_len, -1)), new_state
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), new_state
 
 
 def _check_backend(backend: str) -> str:
