@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moeformer"
 UPPER = ("moeformer.models", "moeformer.parallel", "moeformer.training")
+LEVELS = ("moeformer", "moeformer.layers", "moeformer.models", "moeformer.parallel", "moeformer.training")
 # imported where used: optional extras (fla, tokenizers, tensorboard), DeepSpeed (its import probes the
 # accelerator), parts of torch that cost seconds to import (dynamo, FlexAttention), Unix-only modules
 LAZY_ALLOWED = ("deepspeed", "fla", "tokenizers", "torch.utils.tensorboard", "torch._dynamo",
@@ -53,10 +54,23 @@ def _imports(module: str) -> tuple[set[str], list[tuple[int, str]]]:
     return top, inner
 
 
+def _level(module: str) -> int:
+    """Position of `module`'s package in LEVELS (root modules such as errors and safe_files: 0)."""
+    return max(i for i, package in enumerate(LEVELS) if module == package or module.startswith(package + "."))
+
+
 def test_layers_import_no_upper_package():
     bad = [f"{m} imports {name}" for m in MODULES if m.startswith("moeformer.layers")
            for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
            if name.startswith(UPPER)]
+    assert not bad, bad
+
+
+def test_each_package_imports_only_those_below_it():
+    """errors / safe_files < layers < models < parallel < training (docs/ARCHITECTURE.md)."""
+    bad = [f"{m} imports {name}" for m in MODULES if m != "moeformer"
+           for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
+           if name.startswith("moeformer.") and _level(name) > _level(m)]
     assert not bad, bad
 
 
@@ -92,3 +106,6 @@ def test_the_checks_see_imports(module):
     """The parser finds the imports it checks (a test that always passes would check nothing)."""
     top, _ = _imports(module)
     assert any(name.startswith("moeformer.layers") for name in top)
+    levels = ("moeformer.errors", "moeformer.layers.mla", "moeformer.models", "moeformer.parallel.tensor",
+              "moeformer.training.trainer")
+    assert [_level(m) for m in levels] == [0, 1, 2, 3, 4]
