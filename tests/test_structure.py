@@ -12,10 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "moeformer"
 UPPER = ("moeformer.models", "moeformer.parallel", "moeformer.training")
 LEVELS = ("moeformer", "moeformer.layers", "moeformer.models", "moeformer.parallel", "moeformer.training")
-# imported where used: optional extras (fla, tokenizers, tensorboard), DeepSpeed (its import probes the
-# accelerator), parts of torch that cost seconds to import (dynamo, FlexAttention), Unix-only modules
-LAZY_ALLOWED = ("deepspeed", "fla", "tokenizers", "torch.utils.tensorboard", "torch._dynamo",
-                "torch.nn.attention.flex_attention", "resource")
+# imported where used: optional extras (fla, tokenizers, tensorboard), parts of torch that cost seconds to import
+# (dynamo, FlexAttention), Unix-only modules; DeepSpeed (whose import probes the accelerator) only where a module
+# must not pull it in (the checkpoint readers' allow-list, reached from `import moeformer`) or does once per call
+LAZY_ALLOWED = ("fla", "tokenizers", "torch.utils.tensorboard", "torch._dynamo", "torch.nn.attention.flex_attention",
+                "resource")
+LAZY_DEEPSPEED = ("moeformer.safe_files", "moeformer.parallel.expert")
 
 
 def _modules() -> dict[str, Path]:
@@ -96,8 +98,9 @@ def test_no_import_cycle():
 
 
 def test_function_level_imports_are_optional_dependencies():
-    bad = [f"{m}:{line} imports {name}" for m in MODULES for line, name in _imports(m)[1]
-           if not any(name == lazy or name.startswith(lazy + ".") for lazy in LAZY_ALLOWED)]
+    allowed = lambda m, name: any(name == lazy or name.startswith(lazy + ".")
+                                  for lazy in LAZY_ALLOWED + (("deepspeed",) if m in LAZY_DEEPSPEED else ()))
+    bad = [f"{m}:{line} imports {name}" for m in MODULES for line, name in _imports(m)[1] if not allowed(m, name)]
     assert not bad, bad
 
 

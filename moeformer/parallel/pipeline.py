@@ -15,6 +15,8 @@ import functools
 
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 from torch import Tensor, nn
 from torch._functorch import config as functorch_config
 
@@ -101,9 +103,6 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     partition_method: "parameters" balances parameter counts, "uniform" the number of layers, "blocks" the number
     of transformer blocks. activation_checkpoint_interval: recompute every that many blocks in backward (0: off),
     DeepSpeed's pipeline checkpointing (blocks only: the embedding's outputs must keep their gradient)."""
-    from deepspeed.pipe import PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
-
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"unknown partition_method {partition_method!r}; expected one of {PARTITION_METHODS}")
     if num_stages > model.config.n_layers:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
 from moeformer.models.checkpoint import exchange_dirs
@@ -347,8 +348,6 @@ class ConfinedCheckpointEngine:
         return load_pickle(confined(self.root, os.path.relpath(path, self.root)), map_location)
 
     def save(self, state_dict: dict, path: str) -> None:
-        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
         with naming_file(path):
             if type(self.inner) is not TorchCheckpointEngine:
                 return self.inner.save(state_dict, path)

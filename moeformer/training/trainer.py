@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -287,8 +288,6 @@ class Trainer:
     """Builds everything from a `RunConfig` and runs `train()`; every rank constructs one."""
 
     def __init__(self, config: RunConfig) -> None:
-        import deepspeed
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         init_distributed()
         self.config = config
