@@ -1,30 +1,36 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
-from moeformer.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, NonFiniteStateError,
-                              ResumeConfigError)
+from moeformer.errors import (
+                              CheckpointError,
+                              CheckpointNotFoundError,
+                              ConfigError,
+                              NonFiniteStateError,
+                              ResumeConfigError,
+)
 from moeformer.layers.lm_head import linear_cross_entropy, linear_distill_loss
 from moeformer.layers.moe import MoEConfig
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models import (
-    CausalLM,
-    CausalLMOutput,
-    Decoder,
-    ExpertUsage,
-    MLAConfig,
-    ModelConfig,
-    ParamCount,
-    StaticCache,
-    build_model,
-    build_quantized,
-    compile_blocks,
-    count_params,
-    expert_usage,
-    list_models,
-    merge_experts,
-    prune_experts,
-    quantize,
-    quantized_weights,
+                              CausalLM,
+                              CausalLMOutput,
+                              Decoder,
+                              ExpertUsage,
+                              MLAConfig,
+                              ModelConfig,
+                              ParamCount,
+                              StaticCache,
+                              build_model,
+                              build_quantized,
+                              compile_blocks,
+                              count_params,
+                              expert_usage,
+                              list_models,
+                              merge_experts,
+                              prune_experts,
+                              quantize,
+                              quantized_weights,
 )
+from moeformer.models.checkpoint import save_pretrained
+from moeformer.models.model import from_pretrained
 from moeformer.serving import Engine, SamplingParams, StepOutput
 
 __version__ = "0.1.0"

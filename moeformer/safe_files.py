@@ -1,11 +1,13 @@
 """Reading files that may come from anyone: every name a checkpoint lists must stay inside its directory, and pickled
-DeepSpeed state is unpickled with an allow-list, so loading can neither read elsewhere nor run code."""
+DeepSpeed state is unpickled with an allow-list, so loading can neither read elsewhere nor run code. Writing small
+files atomically and durably (`write_atomic`)."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,29 @@ def load_pickle(path: str | os.PathLike, map_location: Any = None) -> Any:
     except Exception as e:  # a corrupt archive: torch raises RuntimeError, EOFError, ValueError...
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {first}") from e
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` (permissions as for any new file: umask applies), fsync it,
+    rename it over `path` and fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (created, renamed or removed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

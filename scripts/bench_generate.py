@@ -220,7 +220,7 @@ def bench_shape(key: str, args: argparse.Namespace, bandwidth: float) -> list[Ro
             try:
                 model.save_pretrained(directory / "model", format="hf")
                 rows += hf_rows(label, directory / "model", args, gib,
-                                lambda b: roofline(config, sizes, b, context, bandwidth))
+                                lambda b, sizes=sizes: roofline(config, sizes, b, context, bandwidth))
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
         for mode in args.modes.split(","):

@@ -220,7 +220,8 @@ GRAPHED = "moeformer (eager, one CUDA graph)"
 
 def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
     """The `top` CUDA kernels of one forward+backward (as timed) by total device time (torch.profiler table)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     xg = x.detach().requires_grad_(True)
     grad = torch.randn_like(x)
@@ -324,7 +325,8 @@ def main() -> None:
             ratio = r["fwdbwd_tflops"] / dense["fwdbwd_tflops"] if dense else float("nan")
             lines.append(
                 f"| {s.name} (T={s.tokens}, d={s.dim}, f={s.ffn}, E={s.experts}, k={s.top_k}"
-                f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | "
+                f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {r['fwd_ms']:.2f} | "
+                f"{r['fwd_tflops']:.0f} | "
                 f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | {ratio:.2f} | {r['peak_gib']:.2f} |"
             )
         print("\n".join(lines[-len(results):]), flush=True)

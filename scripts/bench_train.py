@@ -81,7 +81,8 @@ KERNEL_KINDS = {  # substrings of CUDA kernel names, first match wins
 
 def profile(step, top: int = 25) -> str:
     """Device time of one `step` grouped by kernel kind, then its `top` kernels (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
@@ -127,7 +128,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
-          f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}" + "".join(f", {k}={v}" for k, v in args.set))
+          f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}"
+          + "".join(f", {k}={v}" for k, v in args.set))
     print("| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks |\n"
           "|---|---|---|---|---|---|---|")
     for name in args.models.split(","):

@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace) -> dict:
     from bench_generate import ours_rates, weight_bytes
     from eval_loss import held_out_loss
 
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.models.params import count_params
     from moeformer.training.data import TokenDataset
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, FORMATS, from_pretrained, save_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES, FORMATS, save_pretrained
+from moeformer.models.model import from_pretrained
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ import math
 import torch
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES
+from moeformer.models.model import from_pretrained
 from moeformer.training.data import TokenDataset
 
 
@@ -42,9 +43,9 @@ def held_out_loss(model, dataset: TokenDataset, batch: int, device: str) -> tupl
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch):
         b = {k: v.to(device) for k, v in dataset.get_batch(range(start, min(start + batch, len(dataset)))).items()}
-        out = model(b["input_ids"], targets=b["labels"], position_ids=b["position_ids"],
+        out = model(b["input_ids"], targets=b["targets"], position_ids=b["position_ids"],
                     document_ids=b["document_ids"], return_logits=False)
-        tokens = int(b["labels"].numel())
+        tokens = int(b["targets"].numel())
         total += out.ce_loss.double().item() * tokens
         count += tokens
     return total / count, count

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from moeformer.errors import CheckpointError, reported_errors
-from moeformer.models.checkpoint import (HF_CONFIG, INDEX_FILE, NATIVE_CONFIG, from_pretrained, hub_blobs,
-                                         save_pretrained)
+from moeformer.models.checkpoint import HF_CONFIG, INDEX_FILE, NATIVE_CONFIG, hub_blobs, save_pretrained
 from moeformer.models.compress import CRITERIA, check_prunable, expert_usage, plan_pruning, prune_experts
+from moeformer.models.model import from_pretrained
 from moeformer.safe_files import confined
 from moeformer.training.data import TokenDataset
 

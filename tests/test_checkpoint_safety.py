@@ -25,13 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeformer.errors import CheckpointError, ConfigError, write_error
-from moeformer.models import checkpoint
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
+from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.hf import family_for_config
-from moeformer.models.model import CausalLM
-from moeformer.training.checkpointing import CheckpointManager
+from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.training.config import load_config
+from moeformer.training.run_checkpoints import CheckpointManager
 from tests.workers import REPO, worker_env
 
 ENV = worker_env(OMP_NUM_THREADS="1")
@@ -625,7 +624,7 @@ class Payload:
 def _plant(checkpoint_dir: Path, name: str, sentinel: Path) -> None:
     """Replace `name` by a pickle that creates `sentinel`, and update the COMPLETE marker to match, as the author of
     a malicious checkpoint would."""
-    from moeformer.training.checkpointing import COMPLETE_FILE, file_crc32
+    from moeformer.training.run_checkpoints import COMPLETE_FILE, file_crc32
 
     torch.save({"module": Payload(sentinel), "optimizer_state_dict": Payload(sentinel)}, checkpoint_dir / name)
     marker = json.loads((checkpoint_dir / COMPLETE_FILE).read_text())

@@ -13,16 +13,23 @@ import pytest
 import torch
 
 from moeformer.errors import CheckpointError
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
-from moeformer.models.compress import (ExpertUsage, expert_usage, fold_targets, merge_experts, plan_pruning,
-                                       prune_experts)
-from moeformer.models.model import CausalLM
+from moeformer.models.checkpoint import save_pretrained
+from moeformer.models.compress import (
+    ExpertUsage,
+    expert_usage,
+    fold_targets,
+    merge_experts,
+    plan_pruning,
+    prune_experts,
+)
+from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.quantize import quantize
 from moeformer.training.data import TokenDataset, prepare_corpus
 from moeformer.training.init_from import load_weights
 from tests.test_hf_checkpoint import tiny_model as tiny
 from tests.test_scripts import script
 from tests.workers import REPO, worker_env
+
 
 def ids(vocab: int = 64, batch: int = 3, seq: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

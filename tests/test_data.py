@@ -182,7 +182,7 @@ def test_windows_shift_and_mark_documents(tmp_path):
     batch = ds.get_batch([0, 1, 2])
     assert batch["input_ids"].dtype == torch.long
     assert batch["input_ids"].tolist() == [[1, 2, 3, E], [4, 5, E, 6], [7, 8, 9, E]]
-    assert batch["labels"].tolist() == [[2, 3, E, 4], [5, E, 6, 7], [8, 9, E, 10]]
+    assert batch["targets"].tolist() == [[2, 3, E, 4], [5, E, 6, 7], [8, 9, E, 10]]
     assert batch["document_ids"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1], [0, 1, 2, 0]]
 
@@ -208,7 +208,7 @@ def test_windows_match_reference_on_real_corpus(byte_dir):
             pos_ids.append(pos)
             pos += 1
         assert batch["input_ids"][row].tolist() == window[:-1].tolist()
-        assert batch["labels"][row].tolist() == window[1:].tolist()
+        assert batch["targets"][row].tolist() == window[1:].tolist()
         assert batch["document_ids"][row].tolist() == doc_ids
         assert batch["position_ids"][row].tolist() == pos_ids
     assert len(eos_windows) >= 6

@@ -88,8 +88,8 @@ def packed_batch(corpus) -> dict[str, torch.Tensor]:
     starts = [i for i in range(len(dataset)) if (dataset.get_batch([i])["input_ids"][0, 1:] == eos).any()]
     batch = dataset.get_batch(starts[:2])
     assert (batch["document_ids"] > 0).any()
-    batch["labels"] = batch["labels"].clone()  # a view of the same tokens as input_ids
-    batch["labels"][:, :5] = IGNORE_INDEX
+    batch["targets"] = batch["targets"].clone()  # a view of the same tokens as input_ids
+    batch["targets"][:, :5] = IGNORE_INDEX
     return batch
 
 
@@ -97,7 +97,7 @@ def test_alpha_zero_is_plain_training(corpus):
     student = tiny(moe=True)
     batch = packed_batch(corpus)
     kwargs = dict(position_ids=batch["position_ids"], document_ids=batch["document_ids"])
-    plain = student(batch["input_ids"], targets=batch["labels"], return_logits=False, **kwargs)
+    plain = student(batch["input_ids"], targets=batch["targets"], return_logits=False, **kwargs)
     plain.loss.backward()
     expected = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()

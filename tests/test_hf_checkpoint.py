@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeformer.models import checkpoint
-from moeformer.models.checkpoint import from_pretrained, parse_size, save_pretrained
+from moeformer.models.checkpoint import parse_size, save_pretrained
 from moeformer.models.config import ModelConfig
-from moeformer.models.hf import FAMILIES, family_for_config, get_family, hf_load_balancing_loss
-from moeformer.models.model import CausalLM
+from moeformer.models.hf import FAMILIES, family_for_config, get_family
+from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.params import count_params
+from tests.hf_aux_loss import hf_load_balancing_loss
 from tests.workers import REPO, worker_env
 
 ENV = worker_env()
@@ -286,7 +287,7 @@ def test_bad_config_values_are_reported(hf_dir):
 # that one-time cost is paid before the baseline so the measurement is the growth due to the checkpoint.
 MEMORY_PROBE = textwrap.dedent("""
     import sys, torch
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.models.config import ModelConfig
     from moeformer.models.model import CausalLM
     def status(key):
@@ -431,7 +432,7 @@ def test_registry_and_family_choice():
 
 
 def test_hf_load_balancing_loss_matches_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     torch.manual_seed(0)

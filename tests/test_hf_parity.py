@@ -10,8 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moeformer.models.checkpoint import from_pretrained, save_pretrained  # noqa: E402
-from moeformer.models.hf import hf_load_balancing_loss  # noqa: E402
+from moeformer.models.checkpoint import save_pretrained  # noqa: E402
+from moeformer.models.model import from_pretrained  # noqa: E402
+from tests.hf_aux_loss import hf_load_balancing_loss  # noqa: E402
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,

@@ -11,21 +11,45 @@ from moeformer.layers.linear_attention import (
     LinearAttention,
     build_feature_map,
     decayed_linear_attn_chunked,
-    decayed_linear_attn_fla,
     decayed_linear_attn_naive,
     decayed_linear_attn_recurrent,
     delta_rule_chunked,
-    delta_rule_fla,
     delta_rule_naive,
     delta_rule_recurrent,
     fla_available,
+    fla_chunk_bthd,
+    fla_delta_rule_bthd,
     fla_gated_backward_ok,
     gla_log_decay,
-    linear_attn_chunked,
-    linear_attn_naive,
-    linear_attn_recurrent,
     retnet_log_decay,
 )
+
+
+def _bhtd(fn):
+    """A (B, T, H, D) fla form in the (B, H, T, D) layout of the PyTorch forms (gates (B, H, T) -> (B, T, H))."""
+
+    def wrapped(q, k, v, gate=None, **kwargs):
+        gate = gate.transpose(1, 2) if gate is not None and gate.dim() == 3 else gate
+        o, final = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate, **kwargs)
+        return o.transpose(1, 2), final
+
+    return wrapped
+
+
+decayed_linear_attn_fla, delta_rule_fla = _bhtd(fla_chunk_bthd), _bhtd(fla_delta_rule_bthd)
+
+
+def linear_attn_naive(q, k, v, **kwargs):  # vanilla linear attention: the decayed forms without decay
+    return decayed_linear_attn_naive(q, k, v, None, **kwargs)
+
+
+def linear_attn_chunked(q, k, v, **kwargs):
+    return decayed_linear_attn_chunked(q, k, v, None, **kwargs)
+
+
+def linear_attn_recurrent(q, k, v, **kwargs):
+    return decayed_linear_attn_recurrent(q, k, v, None, **kwargs)
+
 
 FORMS = {"chunked": decayed_linear_attn_chunked, "recurrent": decayed_linear_attn_recurrent}
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and fla-core")
@@ -288,7 +312,7 @@ def test_layer_decoding_matches_parallel_forward(kind, feature_map, normalize):
     layer = make_layer(kind, feature_map, normalize)
     x = torch.randn(2, 17, 32)
     parallel, _ = layer(x)
-    naive, _ = layer(x, mode="naive")
+    naive, _ = layer(x, backend="naive")
     assert rel_err(parallel, naive) < 1e-4
     prefix, state = layer(x[:, :6], state=layer.init_state(2))  # prefill, then one token at a time
     steps = [prefix]
@@ -300,9 +324,9 @@ def test_layer_decoding_matches_parallel_forward(kind, feature_map, normalize):
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "retnet", "gla", "deltanet"])
-@pytest.mark.parametrize("mode", ["chunked", "recurrent"])
-def test_layer_packed_rows_match_each_document_alone(kind, mode):
-    layer = make_layer(kind, None, False, mode=mode)
+@pytest.mark.parametrize("backend", ["chunked", "recurrent"])
+def test_layer_packed_rows_match_each_document_alone(kind, backend):
+    layer = make_layer(kind, None, False, backend=backend)
     docs = [torch.randn(1, n, 32) for n in (7, 3, 12)]
     packed, _ = layer(torch.cat(docs, 1), document_ids=torch.tensor([[0] * 7 + [1] * 3 + [2] * 12]))
     alone = torch.cat([layer(d)[0] for d in docs], 1)
@@ -315,11 +339,11 @@ def test_layer_gradients_chunked_match_naive(kind, feature_map, normalize):
     x = torch.randn(2, 13, 32)
     documents = torch.tensor([[0] * 6 + [1] * 7, [0] * 13])
     grads = {}
-    for mode in ("naive", "chunked"):
+    for backend in ("naive", "chunked"):
         layer.zero_grad()
         xi = x.clone().requires_grad_()
-        layer(xi, document_ids=documents, mode=mode)[0].square().sum().backward()
-        grads[mode] = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer(xi, document_ids=documents, backend=backend)[0].square().sum().backward()
+        grads[backend] = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
     for got, want in zip(grads["chunked"], grads["naive"]):
         assert rel_err(got, want) < 1e-4
 
@@ -332,19 +356,19 @@ def test_layer_bf16_close_to_fp32():
     assert low.dtype == torch.bfloat16 and rel_err(low, ref) < 5e-2
 
 
-def test_layer_structure_and_auto_mode():
+def test_layer_structure_and_auto_backend():
     layer = make_layer("gla", None, False)
     assert layer.decay_proj.weight.shape == (4, 32) and layer.q_proj.weight.shape == (32, 32)
     assert make_layer("retnet", None, False).decay_proj is None
     assert make_layer("deltanet", None, False).beta_proj.weight.shape == (4, 32)
-    assert layer.resolve_mode("auto", torch.randn(1, 1, 32)) == "recurrent"
-    assert layer.resolve_mode("auto", torch.randn(1, 9, 32)) == "chunked"
+    assert layer.resolve_backend("auto", torch.randn(1, 1, 32)) == "recurrent"
+    assert layer.resolve_backend("auto", torch.randn(1, 9, 32)) == "chunked"
     assert layer(torch.randn(1, 4, 32))[1] is None  # no state requested
     assert torch.allclose(retnet_log_decay(3).exp(), torch.tensor([1 - 2**-5, 1 - 2**-6, 1 - 2**-7]))
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"kind": "mamba"}, {"mode": "fast"}, {"feature_map": "cosine"}, {"feature_map": "identity", "normalize": True},
+    {"kind": "mamba"}, {"backend": "fast"}, {"feature_map": "cosine"}, {"feature_map": "identity", "normalize": True},
     {"chunk_size": 0}, {"feature_map": "elu", "num_features": 16}, {"kind": "deltanet", "normalize": True},
 ])
 def test_layer_bad_arguments_raise(kwargs):
@@ -377,7 +401,7 @@ def test_bad_inputs_raise():
             call()
     if not fla_available():
         with pytest.raises(RuntimeError, match="fla-core"):
-            make_layer("vanilla", None, False)(torch.randn(1, 4, 32), mode="fla")
+            make_layer("vanilla", None, False)(torch.randn(1, 4, 32), backend="fla")
 
 
 @gpu
@@ -410,14 +434,14 @@ def test_fla_matches_naive(decay, normalize, packed):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["vanilla", "retnet", "gla", "deltanet"])
-def test_layer_auto_mode_uses_fla_on_cuda_bf16(kind):
+def test_layer_auto_backend_uses_fla_on_cuda_bf16(kind):
     layer = make_layer(kind, None, False).cuda().bfloat16()
     x = torch.randn(2, 256, 32, device="cuda", dtype=torch.bfloat16)
     documents = torch.tensor([[0] * 100 + [1] * 156, [0] * 256], device="cuda")
     with torch.no_grad():  # fla's gated backward may be unavailable (see fla_gated_backward_ok); inference uses fla
-        assert layer.resolve_mode("auto", x) == "fla"
+        assert layer.resolve_backend("auto", x) == "fla"
         fast, fast_state = layer(x, state=layer.init_state(2, device="cuda"), document_ids=documents)
-    ref, ref_state = layer(x, state=layer.init_state(2, device="cuda"), document_ids=documents, mode="naive")
+    ref, ref_state = layer(x, state=layer.init_state(2, device="cuda"), document_ids=documents, backend="naive")
     assert rel_err(fast, ref) < 3e-2 and rel_err(fast_state, ref_state) < 3e-2
 
 

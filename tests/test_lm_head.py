@@ -8,6 +8,7 @@ import torch
 from moeformer.layers.lm_head import (
     IGNORE_INDEX,
     LMHead,
+    VocabSplit,
     chunked_cross_entropy,
     cross_entropy_reference,
     linear_cross_entropy,
@@ -35,6 +36,20 @@ def test_fused_matches_reference_fp32(batch, seq, dim, vocab, chunk):
     h, w, t = problem(batch, seq, dim, vocab)
     got = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_size=chunk), h, w, t, scale=2.5)
     want = loss_and_grads(cross_entropy_reference, h, w, t, scale=2.5)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("start", [0, 40])
+def test_vocab_split_form_matches_reference_on_one_rank(start):
+    """The split-vocabulary form (tensor parallelism) with one rank holding classes [start, start + V): its max / sum
+    reductions are the identity, so it must equal the reference (two ranks: tests/test_parallel.py)."""
+    torch.manual_seed(start)
+    h, w, t = problem(2, 13, 16, 50)
+    one_rank = VocabSplit(start, lambda x: x, lambda x: x)
+    shifted = torch.where(t == IGNORE_INDEX, t, t + start)
+    got = loss_and_grads(lambda h, w, _: linear_cross_entropy(h, w, shifted, chunk_size=5, split=one_rank), h, w, t)
+    want = loss_and_grads(cross_entropy_reference, h, w, t)
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 

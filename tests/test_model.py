@@ -261,7 +261,7 @@ def test_tiny_zoo_model_learns_a_repeated_batch(name, seed, steps):
 
 # ---- hybrid stacks (linear + softmax attention) and packed sequences --------------------------------------------
 
-HYBRIDS = [["gla", "softmax"], ["retnet", "linear", "softmax"], ["deltanet", "softmax"]]
+HYBRIDS = [["gla", "softmax"], ["retnet", "vanilla", "softmax"], ["deltanet", "softmax"]]
 
 
 @pytest.mark.parametrize("types", HYBRIDS)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from moeformer.layers.moe import (
-    Experts,
     MoE,
     MoEConfig,
     load_balancing_loss,

@@ -13,7 +13,6 @@ from moeformer.layers.moe import MoE, MoEConfig, moe_reference
 from moeformer.layers.moe.experts import FUSED_MAX_TOKENS
 from moeformer.layers.moe.fused_experts import fused_experts_reference
 from moeformer.layers.quant import QuantizedWeight
-
 from tests.test_quant import (
     ACCUMULATION_UNIT,
     KERNEL_DEVICES,

@@ -113,8 +113,8 @@ def checkpoint_round_trip(engine, build, stage: int, path: Path, ids, targets) -
     dist.barrier()
     offline = consolidate_checkpoint(path, "t")
     torch.manual_seed(99)
-    model, kwargs = build()
-    other = make_engine(model, stage, kwargs, ids.shape[0])
+    model, groups = build()
+    other = make_engine(model, stage, groups.initialize_kwargs, ids.shape[0])
     other.load_checkpoint(str(path), tag="t")
     want, got = full_state_dict(engine.module), full_state_dict(other.module)
     err = max(max_err(want[name], got[name]) for name in want)
@@ -176,8 +176,8 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
     ids, targets = fixed_batch(cfg.vocab_size)
     probe = copy.deepcopy(ref)
     apply_activation_checkpointing(probe, checkpointing)
-    model, kwargs = parallelize(probe, pc)
-    groups = model.parallel_groups
+    model, groups = parallelize(probe, pc)
+    kwargs = groups.initialize_kwargs
     dp, dp_rank = groups.config.dp, dist.get_rank(groups.data)
     micro = BATCH // dp
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
@@ -199,8 +199,8 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
 
     ref_curve = reference_curve(fresh(), micro_batches, STEPS)
     for stage in stages:
-        model, kwargs = parallelize(fresh(), pc)
-        engine = make_engine(model, stage, kwargs, micro)
+        model, stage_groups = parallelize(fresh(), pc)
+        engine = make_engine(model, stage, stage_groups.initialize_kwargs, micro)
         curve = engine_curve(engine, ids[rows], targets[rows], groups.data, STEPS)
         results[key][f"curve_err_zero{stage}"] = max(abs(a - b) for a, b in zip(curve, ref_curve))
         results[key][f"curve_zero{stage}"] = curve
@@ -442,28 +442,37 @@ def check_unsupported(results: dict) -> None:
 
 
 def check_parallel_cross_entropy(results: dict) -> None:
-    """Vocab-parallel cross-entropy and its gradient against F.cross_entropy of the full logits."""
+    """The vocab-parallel LM head's fused, chunked cross-entropy (no logits gathered) and its gradients against
+    F.cross_entropy of the full logits; its logits (gathered) against the full projection."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from moeformer.parallel.tensor import vocab_parallel_cross_entropy
+    from moeformer.parallel.tensor import VocabParallelLMHead
 
     group = dist.new_group(list(range(dist.get_world_size())))
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     errs = {}
-    for dtype, n, vocab in ((torch.float32, 7, 8), (torch.float32, 33, 64), (torch.bfloat16, 20, 32)):
+    for dtype, n, vocab, chunk in ((torch.float32, 7, 8, 4096), (torch.float32, 33, 64, 5),
+                                   (torch.bfloat16, 20, 32, 8)):
         g = torch.Generator().manual_seed(n)
-        full = (torch.randn(n, vocab, generator=g) * 4).to(DEVICE, dtype).requires_grad_()
+        hidden = torch.randn(n, 16, generator=g).to(DEVICE, dtype).requires_grad_()
+        weight = (torch.randn(vocab, 16, generator=g) / 2).to(DEVICE, dtype).requires_grad_()
         targets = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
         targets[::5] = -100
-        want = F.cross_entropy(full.float(), targets, ignore_index=-100)
+        want = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)
         want.backward()
-        local = full.detach().chunk(size, dim=-1)[rank].clone().requires_grad_()
-        got = vocab_parallel_cross_entropy(local, targets, group)
+        head = VocabParallelLMHead(torch.nn.Linear(16, vocab, bias=False, device=DEVICE, dtype=dtype), group)
+        head.weight.data.copy_(weight.detach().chunk(size)[rank])
+        h = hidden.detach().clone().requires_grad_()
+        got = head(h, targets, chunk)
         got.backward()
-        errs[f"{dtype}_{n}x{vocab}"] = {"loss": max_err(got, want), "loss_scale": want.abs().item(),
-                                        "grad": max_err(local.grad, full.grad.chunk(size, dim=-1)[rank]),
-                                        "grad_scale": full.grad.abs().max().item()}
+        logits = head(hidden.detach())
+        errs[f"{dtype}_{n}x{vocab}_chunk{chunk}"] = {
+            "loss": max_err(got, want), "loss_scale": want.abs().item(),
+            "grad": max(max_err(h.grad, hidden.grad), max_err(head.weight.grad, weight.grad.chunk(size)[rank])),
+            "grad_scale": max(hidden.grad.abs().max().item(), weight.grad.abs().max().item()),
+            "logits": max_err(logits, F.linear(hidden.detach(), weight.detach())),
+            "logits_scale": F.linear(hidden.detach(), weight.detach()).abs().max().item()}
     results["parallel_ce"] = errs
 
 
@@ -613,8 +622,9 @@ def test_expert_parallel_matches_single_process(two_ranks):
 @pytest.mark.distributed
 def test_tensor_parallel_matches_single_process(two_ranks):
     sharded = two_ranks["tp2"]["sharded"]
-    for name in ("tok_embeddings.weight", "lm_head.weight", "layers.0.attn.q_proj.weight", "layers.0.attn.k_proj.weight",
-                 "layers.0.attn.o_proj.weight", "layers.0.mlp.down_proj.weight", "layers.1.mlp.shared_expert.up_proj.weight"):
+    for name in ("tok_embeddings.weight", "lm_head.weight", "layers.0.attn.q_proj.weight",
+                 "layers.0.attn.k_proj.weight", "layers.0.attn.o_proj.weight", "layers.0.mlp.down_proj.weight",
+                 "layers.1.mlp.shared_expert.up_proj.weight"):
         assert name in sharded, name
     assert "layers.1.mlp.experts.w_in" not in sharded  # routed experts stay whole without expert_tp
     assert_layout(two_ranks["tp2"], stages=(0,))
@@ -699,6 +709,7 @@ def test_vocab_parallel_cross_entropy(two_ranks):
     for case, err in two_ranks["parallel_ce"].items():
         rtol = BF16_RTOL if "bfloat16" in case else FP32_RTOL
         assert err["loss"] <= rtol * err["loss_scale"] and err["grad"] <= rtol * err["grad_scale"], (case, err)
+        assert err["logits"] <= rtol * err["logits_scale"], (case, err)
 
 
 @pytest.mark.distributed

@@ -7,8 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_parallel import (_free_port, assert_expert_layer, assert_expert_parallel_moe_layer, assert_layout,
-                                 assert_pipeline, launch, packed, tiny_config)
+from tests.test_parallel import (
+    _free_port,
+    assert_expert_layer,
+    assert_expert_parallel_moe_layer,
+    assert_layout,
+    assert_pipeline,
+    launch,
+    packed,
+    tiny_config,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 

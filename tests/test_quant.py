@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import io
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from moeformer.layers.quant import (
     QuantizedWeight,
     QuantLinear,
     dequantize,
-    quant_linear,
     quant_matmul_reference,
     quantize_int4,
     quantize_int8,

@@ -26,7 +26,7 @@ import torch
 import uvicorn
 
 from moeformer.models import ModelConfig, build_model
-from moeformer.models.checkpoint import from_pretrained
+from moeformer.models.model import from_pretrained
 from moeformer.serving import Engine
 from moeformer.serving.runner import EngineRunner
 from moeformer.serving.server import create_app

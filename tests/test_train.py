@@ -15,15 +15,16 @@ import pytest
 import torch
 import yaml
 
+from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import build_model
 from moeformer.models.params import count_params
-from moeformer.training import checkpointing
+from moeformer.training import run_checkpoints as checkpointing
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
-from moeformer.training.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.config import OptimConfig, RunConfig, load_config
 from moeformer.training.metrics import flops_per_token, read_metrics
-from moeformer.training.optim import param_groups, tag_expert_params
+from moeformer.training.optim import expert_parameters, param_groups
+from moeformer.training.run_checkpoints import CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
 from moeformer.training.schedule import lr_multiplier
 from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deepspeed_config
 from tests.numerics import assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
@@ -53,6 +54,25 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_unknown_keys_name_the_key(overrides, key):
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.checkpoint_every_k=3"], "'train.checkpoint_every_k' is now 'train.activation_checkpointing_every'"),
+    (["--model.attention_types=[linear]"], "attention type 'linear' is now called 'vanilla'"),
+    (["--model.linear_attention={mode: chunked}"], "model.linear_attention.mode is now model.linear_attention.backend"),
+])
+def test_renamed_keys_name_the_new_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_parallel_section_is_the_parallel_config():
+    from moeformer.parallel.config import ParallelConfig
+
+    config = load_config(None, ["--parallel.tp=2", "--parallel.expert_tp=true"])
+    assert config.parallel == ParallelConfig(tp=2, expert_tp=True)
+    with pytest.raises(ConfigError, match="expert_tp needs tp > 1"):
+        load_config(None, ["--parallel.expert_tp=true"])
 
 
 def test_compile_option_from_yaml_and_command_line(tmp_path):
@@ -234,6 +254,24 @@ def test_flops_per_token_counts_active_params_and_attention():
     assert flops_per_token(moe, 1) == 6 * (counts.active - moe.vocab_size * moe.dim) + 12 * moe.n_layers * moe.dim
 
 
+def test_flops_per_token_counts_each_attention_kind():
+    """Growth with the sequence length comes from softmax and MLA layers only (within a sliding window); linear
+    attention layers add their state's fixed cost."""
+    dense = ModelConfig.from_name("tiny-dense")
+    heads, head_dim = dense.n_heads, dense.head_dim
+    growth = lambda config: flops_per_token(config, 300) - flops_per_token(config, 100)  # noqa: E731
+    softmax_growth = 12 * heads * head_dim * 200
+    hybrid = dense.replace(attention_types=["retnet", "softmax"], n_layers=4)
+    assert growth(hybrid) == 2 * softmax_growth
+    assert growth(dense.replace(sliding_window=100)) == 0
+    softmax_only = dense.replace(n_layers=4)
+    mixing = lambda config: flops_per_token(config, 100) - 6 * count_params(config).active  # noqa: E731
+    assert mixing(hybrid) - mixing(softmax_only) == 2 * (3 * 2 * 2 * heads * head_dim**2 - 12 * heads * head_dim * 100)
+    mla = dense.replace(attention_types=["mla"], mla={"kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                                                      "qk_rope_head_dim": 4, "v_head_dim": 8})
+    assert growth(mla) == dense.n_layers * 6 * heads * (8 + 4 + 8) * 200
+
+
 # ---- optimizer groups -------------------------------------------------------------------------------------------
 def test_param_groups_separate_experts_and_follow_deepspeed_tags():
     model = build_model(ModelConfig.from_dict(dict(TINY)))
@@ -242,7 +280,8 @@ def test_param_groups_separate_experts_and_follow_deepspeed_tags():
     assert {id(p) for p in groups["experts"]["params"]} == {id(p) for p in experts} and len(experts) == 6
     assert groups["no_decay"]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups["no_decay"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
-    tag_expert_params(model, ep_size=2)
+    for p in expert_parameters(model):  # DeepSpeed's expert tag, as expert parallelism sets it
+        p.allreduce, p.group_name = False, "ep_size_2"
     split = param_groups(model, 0.1)
     moe_groups = [g for g in split if g.get("moe")]
     assert [g["name"] for g in moe_groups] == ["ep_size_2"]
@@ -522,7 +561,7 @@ def scenario_compiled_vs_eager(work: Path) -> dict:
 def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
     from safetensors.torch import load_file
 
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)

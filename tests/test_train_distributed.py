@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.numerics import (BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree,
-                            trained_loss_bound)
+from tests.numerics import BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
 TINY_MODEL = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 128,
@@ -102,8 +101,8 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
     last rank's weights turn NaN before another save."""
     import torch.distributed as dist
 
-    from moeformer.training.checkpointing import verify
     from moeformer.training.metrics import read_metrics
+    from moeformer.training.run_checkpoints import verify
     from moeformer.training.trainer import Trainer
 
     class Overflow(torch.autograd.Function):
@@ -204,7 +203,7 @@ def scenario_resumed(work: Path) -> dict:
 
 def scenario_single(work: Path) -> dict:
     """1 rank: the parity run with the same global batch (grad_accum 2), non-finite handling, corrupt checkpoints."""
-    from moeformer.training.checkpointing import CheckpointError
+    from moeformer.training.run_checkpoints import CheckpointError
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
     out = {"parity": train(run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
@@ -263,7 +262,8 @@ def scenario_single(work: Path) -> dict:
         "moments_compared": sum(len(m) for m in moments2.values()),
         "lrs": [r["lr"] for r in map(json.loads, (work / "nonfinite_accum" / "metrics.jsonl").read_text().splitlines())
                 if r["split"] == "train"],
-        "reference_lrs": [r["lr"] for r in map(json.loads, (work / "parity1" / "metrics.jsonl").read_text().splitlines())
+        "reference_lrs": [r["lr"] for r in map(json.loads,
+                                               (work / "parity1" / "metrics.jsonl").read_text().splitlines())
                           if r["split"] == "train"],
     }
 
@@ -453,7 +453,7 @@ def test_bf16_with_grad_accumulation_trains(results):
 def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs that write the exports
     """ZeRO-3's export (its partitions gathered) holds the weights it trained: the exported model's val loss is the
     run's own, and its weights are ZeRO-0's within what AdamW makes of summation-order noise (tests/numerics.py)."""
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
 
     for stage in ("0", "3"):
         want = results["main"]["zero"][stage]["val_loss"]
@@ -464,7 +464,7 @@ def test_exported_zero3_model_matches_zero0(results, work):  # results: the runs
 
 def exported_val_loss(work: Path, name: str) -> float:
     """The evaluation of the run `name` (the first val batch of each of 2 ranks) redone with its exported model."""
-    from moeformer.models.checkpoint import from_pretrained
+    from moeformer.models.model import from_pretrained
     from moeformer.training.data import ShardedBatches, TokenDataset
 
     model = from_pretrained(work / name / "model").eval()
@@ -473,7 +473,7 @@ def exported_val_loss(work: Path, name: str) -> float:
     for rank in range(2):
         batch = next(iter(ShardedBatches(val, MICRO, rank, 2, shuffle=False, loop=False)))
         with torch.no_grad():
-            out = model(batch["input_ids"], targets=batch["labels"], position_ids=batch["position_ids"],
+            out = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"],
                         document_ids=batch["document_ids"], return_logits=False)
         losses.append(out.ce_loss.item())
     return sum(losses) / len(losses)

@@ -62,8 +62,9 @@ def instrument(points: KillPoints) -> None:
     import torch
 
     from moeformer.models import checkpoint as model_checkpoint
-    from moeformer.training import checkpointing
-    from moeformer.training.checkpointing import CheckpointManager
+    from moeformer.training import run_checkpoints as checkpointing
+    from moeformer.training import trainer as trainer_module
+    from moeformer.training.run_checkpoints import CheckpointManager
     from moeformer.training.trainer import Trainer
 
     def before(owner, attr, name_of):  # (a point the library lacks is left out: the test checks the points seen)
@@ -118,7 +119,7 @@ def instrument(points: KillPoints) -> None:
            else f"marker:{points.saving}")
     after(Trainer, "train_step", lambda self, batches: f"step:{self.step + 1}")
     before(Trainer, "evaluate", lambda self: f"eval:{self.step}")
-    before(Trainer, "export", lambda self: "export")
+    before(trainer_module, "export_model", lambda *a: "export")
     after(model_checkpoint, "save_pretrained", lambda *a: "exported")
 
 
@@ -186,7 +187,7 @@ def kill_plan(order: list[str], rank1_points: set[str], rng: random.Random) -> l
 
 def corrupt_newest(work: Path, name: str) -> str | None:
     """Flip a byte in the model file of the checkpoint a resume would pick, when another complete one exists."""
-    from moeformer.training.checkpointing import CheckpointManager
+    from moeformer.training.run_checkpoints import CheckpointManager
 
     manager = CheckpointManager(work / name / "checkpoints")
     newest = manager.latest()
@@ -270,7 +271,7 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run_exactly(faults)
     import torch
     from safetensors.torch import load_file
 
-    from moeformer.training.checkpointing import verify
+    from moeformer.training.run_checkpoints import verify
 
     work, got = faults
     kinds = {point.split(":")[0] for point in got["order"]}

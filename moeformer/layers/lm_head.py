@@ -6,10 +6,14 @@ loss (cross-entropy and KL to a teacher's logits) has the plain reference and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from moeformer.layers.quant import QuantLinear
 
 IGNORE_INDEX = -100
 
@@ -41,34 +45,57 @@ def chunked_cross_entropy(hidden: Tensor, targets: Tensor, project: nn.Module, c
     return total / count.clamp(min=1)
 
 
-def _chunk_loss_and_grad(logits: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_loss_and_grad(logits: Tensor, t: Tensor, scale: Tensor, split: VocabSplit | None = None
+                         ) -> tuple[Tensor, Tensor]:
     """The chunk's summed cross-entropy and scale * (softmax - onehot) per valid row (zero rows for ignored
     targets) in the logits' dtype. In place on one fp32 copy of the logits (eager keeps a single fp32 buffer) and
-    elementwise only, so torch.compile fuses it into a reduction and one pass."""
+    elementwise only, so torch.compile fuses it into a reduction and one pass. With a `split`, `logits` are this
+    rank's columns of the vocabulary and the row maximum, sum of exponentials and target logit are combined over
+    the ranks."""
     lf = logits.float()
     valid = t != IGNORE_INDEX
-    safe = torch.where(valid, t, 0).unsqueeze(-1)
-    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    loss = torch.where(valid, (lse - lf.gather(-1, safe)).squeeze(-1), 0.0).sum()
+    if split is None:
+        safe = torch.where(valid, t, 0).unsqueeze(-1)
+        lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+        loss = torch.where(valid, (lse - lf.gather(-1, safe)).squeeze(-1), 0.0).sum()
+    else:
+        local = t - split.start
+        mine = valid & (local >= 0) & (local < lf.shape[-1])
+        safe = torch.where(mine, local, -1).unsqueeze(-1)  # -1 matches no column below
+        peak = split.all_max(lf.detach().amax(dim=-1, keepdim=True))
+        sums = torch.cat([(lf - peak).exp().sum(dim=-1, keepdim=True),
+                          torch.where(mine.unsqueeze(-1), lf.gather(-1, safe.clamp(min=0)) - peak, 0.0)], dim=-1)
+        sum_exp, target = split.all_sum(sums).unbind(-1)
+        lse = peak + sum_exp.log().unsqueeze(-1)
+        loss = torch.where(valid, sum_exp.log() - target, 0.0).sum()
     is_target = torch.arange(lf.shape[-1], device=lf.device) == safe
     grad = lf.sub_(lse).exp_().add_(is_target, alpha=-1)
     return loss, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(-1)).to(logits.dtype)
 
 
+class VocabSplit:
+    """The vocabulary split over ranks: this rank's weight rows are the classes [start, start + its rows), and
+    `all_max` / `all_sum` combine per-row values over the ranks (a parallelism transform supplies them)."""
+
+    def __init__(self, start: int, all_max: Callable[[Tensor], Tensor], all_sum: Callable[[Tensor], Tensor]) -> None:
+        self.start, self.all_max, self.all_sum = start, all_max, all_sum
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of hidden @ weight.T; the forward also computes both gradients chunk by chunk (grad of
-    the weight accumulated in fp32) and the backward only scales them by the incoming gradient."""
+    the weight accumulated in fp32) and the backward only scales them by the incoming gradient. With a vocabulary
+    split the hidden gradient is this rank's part (the caller sums it over the ranks)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, grad_hidden: bool,
-                grad_weight: bool) -> Tensor:
+                grad_weight: bool, split: VocabSplit | None) -> Tensor:
         scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            loss, d_logits = _chunk_loss_and_grad(h @ weight.t(), t, scale)
+            loss, d_logits = _chunk_loss_and_grad(h @ weight.t(), t, scale, split)
             total = total + loss
             if d_hidden is not None:
                 d_hidden[start : start + chunk_size] = d_logits @ weight
@@ -83,21 +110,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors
         g_hidden = d_hidden * grad.to(d_hidden.dtype) if d_hidden is not None else None
         g_weight = (d_weight * grad).to(ctx.weight_dtype) if d_weight is not None else None
-        return g_hidden, g_weight, None, None, None, None
+        return g_hidden, g_weight, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096,
+                         split: VocabSplit | None = None) -> Tensor:
     """Mean next-token cross-entropy of the logits hidden @ weight.T (fp32 softmax), -100 ignored, computed
-    `chunk_size` tokens at a time: one chunk of logits exists at any moment and none is kept for backward."""
+    `chunk_size` tokens at a time: one chunk of logits exists at any moment and none is kept for backward. With a
+    `split`, `weight` holds this rank's rows of the vocabulary (tensor parallelism): no rank forms all the logits."""
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the tokens")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     needs = (hidden.requires_grad, weight.requires_grad) if torch.is_grad_enabled() else (False, False)
-    if not any(needs):
+    if not any(needs) and split is None:
         return chunked_cross_entropy(flat_h, flat_t, lambda h: h @ weight.t(), chunk_size)
-    return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_size, *needs)
+    return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_size, *needs, split)
 
 
 def distill_loss_reference(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -205,6 +234,18 @@ class LMHead(nn.Linear):
         super().__init__(dim, vocab_size, bias=False)
 
     def forward(self, x: Tensor, targets: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+        """Logits of `x`; or, given `targets` (already shifted, -100 ignored), their mean cross-entropy. Every LM
+        head (the vocab-parallel one, a pipeline's last stage) answers this call."""
         if targets is None:
             return super().forward(x)
         return linear_cross_entropy(x, self.weight, targets, chunk_size)
+
+
+class QuantLMHead(QuantLinear):
+    """An int8/int4 LM head (inference, see `moeformer.quantize`) answering `LMHead`'s call: logits, or with targets
+    the mean cross-entropy of its logits, `chunk_size` tokens at a time."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return chunked_cross_entropy(x, targets, super().forward, chunk_size)

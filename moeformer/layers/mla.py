@@ -7,17 +7,28 @@ Each head's query/key is `[nope | rope]`: the `nope` part comes from the latent 
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from moeformer.layers.attention import AttentionMask, attend, cache_update
 from moeformer.layers.norms import RMSNorm
-from moeformer.layers.rope import apply_rotary
-from moeformer.models.config import MLAConfig
+from moeformer.layers.rope import apply_rotary, yarn_mscale
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q/kv projections with decoupled RoPE."""
+
+    q_lora_rank: int | None = None  # None: full-rank q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
 
 
 def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None) -> float:
@@ -26,12 +37,8 @@ def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None
     scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
     if not rope_scaling or (rope_scaling.get("type") or rope_scaling.get("rope_type")) in (None, "default"):
         return scale
-    mscale_all_dim = rope_scaling.get("mscale_all_dim") or 0.0
-    factor = rope_scaling.get("factor") or 1.0
-    if mscale_all_dim and factor > 1:
-        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-        scale *= mscale * mscale
-    return scale
+    mscale = yarn_mscale(rope_scaling.get("factor") or 1.0, rope_scaling.get("mscale_all_dim") or 0.0)
+    return scale * mscale * mscale
 
 
 def _attend_mixed_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
@@ -120,10 +127,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: LatentCache | None = None, backend: str | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        H = self.n_heads
         cos, sin = rope
-        q = self._queries(x).view(B, T, H, self.nope + self.rope_dim).transpose(1, 2)
+        q = rearrange(self._queries(x), "b t (h d) -> b h t d", h=self.n_heads)
         q_nope, q_rope = q[..., : self.nope], apply_rotary(q[..., self.nope :], cos, sin)
 
         latent, k_rot = self.kv_a_proj(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
@@ -134,12 +139,12 @@ class MLAttention(nn.Module):
             out = self._attend_expanded(q_nope, q_rope, latent, k_rot, mask, backend)
         else:
             kv = cache_update(cache, mask, latent, k_rot)
-            if self.absorbs(T):
+            if self.absorbs(x.shape[1]):
                 out = self._attend_absorbed(q_nope, q_rope, kv, mask, backend)
             else:
                 out = self._attend_expanded(q_nope, q_rope, *kv.split((self.kv_lora_rank, self.rope_dim), -1), mask,
                                             backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
     def absorbs(self, q_len: int) -> bool:
         """Whether `q_len` cached queries take the absorbed path: per key it costs 2 * rank + rope multiply-adds per
@@ -152,14 +157,14 @@ class MLAttention(nn.Module):
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's weight as per-head views: W_uk (H, nope, rank) and W_uv (H, v_dim, rank)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.n_heads)
         return w[:, : self.nope], w[:, self.nope :]
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
                          mask: AttentionMask, backend: str) -> torch.Tensor:
         """Per-head keys [k_nope | k_rot] and values from kv_b_proj(latent) (B, Tk, rank): the reference form."""
         B, H, Tk = latent.shape[0], self.n_heads, latent.shape[1]
-        kv = self.kv_b_proj(latent).view(B, Tk, H, self.nope + self.v_dim).transpose(1, 2)
+        kv = rearrange(self.kv_b_proj(latent), "b t (h d) -> b h t d", h=H)
         k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
         k = torch.cat((k_nope, k_rot[:, None].expand(B, H, Tk, self.rope_dim)), dim=-1)
         return _attend_mixed_dims(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.scale, backend)

@@ -42,7 +42,8 @@ def _check_scaling(scaling: dict[str, Any] | None) -> tuple[str, dict[str, Any]]
     return kind, params
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-magnitude correction for a context stretched by `factor` (1 when not stretched)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -74,8 +75,8 @@ class RotaryEmbedding(nn.Module):
         if p.get("attention_factor") is not None:
             return float(p["attention_factor"])
         if p.get("mscale") and p.get("mscale_all_dim"):
-            return float(_yarn_mscale(p["factor"], p["mscale"]) / _yarn_mscale(p["factor"], p["mscale_all_dim"]))
-        return _yarn_mscale(p["factor"])
+            return float(yarn_mscale(p["factor"], p["mscale"]) / yarn_mscale(p["factor"], p["mscale_all_dim"]))
+        return yarn_mscale(p["factor"])
 
     def inv_freq(self, seq_len: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
         """Inverse frequencies (rotary_dim/2,) float32; `seq_len` (0-d tensor) only matters for dynamic NTK."""

@@ -26,6 +26,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch import nn
 
 from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError, write_error
 from moeformer.layers.quant import QuantizedWeight, check_format
@@ -253,17 +254,13 @@ def hub_blobs(directory: Path) -> tuple[Path, ...]:
     return (real.parent.parent / "blobs",) if real.parent.name == "snapshots" else ()
 
 
-def _native_maps(config: ModelConfig) -> list[TensorMap]:
-    """Identity maps over our own state_dict keys (the tied LM head is stored once)."""
-    from moeformer.models.model import CausalLM
-
-    with torch.device("meta"):
-        keys = list(CausalLM(config).state_dict())
+def _native_maps(config: ModelConfig, keys: list[str]) -> list[TensorMap]:
+    """Identity maps over our own state_dict `keys` (the tied LM head is stored once)."""
     return [copy(k, k) for k in keys if not (config.tie_embeddings and k == "lm_head.weight")]
 
 
-def _read_config(directory: Path, roots: tuple[Path, ...] = ()) -> tuple[ModelConfig, list[TensorMap],
-                                                                       Callable[[str], bool]]:
+def _read_config(model_class: type[nn.Module], directory: Path, roots: tuple[Path, ...] = ()
+                 ) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
     """The model config, its tensor maps and the predicate of checkpoint tensors to skip."""
     hf_path, native_path = (confined(directory, name, roots) for name in (HF_CONFIG, NATIVE_CONFIG))
     if hf_path.is_file():
@@ -283,7 +280,9 @@ def _read_config(directory: Path, roots: tuple[Path, ...] = ()) -> tuple[ModelCo
             raise CheckpointError(f"{native_path} is not valid YAML: {e}") from e
         except ConfigError as e:  # its message names the file
             raise CheckpointError(str(e)) from e
-        return config, _native_maps(config), lambda n: False
+        with torch.device("meta"):
+            keys = list(model_class(config).state_dict())
+        return config, _native_maps(config, keys), lambda n: False
     raise CheckpointNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} "
                                   "(moeformer)")
 
@@ -318,9 +317,10 @@ def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]
     return plan
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, quantize: str | None = None, group_size: int = 128):
-    """Load a `CausalLM` from a Hugging Face or native checkpoint directory.
+    """Load a `model_class` (a `CausalLM`, built from the checkpoint's config) from a Hugging Face or native
+    checkpoint directory; `CausalLM.from_pretrained` and `moeformer.from_pretrained` call it.
 
     dtype: parameter dtype (default: the checkpoint's; bfloat16 for FP8 block-quantized DeepSeek-V3 weights, which
     are dequantized), also of quantization scales; other buffers keep theirs. device: where the weights go (default
@@ -334,13 +334,11 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
     if quantize is not None:
         check_format(quantize, group_size)
-    from moeformer.models.model import CausalLM
-
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist")
     roots = hub_blobs(directory)
-    config, maps, ignore = _read_config(directory, roots)
+    config, maps, ignore = _read_config(model_class, directory, roots)
     block = ((config.extra.get("hf_config") or {}).get("quantization_config") or {}).get("weight_block_size")
     ckpt = Checkpoint(directory, tuple(block) if block else None, roots)
     plan = _plan(maps, ckpt, ignore)
@@ -349,7 +347,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{directory} holds a model quantized as {saved}; it cannot be re-quantized to "
                               f"{quantize} (load it as saved, or quantize its full-precision checkpoint)")
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = model_class(config)
     if quantize is not None and saved is None:  # empty quantized layers, filled from full-precision tensors below
         build_quantized(model, quantize, group_size)
     quantized = quantized_weights(model) if saved is None else {}
@@ -548,7 +546,7 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
         family = family_for_config(config)
         hf_config, maps = family.config_to_hf(config), family.tensor_maps(config)
     else:
-        hf_config, maps = None, _native_maps(config)
+        hf_config, maps = None, _native_maps(config, list(model.state_dict()))
     state = model.state_dict()
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
 

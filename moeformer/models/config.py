@@ -14,27 +14,19 @@ from typing import Any
 import yaml
 
 from moeformer.errors import ConfigError
+from moeformer.layers.attention.layer import QK_NORMS
+from moeformer.layers.linear_attention import KINDS as LINEAR_ATTENTION  # each a LinearAttention kind
+from moeformer.layers.mla import MLAConfig
+from moeformer.layers.mlp import ACTIVATIONS
 from moeformer.layers.moe.config import MoEConfig
+from moeformer.layers.norms import NORM_KINDS
 from moeformer.layers.quant.formats import check_format
+from moeformer.models.zoo import zoo_path
 
-NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu")
-QK_NORMS = (None, "head", "full")
 SOFTMAX_ATTENTION = "softmax"
 MLA_ATTENTION = "mla"
-LINEAR_ATTENTION = {"linear": "vanilla", "retnet": "retnet", "gla": "gla", "deltanet": "deltanet"}  # type -> kind
 ATTENTION_TYPES = (SOFTMAX_ATTENTION, MLA_ATTENTION, *LINEAR_ATTENTION)
-
-
-@dataclass
-class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q/kv projections with decoupled RoPE."""
-
-    q_lora_rank: int | None = None  # None: full-rank q projection
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+RENAMED_ATTENTION_TYPES = {"linear": "vanilla"}
 
 
 @dataclass
@@ -44,8 +36,8 @@ class ModelConfig:
     MoE placement: with `moe` set, layer i is MoE when it is listed in `moe_layers`, or (when
     `moe_layers` is None) when `i >= first_k_dense` and `(i - first_k_dense) % moe_every == 0`.
     `attention_types` lists the attention kind per layer; a shorter list repeats as a pattern
-    (e.g. ["retnet", "retnet", "retnet", "softmax"]). None means softmax everywhere. Linear types ("linear",
-    "retnet", "gla", "deltanet") take their options (feature_map, normalize, chunk_size, mode, ...) from
+    (e.g. ["retnet", "retnet", "retnet", "softmax"]). None means softmax everywhere. Linear types ("vanilla",
+    "retnet", "gla", "deltanet") take their options (feature_map, normalize, chunk_size, backend, ...) from
     `linear_attention`.
     """
 
@@ -100,8 +92,8 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm not in NORM_KINDS:
+            raise ValueError(f"norm must be one of {NORM_KINDS}, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.qk_norm not in QK_NORMS:
@@ -118,6 +110,11 @@ class ModelConfig:
             self.quantization = _quantization_record(self.quantization)
         if self.attention_types is not None and len(self.attention_types) == 0:
             raise ValueError("attention_types must not be empty (use None for softmax everywhere)")
+        renamed = sorted(set(self.attention_types or ()) & set(RENAMED_ATTENTION_TYPES))
+        if renamed:
+            raise ConfigError(f"attention type {renamed[0]!r} is now called {RENAMED_ATTENTION_TYPES[renamed[0]]!r}")
+        if "mode" in self.linear_attention:
+            raise ConfigError("model.linear_attention.mode is now model.linear_attention.backend")
         unknown = sorted(set(self.attention_types or ()) - set(ATTENTION_TYPES))
         if unknown:
             raise ValueError(f"unknown attention type(s) {unknown}; expected {ATTENTION_TYPES}")
@@ -178,8 +175,6 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """Look a model up in the zoo (`configs/models/<name>.yaml`), with keyword overrides."""
-        from moeformer.models.zoo import zoo_path
-
         config = cls.from_yaml(zoo_path(name))
         return config.replace(**overrides) if overrides else config
 

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from moeformer.layers.attention import Attention, AttentionMask
-from moeformer.layers.lm_head import IGNORE_INDEX, LMHead, chunked_cross_entropy
+from moeformer.layers.linear_attention import CausalLinearAttention
+from moeformer.layers.lm_head import IGNORE_INDEX, LMHead
+from moeformer.layers.mla import MLAttention, mla_softmax_scale
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEStats, update_router_biases
 from moeformer.layers.norms import build_norm
 from moeformer.layers.quant import QuantizedWeight
 from moeformer.layers.rope import RotaryEmbedding
-from moeformer.models import generation
+from moeformer.models import checkpoint, generation
 from moeformer.models.cache import StaticCache
 from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, SOFTMAX_ATTENTION, ModelConfig
 from moeformer.models.quantize import build_quantized
@@ -50,8 +52,6 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
             backend=config.attn_backend,
         )
     if kind == MLA_ATTENTION:
-        from moeformer.layers.mla import MLAttention, mla_softmax_scale
-
         return MLAttention(
             config.dim,
             config.n_heads,
@@ -61,10 +61,8 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
             softmax_scale=mla_softmax_scale(config.mla, config.rope_scaling),
         )
     if kind in LINEAR_ATTENTION:
-        from moeformer.layers.linear_attention import CausalLinearAttention
-
         return CausalLinearAttention(
-            config.dim, config.n_heads, config.head_dim, kind=LINEAR_ATTENTION[kind], norm_eps=config.norm_eps,
+            config.dim, config.n_heads, config.head_dim, kind=kind, norm_eps=config.norm_eps,
             **config.linear_attention,
         )
     raise ValueError(f"layer {layer}: unknown attention type {kind!r}")
@@ -169,7 +167,8 @@ class CausalLM(nn.Module):
         shifted (position t predicts targets[t]); -100 is ignored. `attention_mask` (B, T_cache + T), 1 = real
         token, supports left padding (with a `StaticCache`: (B, T) with the prompt only). `stats=False` skips the MoE
         aux losses and statistics (inference); `logits_to_keep=n` computes the logits of the last n positions only
-        (0: all). `layers` runs other modules as the blocks, one per layer (the generation `Decoder` passes compiled
+        (0: all); the loss never needs them: the LM head computes it from the hidden states, chunk by chunk.
+        `layers` runs other modules as the blocks, one per layer (the generation `Decoder` passes compiled
         wrappers of them).
 
         Checked here: the shapes, the sequence length against `config.max_seq_len` (not under dynamic-NTK rope,
@@ -224,12 +223,7 @@ class CausalLM(nn.Module):
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            if logits is not None and not logits_to_keep:
-                ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.config.loss_chunk_size)
-            elif isinstance(self.lm_head, LMHead):
-                ce = self.lm_head(x, targets, self.config.loss_chunk_size)
-            else:  # a head replaced by a parallelism transform: logits only
-                ce = chunked_cross_entropy(x, targets, self.lm_head, self.config.loss_chunk_size)
+            ce = self.lm_head(x, targets, self.config.loss_chunk_size)  # every head: hidden states + targets -> loss
             loss = ce + aux if aux is not None else ce
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe_stats=moe_stats)
 
@@ -267,17 +261,18 @@ class CausalLM(nn.Module):
 
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> CausalLM:
-        """Load a Hugging Face or native checkpoint directory; see `moeformer.models.checkpoint.from_pretrained`."""
-        from moeformer.models.checkpoint import from_pretrained
-
-        return from_pretrained(path, dtype=dtype, device=device)
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+                        group_size: int = 128) -> CausalLM:
+        """Load a Hugging Face or native checkpoint directory; see `moeformer.models.checkpoint.load_pretrained`."""
+        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device, quantize=quantize,
+                                          group_size=group_size)
 
     def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", **kwargs):
         """Write an atomic checkpoint directory; see `moeformer.models.checkpoint.save_pretrained`."""
-        from moeformer.models.checkpoint import save_pretrained
+        return checkpoint.save_pretrained(self, path, format=format, max_shard_size=max_shard_size, **kwargs)
 
-        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, **kwargs)
+
+from_pretrained = CausalLM.from_pretrained  # moeformer.from_pretrained(path, dtype=..., quantize=...)
 
 
 def _cache_length(cache: list | None) -> int:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from moeformer.models.config import ModelConfig
+from moeformer.models.model import CausalLM
 
 
 class ParamCount(NamedTuple):
@@ -18,8 +19,6 @@ class ParamCount(NamedTuple):
 def count_params(config: ModelConfig) -> ParamCount:
     """Count parameters by building the model on the meta device (no memory is allocated); a quantized config
     counts the weights its codes stand for."""
-    from moeformer.models.model import CausalLM
-
     with torch.device("meta"):
         model = CausalLM(dataclasses.replace(config, quantization=None))
     total = sum(p.numel() for p in model.parameters())

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from moeformer.layers.lm_head import LMHead
+from moeformer.layers.lm_head import LMHead, QuantLMHead
 from moeformer.layers.moe import Experts
 from moeformer.layers.quant import QuantizedWeight, QuantLinear, check_format
 
@@ -66,14 +66,15 @@ def _convert(model: nn.Module, mode: str, group_size: int, empty: bool) -> nn.Mo
     targets = _targets(model)
     _check_widths(targets, mode, group_size)
     for name, module in targets:
+        quantized = QuantLMHead if isinstance(module, LMHead) else QuantLinear  # the head keeps its loss call
         if isinstance(module, Experts):
             module.quantize_(mode, group_size, empty=empty)
         elif empty:
             w = module.weight
-            _replace(model, name, QuantLinear(module.in_features, module.out_features, module.bias is not None, mode,
-                                              group_size, w.dtype, w.device))
+            _replace(model, name, quantized(module.in_features, module.out_features, module.bias is not None, mode,
+                                            group_size, w.dtype, w.device))
         else:
-            _replace(model, name, QuantLinear.from_linear(module, mode, group_size))
+            _replace(model, name, quantized.from_linear(module, mode, group_size))
     model.requires_grad_(False)
     if hasattr(model, "config"):
         model.config = dataclasses.replace(model.config, quantization={"mode": mode, "group_size": group_size})

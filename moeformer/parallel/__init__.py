@@ -3,15 +3,14 @@
 cross-entropy, optional expert tensor parallelism), pipeline parallelism (DeepSpeed PipelineModule) and resharding
 between layouts.
 
-    model, initialize_kwargs = parallelize(model, ParallelConfig(ep=2))   # then deepspeed.initialize(..., **kwargs)
-    full = full_state_dict(model)                                          # single-process layout, any source layout
+    model, groups = parallelize(model, ParallelConfig(ep=2))   # deepspeed.initialize(..., **groups.initialize_kwargs)
+    full = full_state_dict(model)                              # single-process layout, any source layout
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from moeformer.parallel.config import ParallelConfig
@@ -31,42 +30,36 @@ from moeformer.parallel.tensor import (
     RowParallelLinear,
     TensorParallelExperts,
     VocabParallelEmbedding,
+    VocabParallelLMHead,
     apply_tensor_parallel,
-    vocab_parallel_cross_entropy,
 )
 
 
-def parallelize(model: nn.Module, config: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Create the groups of `config` (a `ParallelConfig`, or any object with ep/tp/pp attributes such as the
-    training config's section) and transform `model` in place. Returns the model and the extra keyword arguments
-    for `deepspeed.initialize` (`mpu` when tp > 1). With pp > 1 the returned model is a `PipelineModule` (train it
-    with `engine.train_batch`; it carries its own grid)."""
-    pc = ParallelConfig(dp=getattr(config, "dp", None), ep=config.ep, tp=config.tp, pp=config.pp,
-                        expert_tp=getattr(config, "expert_tp", False))
-    if pc.pp > 1:
-        return _pipeline(model, pc), {}
-    groups = init_parallel_groups(pc)
+def parallelize(model: nn.Module, config: ParallelConfig) -> tuple[nn.Module, ParallelGroups]:
+    """Create the groups of `config` and transform `model` in place. Returns the model and its groups; pass
+    `groups.initialize_kwargs` (the grid as `mpu` when tp > 1) to `deepspeed.initialize`. With pp > 1 the returned
+    model is a `PipelineModule` (train it with `engine.train_batch`; it carries its own grid)."""
+    if config.pp > 1:
+        return _pipeline(model, config)
+    groups = init_parallel_groups(config)
     groups.config.validate_model(model.config)
     apply_expert_parallel(model, groups)
     apply_tensor_parallel(model, groups)
-    model.parallel_groups = groups
-    return model, ({"mpu": groups.mpu} if groups.mpu is not None else {})
+    return model, groups
 
 
-def _pipeline(model: nn.Module, pc: ParallelConfig) -> nn.Module:
+def _pipeline(model: nn.Module, config: ParallelConfig) -> tuple[nn.Module, ParallelGroups]:
     """The PipelineModule of `model` (tensor-parallel first when tp > 1) over pp stages x tp x dp; its grid is the
     engine's mpu."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     init_distributed()
-    pc.resolve(dist.get_world_size()).validate_model(model.config)
-    groups = init_parallel_groups(pc)
+    config.resolve(dist.get_world_size()).validate_model(model.config)
+    groups = init_parallel_groups(config)
     apply_expert_parallel(model, groups)
     apply_tensor_parallel(model, groups)
     cfg = groups.config
-    pipe = to_pipeline(model, cfg.pp, topology=PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp))
-    pipe.parallel_groups = groups
-    return pipe
+    topology = PipeModelDataParallelTopology(num_pp=cfg.pp, num_mp=cfg.tp, num_dp=cfg.dp)
+    pipe = to_pipeline(model, cfg.pp, topology=topology)
+    return pipe, groups
 
 
 __all__ = [
@@ -78,6 +71,7 @@ __all__ = [
     "Shard",
     "TensorParallelExperts",
     "VocabParallelEmbedding",
+    "VocabParallelLMHead",
     "apply_expert_parallel",
     "apply_tensor_parallel",
     "consolidate_checkpoint",
@@ -92,5 +86,4 @@ __all__ = [
     "save_layout",
     "shutdown_distributed",
     "to_pipeline",
-    "vocab_parallel_cross_entropy",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
 
 
@@ -12,7 +13,8 @@ class ParallelConfig:
     """Sizes of the four parallel dimensions. world = dp * tp * pp; expert parallelism splits the dp * tp ranks of
     a pipeline stage (ep divides dp * tp): each group of `ep` consecutive ranks shares one copy of every expert.
     `dp=None` means "whatever is left of the world" (see `resolve`). `expert_tp` splits each routed expert's hidden
-    units over the tensor group too (otherwise routed experts are replicated there and split the tokens)."""
+    units over the tensor group too (otherwise routed experts are replicated there and split the tokens). Also the
+    `parallel` section of the training config."""
 
     dp: int | None = None
     ep: int = 1
@@ -20,11 +22,16 @@ class ParallelConfig:
     pp: int = 1
     expert_tp: bool = False
 
-    def resolve(self, world_size: int) -> ParallelConfig:
-        """This config with `dp` filled in from the world size; ValueError naming the sizes that do not fit."""
+    def __post_init__(self) -> None:
+        """What can be checked without the world size (the training config's `parallel` section is this class)."""
         for name in ("ep", "tp", "pp"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tp and (self.tp == 1 or self.ep > 1):
+            raise ConfigError(f"expert_tp needs tp > 1 and ep = 1 (got tp={self.tp}, ep={self.ep})")
+
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """This config with `dp` filled in from the world size; ValueError naming the sizes that do not fit."""
         model_parallel = self.tp * self.pp
         if world_size % model_parallel:
             raise ValueError(f"world size {world_size} is not divisible by tp={self.tp} * pp={self.pp}")
@@ -36,8 +43,6 @@ class ParallelConfig:
         if dp * self.tp % self.ep:
             raise ValueError(f"ep={self.ep} does not divide dp * tp = {dp * self.tp} (world {world_size} / "
                              f"pp={self.pp}): expert parallelism splits the ranks of a pipeline stage")
-        if self.expert_tp and (self.tp == 1 or self.ep > 1):
-            raise ValueError(f"expert_tp needs tp > 1 and ep = 1 (got tp={self.tp}, ep={self.ep})")
         return ParallelConfig(dp=dp, ep=self.ep, tp=self.tp, pp=self.pp, expert_tp=self.expert_tp)
 
     def validate_model(self, config: ModelConfig) -> None:

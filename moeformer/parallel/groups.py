@@ -14,8 +14,11 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+from deepspeed.utils import groups as ds_groups
 
 from moeformer.parallel.config import ParallelConfig
 
@@ -38,6 +41,12 @@ class ParallelGroups:
         return f"ep_size_{self.config.ep}"
 
     @property
+    def initialize_kwargs(self) -> dict[str, object]:
+        """The extra keyword arguments of `deepspeed.initialize`: the grid as `mpu` with tensor parallelism (a
+        pipeline module carries its own grid instead)."""
+        return {"mpu": self.mpu} if self.mpu is not None and self.config.pp == 1 else {}
+
+    @property
     def ep_rank(self) -> int:
         return dist.get_rank(self.expert) if self.expert is not None else 0
 
@@ -54,8 +63,6 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if dist.is_initialized():
         return
-    import deepspeed
-
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -77,9 +84,6 @@ def _free_port() -> int:
 
 def init_parallel_groups(config: ParallelConfig) -> ParallelGroups:
     """Create (collectively, on every rank) the groups of `config`; ValueError when it does not fit the world."""
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
-    from deepspeed.utils import groups as ds_groups
-
     init_distributed()
     cfg = config.resolve(dist.get_world_size())
     mpu = tensor = pipe = None
@@ -104,8 +108,6 @@ def init_parallel_groups(config: ParallelConfig) -> ParallelGroups:
 def _forget_other_expert_layout(name: str, cfg: ParallelConfig) -> None:
     """DeepSpeed caches expert groups by name (`ep_size_<ep>`) only; drop a cached pair made for another pipeline
     depth, so a process can build a second layout with the same ep (collective: every rank drops it)."""
-    from deepspeed.utils import groups as ds_groups
-
     cached = ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS.get(name)
     stage = dist.get_world_size() // cfg.pp
     start = dist.get_rank() // stage * stage

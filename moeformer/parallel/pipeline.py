@@ -1,8 +1,9 @@
 """Pipeline parallelism: a built `CausalLM` as a `deepspeed.pipe.PipelineModule` trained with
-`engine.train_batch`. Layers: embedding -> one layer per block -> final norm + LM head (the embedding and the head
-share one `TiedLayerSpec` when the embeddings are tied). Between stages the activations are `(hidden, aux)` or,
-for packed documents, `(hidden, aux, position_ids, document_ids)`: `aux` (shape (1,)) accumulates the blocks' MoE
-aux losses so they reach the loss on the last stage and receive their gradient through the pipeline.
+`engine.train_batch`. Layers: embedding -> one layer per block -> final norm (the embedding and the LM head share
+one `TiedLayerSpec` when the embeddings are tied); the loss function calls the LM head with the targets, so the last
+stage computes the chunked cross-entropy without full logits. Between stages the activations are `(hidden, aux)`
+or, for packed documents, `(hidden, aux, position_ids, document_ids)`: `aux` (shape (1,)) accumulates the blocks'
+MoE aux losses so they reach the loss on the last stage and receive their gradient through the pipeline.
 
 Tensor and expert parallelism compose (apply them to the model first; the grid's groups match). Limits: no padding
 mask; DeepSpeed's pipeline engine allows ZeRO 0-1 only.
@@ -14,11 +15,12 @@ import functools
 
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 from torch import Tensor, nn
 from torch._functorch import config as functorch_config
 
 from moeformer.layers.attention import AttentionMask
-from moeformer.layers.lm_head import chunked_cross_entropy
 from moeformer.models.model import CausalLM
 from moeformer.parallel.reshard import full_state_dict
 
@@ -47,9 +49,8 @@ class EmbeddingPipe(nn.Module):
 
 
 def tied_head(embedding: EmbeddingPipe, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The LM head that shares the embedding table."""
-    x, aux = inputs
-    return embedding.lm_head(x), aux
+    """The last stage's copy of the tied embedding, which holds the LM head that `PipelineLoss` calls."""
+    return inputs
 
 
 class BlockPipe(nn.Module):
@@ -68,7 +69,7 @@ class BlockPipe(nn.Module):
 
 
 class NormPipe(nn.Module):
-    """Final norm, followed by the LM head (or by the tied head)."""
+    """Final norm. It also holds the untied LM head, which `PipelineLoss` calls on the normed hidden states."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module | None = None) -> None:
         super().__init__()
@@ -76,20 +77,20 @@ class NormPipe(nn.Module):
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         x, aux = inputs[:2]
-        x = self.norm(x)
-        return (self.lm_head(x) if self.lm_head is not None else x), aux
+        return self.norm(x), aux
 
 
 class PipelineLoss:
-    """The last stage's loss: next-token cross-entropy plus the MoE aux losses carried from every stage. Set
-    `with_aux = False` to get the cross-entropy alone (evaluation)."""
+    """The last stage's loss: the LM head's cross-entropy of the final hidden states (the head's own call, chunked:
+    no full logits), plus the MoE aux losses carried from every stage. Set `with_aux = False` to get the
+    cross-entropy alone (evaluation). `head` is set on the last stage once its layers exist."""
 
     def __init__(self, chunk_size: int) -> None:
-        self.chunk_size, self.with_aux = chunk_size, True
+        self.chunk_size, self.with_aux, self.head = chunk_size, True, None
 
     def __call__(self, outputs: tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
-        logits, aux = outputs
-        ce = chunked_cross_entropy(logits, targets, nn.Identity(), self.chunk_size)
+        x, aux = outputs
+        ce = self.head(x, targets, self.chunk_size)
         return ce + aux.sum() if self.with_aux else ce
 
 
@@ -102,9 +103,6 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     partition_method: "parameters" balances parameter counts, "uniform" the number of layers, "blocks" the number
     of transformer blocks. activation_checkpoint_interval: recompute every that many blocks in backward (0: off),
     DeepSpeed's pipeline checkpointing (blocks only: the embedding's outputs must keep their gradient)."""
-    from deepspeed.pipe import PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
-
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"unknown partition_method {partition_method!r}; expected one of {PARTITION_METHODS}")
     if num_stages > model.config.n_layers:
@@ -115,7 +113,8 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
         layers = [tied(), *(BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))]
         layers += [NormPipe(model.norm), tied(forward_fn=tied_head)]
     else:
-        layers = [EmbeddingPipe(model.tok_embeddings), *(BlockPipe(b, model.rope, i) for i, b in enumerate(model.layers))]
+        blocks = (BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))
+        layers = [EmbeddingPipe(model.tok_embeddings), *blocks]
         layers.append(NormPipe(model.norm, model.lm_head))
     # the engine backpropagates each stage output with retain_graph=True, which a compiled graph (e.g. FlexAttention's
     # kernel) refuses when it donates saved buffers; the flag is read at compile and at backward time: process-wide
@@ -127,7 +126,16 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
                           activation_checkpoint_func=non_reentrant_checkpoint,  # the engine backwards x and aux apart
                           checkpointable_layers=[BlockPipe.__name__], **kwargs)
     pipe.config = model.config
+    if pipe.stage_id == pipe.num_stages - 1:
+        pipe.loss_fn.head = _last_stage_head(pipe)
     return pipe
+
+
+def _last_stage_head(pipe) -> nn.Module:
+    """The LM head among the last stage's layers: the untied one in `NormPipe`, or the tied embedding's."""
+    if "embed" in pipe.tied_modules:
+        return pipe.tied_modules["embed"].lm_head
+    return next(m.lm_head for m in pipe.children() if isinstance(m, NormPipe))
 
 
 def pipeline_full_state_dict(pipe) -> dict[str, Tensor]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moeformer.errors import CheckpointError, CheckpointNotFoundError
@@ -90,8 +92,6 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> Non
 
 def save_consolidated(model: nn.Module, path: str | Path) -> None:
     """Gather the full weights and write them as one safetensors file from global rank 0 (collective)."""
-    from safetensors.torch import save_file
-
     state = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file({name: value.contiguous().clone() for name, value in state.items()}, str(path))  # unshare tied
@@ -103,13 +103,10 @@ LAYOUT_FILE = "moeformer_layout.json"
 def save_layout(model: nn.Module, directory: str | Path) -> None:
     """Write how `model`'s parameters are sharded (`LAYOUT_FILE`) next to a DeepSpeed checkpoint of it, from global
     rank 0, so `consolidate_checkpoint` can rebuild the full weights offline. Tensor shards live in the
-    mp_rank_<tp rank> model files, expert shards in the per-expert files."""
-    from moeformer.parallel.expert import ExpertParallelExperts
-
-    experts = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)
-               for p in ("w_in", "w_out")}
+    mp_rank_<tp rank> model files, expert shards (the parameters carrying DeepSpeed's expert tag) in the per-expert
+    files."""
     layout = {name: {"dim": p.shard.dim, "num_shards": p.shard.num_shards, "blocks": p.shard.blocks,
-                     "kind": "expert" if name in experts else "tensor"}
+                     "kind": "expert" if is_moe_param(p) else "tensor"}
               for name, p in model.named_parameters(remove_duplicate=False) if hasattr(p, "shard")}
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)

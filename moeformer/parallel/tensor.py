@@ -1,8 +1,9 @@
 """Tensor parallelism on the tensor group (Megatron-style): attention heads and MLP hidden units split over the
-ranks (column-parallel in, row-parallel out, one all-reduce per sublayer), vocab-parallel embedding and LM head,
-and a vocab-parallel cross-entropy. Norms and routers stay replicated (their inputs are identical on every rank of the
-group); routed experts too, unless expert tensor parallelism splits each expert's hidden units. With fewer kv heads than ranks, every rank keeps all of k_proj / v_proj and computes
-only the kv head its query heads use.
+ranks (column-parallel in, row-parallel out, one all-reduce per sublayer), vocab-parallel embedding and LM head
+(its cross-entropy reduced over the ranks, never gathering the logits). Norms and routers stay replicated (their
+inputs are identical on every rank of the group); routed experts too, unless expert tensor parallelism splits each
+expert's hidden units. With fewer kv heads than ranks, every rank keeps all of k_proj / v_proj and computes only
+the kv head its query heads use.
 
 Sharded parameters are marked `tensor_model_parallel = True` (DeepSpeed's gradient-norm bookkeeping) and carry a
 `Shard` for resharding; the transform keeps every state-dict key.
@@ -10,15 +11,17 @@ Sharded parameters are marked `tensor_model_parallel = True` (DeepSpeed's gradie
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeformer.layers.attention import Attention
+from moeformer.layers.lm_head import VocabSplit, linear_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import Experts, MoE
-from moeformer.models.model import IGNORE_INDEX
 from moeformer.parallel.comm import all_reduce, gather_last_dim, reduce_grad
 from moeformer.parallel.groups import ParallelGroups
 from moeformer.parallel.reshard import sharded_parameter
@@ -31,18 +34,44 @@ def _shard(full: Tensor, dim: int, group, blocks: int = 1) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """This rank's slice of the output features; the input is replicated (its gradient is summed over the group).
-    `gather_output` concatenates the slices (used by the LM head so callers see full logits)."""
+    """This rank's slice of the output features; the input is replicated (its gradient is summed over the group)."""
 
-    def __init__(self, linear: nn.Linear, group, gather_output: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, group) -> None:
         super().__init__()
-        self.group, self.gather_output = group, gather_output
+        self.group = group
         self.weight = _shard(linear.weight, 0, group)
         self.bias = _shard(linear.bias, 0, group) if linear.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(reduce_grad(x, self.group), self.weight, self.bias)
-        return gather_last_dim(y, self.group) if self.gather_output else y
+        return F.linear(reduce_grad(x, self.group), self.weight, self.bias)
+
+
+class VocabParallelLMHead(nn.Module):
+    """The LM head's rows [start, start + V / tp) on this rank. Answers `LMHead`'s call: full logits (gathered) for
+    `x` alone, or with targets the mean cross-entropy through `linear_cross_entropy` over the split vocabulary,
+    chunked and fused, without gathering any logits."""
+
+    def __init__(self, head: nn.Linear, group) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = _shard(head.weight, 0, group)
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+        x = reduce_grad(x, self.group)  # each rank's part of the input gradient is summed
+        if targets is None:
+            return gather_last_dim(F.linear(x, self.weight), self.group)
+        return linear_cross_entropy(x, self.weight, targets, chunk_size, split=self.split)
+
+    @property
+    def split(self) -> VocabSplit:
+        return VocabSplit(dist.get_rank(self.group) * self.weight.shape[0],
+                          functools.partial(_all_reduce_, op=dist.ReduceOp.MAX, group=self.group),
+                          functools.partial(_all_reduce_, op=dist.ReduceOp.SUM, group=self.group))
+
+
+def _all_reduce_(x: Tensor, op, group) -> Tensor:
+    dist.all_reduce(x, op=op, group=group)
+    return x
 
 
 class RowParallelLinear(nn.Module):
@@ -114,27 +143,6 @@ class TensorParallelExperts(Experts):
         return all_reduce(super().ffn(reduce_grad(x_sorted, self.group), group_sizes, weight, rows), self.group)
 
 
-def vocab_parallel_cross_entropy(local_logits: Tensor, targets: Tensor, group) -> Tensor:
-    """Mean cross-entropy of logits split over the vocabulary (rank r holds columns [r * V_r, (r + 1) * V_r))
-    without gathering them: max, sum of exponentials and the target logit are reduced over the group (fp32).
-    Targets equal to -100 are ignored."""
-    logits = local_logits.float().reshape(-1, local_logits.shape[-1])
-    targets = targets.reshape(-1)
-    part = logits.shape[-1]
-    start = dist.get_rank(group) * part
-    peak = logits.detach().amax(dim=-1)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - peak.unsqueeze(-1)
-    sum_exp = all_reduce(shifted.exp().sum(dim=-1), group)
-    local = targets - start
-    inside = (local >= 0) & (local < part)
-    picked = shifted.gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1)
-    target_logit = all_reduce(torch.where(inside, picked, 0.0), group)
-    valid = targets != IGNORE_INDEX
-    losses = torch.where(valid, sum_exp.log() - target_logit, 0.0)
-    return losses.sum() / valid.sum().clamp(min=1)
-
-
 def _parallel_attention(attn: Attention, group) -> None:
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     attn.q_proj, attn.o_proj = ColumnParallelLinear(attn.q_proj, group), RowParallelLinear(attn.o_proj, group)
@@ -179,6 +187,6 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> None:
         elif groups.config.expert_tp and isinstance(module, MoE):
             module.experts = TensorParallelExperts(module.experts, group)
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    model.lm_head = ColumnParallelLinear(model.lm_head, group, gather_output=True)
+    model.lm_head = VocabParallelLMHead(model.lm_head, group)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight

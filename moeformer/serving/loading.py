@@ -8,7 +8,8 @@ import argparse
 
 import torch
 
-from moeformer.models.checkpoint import DTYPE_NAMES, from_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES
+from moeformer.models.model import from_pretrained
 from moeformer.parallel.config import ParallelConfig
 from moeformer.training.tokenizer import Tokenizer, load_tokenizer
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import torch.nn as nn
+from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
 from moeformer.models.model import Block
 from moeformer.training.config import ACTIVATION_CHECKPOINTING
@@ -16,7 +17,8 @@ from moeformer.training.config import ACTIVATION_CHECKPOINTING
 def transformer_blocks(model: nn.Module) -> list[tuple[int, Block]]:
     """(layer index, block) of every transformer block in `model`: a `CausalLM`, or the part of it that one
     pipeline stage holds (its blocks keep their `layers.<index>` names there)."""
-    return [(int(name.rsplit(".", 1)[1]), module) for name, module in model.named_modules() if isinstance(module, Block)]
+    return [(int(name.rsplit(".", 1)[1]), module) for name, module in model.named_modules()
+            if isinstance(module, Block)]
 
 
 def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 2) -> list[nn.Module]:
@@ -41,8 +43,6 @@ def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 2) -> list[
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 2) -> list[nn.Module]:
     """Make the selected modules recompute their forward in backward; returns them. State-dict keys are unchanged
     (the instance's `forward` is wrapped, no wrapper module is inserted)."""
-    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
-
     modules = checkpointed_modules(model, mode, every_k)
     for module in modules:
         if "forward" in vars(module):

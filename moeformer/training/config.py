@@ -19,11 +19,14 @@ import yaml
 
 from moeformer.errors import ConfigError, ResumeConfigError
 from moeformer.models.config import ModelConfig, check_value
+from moeformer.parallel.config import ParallelConfig
+from moeformer.safe_files import write_atomic
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_k", "attention", "moe")
 EXPORT_FORMATS = ("native", "hf", "none")
+RENAMED_KEYS = {"train.checkpoint_every_k": "train.activation_checkpointing_every"}  # old key -> new key
 
 
 @dataclass
@@ -62,8 +65,8 @@ class LoopConfig:
     seed: int = 0
     dtype: str = "bf16"
     zero_stage: int = 1
-    activation_checkpointing: str = "none"  # none | full | every_k | attention | moe
-    checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    activation_checkpointing: str = "none"  # none | full | every_k | attention | moe (recompute in backward)
+    activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
     eval_every: int = 100  # 0: only at the end
@@ -95,15 +98,6 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Model-parallel sizes; data parallelism takes the rest of the world. Applied by `moeformer.parallel`."""
-
-    ep: int = 1
-    tp: int = 1
-    pp: int = 1
-
-
-@dataclass
 class RunConfig:
     """Everything a training run needs; `out_dir` receives checkpoints, logs, plots and the exported model."""
 
@@ -114,7 +108,7 @@ class RunConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # data parallelism takes the rest of the world
 
     def __post_init__(self) -> None:
         _check_choice("optim.schedule", self.optim.schedule, SCHEDULES)
@@ -130,7 +124,7 @@ class RunConfig:
         if self.train.distill is not None:
             self._check_distill()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
-                    "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
+                    "train.max_nonfinite", "train.activation_checkpointing_every"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
@@ -200,8 +194,6 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write as YAML, atomically (a kill never leaves half a config)."""
-        from moeformer.training.checkpointing import write_atomic
-
         write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -210,7 +202,8 @@ class RunConfig:
 # change them without naming them. A section name covers all of its keys.
 RESUME_FREE_KEYS = ("out_dir", "checkpoint", "train.progress_bar", "train.log_every", "train.eval_every",
                     "train.eval_batches", "train.peak_tflops", "train.max_nonfinite", "train.compile",
-                    "train.compile_backend", "train.activation_checkpointing", "train.checkpoint_every_k")
+                    "train.compile_backend", "train.activation_checkpointing",
+                    "train.activation_checkpointing_every")
 
 
 def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -272,6 +265,9 @@ def _build(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = sorted(where + key for key in d if where + key in RENAMED_KEYS)
+    if renamed:
+        raise ConfigError(f"config key {renamed[0]!r} is now {RENAMED_KEYS[renamed[0]]!r}")
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise KeyError(

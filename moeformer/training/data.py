@@ -7,7 +7,7 @@ split across ranks, and resumes exactly from a `DataLoaderState`.
 Document convention: eos separates documents (GPT-2 style). It is the last target of the document it ends and the
 first input of the document it opens, so its position starts the next document: `document_ids` increase and
 `position_ids` restart at 0 on every eos input. Every target is thus predictable from its own document's context
-and no label is masked (`labels` never holds an ignore index).
+and no target is masked (`targets` never holds an ignore index).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def dataset_facts(data_dir: str | Path) -> dict[str, Any]:
 class TokenDataset:
     """Packed windows over a token file: window i covers tokens [i*seq_len, i*seq_len + seq_len + 1).
 
-    Batches hold `input_ids` (window[:-1]), `labels` (window[1:], already shifted: labels[t] is the target of
+    Batches hold `input_ids` (window[:-1]), `targets` (window[1:], already shifted: targets[t] is the target of
     input_ids[t]), `document_ids` (0 for the window's first document, +1 at each eos input) and `position_ids`
     (restarting at 0 at the window start and at every eos input), all int64 of shape (B, seq_len).
     `dtype` and `eos_id` default to those in the meta.json beside the file.
@@ -294,7 +294,7 @@ class TokenDataset:
         last_start = np.maximum.accumulate(np.where(starts, steps, 0), axis=1)
         arrays = {
             "input_ids": inputs,
-            "labels": window[:, 1:],
+            "targets": window[:, 1:],
             "document_ids": np.cumsum(starts, axis=1) - 1,
             "position_ids": steps - last_start,
         }

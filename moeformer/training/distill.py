@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from moeformer.errors import ConfigError
 from moeformer.layers.lm_head import linear_distill_loss
 from moeformer.models.config import ModelConfig, check_value
-from moeformer.models.model import CausalLM, CausalLMOutput
+from moeformer.models.model import CausalLM, CausalLMOutput, from_pretrained
 from moeformer.training.data import META_FILE, load_meta
 from moeformer.training.tokenizer import TOKENIZER_FILE
 
@@ -114,8 +114,6 @@ def check_same_tokenizer(teacher_dir: str | Path, data_dir: str | Path) -> None:
 def load_teacher(path: str | Path, student: ModelConfig, data_dir: str | Path, device: torch.device) -> CausalLM:
     """The frozen teacher in eval mode (bf16 on CUDA, fp32 on CPU), checked against the student's vocabulary and the
     data's tokenizer."""
-    from moeformer.models.checkpoint import from_pretrained
-
     check_same_tokenizer(path, data_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = from_pretrained(path, dtype=dtype, device=device)
@@ -141,7 +139,7 @@ class Distiller:
         return captured[-1]
 
     def forward(self, engine: nn.Module, student: CausalLM, batch: dict[str, Tensor], packed: bool) -> DistillOutput:
-        """The student forward on a training batch (input_ids, shifted labels, and with `packed` documents their
+        """The student forward on a training batch (input_ids, shifted targets, and with `packed` documents their
         position and document ids) through `engine`, whose module is `student`, without its own cross-entropy: the
         distillation loss computes it from the same logits as the KL."""
         kwargs = {k: batch[k] if packed else None for k in ("position_ids", "document_ids")}
@@ -150,7 +148,7 @@ class Distiller:
             out = engine(batch["input_ids"], return_logits=False, **kwargs)
         a, t = self.config.alpha, self.config.temperature
         ce, kl = linear_distill_loss(captured[-1], student.lm_head.weight, teacher_hidden,
-                                     self.teacher.lm_head.weight, batch["labels"], t, self.chunk_size)
+                                     self.teacher.lm_head.weight, batch["targets"], t, self.chunk_size)
         loss = (1 - a) * ce + a * t * t * kl
         if out.aux_loss is not None:
             loss = loss + out.aux_loss

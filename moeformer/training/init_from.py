@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 
 from moeformer.errors import CheckpointError
-from moeformer.models.model import CausalLM
+from moeformer.models.checkpoint import _listing
+from moeformer.models.model import CausalLM, from_pretrained
 
 
 @torch.no_grad()
 def load_weights(model: CausalLM, path: str | Path) -> None:
     """Copy every tensor of checkpoint `path` into `model` (cast to its dtype, on its device); a CheckpointError
     lists the tensors whose shapes differ or that only one side has."""
-    from moeformer.models.checkpoint import _listing, from_pretrained
-
     source = from_pretrained(path, dtype=torch.float32)
     if source.config.quantization:
         raise CheckpointError(f"model.init_from {path} holds a quantized model ({source.config.quantization}); "

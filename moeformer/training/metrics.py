@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moeformer.models.config import ModelConfig
+from moeformer.models.config import LINEAR_ATTENTION, MLA_ATTENTION, ModelConfig
 from moeformer.models.params import count_params
 
 # Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, without sparsity).
@@ -17,16 +17,36 @@ PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 x active matmul params + attention scores.
+    """Training FLOPs per token (forward + backward = 3x forward): 6 x active matmul params + each layer's token
+    mixing (`mixing_flops_per_token`).
 
     Active params count routed experts at top_k / num_experts and exclude the embedding lookup (no matmul); the
-    LM head is included. Attention adds 12 * layers * heads * head_dim * seq_len (QK^T and AV, forward and
-    backward, no causal discount: the PaLM convention).
+    LM head is included.
     """
     embedding = 0 if config.tie_embeddings else config.vocab_size * config.dim  # tied: the table is the LM head
     active = count_params(config).active - embedding
-    attn_dim = config.n_heads * config.head_dim
-    return 6.0 * active + 12.0 * config.n_layers * attn_dim * seq_len
+    return 6.0 * active + sum(mixing_flops_per_token(config, layer, seq_len) for layer in range(config.n_layers))
+
+
+def mixing_flops_per_token(config: ModelConfig, layer: int, seq_len: int) -> float:
+    """Training FLOPs per token of layer `layer`'s attention beyond its projections. Softmax attention and MLA:
+    QK^T and AV over the keys a query sees (all `seq_len`, or the sliding window), 6 * heads * keys * (qk_dim +
+    v_dim), no causal discount (the PaLM convention). Linear attention: its recurrent state, independent of
+    `seq_len`: per head, the state update and the readout (plus the delta rule's correction read) of
+    feature_dim x head_dim each, 2 FLOPs per multiply-add, times 3."""
+    kind = config.attention_type(layer)
+    heads = config.n_heads
+    if kind == MLA_ATTENTION:
+        mla = config.mla
+        return 6.0 * heads * seq_len * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim)
+    if kind in LINEAR_ATTENTION:
+        options = config.linear_attention
+        features = (options.get("num_features") or config.head_dim) if options.get("feature_map") == "performer" \
+            else config.head_dim
+        state_products = 3 if kind == "deltanet" else 2
+        return 3.0 * 2 * state_products * heads * features * config.head_dim
+    keys = min(seq_len, config.sliding_window) if config.sliding_window else seq_len
+    return 6.0 * heads * keys * 2 * config.head_dim
 
 
 def peak_flops(override_tflops: float | None = None) -> float | None:

@@ -21,23 +21,11 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if name.endswith(("experts.w_in", "experts.w_out"))]
 
 
-def tag_expert_params(model: nn.Module, ep_size: int) -> list[nn.Parameter]:
-    """Mark expert weights as DeepSpeed expert parameters of expert-parallel size `ep_size`; returns them.
-
-    Only valid when the engine treats the model as an MoE model (expert process groups created, engine MoE-aware):
-    a tagged parameter is skipped by DeepSpeed's ordinary data-parallel gradient reduction.
-    """
-    params = expert_parameters(model)
-    for p in params:
-        p.allreduce = False
-        p.group_name = f"ep_size_{ep_size}"
-    return params
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Named AdamW groups: matrices with weight decay, vectors (norms, biases, router bias) without, and experts
-    apart. Tagged expert parameters (see `tag_expert_params`) become DeepSpeed MoE groups; untagged experts form
-    an ordinary group reduced over the whole data-parallel group (correct at expert-parallel size 1)."""
+    apart. Expert parameters carrying DeepSpeed's expert tag (expert parallelism sets it) become DeepSpeed MoE
+    groups; untagged experts form an ordinary group reduced over the whole data-parallel group (correct at
+    expert-parallel size 1)."""
     experts = {id(p) for p in expert_parameters(model)}
     groups = {
         "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},

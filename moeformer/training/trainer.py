@@ -8,10 +8,12 @@ Order of construction: distributed init -> model (same seed on every rank) -> pa
 -> optimizer groups -> `deepspeed.initialize` -> `torch.compile` of each block and the LM head (train.compile) ->
 data (sharded over the data-parallel group) -> resume.
 
-With parallel.pp > 1 the engine is DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum
+A `Stepper` runs the steps and evaluation batches on the engine: `MicroBatchStepper` on DeepSpeed's engine, or with
+parallel.pp > 1 `PipelineStepper` on its `PipelineEngine`, where a step is one `train_batch` over the grad_accum
 micro-batches. Its logged loss is cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a
 non-finite loss stops the run at once: the engine applies the step inside `train_batch`, before the trainer sees the
-loss, so it cannot be skipped (a non-finite gradient norm still is, as without pipelining).
+loss, so it cannot be skipped (a non-finite gradient norm still is, as without pipelining). `export_model` writes
+the final weights.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,12 +38,15 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from moeformer.layers.moe import update_router_biases
+from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
-from moeformer.parallel.groups import init_distributed
+from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, init_distributed, parallelize
+from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
-from moeformer.training.checkpointing import CheckpointManager
-from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
+from moeformer.training.config import RunConfig, resume_changes, run_identity
 from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
+from moeformer.training.distill import DistillConfig, Distiller
+from moeformer.training.init_from import load_weights
 from moeformer.training.metrics import (
     MetricsLogger,
     expert_load,
@@ -49,9 +56,9 @@ from moeformer.training.metrics import (
     peak_memory_gib,
 )
 from moeformer.training.optim import build_optimizer
+from moeformer.training.run_checkpoints import CheckpointManager
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
-
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per start of a run: its config and what a resume changed
 OPTIM_HPARAMS = ("initial_lr", "betas", "eps", "weight_decay")  # what a checkpoint restores of each AdamW group
@@ -112,8 +119,6 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     if t.zero_stage == 3:
         built["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if config.parallel.pp > 1:
-        from moeformer.parallel.pipeline import PIPELINE_CONFIG
-
         built["pipeline"] = dict(PIPELINE_CONFIG)
     if config.deepspeed.config is None:
         return built
@@ -135,20 +140,12 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Hand the built model to `moeformer.parallel.parallelize(model, parallel_config)` when any of ep/tp/pp > 1.
-
-    It returns the model to train and extra keyword arguments for `deepspeed.initialize`; an `mpu` among them
-    (get_data_parallel_rank/world_size, get_model_parallel_*) also decides how the data is sharded.
-    """
+def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, ParallelGroups | None]:
+    """Hand the built model to `moeformer.parallel.parallelize` when any of ep/tp/pp > 1: the model to train and
+    its groups (None otherwise). The groups' `mpu` (get_data_parallel_rank/world_size, get_model_parallel_*) also
+    decides how the data is sharded."""
     if config.parallel == ParallelConfig():
-        return model, {}
-    try:
-        from moeformer.parallel import parallelize
-    except ImportError as e:
-        raise NotImplementedError(
-            f"parallel={config.parallel} needs moeformer.parallel.parallelize, which is not available yet"
-        ) from e
+        return model, None
     return parallelize(model, config.parallel)
 
 
@@ -168,6 +165,131 @@ def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# ---------------------------------------------------------------------------------------------------- steppers
+
+
+class Stepper(Protocol):
+    """How one optimizer step and one evaluation batch run on the engine; `router_group`: the ranks whose expert
+    loads are summed for router bias updates (None: all)."""
+
+    router_group: dist.ProcessGroup | None
+
+    def step(self, batches: Iterator[dict[str, torch.Tensor]], sums: dict[str, torch.Tensor], step: int
+             ) -> tuple[int, float | None]:
+        """Forward, backward and optimizer step over grad_accum micro-batches of `batches`, adding the metrics of
+        the finite micro-batches to `sums`; returns their count and the gradient norm where DeepSpeed keeps none."""
+
+    def cross_entropy(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean next-token cross-entropy of one batch (no gradients)."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The single-process state dict of the trained model on rank 0 (None elsewhere when not collective)."""
+
+
+class MicroBatchStepper:
+    """DeepSpeed's engine, one forward / backward / engine step per micro-batch. A non-finite loss on any rank in
+    any micro-batch skips the whole step: its loss is masked out of the backward, and the optimizer update at the
+    accumulation boundary is suppressed."""
+
+    router_group = None
+
+    def __init__(self, engine, optimizer, forward: Callable, config: RunConfig, device: torch.device) -> None:
+        self.engine, self.optimizer, self.forward, self.device = engine, optimizer, forward, device
+        self.grad_accum, self.sharded = config.train.grad_accum, config.parallel != ParallelConfig()
+
+    def step(self, batches, sums, step):
+        finite_micro_batches, grad_norm = 0, None
+        for micro in range(self.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            out, ce, loss = self.forward(batch)
+            finite = _all_finite(loss)  # the same answer on every rank
+            self.optimizer.skip |= not finite
+            self.engine.backward(loss if finite else torch.where(torch.isfinite(loss), loss, 0.0) * 0.0)
+            last = micro == self.grad_accum - 1
+            if last and self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+                grad_norm = _grad_norm(self.engine.module)  # DeepSpeed keeps no norm for plain fp32 without ZeRO
+            self.engine.step()
+            if finite:
+                finite_micro_batches += 1
+                _accumulate(sums, out, ce, loss)
+        self.optimizer.skip = False
+        return finite_micro_batches, grad_norm
+
+    def cross_entropy(self, batch):
+        return self.forward({k: v.to(self.device) for k, v in batch.items()})[1]
+
+    def full_state_dict(self):
+        if self.engine.zero_optimization_partition_weights():
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if self.sharded:  # expert / tensor shards: gather the single-process layout (collective)
+            return full_state_dict(self.engine.module)
+        return self.engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+class PipelineStepper:
+    """DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum micro-batches. Its loss is
+    cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a non-finite loss stops the run:
+    the engine applies the step inside `train_batch`, before the trainer sees the loss."""
+
+    def __init__(self, engine, config: RunConfig, device: torch.device) -> None:
+        self.engine, self.device = engine, device
+        self.grad_accum, self.pp = config.train.grad_accum, config.parallel.pp
+        self.packed = config.data.packed_documents
+        self.router_group = stage_group(engine.module)
+
+    def step(self, batches, sums, step):
+        micro_batches = [self._batch(next(batches)) for _ in range(self.grad_accum)]
+        loss = self.engine.train_batch(data_iter=iter(micro_batches)).detach().double()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"step {step}: the loss is NaN/inf; with pipeline parallelism (parallel.pp={self.pp}) DeepSpeed "
+                "applies the step inside train_batch, so it cannot be skipped: resume from the last checkpoint with "
+                "a lower optim.lr or more optim.warmup_steps"
+            )
+        sums["loss"] = loss * self.grad_accum  # the same mean loss on every rank
+        return self.grad_accum, None
+
+    def cross_entropy(self, batch):
+        """The last stage's cross-entropy, broadcast to the other stages."""
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.with_aux = False
+        try:
+            return self.engine.eval_batch(data_iter=iter([self._batch(batch)]), num_micro_batches=1)
+        finally:
+            loss_fn.with_aux = True
+
+    def full_state_dict(self):
+        return pipeline_full_state_dict(self.engine.module)
+
+    def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """A batch in the pipeline's format: (input_ids or (input_ids, position_ids, document_ids), targets)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        inputs = batch["input_ids"]
+        if self.packed:
+            inputs = (inputs, batch["position_ids"], batch["document_ids"])
+        return inputs, batch["targets"]
+
+
+def export_model(engine, stepper: Stepper, config: RunConfig, model_config: ModelConfig) -> Path | None:
+    """Write the final weights (ZeRO-3 partitions, pipeline stages or expert/tensor shards gathered) with the
+    tokenizer files to `<out_dir>/model` in `checkpoint.export`'s format (collective)."""
+    fmt = config.checkpoint.export
+    if fmt == "none":
+        return None
+    state = stepper.full_state_dict()
+    path = Path(config.out_dir) / "model"
+    if dist.get_rank() == 0:
+        model = build_model(model_config, device="cpu")
+        model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+        model.save_pretrained(path, format=fmt, dtype=next(iter(state.values())).dtype)
+        data_dir = Path(config.data.dir)
+        for name in (META_FILE, TOKENIZER_FILE):
+            if (data_dir / name).is_file():
+                shutil.copyfile(data_dir / name, path / name)
+    dist.barrier()
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
@@ -175,8 +297,6 @@ class Trainer:
     """Builds everything from a `RunConfig` and runs `train()`; every rank constructs one."""
 
     def __init__(self, config: RunConfig) -> None:
-        import deepspeed
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         init_distributed()
         self.config = config
@@ -206,20 +326,12 @@ class Trainer:
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
         if config.init_from is not None and resume_from is None:
-            from moeformer.training.init_from import load_weights
-
             load_weights(model, config.init_from)
-        model, initialize_kwargs = apply_parallelism(model, config)
-        self.pipeline = config.parallel.pp > 1
+        model, self.parallel_groups = apply_parallelism(model, config)
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
-                                                      config.train.checkpoint_every_k)
-        mpu = model.mpu() if self.pipeline else initialize_kwargs.get("mpu")
+                                                      config.train.activation_checkpointing_every)
+        mpu = self.parallel_groups.mpu if self.parallel_groups is not None else None
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
-        self.router_group = None  # ranks whose expert loads are summed for router bias updates (None: all)
-        if self.pipeline:
-            from moeformer.parallel.pipeline import stage_group
-
-            self.router_group = stage_group(model)
         ds_config = deepspeed_config(config, self.dp_size)
         self.optimizer = build_optimizer(model, config.optim)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -227,12 +339,17 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=partial(build_scheduler, total_steps=config.train.steps, config=config.optim),
             config=ds_config,
-            **initialize_kwargs,
+            **(self.parallel_groups.initialize_kwargs if self.parallel_groups is not None else {}),
         )
         # no DeepSpeed wrapper (ZeRO-0 without bf16) checks the gradient norm before stepping: the optimizer does
         self.optimizer.check_gradients = self.engine.optimizer is self.optimizer
         if config.train.compile:
             compile_engine(self.engine, checkpointed, config.train.compile_backend)
+        if config.parallel.pp > 1:
+            self.stepper: Stepper = PipelineStepper(self.engine, config, self.device)
+        else:
+            self.stepper = MicroBatchStepper(self.engine, self.optimizer, lambda batch: self.forward(batch), config,
+                                             self.device)
 
         d = config.data
         self.train_batches = ShardedBatches(TokenDataset.from_dir(d.dir, "train", d.seq_len), d.micro_batch_size,
@@ -241,8 +358,6 @@ class Trainer:
         self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
         self.distiller = None
         if config.train.distill is not None:
-            from moeformer.training.distill import DistillConfig, Distiller
-
             self.distiller = Distiller(DistillConfig.from_dict(config.train.distill), self.model_config, d.dir,
                                        self.device, self.model_config.loss_chunk_size)
         self.flops_per_token = flops_per_token(self.model_config, d.seq_len)
@@ -295,7 +410,7 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[CausalLMOutput, torch.Tensor, torch.Tensor]:
-        """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
+        """Model output, next-token cross-entropy against the batch's (already shifted) targets, and the loss to
         minimise (cross-entropy + weighted MoE aux losses; with train.distill, its mix of cross-entropy and KL to the
         teacher instead of the cross-entropy alone)."""
         packed = self.config.data.packed_documents
@@ -304,17 +419,12 @@ class Trainer:
             return out, out.ce_loss, out.loss
         out = self.engine(
             batch["input_ids"],
-            targets=batch["labels"],
+            targets=batch["targets"],
             position_ids=batch["position_ids"] if packed else None,
             document_ids=batch["document_ids"] if packed else None,
             return_logits=False,
         )
         return out, out.ce_loss, out.loss
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.isfinite(value.detach()).float().reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
 
     def train_step(self, batches) -> dict[str, Any]:
         """Forward/backward over `grad_accum` micro-batches and one optimizer step; returns the step's metrics.
@@ -329,11 +439,7 @@ class Trainer:
         gas = self.config.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
         schedule_step, skipped_before = self.scheduler.last_epoch, self.engine.skipped_steps
-        if self.pipeline:
-            sums["loss"] = self._pipeline_step(batches) * gas  # the same mean loss on every rank
-            finite_micro_batches, grad_norm = gas, None
-        else:
-            finite_micro_batches, grad_norm = self._micro_batch_steps(batches, sums)
+        finite_micro_batches, grad_norm = self.stepper.step(batches, sums, self.step + 1)
         if self.scheduler.last_epoch == schedule_step:  # DeepSpeed holds the schedule when its optimizer saw NaN/inf
             self.scheduler.step()
         # a non-finite gradient norm: DeepSpeed's wrappers (ZeRO, bf16) or SkippableAdamW skipped the update
@@ -343,7 +449,7 @@ class Trainer:
             sums.clear()  # a skipped step reports no loss (its finite micro-batches taught the model nothing)
         self.guard.update(finite_step, self.step + 1)
         if finite_step:
-            update_router_biases(self.engine.module, self.router_group)
+            update_router_biases(self.engine.module, self.stepper.router_group)
         self.tokens_seen += self.tokens_per_step
         record = self._step_record(sums, finite_micro_batches, time.perf_counter() - start)
         record.update(lr=lr, skipped=not finite_step, nonfinite_total=self.guard.total)
@@ -353,47 +459,6 @@ class Trainer:
         if norm is not None and finite_step:
             record["grad_norm"] = float(norm)
         return record
-
-    def _micro_batch_steps(self, batches, sums: dict[str, torch.Tensor]) -> tuple[int, float | None]:
-        """Forward, backward and engine step for each of the grad_accum micro-batches (the last one steps the
-        optimizer, suppressed if any was non-finite); adds the finite ones' metrics to `sums`. Returns their count
-        and the gradient norm where DeepSpeed keeps none."""
-        gas = self.config.train.grad_accum
-        finite_micro_batches, grad_norm = 0, None
-        for micro in range(gas):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            out, ce, loss = self.forward(batch)
-            finite = self._all_finite(loss)  # the same answer on every rank
-            self.optimizer.skip |= not finite
-            self.engine.backward(loss if finite else torch.where(torch.isfinite(loss), loss, 0.0) * 0.0)
-            if micro == gas - 1 and self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
-                grad_norm = _grad_norm(self.engine.module)  # DeepSpeed keeps no norm for plain fp32 without ZeRO
-            self.engine.step()
-            if finite:
-                finite_micro_batches += 1
-                _accumulate(sums, out, ce, loss)
-        self.optimizer.skip = False
-        return finite_micro_batches, grad_norm
-
-    def _pipeline_step(self, batches) -> torch.Tensor:
-        """One `train_batch` of the pipeline engine over grad_accum micro-batches; its mean loss (fp64)."""
-        micro_batches = [self._pipeline_batch(next(batches)) for _ in range(self.config.train.grad_accum)]
-        loss = self.engine.train_batch(data_iter=iter(micro_batches)).detach().double()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: the loss is NaN/inf; with pipeline parallelism (parallel.pp="
-                f"{self.config.parallel.pp}) DeepSpeed applies the step inside train_batch, so it cannot be skipped: "
-                "resume from the last checkpoint with a lower optim.lr or more optim.warmup_steps"
-            )
-        return loss
-
-    def _pipeline_batch(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """A batch in the pipeline's format: (input_ids or (input_ids, position_ids, document_ids), labels)."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        inputs = batch["input_ids"]
-        if self.config.data.packed_documents:
-            inputs = (inputs, batch["position_ids"], batch["document_ids"])
-        return inputs, batch["labels"]
 
     def _step_record(self, sums: dict[str, torch.Tensor], micro_batches: int, seconds: float) -> dict[str, Any]:
         """Averages of the step's sums over its finite micro-batches and all ranks, throughput and memory."""
@@ -429,15 +494,7 @@ class Trainer:
                                  shuffle=False, loop=False)
         total = torch.zeros(2, dtype=torch.float64)
         for _, batch in zip(range(self.config.train.eval_batches), batches):
-            if self.pipeline:  # the last stage's cross-entropy, broadcast to the other stages
-                loss_fn = self.engine.module.loss_fn
-                loss_fn.with_aux = False
-                try:
-                    ce = self.engine.eval_batch(data_iter=iter([self._pipeline_batch(batch)]), num_micro_batches=1)
-                finally:
-                    loss_fn.with_aux = True
-            else:
-                _, ce, _ = self.forward({k: v.to(self.device) for k, v in batch.items()})
+            ce = self.stepper.cross_entropy(batch)
             total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
         self.engine.train()
         total = total.to(self.device)
@@ -450,39 +507,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"data": self.train_batches.state_dict(), "tokens": self.tokens_seen,
                  "nonfinite_in_row": self.guard.in_row, "nonfinite_total": self.guard.total}
-        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity})
-
-    def export(self) -> Path | None:
-        """Write the final weights (ZeRO-3 partitions or expert/tensor shards gathered) with the tokenizer files to
-        `<out_dir>/model`."""
-        fmt = self.config.checkpoint.export
-        if fmt == "none":
-            return None
-        if self.engine.zero_optimization_partition_weights():
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-        elif self.pipeline:
-            from moeformer.parallel.pipeline import pipeline_full_state_dict
-
-            state = pipeline_full_state_dict(self.engine.module)
-        elif self.config.parallel != ParallelConfig():  # expert / tensor shards: gather the single-process layout
-            from moeformer.parallel import full_state_dict
-
-            state = full_state_dict(self.engine.module)
-        else:
-            state = self.engine.module.state_dict() if self.rank == 0 else None
-        path = self.out_dir / "model"
-        if self.rank == 0:
-            from moeformer.models.checkpoint import save_pretrained
-
-            model = build_model(self.model_config, device="cpu")
-            model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
-            save_pretrained(model, path, format=fmt, dtype=next(iter(state.values())).dtype)
-            data_dir = Path(self.config.data.dir)
-            for name in (META_FILE, TOKENIZER_FILE):
-                if (data_dir / name).is_file():
-                    shutil.copyfile(data_dir / name, path / name)
-        dist.barrier()
-        return path
+        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity},
+                                     groups=self.parallel_groups)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -514,7 +540,7 @@ class Trainer:
             val_loss = self.evaluate()
             if saved_at != self.step:
                 self.save_checkpoint()
-            exported = self.export()
+            exported = export_model(self.engine, self.stepper, self.config, self.model_config)
         finally:
             bar.close()
             self.logger.close()
@@ -542,3 +568,9 @@ def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Te
 def _grad_norm(module: nn.Module) -> float:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flag = torch.isfinite(value.detach()).float().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

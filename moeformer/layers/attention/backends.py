@@ -49,7 +49,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     of each KV head into rows of one block, which share its visibility: no kernel then needs GQA support (with a
     mask, CUDA has none but the math one) and keys are read once per KV head, never repeated."""
     batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     if q_len == 1 and q_heads != kv_heads:
         folded = q.view(batch, kv_heads, q_heads // kv_heads, q.shape[-1])
         return _sdpa_blocks(folded, k, v, mask, window, scale, 1).reshape(batch, q_heads, 1, v.shape[-1])
@@ -157,14 +157,18 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
 KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attn": flash_attention, "flex": flex_attention}
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
 def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: int) -> str:
     """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
     for packed documents (block-sparse: it skips other documents' key blocks, which sdpa computes and masks), else
     sdpa. Over a static buffer (compiled decoding) "flash_attn" and "flex" take sdpa too: flash-attn cannot read a
     padded buffer, flex would rebuild its block mask every step for one query block, and a model trained with either
     must still generate."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    check_backend(backend)
     if mask.in_buffer and backend in ("flash_attn", "flex"):
         return "sdpa"
     if backend != "auto":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from moeformer.layers.attention.backends import BACKENDS, attend
+from moeformer.layers.attention.backends import attend, check_backend
 from moeformer.layers.attention.cache import KVCache, cache_update
 from moeformer.layers.attention.mask import AttentionMask
 from moeformer.layers.norms import RMSNorm
@@ -29,8 +30,7 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        check_backend(backend)
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -47,11 +47,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: AttentionMask,
                 cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim); `rope` = (cos, sin) of the T new positions (None: no positional rotation)."""
-        batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self._qk_norm(q, k)
-        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
         if self.qk_norm == "head":
             q, k = self._qk_norm(q, k)
         if rope is not None:
@@ -60,7 +59,7 @@ class Attention(nn.Module):
             k, v = cache_update(cache, mask, k, v)
         out = attend(q, k, v, mask, window=self.sliding_window, scale=self.head_dim**-0.5,
                      backend=backend or self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise q and k, keeping the projections' dtype (an fp32 norm weight under autocast would upcast)."""

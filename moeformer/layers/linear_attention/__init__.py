@@ -11,40 +11,33 @@ from moeformer.layers.linear_attention.decayed import (
 )
 from moeformer.layers.linear_attention.delta import delta_rule_chunked, delta_rule_naive, delta_rule_recurrent
 from moeformer.layers.linear_attention.fla_backend import (
-    decayed_linear_attn_fla,
-    delta_rule_fla,
     fla_available,
     fla_chunk_bthd,
     fla_delta_rule_bthd,
     fla_gated_backward_ok,
 )
-from moeformer.layers.linear_attention.layer import KINDS, MODES, LinearAttention
+from moeformer.layers.linear_attention.layer import BACKENDS, KINDS, LinearAttention
 from moeformer.layers.linear_attention.mixer import CausalLinearAttention, RecurrentCache
 from moeformer.layers.linear_attention.packing import segment_ids
 from moeformer.layers.linear_attention.vanilla import (
     FEATURE_MAPS,
     PerformerFeatureMap,
     build_feature_map,
-    linear_attn_chunked,
-    linear_attn_naive,
-    linear_attn_recurrent,
 )
 
 __all__ = [
+    "BACKENDS",
     "CausalLinearAttention",
     "RecurrentCache",
     "FEATURE_MAPS",
     "KINDS",
-    "MODES",
     "LinearAttention",
     "PerformerFeatureMap",
     "build_feature_map",
     "decayed_linear_attn_chunked",
-    "decayed_linear_attn_fla",
     "decayed_linear_attn_naive",
     "decayed_linear_attn_recurrent",
     "delta_rule_chunked",
-    "delta_rule_fla",
     "delta_rule_naive",
     "delta_rule_recurrent",
     "fla_available",
@@ -52,9 +45,6 @@ __all__ = [
     "fla_delta_rule_bthd",
     "fla_gated_backward_ok",
     "gla_log_decay",
-    "linear_attn_chunked",
-    "linear_attn_naive",
-    "linear_attn_recurrent",
     "retnet_log_decay",
     "segment_ids",
 ]

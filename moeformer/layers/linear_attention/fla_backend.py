@@ -139,19 +139,3 @@ def fla_delta_rule_bthd(
     o, final = _run_packed(chunk_delta_rule, q, k, v, {"beta": beta}, initial_state, output_final_state,
                            document_ids, cu_seqlens, scale=q.shape[-1] ** -0.5 if scale is None else scale)
     return o, final if output_final_state else None
-
-
-def _bhtd(fn: Callable) -> Callable:
-    """Wrap a (B, T, H, D) fla form into the core's (B, H, T, D) layout (gates (B, H, T) -> (B, T, H))."""
-
-    def wrapped(q, k, v, gate=None, **kwargs):
-        gate = gate.transpose(1, 2) if gate is not None and gate.dim() == 3 else gate
-        o, final = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate, **kwargs)
-        return o.transpose(1, 2), final
-
-    wrapped.__doc__ = f"{fn.__name__} in the (B, H, T, D) layout of the PyTorch forms, for parity tests."
-    return wrapped
-
-
-decayed_linear_attn_fla = _bhtd(fla_chunk_bthd)
-delta_rule_fla = _bhtd(fla_delta_rule_bthd)

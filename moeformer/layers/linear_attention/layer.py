@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from moeformer.layers.linear_attention.decayed import (
+    check_chunk_size,
     decayed_linear_attn_chunked,
     decayed_linear_attn_naive,
     decayed_linear_attn_recurrent,
@@ -28,8 +30,8 @@ from moeformer.layers.linear_attention.fla_backend import (
 from moeformer.layers.linear_attention.vanilla import build_feature_map
 from moeformer.layers.norms import RMSNorm
 
-KINDS = ("vanilla", "retnet", "gla", "deltanet")
-MODES = ("auto", "chunked", "recurrent", "naive", "fla")
+KINDS = ("vanilla", "retnet", "gla", "deltanet")  # vanilla: a feature map and no decay (Katharopoulos et al.)
+BACKENDS = ("auto", "chunked", "recurrent", "naive", "fla")
 _DECAYED_FORMS = {
     "chunked": decayed_linear_attn_chunked,
     "recurrent": decayed_linear_attn_recurrent,
@@ -52,7 +54,7 @@ class LinearAttention(nn.Module):
     `decay_proj`), "deltanet" (delta rule on L2-normalised q, k with per-token `beta_proj` strengths).
     feature_map: "elu" | "relu" | "identity" | "performer"; None picks "elu" for vanilla, else "identity".
     normalize divides by phi(q) . sum phi(k) (needs a non-negative map; not for deltanet).
-    mode: "chunked" / "recurrent" / "naive" (PyTorch), "fla" (fla-core kernel, CUDA), "auto" (recurrent for
+    backend: "chunked" / "recurrent" / "naive" (PyTorch), "fla" (fla-core kernel, CUDA), "auto" (recurrent for
     single-token steps, fla when importable on CUDA (deltanet: fp16/bf16 only; gla with gradients: only where fla's
     gated backward is supported), else chunked).
     """
@@ -68,7 +70,7 @@ class LinearAttention(nn.Module):
         normalize: bool = False,
         num_features: int | None = None,
         chunk_size: int = 64,
-        mode: str = "auto",
+        backend: str = "auto",
         output_norm: bool = True,
         norm_eps: float = 1e-6,
         eps: float = 1e-6,
@@ -79,12 +81,10 @@ class LinearAttention(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown linear attention kind {kind!r}; expected one of {KINDS}")
-        if mode not in MODES:
-            raise ValueError(f"unknown linear attention mode {mode!r}; expected one of {MODES}")
+        _check_backend(backend)
         if min(dim, n_heads, head_dim) < 1:
             raise ValueError(f"dim, n_heads and head_dim must be positive, got {dim}, {n_heads}, {head_dim}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         feature_map = feature_map or ("elu" if kind == "vanilla" else "identity")
         self.feature_map = build_feature_map(feature_map, head_dim, num_features, seed)
         if normalize and kind == "deltanet":
@@ -92,7 +92,7 @@ class LinearAttention(nn.Module):
         if normalize and not self.feature_map.non_negative:
             raise ValueError(f"normalize=True needs a non-negative feature map (elu, relu, performer), "
                              f"got {feature_map!r}")
-        self.n_heads, self.head_dim, self.kind, self.mode = n_heads, head_dim, kind, mode
+        self.n_heads, self.head_dim, self.kind, self.backend = n_heads, head_dim, kind, backend
         self.normalize, self.eps, self.chunk_size = normalize, eps, chunk_size
         self.gate_logit_normalizer = gate_logit_normalizer
         self.scale = self.feature_map.out_dim ** -0.5
@@ -119,12 +119,10 @@ class LinearAttention(nn.Module):
             return gla_log_decay(self.decay_proj(x), self.gate_logit_normalizer)
         return None
 
-    def resolve_mode(self, mode: str, x: torch.Tensor) -> str:
+    def resolve_backend(self, backend: str, x: torch.Tensor) -> str:
         """The concrete form a forward will use."""
-        if mode not in MODES:
-            raise ValueError(f"unknown linear attention mode {mode!r}; expected one of {MODES}")
-        if mode != "auto":
-            return mode
+        if _check_backend(backend) != "auto":
+            return backend
         if x.shape[1] == 1:
             return "recurrent"
         if not (x.is_cuda and fla_available()):
@@ -140,20 +138,18 @@ class LinearAttention(nn.Module):
         x: torch.Tensor,
         state: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        mode: str | None = None,
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, dim) -> (y (B, T, dim), new state, or None when no `state` was passed).
 
         Pass `state=init_state(...)` to prefill and the returned state to continue decoding. `document_ids` (B, T)
-        resets the state where a new document starts (packed rows); `mode` overrides the constructor's.
+        resets the state where a new document starts (packed rows); `backend` overrides the constructor's.
         """
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
-        batch, seq_len, _ = x.shape
-        shape = (batch, seq_len, self.n_heads, self.head_dim)
-        q = self.feature_map(self.q_proj(x).view(shape))
-        k = self.feature_map(self.k_proj(x).view(shape))
-        v = self.v_proj(x).view(shape)
+        q, k, v = (rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.feature_map(q), self.feature_map(k)
         options = dict(scale=self.scale, initial_state=state, output_final_state=state is not None,
                        document_ids=document_ids)
         if self.kind == "deltanet":
@@ -162,15 +158,21 @@ class LinearAttention(nn.Module):
         else:
             gate, forms = self.log_decay(x), _DECAYED_FORMS
             options.update(normalize=self.normalize, eps=self.eps)
-        mode = self.resolve_mode(mode or self.mode, x)
-        if mode == "fla":
-            o, new_state = forms[mode](q, k, v, gate, **options)
+        backend = self.resolve_backend(backend or self.backend, x)
+        if backend == "fla":
+            o, new_state = forms[backend](q, k, v, gate, **options)
         else:
-            if mode == "chunked":
+            if backend == "chunked":
                 options["chunk_size"] = self.chunk_size
             gate = gate.transpose(1, 2) if gate is not None and gate.dim() == 3 else gate
-            o, new_state = forms[mode](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate, **options)
+            o, new_state = forms[backend](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate, **options)
             o = o.transpose(1, 2)
         if self.out_norm is not None:
             o = self.out_norm(o)
-        return self.o_proj(o.reshape(batch, seq_len, -1)), new_state
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), new_state
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear attention backend {backend!r}; expected one of {BACKENDS}")
+    return backend

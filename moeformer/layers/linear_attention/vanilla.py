@@ -1,4 +1,4 @@
-"""Vanilla linear attention: feature maps phi and the undecayed (g = 0) forms of the shared core.
+"""Vanilla linear attention: the feature maps phi (its forms are the shared core's with no decay, g = None).
 
 o_t = phi(q_t) sum_{s<=t} phi(k_s) v_s^T, optionally divided by phi(q_t) . sum_{s<=t} phi(k_s) (+ eps).
 """
@@ -6,17 +6,10 @@ o_t = phi(q_t) sum_{s<=t} phi(k_s) v_s^T, optionally divided by phi(q_t) . sum_{
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from moeformer.layers.linear_attention.decayed import (
-    decayed_linear_attn_chunked,
-    decayed_linear_attn_naive,
-    decayed_linear_attn_recurrent,
-)
 
 FEATURE_MAPS = ("elu", "relu", "identity", "performer")
 
@@ -92,24 +85,3 @@ def build_feature_map(name: str, dim: int, num_features: int | None = None, seed
     if num_features is not None and num_features != dim:
         raise ValueError(f"num_features only applies to the performer map, got {num_features} for {name!r}")
     return ElementwiseFeatureMap(name, dim)
-
-
-def linear_attn_naive(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Quadratic reference for vanilla linear attention on feature-mapped q, k (B, H, T, Dk); see decayed.py."""
-    return decayed_linear_attn_naive(q, k, v, None, **kwargs)
-
-
-def linear_attn_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked parallel vanilla linear attention (training form); see decayed.py."""
-    return decayed_linear_attn_chunked(q, k, v, None, **kwargs)
-
-
-def linear_attn_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Recurrent vanilla linear attention with an O(1) state (decoding form); see decayed.py."""
-    return decayed_linear_attn_recurrent(q, k, v, None, **kwargs)

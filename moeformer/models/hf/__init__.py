@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from moeformer.models.config import ModelConfig
 from moeformer.models.hf import deepseek_v3, llama, mixtral, olmoe, qwen2_moe, qwen3_moe
-from moeformer.models.hf.aux_loss import hf_load_balancing_loss
 from moeformer.models.hf.common import Family, Layout, TensorMap
 
 FAMILIES: dict[str, Family] = {
@@ -34,4 +33,4 @@ def family_for_config(config: ModelConfig) -> Family:
     return FAMILIES[{"head": "qwen3_moe", "full": "olmoe"}.get(config.qk_norm, "mixtral")]
 
 
-__all__ = ["FAMILIES", "Family", "Layout", "TensorMap", "family_for_config", "get_family", "hf_load_balancing_loss"]
+__all__ = ["FAMILIES", "Family", "Layout", "TensorMap", "family_for_config", "get_family"]

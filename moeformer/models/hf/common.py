@@ -3,8 +3,9 @@ and the Llama-style attention / MLP / MoE name tables most families reuse."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

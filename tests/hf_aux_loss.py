@@ -1,4 +1,5 @@
-"""Transformers' router load-balancing loss, computed over all MoE layers at once from our `MoEStats`."""
+"""Transformers' router load-balancing loss, computed over all MoE layers at once from our `MoEStats`: what the
+Hugging Face parity tests compare with transformers' `aux_loss`."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -33,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from moeformer.errors import CheckpointError, NonFiniteStateError, naming_file, write_error
 from moeformer.models.checkpoint import exchange_dirs
-from moeformer.safe_files import confined, load_pickle
+from moeformer.parallel import ParallelGroups, save_expert_checkpoint, save_layout
+from moeformer.safe_files import confined, fsync_dir, load_pickle, write_atomic
 
 COMPLETE_FILE = "COMPLETE"
 MARKER_FORMAT = 1
@@ -52,35 +53,9 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` (permissions as for any new file: umask applies), fsync it,
-    rename it over `path` and fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory `path` (created, renamed or removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     """fsync every file under `path`, then every directory, deepest first."""
-    for root, dirs, files in os.walk(path, topdown=False):
+    for root, _dirs, files in os.walk(path, topdown=False):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
@@ -126,10 +101,12 @@ class CheckpointManager:
         self._verified: set[Path] = set()
 
     # ---- saving ----------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None) -> Path:
+    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None,
+             groups: ParallelGroups | None = None) -> Path:
         """Save the engine, this rank's trainer state and `run_info` (rank 0's, as run.json) as `step_<step>`, mark
-        it complete and latest, then prune. Raises NonFiniteStateError, writing nothing, when the weights or
-        optimizer state of any rank hold NaN/inf."""
+        it complete and latest, then prune. `groups`: those `moeformer.parallel.parallelize` returned for the model,
+        if any (expert files and the shard layout are saved beside). Raises NonFiniteStateError, writing nothing,
+        when the weights or optimizer state of any rank hold NaN/inf."""
         tag = tag_for(step)
         path, staging = self.root / tag, self.root / f"{STAGING_PREFIX}{tag}"
         bad = nonfinite_tensors(engine)
@@ -147,7 +124,8 @@ class CheckpointManager:
             with checkpoint_files(engine, staging):
                 engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step},
                                        save_latest=False)
-                save_parallel_extras(engine, self.root, staging.name)
+                if groups is not None:
+                    save_parallel_extras(engine, groups, self.root, staging.name)
             state_file = staging / f"trainer_state_rank{self.rank}.pt"
             with naming_file(state_file), open(state_file, "wb") as f:
                 torch.save({"step": step, **trainer_state, "rng": rng_state()}, f)
@@ -370,8 +348,6 @@ class ConfinedCheckpointEngine:
         return load_pickle(confined(self.root, os.path.relpath(path, self.root)), map_location)
 
     def save(self, state_dict: dict, path: str) -> None:
-        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
         with naming_file(path):
             if type(self.inner) is not TorchCheckpointEngine:
                 return self.inner.save(state_dict, path)
@@ -461,14 +437,10 @@ def _from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def save_parallel_extras(engine, root: Path, tag: str) -> None:
-    """For a model parallelised by `moeformer.parallel.parallelize`: the per-expert files DeepSpeed cannot write for
-    our expert modules (needed to resume with ep > 1) and the shard layout (for offline consolidation)."""
-    groups = getattr(engine.module, "parallel_groups", None)
-    if groups is None:
-        return
-    from moeformer.parallel import save_expert_checkpoint, save_layout
-
+def save_parallel_extras(engine, groups: ParallelGroups, root: Path, tag: str) -> None:
+    """For a model parallelised by `moeformer.parallel.parallelize` into `groups`: the per-expert files DeepSpeed
+    cannot write for our expert modules (needed to resume with ep > 1) and the shard layout (for offline
+    consolidation)."""
     if groups.config.ep > 1:
         save_expert_checkpoint(engine, root, tag)
     if groups.config.pp == 1:  # pipeline checkpoints are per layer: no offline consolidation
