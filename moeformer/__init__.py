@@ -20,6 +20,7 @@ from moeformer.models import (
     list_models,
     quantize,
     quantized_weights,
+    upcycle,
 )
 
 __version__ = "0.1.0"
@@ -48,4 +49,5 @@ __all__ = [
     "quantize",
     "quantized_weights",
     "save_pretrained",
+    "upcycle",
 ]

@@ -6,6 +6,7 @@ Both reserve two special ids, `eos_id` (ends a document) and `bos_id` (free for 
 from __future__ import annotations
 
 import json
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
+# what a model directory holds besides its weights for the tokenizer to be rebuilt (ours: meta.json + tokenizer.json;
+# Hugging Face: tokenizer.json and its configs)
+TOKENIZER_FILES = ("meta.json", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 EOS_TOKEN = "<|eos|>"
 BOS_TOKEN = "<|bos|>"
 N_BYTES = 256
@@ -161,6 +166,15 @@ class PretrainedTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the `TOKENIZER_FILES` that `src` has into `dst` (a derived checkpoint keeps its tokenizer); returns
+    their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return copied
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
