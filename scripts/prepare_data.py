@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             meta = prepare_user_data(args.out, args.files, args.format, user_tokenizer(args, fields),
                                      val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, **fields)
         elif args.tokenizer not in TOKENIZERS:
-            raise ValueError(f"the stdlib corpus takes --tokenizer byte or bpe; a tokenizer file needs --files")
+            raise ValueError("the stdlib corpus takes --tokenizer byte or bpe; a tokenizer file needs --files")
         else:
             meta = prepare_corpus(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                                   val_fraction=args.val_fraction, max_files=args.max_files)

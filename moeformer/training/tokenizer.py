@@ -16,8 +16,8 @@ import numpy as np
 TOKENIZER_FILE = "tokenizer.json"
 # what a model directory holds besides its weights for the tokenizer to be rebuilt (ours: meta.json + tokenizer.json;
 # Hugging Face: tokenizer.json and its configs)
-TOKENIZER_FILES = ("meta.json", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+HF_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("meta.json", *HF_TOKENIZER_FILES, "generation_config.json")
 EOS_TOKEN = "<|eos|>"
 BOS_TOKEN = "<|bos|>"
 N_BYTES = 256
@@ -183,7 +183,9 @@ class PretrainedTokenizer(Tokenizer):
         return None
 
     def artifacts(self) -> dict[str, bytes]:
-        return {TOKENIZER_FILE: self.file.read_bytes()}
+        """tokenizer.json and the configs beside it that transformers' AutoTokenizer reads."""
+        files = {name: self.file.parent / name for name in HF_TOKENIZER_FILES} | {TOKENIZER_FILE: self.file}
+        return {name: path.read_bytes() for name, path in files.items() if path.is_file()}
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)

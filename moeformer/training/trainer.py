@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from functools import partial
@@ -39,11 +38,11 @@ from moeformer.parallel.groups import init_distributed
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
-from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
+from moeformer.training.data import ShardedBatches, TokenDataset, dataset_facts, load_meta
 from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
 from moeformer.training.optim import build_optimizer
 from moeformer.training.schedule import build_scheduler
-from moeformer.training.tokenizer import TOKENIZER_FILE
+from moeformer.training.tokenizer import copy_tokenizer_files
 
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per start of a run: its config and what a resume changed
@@ -454,10 +453,7 @@ class Trainer:
             model = build_model(self.model_config, device="cpu")
             model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
             save_pretrained(model, path, format=fmt, dtype=next(iter(state.values())).dtype)
-            data_dir = Path(self.config.data.dir)
-            for name in (META_FILE, TOKENIZER_FILE):
-                if (data_dir / name).is_file():
-                    shutil.copyfile(data_dir / name, path / name)
+            copy_tokenizer_files(self.config.data.dir, path)
         dist.barrier()
         return path
 
