@@ -1,33 +1,34 @@
 """moeformer: sparse mixture-of-experts and efficient-attention transformers on PyTorch and DeepSpeed."""
 
 from moeformer.errors import (
-                              CheckpointError,
-                              CheckpointNotFoundError,
-                              ConfigError,
-                              NonFiniteStateError,
-                              ResumeConfigError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    NonFiniteStateError,
+    ResumeConfigError,
 )
 from moeformer.layers.lm_head import linear_cross_entropy, linear_distill_loss
 from moeformer.layers.moe import MoEConfig
 from moeformer.models import (
-                              CausalLM,
-                              CausalLMOutput,
-                              Decoder,
-                              ExpertUsage,
-                              MLAConfig,
-                              ModelConfig,
-                              ParamCount,
-                              StaticCache,
-                              build_model,
-                              build_quantized,
-                              compile_blocks,
-                              count_params,
-                              expert_usage,
-                              list_models,
-                              merge_experts,
-                              prune_experts,
-                              quantize,
-                              quantized_weights,
+    CausalLM,
+    CausalLMOutput,
+    Decoder,
+    ExpertUsage,
+    MLAConfig,
+    ModelConfig,
+    ParamCount,
+    StaticCache,
+    build_model,
+    build_quantized,
+    compile_blocks,
+    count_params,
+    expert_usage,
+    list_models,
+    merge_experts,
+    prune_experts,
+    quantize,
+    quantized_weights,
+    upcycle,
 )
 from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.model import from_pretrained
@@ -67,4 +68,5 @@ __all__ = [
     "quantize",
     "quantized_weights",
     "save_pretrained",
+    "upcycle",
 ]

@@ -7,6 +7,7 @@ from moeformer.models.generation import Decoder
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.models.params import ParamCount, count_params
 from moeformer.models.quantize import build_quantized, quantize, quantized_weights
+from moeformer.models.upcycle import upcycle
 from moeformer.models.zoo import list_models
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "prune_experts",
     "quantize",
     "quantized_weights",
+    "upcycle",
 ]

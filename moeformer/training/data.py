@@ -7,7 +7,8 @@ split across ranks, and resumes exactly from a `DataLoaderState`.
 Document convention: eos separates documents (GPT-2 style). It is the last target of the document it ends and the
 first input of the document it opens, so its position starts the next document: `document_ids` increase and
 `position_ids` restart at 0 on every eos input. Every target is thus predictable from its own document's context
-and no target is masked (`targets` never holds an ignore index).
+and no target is masked, except in instruction data: there a loss mask stored beside the tokens (written by
+`moeformer.training.user_data`) turns the prompt's targets into the ignore index.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from moeformer.layers.lm_head import IGNORE_INDEX
 from moeformer.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 
 META_FILE = "meta.json"
@@ -244,11 +246,13 @@ class TokenDataset:
     Batches hold `input_ids` (window[:-1]), `targets` (window[1:], already shifted: targets[t] is the target of
     input_ids[t]), `document_ids` (0 for the window's first document, +1 at each eos input) and `position_ids`
     (restarting at 0 at the window start and at every eos input), all int64 of shape (B, seq_len).
-    `dtype` and `eos_id` default to those in the meta.json beside the file.
+    `dtype` and `eos_id` default to those in the meta.json beside the file. With a `mask` file (one uint8 per
+    token, 0 where the token is no target the loss counts), those targets are IGNORE_INDEX.
     """
 
     def __init__(
-        self, path: str | Path, seq_len: int, dtype: str | np.dtype | None = None, eos_id: int | None = None
+        self, path: str | Path, seq_len: int, dtype: str | np.dtype | None = None, eos_id: int | None = None,
+        mask: str | Path | None = None,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -268,6 +272,11 @@ class TokenDataset:
             n_tokens = size // self.dtype.itemsize
             raise ValueError(f"{path} holds {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        self.mask = None
+        if mask is not None:
+            if not Path(mask).is_file() or Path(mask).stat().st_size != len(self.tokens):
+                raise ValueError(f"loss mask {mask} is missing or does not hold one byte per token of {path}")
+            self.mask = np.memmap(mask, dtype=np.uint8, mode="r")
 
     @classmethod
     def from_dir(cls, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:
@@ -275,7 +284,9 @@ class TokenDataset:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         meta = load_meta(data_dir)
-        return cls(Path(data_dir) / meta["splits"][split]["file"], seq_len, meta["dtype"], meta["eos_id"])
+        info = meta["splits"][split]
+        mask = Path(data_dir) / info["mask"] if "mask" in info else None
+        return cls(Path(data_dir) / info["file"], seq_len, meta["dtype"], meta["eos_id"], mask)
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
@@ -292,9 +303,12 @@ class TokenDataset:
         starts[:, 0] = True
         steps = np.arange(self.seq_len)
         last_start = np.maximum.accumulate(np.where(starts, steps, 0), axis=1)
+        targets = window[:, 1:]
+        if self.mask is not None:
+            targets = np.where(self.mask[offsets[:, 1:]] == 0, IGNORE_INDEX, targets)
         arrays = {
             "input_ids": inputs,
-            "targets": window[:, 1:],
+            "targets": targets,
             "document_ids": np.cumsum(starts, axis=1) - 1,
             "position_ids": steps - last_start,
         }

@@ -6,6 +6,7 @@ Both reserve two special ids, `eos_id` (ends a document) and `bos_id` (free for 
 from __future__ import annotations
 
 import json
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
+# what a model directory holds besides its weights for the tokenizer to be rebuilt (ours: meta.json + tokenizer.json;
+# Hugging Face: tokenizer.json and its configs)
+HF_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("meta.json", *HF_TOKENIZER_FILES, "generation_config.json")
 EOS_TOKEN = "<|eos|>"
 BOS_TOKEN = "<|bos|>"
 N_BYTES = 256
@@ -132,25 +137,55 @@ class BPETokenizer(Tokenizer):
 
 
 class PretrainedTokenizer(Tokenizer):
-    """The `tokenizer.json` of a Hugging Face checkpoint directory (data, no code): its own special tokens are added
-    to prompts (e.g. a bos), and eos is the checkpoint's `eos_token_id` (generation_config.json, else config.json)."""
+    """A Hugging Face `tokenizer.json` (data, no code), given as the file or a checkpoint directory holding it: its
+    own special tokens are added to prompts (e.g. a bos). eos is, first found: `eos_id`, the token `eos_token`, the
+    checkpoint's `eos_token_id` (generation_config.json, config.json), tokenizer_config.json's `eos_token`."""
 
     kind = "pretrained"
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, path: str | Path, eos_id: int | None = None, eos_token: str | None = None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        directory = Path(directory)
-        self._tokenizer = HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no Hugging Face tokenizer at {path} (expected a {TOKENIZER_FILE} or a "
+                                    f"directory holding one)")
+        try:
+            self._tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as error:  # the tokenizers library raises a bare Exception on a malformed file
+            raise ValueError(f"{file} is not a readable tokenizer.json: {error}") from None
+        self.file = file
         self.vocab_size = self._tokenizer.get_vocab_size()
-        eos = None
-        for name in ("generation_config.json", "config.json"):
-            if eos is None and (directory / name).is_file():
-                eos = json.loads((directory / name).read_text()).get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        if not isinstance(eos, int):
-            raise ValueError(f"{directory} names no eos_token_id in generation_config.json or config.json")
+        eos = eos_id if eos_id is not None else self._eos_of(file.parent, eos_token)
+        if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+            raise ValueError(f"no eos id for the tokenizer {file}: name it with an eos token (e.g. --eos-token "
+                             "'</s>'), or put eos_token_id in the directory's config.json")
         self.eos_id = self.bos_id = eos
+
+    def _eos_of(self, directory: Path, eos_token: str | None) -> int | None:
+        if eos_token is not None:
+            token_id = self._tokenizer.token_to_id(eos_token)
+            if token_id is None:
+                raise ValueError(f"eos token {eos_token!r} is not in the tokenizer's vocabulary")
+            return token_id
+        for name in ("generation_config.json", "config.json"):
+            if (directory / name).is_file():
+                eos = json.loads((directory / name).read_text()).get("eos_token_id")
+                eos = eos[0] if isinstance(eos, list) and eos else eos
+                if isinstance(eos, int):
+                    return eos
+        if (directory / "tokenizer_config.json").is_file():
+            token = json.loads((directory / "tokenizer_config.json").read_text()).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                return self._tokenizer.token_to_id(token)
+        return None
+
+    def artifacts(self) -> dict[str, bytes]:
+        """tokenizer.json and the configs beside it that transformers' AutoTokenizer reads."""
+        files = {name: self.file.parent / name for name in HF_TOKENIZER_FILES} | {TOKENIZER_FILE: self.file}
+        return {name: path.read_bytes() for name, path in files.items() if path.is_file()}
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -161,6 +196,15 @@ class PretrainedTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the `TOKENIZER_FILES` that `src` has into `dst` (a derived checkpoint keeps its tokenizer); returns
+    their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return copied
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
@@ -178,8 +222,10 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
         tokenizer: Tokenizer = ByteTokenizer()
     elif kind == BPETokenizer.kind:
         tokenizer = BPETokenizer.load(Path(data_dir) / TOKENIZER_FILE)
+    elif kind == PretrainedTokenizer.kind:
+        tokenizer = PretrainedTokenizer(Path(data_dir) / TOKENIZER_FILE, eos_id=meta.get("eos_id"))
     else:
-        raise ValueError(f"{meta_path} names unknown tokenizer {kind!r}; expected 'byte' or 'bpe'")
+        raise ValueError(f"{meta_path} names unknown tokenizer {kind!r}; expected 'byte', 'bpe' or 'pretrained'")
     if tokenizer.vocab_size != meta.get("vocab_size") or tokenizer.eos_id != meta.get("eos_id"):
         raise ValueError(
             f"{meta_path} says vocab_size={meta.get('vocab_size')}, eos_id={meta.get('eos_id')} but the {kind} "

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, 
 from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.config import RunConfig, resume_changes, run_identity
-from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
+from moeformer.training.data import ShardedBatches, TokenDataset, dataset_facts, load_meta
 from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.init_from import load_weights
 from moeformer.training.metrics import (
@@ -58,7 +57,7 @@ from moeformer.training.metrics import (
 from moeformer.training.optim import build_optimizer
 from moeformer.training.run_checkpoints import CheckpointManager
 from moeformer.training.schedule import build_scheduler
-from moeformer.training.tokenizer import TOKENIZER_FILE
+from moeformer.training.tokenizer import copy_tokenizer_files
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per start of a run: its config and what a resume changed
 OPTIM_HPARAMS = ("initial_lr", "betas", "eps", "weight_decay")  # what a checkpoint restores of each AdamW group
@@ -282,10 +281,7 @@ def export_model(engine, stepper: Stepper, config: RunConfig, model_config: Mode
         model = build_model(model_config, device="cpu")
         model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
         model.save_pretrained(path, format=fmt, dtype=next(iter(state.values())).dtype)
-        data_dir = Path(config.data.dir)
-        for name in (META_FILE, TOKENIZER_FILE):
-            if (data_dir / name).is_file():
-                shutil.copyfile(data_dir / name, path / name)
+        copy_tokenizer_files(config.data.dir, path)
     dist.barrier()
     return path
 
