@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from moeformer.errors import reported_errors
-from moeformer.models.checkpoint import DTYPE_NAMES, FORMATS, from_pretrained, save_pretrained
+from moeformer.models.checkpoint import DTYPE_NAMES, FORMATS, save_pretrained
+from moeformer.models.model import from_pretrained
 from moeformer.models.params import count_params
 from moeformer.models.upcycle import upcycle
 from moeformer.training.tokenizer import copy_tokenizer_files

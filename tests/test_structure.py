@@ -11,12 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moeformer"
 UPPER = ("moeformer.models", "moeformer.parallel", "moeformer.training")
-LEVELS = ("moeformer", "moeformer.layers", "moeformer.models", "moeformer.parallel", "moeformer.training")
-# imported where used: optional extras (fla, tokenizers, tensorboard), parts of torch that cost seconds to import
+LEVELS = ("moeformer", "moeformer.layers", "moeformer.models", "moeformer.parallel", "moeformer.training",
+          "moeformer.serving")
+# imported where used: optional extras (fla, tokenizers, pyarrow, tensorboard), parts of torch that cost seconds to import
 # (dynamo, FlexAttention), Unix-only modules; DeepSpeed (whose import probes the accelerator) only where a module
 # must not pull it in (the checkpoint readers' allow-list, reached from `import moeformer`) or does once per call
-LAZY_ALLOWED = ("fla", "tokenizers", "torch.utils.tensorboard", "torch._dynamo", "torch.nn.attention.flex_attention",
-                "resource")
+LAZY_ALLOWED = ("fla", "tokenizers", "pyarrow", "torch.utils.tensorboard", "torch._dynamo", "torch.profiler",
+                "torch.nn.attention.flex_attention", "resource")
 LAZY_DEEPSPEED = ("moeformer.safe_files", "moeformer.parallel.expert")
 
 
@@ -69,7 +70,7 @@ def test_layers_import_no_upper_package():
 
 
 def test_each_package_imports_only_those_below_it():
-    """errors / safe_files < layers < models < parallel < training (docs/ARCHITECTURE.md)."""
+    """errors / safe_files < layers < models < parallel < training < serving (docs/ARCHITECTURE.md)."""
     bad = [f"{m} imports {name}" for m in MODULES if m != "moeformer"
            for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
            if name.startswith("moeformer.") and _level(name) > _level(m)]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moeformer.errors import ConfigError
-from moeformer.models.checkpoint import from_pretrained, save_pretrained
+from moeformer.models.checkpoint import save_pretrained
+from moeformer.models.model import from_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
 from moeformer.models.upcycle import upcycle, upcycled_config

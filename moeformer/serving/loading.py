@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.distributed as dist
 
 from moeformer.models.checkpoint import DTYPE_NAMES
 from moeformer.models.model import from_pretrained
+from moeformer.parallel import apply_expert_parallel, apply_tensor_parallel, init_distributed, init_parallel_groups
 from moeformer.parallel.config import ParallelConfig
 from moeformer.training.tokenizer import Tokenizer, load_tokenizer
 
@@ -34,10 +36,6 @@ def load_model(args: argparse.Namespace, parallel: ParallelConfig | None = None)
     options = dict(dtype=dtype, quantize=args.quantize, group_size=args.group_size)
     if parallel is None:
         return from_pretrained(args.model, device=args.device, **options), load_tokenizer(args.model)
-    import torch.distributed as dist
-
-    from moeformer.parallel import apply_expert_parallel, apply_tensor_parallel, init_distributed, init_parallel_groups
-
     init_distributed()
     groups = init_parallel_groups(parallel)
     for turn in range(dist.get_world_size()):

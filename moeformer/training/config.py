@@ -21,6 +21,7 @@ from moeformer.errors import ConfigError, ResumeConfigError
 from moeformer.models.config import ModelConfig, check_value
 from moeformer.parallel.config import ParallelConfig
 from moeformer.safe_files import write_atomic
+from moeformer.training.distill import DistillConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
@@ -158,8 +159,6 @@ class RunConfig:
     def _check_distill(self) -> None:
         """train.distill reads the student's final hidden states and its whole LM head on every rank: not on
         pipeline stages, tensor-parallel heads or ZeRO-3 partitions."""
-        from moeformer.training.distill import DistillConfig
-
         DistillConfig.from_dict(self.train.distill)
         p = self.parallel
         if p.pp > 1 or p.tp > 1 or self.train.zero_stage == 3:
