@@ -2,13 +2,14 @@
 
 from moeformer.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, NonFiniteStateError,
                               ResumeConfigError)
-from moeformer.layers.lm_head import linear_cross_entropy
+from moeformer.layers.lm_head import linear_cross_entropy, linear_distill_loss
 from moeformer.layers.moe import MoEConfig
 from moeformer.models.checkpoint import from_pretrained, save_pretrained
 from moeformer.models import (
     CausalLM,
     CausalLMOutput,
     Decoder,
+    ExpertUsage,
     MLAConfig,
     ModelConfig,
     ParamCount,
@@ -17,7 +18,10 @@ from moeformer.models import (
     build_quantized,
     compile_blocks,
     count_params,
+    expert_usage,
     list_models,
+    merge_experts,
+    prune_experts,
     quantize,
     quantized_weights,
 )
@@ -33,6 +37,7 @@ __all__ = [
     "ConfigError",
     "Decoder",
     "Engine",
+    "ExpertUsage",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
@@ -46,9 +51,13 @@ __all__ = [
     "build_quantized",
     "compile_blocks",
     "count_params",
+    "expert_usage",
     "from_pretrained",
     "linear_cross_entropy",
+    "linear_distill_loss",
     "list_models",
+    "merge_experts",
+    "prune_experts",
     "quantize",
     "quantized_weights",
     "save_pretrained",

@@ -82,20 +82,22 @@ def rates(timer: StepTimer, batch: int, prompt_len: int) -> tuple[float, float]:
     return batch * (timer.steps - 1) / decode, batch * prompt_len / first
 
 
-def random_prompt(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+def random_prompt(batch: int, length: int, vocab: int, seed: int = 0, device: str = "cuda") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g).cuda()
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
 
 
 def ours_rates(model, batch: int, prompt_len: int, new: int, compile: bool) -> tuple[float, float, float]:
     """Decode and prefill tokens/s of `model.generate` (greedy), after one warm-up call of the same shape (whose
-    seconds, compilation and capture included, come third)."""
-    ids = random_prompt(batch, prompt_len, model.config.vocab_size)
+    seconds, compilation and capture included, come third); on the model's device."""
+    device = model.tok_embeddings.weight.device
+    ids = random_prompt(batch, prompt_len, model.config.vocab_size, device=device)
     start = time.perf_counter()
     model.generate(ids, new, temperature=0, compile=compile)  # compile, capture, allocate
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     warm = time.perf_counter() - start
-    timer = StepTimer("cuda")
+    timer = StepTimer(device)
     model.generate(ids, new, temperature=0, compile=compile, stream=timer)
     return (*rates(timer, batch, prompt_len), warm)
 

@@ -7,6 +7,13 @@ row of one shape runs on the same input in one process. The CUDA-graph row doubl
 dropless path never synchronises with the host: capturing a stream fails on any device-to-host copy.
 
     python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md] [--profile]
+
+Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks (all-to-all dispatcher)
+and times it, each rank with its own tokens at the shape's size, beside the unsharded layer alone on each rank:
+per-GPU TFLOP/s (the slowest rank's time) and their ratio, plus the host syncs of one forward+backward. Runs on CPU
+with gloo too (fp32), e.g. `--shapes tiny` as a smoke test.
+
+    torchrun --nproc_per_node 2 scripts/bench_moe.py --ep 2 --shapes olmoe
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -40,6 +48,7 @@ SHAPES = {
     "medium": Shape("medium-moe", 16384, 1024, 1536, 16, 2),
     "mixtral": Shape("mixtral-like", 8192, 4096, 14336, 8, 2),
     "deepseek": Shape("deepseek-like", 16384, 2048, 1408, 64, 6, shared=2),
+    "tiny": Shape("tiny", 256, 32, 16, 8, 2, shared=1),  # smoke tests (CPU)
 }
 
 
@@ -112,9 +121,16 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() measured with CUDA events."""
+    """Median milliseconds of fn() measured with CUDA events (wall clock without CUDA)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -155,11 +171,13 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float, graphed: bool = Fa
 
     if graphed:
         fwd, fwd_bwd = cuda_graphed(fwd), cuda_graphed(fwd_bwd)
+    cuda = torch.cuda.is_available()
     f_ms = time_ms(fwd)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     fb_ms = time_ms(fwd_bwd)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
     return {
         "fwd_ms": f_ms,
         "fwd_tflops": flops / f_ms / 1e9,
@@ -169,13 +187,16 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float, graphed: bool = Fa
     }
 
 
-def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
-    """label -> (module, its active forward FLOPs) for one shape."""
-    config = MoEConfig(
+def layer_config(s: Shape) -> MoEConfig:
+    return MoEConfig(
         num_experts=s.experts, top_k=s.top_k, ffn_dim=s.ffn, router="softmax", aux_loss_coef=0.01,
         num_shared_experts=s.shared, shared_ffn_dim=s.shared * s.ffn if s.shared else None,
     )
-    ours, flops = MoE(s.dim, config), active_flops(s)
+
+
+def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
+    """label -> (module, its active forward FLOPs) for one shape."""
+    ours, flops = MoE(s.dim, layer_config(s)), active_flops(s)
     rows = {"moeformer (eager)": (ours, flops)}
     if "compile" not in skip:
         rows["moeformer (compiled)"] = (torch.compile(ours), flops)
@@ -212,13 +233,68 @@ def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
 
 
+def expert_parallel(args: argparse.Namespace) -> None:
+    """`--ep N` under torchrun: the sharded layer against the unsharded one, per GPU, on every rank's own tokens."""
+    import copy
+
+    import torch.distributed as dist
+
+    from moeformer.parallel import ParallelConfig, apply_expert_parallel, init_parallel_groups, shutdown_distributed
+    from moeformer.training.metrics import HostSyncs
+
+    groups = init_parallel_groups(ParallelConfig(ep=args.ep))
+    rank, cuda = dist.get_rank(), torch.cuda.is_available()
+    device, dtype = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if cuda else ("cpu", torch.float32)
+    header = (f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
+              f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
+              f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}")
+    columns = ("| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
+               "(fwd+bwd) | host syncs (fwd+bwd) |")
+    lines = [header, "", columns, "|---|---|---|---|---|---|---|---|"]
+    for key in args.shapes.split(","):
+        s = SHAPES[key]
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same weights on every rank
+        single = MoE(s.dim, layer_config(s)).to(device, dtype)
+        sharded = copy.deepcopy(single)
+        apply_expert_parallel(sharded, groups)
+        torch.manual_seed(1 + rank)  # each rank its own tokens
+        x = torch.randn(1, s.tokens, s.dim, device=device, dtype=dtype)
+        rows = {"one GPU, unsharded": single, f"ep={args.ep} (eager)": sharded}
+        if "compile" not in args.skip.split(","):
+            rows[f"ep={args.ep} (compiled)"] = torch.compile(sharded)
+        base = None
+        for label, module in rows.items():
+            r = measure(module, x, active_flops(s))
+            slowest = torch.tensor([r["fwd_ms"], r["fwdbwd_ms"]], dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            f_ms, fb_ms = slowest.tolist()
+            xg, grad = x.detach().requires_grad_(True), torch.randn_like(x)
+            with HostSyncs() as syncs:
+                forward_backward(module, xg, grad)
+            tflops = 3 * active_flops(s) / fb_ms / 1e9
+            base = base or tflops
+            lines.append(f"| {s.name} (T={s.tokens} per GPU, d={s.dim}, f={s.ffn}, E={s.experts}, k={s.top_k}"
+                         f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {f_ms:.2f} | "
+                         f"{active_flops(s) / f_ms / 1e9:.1f} | {fb_ms:.2f} | {tflops:.1f} | {tflops / base:.2f} | "
+                         f"{syncs.count} |")
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+    shutdown_distributed()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="olmoe,small,mixtral,deepseek")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
+    if args.ep > 1:
+        return expert_parallel(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe.py needs a CUDA device")
     torch.manual_seed(0)

@@ -192,7 +192,7 @@ def test_export_rejects_what_hf_cannot_express(tmp_path):
         save_pretrained(tiny_model(norm="layernorm"), tmp_path / "x")
     with pytest.raises(ValueError, match="mixtral.* needs softmax"):
         save_pretrained(tiny_model(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice",
-                                        "capacity_factor": 1.0}), tmp_path / "y")
+                                        "dispatcher": "capacity", "capacity_factor": 1.0}), tmp_path / "y")
 
 
 # ---- clear errors --------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def architecture(config: ModelConfig) -> dict:
     d = config.to_dict()
     for key in ("name", "extra", "init_std", "attn_backend", "loss_chunk_size"):
         d.pop(key)
-    for key in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "expert_impl"):
+    for key in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "backend", "dispatcher"):
         d["moe"].pop(key)
     return d
 

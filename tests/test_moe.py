@@ -14,7 +14,6 @@ from moeformer.layers.moe import (
     MoEConfig,
     load_balancing_loss,
     moe_reference,
-    plan_dispatch,
     router_z_loss,
     sequence_aux_loss,
 )
@@ -34,7 +33,11 @@ CONFIGS = {
 
 def make_moe(dim: int = 12, seed: int = 0, **overrides) -> MoE:
     torch.manual_seed(seed)
-    cfg = dict(ffn_dim=16, expert_impl="loop", z_loss_coef=1e-3, seq_aux_loss_coef=1e-3) | overrides
+    cfg = dict(ffn_dim=16, backend="loop", z_loss_coef=1e-3, seq_aux_loss_coef=1e-3) | overrides
+    if cfg.get("capacity_factor") is None and cfg.get("router") == "expert_choice":
+        cfg["capacity_factor"] = 1.0  # expert choice: each expert takes its share of the slots
+    if cfg.get("capacity_factor") is not None:
+        cfg["dispatcher"] = "capacity"
     layer = MoE(dim, MoEConfig(**cfg))
     if layer.router.expert_bias is not None:  # a non-trivial bias so that it matters for selection
         layer.router.expert_bias.copy_(torch.randn(layer.config.num_experts) * 0.1)
@@ -51,7 +54,7 @@ def padded_mask(b: int, t: int) -> torch.Tensor:
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_matches_reference_fp32(name, capacity_factor, impl):
-    layer = make_moe(capacity_factor=capacity_factor, expert_impl=impl, **CONFIGS[name])
+    layer = make_moe(capacity_factor=capacity_factor, backend=impl, **CONFIGS[name])
     for b, t, masked in [(2, 7, False), (3, 5, True)]:
         x = torch.randn(b, t, 12)
         mask = padded_mask(b, t) if masked else None
@@ -63,7 +66,7 @@ def test_matches_reference_fp32(name, capacity_factor, impl):
 @pytest.mark.parametrize("name", ["softmax", "sigmoid_groups", "shared_gate", "shared_gelu"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_matches_reference_bf16(name, capacity_factor):
-    layer = make_moe(dim=16, capacity_factor=capacity_factor, expert_impl="loop", **CONFIGS[name])
+    layer = make_moe(dim=16, capacity_factor=capacity_factor, backend="loop", **CONFIGS[name])
     x = torch.randn(2, 9, 16)
     ref32 = moe_reference(x, layer)
     layer = layer.to(torch.bfloat16)
@@ -132,57 +135,11 @@ def test_permute_rows_equals_index_select_with_gather_backward(n, k):
     assert torch.autograd.gradcheck(lambda t: PermuteRows.apply(t, rows, inverse, k), (x,))
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs CUDA")])
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])  # on CUDA the token-major path runs the Triton kernels
-@pytest.mark.parametrize("padding", [True, False])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("n,e,k,activation", [(1, 4, 2, "swiglu"), (13, 4, 2, "swiglu"), (29, 8, 3, "gelu"),
-                                              (16, 3, 1, "swiglu"), (300, 8, 2, "swiglu")])
-def test_token_major_path_equals_generic_path(dtype, tol, n, e, k, activation, padding, device):
-    torch.manual_seed(n * e * k)
-    experts = Experts(e, 12, 16, activation, impl="loop").to(device, dtype)
-    x = torch.randn(n, 12, dtype=dtype, device=device)
-    expert_idx = torch.rand(n, e, device=device).argsort(dim=-1)[:, :k].flatten()  # k distinct experts per token
-    weights = torch.rand(n * k, device=device)
-    valid = torch.rand(n * k, device=device) > 0.2 if padding else None
-    token_idx = torch.arange(n, device=device).repeat_interleave(k)
-    results = []
-    for slots_per_token in (k, None):
-        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
-        out, plan = experts(xi, token_idx, expert_idx, wi, valid, None, slots_per_token)
-        grads = torch.autograd.grad(out.float().square().sum(), [xi, wi, experts.w_in, experts.w_out])
-        results.append((out.float(), plan.tokens_per_expert, [g.float() for g in grads]))
-    (out, load, grads), (ref_out, ref_load, ref_grads) = results
-    scale = ref_out.abs().max().item()
-    assert (out - ref_out).abs().max().item() <= tol * scale
-    assert torch.equal(load, ref_load)
-    for g, ref in zip(grads, ref_grads):
-        assert (g - ref).abs().max().item() <= tol * ref.abs().max().item()
-
-
-def test_plan_dispatch_by_hand():
-    expert_idx = torch.tensor([1, 0, 1, 1, 2, 0])
-    valid = torch.tensor([True, True, True, True, True, False])  # slot 5 is padding
-    plan = plan_dispatch(expert_idx, valid, num_experts=3, capacity=2)
-    # expert 0: slot 1; expert 1: slots 0, 2 (slot 3 comes later and is dropped); expert 2: slot 4; then 3 and 5
-    assert plan.order.tolist() == [1, 0, 2, 4, 3, 5]
-    assert plan.group_sizes.tolist() == [1, 2, 1]
-    assert plan.kept.tolist() == [True] * 4 + [False] * 2
-    assert plan.tokens_per_expert.tolist() == [1, 3, 1]
-    assert plan.dropped.item() == 1
-    dropless = plan_dispatch(expert_idx, valid, num_experts=3)
-    assert dropless.order.tolist() == [1, 0, 2, 3, 4, 5] and dropless.group_sizes.tolist() == [1, 3, 1]
-    assert dropless.dropped.item() == 0
-
-
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 @pytest.mark.parametrize("name", ["softmax", "sigmoid_groups", "shared_gate", "expert_choice"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_gradients_match_reference(impl, name, capacity_factor):
-    layer = make_moe(capacity_factor=capacity_factor, expert_impl=impl, **CONFIGS[name])
+    layer = make_moe(capacity_factor=capacity_factor, backend=impl, **CONFIGS[name])
     ref_layer = copy.deepcopy(layer)
     x = torch.randn(3, 6, 12)
     mask = padded_mask(3, 6)
@@ -285,10 +242,10 @@ def test_bias_update_moves_load_toward_balance():
 
 
 def test_expert_choice_gives_each_expert_capacity_tokens():
-    for factor, (b, t) in [(None, (2, 8)), (2.0, (3, 5))]:
+    for factor, (b, t) in [(1.0, (2, 8)), (2.0, (3, 5))]:
         layer = make_moe(num_experts=4, top_k=2, router="expert_choice", capacity_factor=factor)
         _, stats = layer(torch.randn(b, t, 12))
-        capacity = math.ceil((factor or 1.0) * b * t * 2 / 4)
+        capacity = math.ceil(factor * b * t * 2 / 4)
         assert stats.tokens_per_expert.tolist() == [capacity] * 4
         assert stats.dropped_tokens.item() == 0
 
@@ -300,8 +257,9 @@ def test_expert_choice_gives_each_expert_capacity_tokens():
         dict(top_k=0),
         dict(num_experts=6, num_groups=4),
         dict(num_groups=2, topk_groups=3),
-        dict(capacity_factor=0.0),
         dict(activation="relu"),
+        dict(backend="cutlass"),
+        dict(dispatcher="dropping"),
     ],
 )
 def test_bad_config_raises(kwargs):
@@ -310,11 +268,35 @@ def test_bad_config_raises(kwargs):
 
 
 @pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(capacity_factor=1.25), "capacity_factor=1.25 applies to dispatcher='capacity' only"),
+        (dict(dispatcher="capacity"), "dispatcher='capacity' needs a positive capacity_factor"),
+        (dict(dispatcher="capacity", capacity_factor=0.0), "dispatcher='capacity' needs a positive capacity_factor"),
+        (dict(router="expert_choice"), "router='expert_choice' .* set dispatcher='capacity'"),
+        (dict(router="expert_choice", capacity_factor=1.0), "router='expert_choice' .* set dispatcher='capacity'"),
+    ],
+)
+def test_dispatcher_capacity_factor_and_router_must_agree(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**kwargs)
+
+
+def test_old_config_keys_name_the_new_ones():
+    from moeformer.models.config import ModelConfig
+
+    base = dict(name="m", vocab_size=32, dim=8, n_layers=1, n_heads=2, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"model.moe.expert_impl was renamed: use model.moe.backend"):
+        ModelConfig.from_dict(base | {"moe": {"expert_impl": "loop"}})
+    with pytest.raises(ValueError, match="set dispatcher='capacity'"):  # the old way to ask for token dropping
+        ModelConfig.from_dict(base | {"moe": {"capacity_factor": 1.25}})
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
-        dict(expert_impl="cutlass"),
-        dict(router="expert_choice", router_bias=True),
-        dict(router="expert_choice", num_groups=2),
+        dict(router="expert_choice", dispatcher="capacity", capacity_factor=1.0, router_bias=True),
+        dict(router="expert_choice", dispatcher="capacity", capacity_factor=1.0, num_groups=2),
         dict(num_experts=8, top_k=4, num_groups=4, topk_groups=1),
         dict(shared_expert_gate=True),
         dict(aux_loss_coef=-1.0),
@@ -364,7 +346,7 @@ def test_grouped_gemm_bf16_matches_loop_on_cuda():
     cfg = MoEConfig(num_experts=8, top_k=2, ffn_dim=96, router="sigmoid", num_shared_experts=1)
     fast = MoE(64, cfg).cuda().bfloat16()
     loop = copy.deepcopy(fast)
-    loop.experts.impl = "loop"
+    loop.experts.backend = "loop"
     x = torch.randn(3, 37, 64, device="cuda", dtype=torch.bfloat16)  # 222 slots: ragged, unaligned groups
     mask = torch.ones(3, 37, dtype=torch.bool, device="cuda")
     mask[2, 20:] = False
@@ -381,7 +363,7 @@ def test_grouped_gemm_bf16_matches_loop_on_cuda():
     assert (outs[0] - outs[1]).abs().max().item() <= 2e-2 * scale
     # bf16 autocast over fp32 weights also takes the grouped GEMM
     fp32 = copy.deepcopy(loop).float()
-    fp32.experts.impl = "auto"
+    fp32.experts.backend = "auto"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_autocast, _ = fp32(x.float(), mask)
     assert (out_autocast.float() - outs[1]).abs().max().item() <= 2e-2 * scale

@@ -120,14 +120,15 @@ LAYERS = {
     "sigmoid_groups_shared_gate": dict(num_experts=8, top_k=3, router="sigmoid", num_groups=4, topk_groups=2,
                                        num_shared_experts=1, shared_expert_gate=True),
     "gelu_top1": dict(num_experts=3, top_k=1, activation="gelu", norm_topk_prob=False),
-    "expert_choice": dict(num_experts=4, top_k=2, router="expert_choice"),
+    "expert_choice": dict(num_experts=4, top_k=2, router="expert_choice", dispatcher="capacity", capacity_factor=1.0),
 }
 SHAPES = [(1, 1), (3, 1), (2, 7), (4, 16)]  # decode batches up to FUSED_MAX_TOKENS tokens, and a short prefill
 
 
-def make_layer(name: str, dim: int = 32, ffn_dim: int = 48, **overrides) -> MoE:
+def make_layer(name: str, dim: int = 32, ffn_dim: int = 48, capacity_factor: float | None = None) -> MoE:
     torch.manual_seed(len(name))
-    return MoE(dim, MoEConfig(ffn_dim=ffn_dim, **LAYERS[name], **overrides)).eval()
+    cfg = LAYERS[name] | ({} if capacity_factor is None else dict(dispatcher="capacity", capacity_factor=capacity_factor))
+    return MoE(dim, MoEConfig(ffn_dim=ffn_dim, **cfg)).eval()
 
 
 def padding(b: int, t: int, device: str = "cpu") -> torch.Tensor:
@@ -158,7 +159,7 @@ def test_fused_path_equals_generic_path_and_reference(name, b, t, dtype, tol, de
     x = torch.randn(b, t, 32, device=device, dtype=dtype)
     mask = padding(b, t, device)
     with torch.no_grad():
-        assert layer.experts.use_fused(x.view(-1, 32), layer.capacity(b * t))
+        assert layer.experts.use_fused(x.view(-1, 32))
         fused, stats = layer(x, mask)
         reference = moe_reference(x, layer, mask)
     generic, generic_stats = layer(x, mask)  # parameters need gradients: the generic path
@@ -206,20 +207,19 @@ def test_fused_path_rule(monkeypatch):
     experts = layer.experts
     x = torch.randn(3, 32)
     with torch.no_grad():
-        assert experts.use_fused(x, None)  # eval, no gradient, kernels for CPU tensors (the interpreter)
-        assert not experts.use_fused(x, 4)  # a capacity: the generic path drops slots
-        assert not experts.use_fused(torch.randn(FUSED_MAX_TOKENS + 1, 32), None)
-        assert not experts.use_fused(x.bfloat16(), None)  # weights not in the compute dtype
+        assert experts.use_fused(x)  # eval, no gradient, kernels for CPU tensors (the interpreter)
+        assert not experts.use_fused(torch.randn(FUSED_MAX_TOKENS + 1, 32))
+        assert not experts.use_fused(x.bfloat16())  # weights not in the compute dtype
         layer.train()
-        assert not experts.use_fused(x, None)
+        assert not experts.use_fused(x)
         layer.eval()
-    assert not experts.use_fused(x, None)  # gradients wanted (the parameters require them)
+    assert not experts.use_fused(x)  # gradients wanted (the parameters require them)
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", False)
     with torch.no_grad():
-        assert not experts.use_fused(x, None)  # no kernels for CPU tensors: the generic path is faster there
+        assert not experts.use_fused(x)  # no kernels for CPU tensors: the generic path is faster there
     experts.quantize_("int8")
     layer.train()
-    assert experts.use_fused(x, 4)  # quantized experts have only the fused path
+    assert experts.use_fused(x)  # quantized experts have only the fused path
 
 
 @pytest.mark.parametrize("name", ["softmax", "sigmoid_groups_shared_gate", "expert_choice"])

@@ -135,7 +135,7 @@ def test_layer_with_triton_ops_compiles_in_one_graph_and_matches_eager(monkeypat
                             lambda x: triton_kernels.OPS if torch.compiler.is_compiling() else triton_kernels)
     torch.manual_seed(0)
     # bf16: the grouped GEMM's meta function (what compile traces with) only takes bf16
-    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=8, expert_impl="grouped")).to(device, torch.bfloat16)
+    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=8, backend="grouped")).to(device, torch.bfloat16)
     x = torch.randn(2, 5, 16, device=device, dtype=torch.bfloat16)
     results = []
     for module in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):

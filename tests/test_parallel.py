@@ -34,7 +34,7 @@ def tiny_config(**overrides):
     from moeformer.layers.moe import MoEConfig
     from moeformer.models.config import ModelConfig
 
-    moe = MoEConfig(num_experts=4, top_k=2, ffn_dim=32, aux_loss_coef=0.01, z_loss_coef=0.001, expert_impl="loop",
+    moe = MoEConfig(num_experts=4, top_k=2, ffn_dim=32, aux_loss_coef=0.01, z_loss_coef=0.001, backend="loop",
                     num_shared_experts=1, shared_ffn_dim=32)
     base = {"name": "tiny-moe-shrunk", "vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
             "ffn_dim": 64, "max_seq_len": 64, "moe": moe, "moe_layers": [1], "attn_backend": "eager"}
@@ -308,51 +308,116 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
 
 
 def check_expert_layer(results: dict) -> None:
-    """ExpertParallelExperts against the plain Experts on fresh random routings: fp32 / bf16, padding slots, a
-    capacity, and a skewed routing where one rank sends nothing to the other. Expert gradients are compared with
-    the sum over ranks of the plain layer's gradients (each rank's tokens reach every rank's experts)."""
+    """The all-to-all dispatcher with this rank's experts against the local dispatcher with all of them, on fresh
+    random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
+    other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every rank. Expert gradients are compared with the
+    sum over ranks of the plain layer's gradients (each rank's tokens reach every rank's experts). Also counts the
+    host syncs of one forward and backward of each."""
     import torch.distributed as dist
 
-    from moeformer.layers.moe import Experts
+    from moeformer.layers import triton_dispatch
+    from moeformer.layers.moe import CapacityDispatcher, DroplessDispatcher, Experts, Slots
     from moeformer.parallel import ExpertParallelExperts, ParallelConfig, init_parallel_groups
+    from moeformer.parallel.expert import AllToAllDispatcher
+    from moeformer.training.metrics import HostSyncs
 
     groups = init_parallel_groups(ParallelConfig(ep=2))
     rank = dist.get_rank(groups.expert)
     cases = {"fp32": (24, 4, 2, torch.float32, None, False), "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
-             "fp32_skewed": (9, 8, 2, torch.float32, None, True), "bf16": (40, 4, 2, torch.bfloat16, None, False)}
+             "fp32_skewed": (9, 8, 2, torch.float32, None, True), "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
+             "bf16": (40, 4, 2, torch.bfloat16, None, False),
+             "fp32_kernels": (13, 4, 2, torch.float32, None, False), "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False)}
     errs = {}
     for seed, (case, (n, num_experts, k, dtype, capacity, skewed)) in enumerate(cases.items()):
+        triton_dispatch.interpret_on_cpu = "kernels" in case and triton_dispatch.INTERPRETER
         torch.manual_seed(seed)  # same expert weights on every rank
-        plain = Experts(num_experts, 16, 8, "swiglu", "auto").to(DEVICE, dtype)  # grouped GEMM on H100 bf16
+        plain = Experts(num_experts, 16, 8, "swiglu", "grouped" if DEVICE.type == "cpu" else "auto").to(DEVICE, dtype)
         parallel = ExpertParallelExperts(copy.deepcopy(plain), groups)
+        local = DroplessDispatcher(num_experts) if capacity is None else \
+            CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))  # ceil(...) = capacity
+        dispatchers = (local, AllToAllDispatcher(local, groups.expert))
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
-        high = num_experts // 2 if skewed and rank == 0 else num_experts  # skewed: rank 0 keeps to its own experts
-        expert_idx = torch.randint(0, high, (n * k,), generator=g).to(DEVICE)
+        # skewed: rank 0 keeps to its own experts; "all": both ranks do, rank 1's experts receive no row at all
+        high = num_experts // 2 if skewed == "all" or (skewed and rank == 0) else num_experts
+        expert_idx = torch.rand(n, high, generator=g).argsort(dim=-1)[:, :k].flatten().to(DEVICE)
         token_idx = torch.arange(n, device=DEVICE).repeat_interleave(k)
         weights = torch.rand(n * k, generator=g).to(DEVICE)
         valid = torch.rand(n * k, generator=g).to(DEVICE) > 0.2
         dy = torch.randn(n, 16, generator=g).to(DEVICE)
-        outs, grads = [], []
-        for layer in (plain, parallel):
-            xi = x.clone().requires_grad_()
-            out, plan = layer(xi, token_idx, expert_idx, weights, valid, capacity)
-            (out.float() * dy).sum().backward()
-            outs.append((out, plan.tokens_per_expert, plan.dropped))
-            grads.append((xi.grad, layer.w_in.grad, layer.w_out.grad))
+        outs, grads, syncs = [], [], []
+        for dispatcher, experts in zip(dispatchers, (plain, parallel)):
+            xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            with HostSyncs() as counter:
+                dispatched = dispatcher.dispatch(xi, Slots(token_idx, expert_idx, wi, valid, k))
+                out = dispatcher.combine(experts(dispatcher.expert_rows(dispatched)), dispatched)
+                (out.float() * dy).sum().backward()
+            syncs.append(counter.count)
+            outs.append((out, dispatched.tokens_per_expert, dispatched.dropped))
+            grads.append((xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad))
         expert_grads = []
-        for full in grads[0][1:]:
+        for full in grads[0][2:]:
             full = full.float().clone()
             dist.all_reduce(full, group=groups.expert)
             expert_grads.append(full.chunk(2)[rank])
         errs[case] = {"out": max_err(outs[0][0], outs[1][0]), "x_grad": max_err(grads[0][0], grads[1][0]),
-                      "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, grads[1][1:])),
+                      "weight_grad": max_err(grads[0][1], grads[1][1]),
+                      "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, grads[1][2:])),
                       "out_scale": outs[0][0].abs().max().item(), "x_grad_scale": grads[0][0].abs().max().item(),
+                      "weight_grad_scale": grads[0][1].abs().max().item(),
                       "expert_grad_scale": max(g.abs().max().item() for g in expert_grads),
-                      "dropped": int(outs[1][2]),
+                      "dropped": int(outs[1][2]), "host_syncs": syncs if DEVICE.type == "cpu" else None,
                       "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
                       "scale": x.abs().max().item()}
+    triton_dispatch.interpret_on_cpu = False
     results["expert_layer"] = errs
+
+
+def check_expert_parallel_moe_layer(results: dict) -> None:
+    """A whole MoE layer with a shared expert (its computation overlaps the all-to-all) under ep=2 against the
+    same layer on one process, each rank with its own tokens, the Triton kernels on every rank (on CPU the
+    interpreter): output, load, and the gradients of the input, the router, the shared expert and the experts."""
+    import torch.distributed as dist
+
+    from moeformer.layers import triton_dispatch
+    from moeformer.layers.moe import MoE, MoEConfig
+    from moeformer.parallel import ParallelConfig, apply_expert_parallel, init_parallel_groups
+
+    groups = init_parallel_groups(ParallelConfig(ep=2))
+    rank = dist.get_rank(groups.expert)
+    triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
+    backend = "grouped" if DEVICE.type == "cpu" else "auto"
+    errs = {}
+    for seed, (case, dtype, dispatch) in enumerate([("fp32", torch.float32, {}), ("bf16", torch.bfloat16, {}),
+                                                    ("fp32_capacity", torch.float32,
+                                                     {"dispatcher": "capacity", "capacity_factor": 0.6})]):
+        torch.manual_seed(seed)
+        config = MoEConfig(num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1, shared_ffn_dim=16,
+                           backend=backend, **dispatch)
+        single = MoE(16, config).to(DEVICE, dtype)
+        sharded = copy.deepcopy(single)
+        apply_expert_parallel(sharded, groups)
+        g = torch.Generator().manual_seed(10 * seed + rank)
+        x = torch.randn(2, 9, 16, generator=g).to(DEVICE, dtype)
+        dy = torch.randn(2, 9, 16, generator=g).to(DEVICE)
+        outs, grads = [], []
+        for layer in (single, sharded):
+            xi = x.clone().requires_grad_()
+            out, stats = layer(xi)
+            ((out.float() * dy).sum() + stats.aux_loss).backward()
+            outs.append((out, stats.tokens_per_expert, stats.dropped_tokens))
+            grads.append({"x": xi.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+        for name in ("experts.w_in", "experts.w_out"):
+            full = grads[0][name].float().clone()
+            dist.all_reduce(full, group=groups.expert)
+            grads[0][name] = full.chunk(2)[rank]
+        errs[case] = {"out": max_err(outs[0][0], outs[1][0]), "out_scale": outs[0][0].abs().max().item(),
+                      "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
+                      "dropped": int(outs[1][2]),
+                      "grads": {n: [max_err(grads[0][n], grads[1][n]), grads[0][n].abs().max().item()]
+                                for n in grads[0]}}
+    triton_dispatch.interpret_on_cpu = False
+    results["expert_parallel_moe_layer"] = errs
 
 
 def check_unsupported(results: dict) -> None:
@@ -429,6 +494,7 @@ def run_scenario(name: str, out: Path) -> None:
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2_same_ranks", out.parent, stages=(0,))
         check_parallel_cross_entropy(results)
         check_expert_layer(results)
+        check_expert_parallel_moe_layer(results)
         check_unsupported(results)
         check_pipeline(tiny_config(), results, "pp2")
         check_pipeline(tiny_config(tie_embeddings=True, n_layers=4, moe_layers=[1, 2]), results, "pp2_tied", "blocks",
@@ -587,13 +653,31 @@ def assert_expert_layer(errs: dict) -> None:
         rtol = BF16_RTOL if "bf16" in case else FP32_RTOL
         assert err["counts_equal"], case
         assert (err["dropped"] > 0) == ("capacity" in case), (case, err)
-        for name in ("out", "x_grad", "expert_grad"):
+        for name in ("out", "x_grad", "weight_grad", "expert_grad"):
             assert err[name] <= rtol * err[f"{name}_scale"], (case, name, err)
+        # forward and backward: the local dispatchers never wait for the device; the all-to-all one once, for the
+        # split sizes of the dropless layout (the capacity layout's splits are static)
+        assert err["host_syncs"] in (None, [0, 0 if "capacity" in case else 1]), (case, err)  # None: not on CPU
 
 
 @pytest.mark.distributed
 def test_expert_parallel_layer_matches_plain_experts(two_ranks):
     assert_expert_layer(two_ranks["expert_layer"])
+
+
+def assert_expert_parallel_moe_layer(errs: dict) -> None:
+    for case, err in errs.items():
+        rtol = BF16_RTOL if "bf16" in case else FP32_RTOL
+        assert err["counts_equal"] and (err["dropped"] > 0) == ("capacity" in case), (case, err)
+        assert err["out"] <= rtol * err["out_scale"], (case, err)
+        assert len(err["grads"]) == 7, err["grads"]  # x, router, shared expert (3), experts (2)
+        for name, (e, scale) in err["grads"].items():
+            assert e <= rtol * scale + 1e-12, (case, name, e, scale)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_moe_layer_matches_one_process(two_ranks):
+    assert_expert_parallel_moe_layer(two_ranks["expert_parallel_moe_layer"])
 
 
 @pytest.mark.distributed

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_parallel import (_free_port, assert_expert_layer, assert_layout, assert_pipeline, launch, packed,
-                                 tiny_config)
+from tests.test_parallel import (_free_port, assert_expert_layer, assert_expert_parallel_moe_layer, assert_layout,
+                                 assert_pipeline, launch, packed, tiny_config)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
@@ -42,6 +42,13 @@ def test_pipeline_matches_single_gpu(two_gpus, key):
 @needs_gpus(2)
 def test_expert_parallel_layer_on_gpus(two_gpus):
     assert_expert_layer(two_gpus["expert_layer"])
+
+
+@needs_gpus(2)
+def test_expert_parallel_moe_layer_with_triton_kernels_matches_one_gpu(two_gpus):
+    """The token-major Triton path (permute, weighted SwiGLU, combine) and the grouped GEMM on both GPUs under
+    ep=2, NCCL all-to-alls overlapped with the shared expert, against the layer on one GPU."""
+    assert_expert_parallel_moe_layer(two_gpus["expert_parallel_moe_layer"])
 
 
 @needs_gpus(4)

@@ -552,6 +552,51 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
                                    (OptimConfig.beta1, OptimConfig.beta2))
 
 
+# ---- expert-load telemetry ----------------------------------------------------------------------------------------
+LOAD_TOKENS = 2 * 32  # micro-batch 2 x seq 32, one micro-batch per step
+
+
+def scenario_expert_load(work: Path) -> dict:
+    """Worker: two steps of tiny-moe (3 MoE layers, 4 experts, top-2, capacity factor 1) with a hand-built router
+    that sends every token to experts 0 and 1; returns the train records."""
+    from moeformer.layers.moe import router
+    from moeformer.training.trainer import Trainer
+
+    def first_two_experts(scores, top_k, **kwargs):
+        indices = torch.tensor([0, 1], device=scores.device).expand(scores.shape[0], 2)
+        return indices, scores.gather(-1, indices)
+
+    router.topk_routing = first_two_experts
+    moe = {"num_experts": 4, "top_k": 2, "ffn_dim": 32, "dispatcher": "capacity", "capacity_factor": 1.0}
+    config = load_config(None, {"out_dir": str(work / "run"), "data.dir": str(work / "data"), "data.seq_len": 32,
+                                "data.micro_batch_size": 2, "train.dtype": "fp32", "train.zero_stage": 0,
+                                "train.steps": 2, "train.eval_every": 0, "train.eval_batches": 1, "train.log_every": 1,
+                                "train.progress_bar": False, "model": {**TINY, "vocab_size": 258, "moe": moe}})
+    Trainer(config).train()
+    return [r for r in read_metrics(work / "run") if r["split"] == "train"]
+
+
+def test_expert_load_telemetry_counts_exactly(tmp_path):
+    from moeformer.training.data import prepare_corpus
+
+    prepare_corpus(tmp_path / "data", max_files=5, val_fraction=0.2)
+    proc = subprocess.run([sys.executable, __file__, "expert_load", str(tmp_path)], capture_output=True, text=True,
+                          env=worker_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = json.loads((tmp_path / "expert_load.json").read_text())
+    assert len(records) == 2
+    n, layers = LOAD_TOKENS, 3
+    capacity = n * 2 // 4  # ceil(1.0 * tokens * top_k / experts)
+    for record in records:  # experts 0 and 1 get every token, keep `capacity` each, 2 and 3 get none
+        assert record["expert_tokens_max"] == [n] * layers
+        assert record["expert_tokens_mean"] == [n * 2 / 4] * layers
+        assert record["expert_load_max_over_mean"] == [2.0] * layers
+        assert record["experts_without_tokens"] == [2] * layers
+        assert record["dropped_tokens"] == [2 * (n - capacity)] * layers
+        assert record["dropped_share"] == [0.5] * layers
+        assert record["expert_load"] == [[0.5, 0.5, 0.0, 0.0]] * layers
+
+
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     (workdir / f"{scenario}.json").write_text(json.dumps(globals()[f"scenario_{scenario}"](workdir)))

@@ -531,6 +531,19 @@ def test_expert_parallel_run_resumes_exactly(results):
     assert {k: v for k, v in full["losses"].items() if int(k) > 3} == resumed["losses"]
 
 
+@pytest.mark.distributed
+def test_expert_parallel_load_counts_are_global(results, work):
+    """ep=2: each rank routes its own tokens over all experts; the logged counts are those of the whole step."""
+    records = [json.loads(line) for line in (work / "ep_full" / "metrics.jsonl").read_text().splitlines()]
+    slots = 2 * MICRO * SEQ * TINY_MODEL["model.moe.top_k"]  # 2 ranks' tokens, top-2
+    experts, layers = TINY_MODEL["model.moe.num_experts"], TINY_MODEL["model.n_layers"]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert len(train_records) == 6
+    for r in train_records:
+        assert r["expert_tokens_mean"] == [slots / experts] * layers and r["dropped_tokens"] == [0] * layers
+        assert all(isinstance(v, int) and slots / experts <= v <= slots for v in r["expert_tokens_max"])
+
+
 def assert_tracks_one_process(work: Path, full: dict, reference: dict, resumed: dict, names: tuple[str, str]) -> None:
     """Losses, val loss and exported weights (run directories `names`: parallel, single) of a parallel run equal the
     single-process run's; the run cut at its step-3 checkpoint resumed bit for bit."""

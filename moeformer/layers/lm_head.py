@@ -1,7 +1,8 @@
 """The language-model head and its next-token cross-entropy, in three forms side by side: the plain reference (all
 fp32 logits at once), the chunked form for any projection (each chunk's logits recomputed in backward), and the fused
 form for a linear head (each chunk's gradients computed in the forward pass, so backward neither recomputes the
-logits nor runs a log-softmax backward: one GEMM and one pass over the logits fewer per chunk)."""
+logits nor runs a log-softmax backward: one GEMM and one pass over the logits fewer per chunk). The distillation
+loss (cross-entropy and KL to a teacher's logits) has the plain reference and the fused chunked form."""
 
 from __future__ import annotations
 
@@ -97,6 +98,102 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     if not any(needs):
         return chunked_cross_entropy(flat_h, flat_t, lambda h: h @ weight.t(), chunk_size)
     return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_size, *needs)
+
+
+def distill_loss_reference(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                           teacher_weight: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy, mean KL(teacher || student) at `temperature`) from all fp32 logits at once, over the
+    tokens whose target is not -100."""
+    zs = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight).float()
+    zt = F.linear(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight).float()
+    flat_t = targets.reshape(-1)
+    valid = flat_t != IGNORE_INDEX
+    ce = F.cross_entropy(zs, flat_t, ignore_index=IGNORE_INDEX)
+    kl = F.kl_div((zs / temperature).log_softmax(-1), (zt / temperature).log_softmax(-1), log_target=True,
+                  reduction="none").sum(-1)
+    return ce, torch.where(valid, kl, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def _chunk_kl_and_grad(zs: Tensor, zt: Tensor, valid: Tensor, temperature: float,
+                       scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunk's summed KL(softmax(zt/T) || softmax(zs/T)) over valid rows and its gradient with respect to the
+    student logits zs, scale * (softmax(zs/T) - softmax(zt/T)) / T per valid row, in zs's dtype."""
+    log_q = (zs.float() / temperature).log_softmax(-1)
+    log_p = (zt.float() / temperature).log_softmax(-1)
+    p = log_p.exp()
+    kl = torch.where(valid, (p * (log_p - log_q)).sum(-1), 0.0).sum()
+    grad = log_q.exp_().sub_(p).mul_(torch.where(valid, scale / temperature, 0.0).unsqueeze(-1))
+    return kl, grad.to(zs.dtype)
+
+
+class _LinearDistill(torch.autograd.Function):
+    """(mean cross-entropy, mean KL) of the student logits hidden @ weight.T against the targets and the teacher's
+    logits; like _LinearCrossEntropy, the forward computes the gradients of both chunk by chunk (one chunk of student
+    and teacher logits at a time) and the backward only combines them with the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, targets: Tensor,
+                temperature: float, chunk_size: int, grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor]:
+        valid = targets != IGNORE_INDEX
+        scale = 1.0 / valid.sum().clamp(min=1).float()
+        grads = {}
+        for name in ("ce", "kl"):
+            grads[name] = (torch.empty_like(hidden) if grad_hidden else None,
+                           torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight
+                           else None)
+        totals = {name: hidden.new_zeros((), dtype=torch.float32) for name in grads}
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h, t = hidden[rows], targets[rows]
+            zs = h @ weight.t()
+            kl, d_kl = _chunk_kl_and_grad(zs, teacher_hidden[rows] @ teacher_weight.t(), valid[rows], temperature,
+                                          scale)
+            ce, d_ce = _chunk_loss_and_grad(zs, t, scale)  # last: it overwrites fp32 logits in place
+            for name, loss, d_logits in (("ce", ce, d_ce), ("kl", kl, d_kl)):
+                totals[name] = totals[name] + loss
+                d_hidden, d_weight = grads[name]
+                if d_hidden is not None:
+                    d_hidden[rows] = d_logits @ weight
+                if d_weight is not None:
+                    d_weight += d_logits.t() @ h
+        ctx.save_for_backward(*grads["ce"], *grads["kl"])
+        ctx.weight_dtype = weight.dtype
+        return totals["ce"] * scale, totals["kl"] * scale
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor, grad_kl: Tensor):
+        dh_ce, dw_ce, dh_kl, dw_kl = ctx.saved_tensors
+        g_hidden = g_weight = None
+        if dh_ce is not None:
+            g_hidden = dh_ce * grad_ce.to(dh_ce.dtype) + dh_kl * grad_kl.to(dh_kl.dtype)
+        if dw_ce is not None:
+            g_weight = (dw_ce * grad_ce + dw_kl * grad_kl).to(ctx.weight_dtype)
+        return g_hidden, g_weight, None, None, None, None, None, None, None
+
+
+def linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                        teacher_weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                        chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """(mean next-token cross-entropy, mean KL(teacher || student)) of the student logits student_hidden @
+    student_weight.T, the teacher's from teacher_hidden @ teacher_weight.T, both softened by `temperature` for the
+    KL (the cross-entropy is at temperature 1); the means run over the tokens whose target is not -100. Computed
+    `chunk_size` tokens at a time: one chunk of each model's logits exists at any moment, none is kept for backward,
+    and the teacher gets no gradient. Distillation usually minimises (1 - a) * ce + a * T^2 * kl (Hinton et al.:
+    T^2 keeps the KL's gradient scale independent of T)."""
+    if student_hidden.shape[:-1] != targets.shape or teacher_hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)}, teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} and targets {tuple(targets.shape)} disagree on the tokens")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]} logits")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"chunk_size and temperature must be positive, got {chunk_size}, {temperature}")
+    flat_h, flat_t = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
+    flat_th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    needs = (student_hidden.requires_grad, student_weight.requires_grad) if torch.is_grad_enabled() else (False,
+                                                                                                         False)
+    return _LinearDistill.apply(flat_h, student_weight, flat_th, teacher_weight.detach(), flat_t, float(temperature),
+                                chunk_size, *needs)
 
 
 class LMHead(nn.Linear):

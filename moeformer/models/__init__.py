@@ -1,6 +1,7 @@
 """Transformer models, their configs and the model zoo."""
 
 from moeformer.models.cache import StaticCache
+from moeformer.models.compress import ExpertUsage, expert_usage, merge_experts, prune_experts
 from moeformer.models.config import MLAConfig, ModelConfig
 from moeformer.models.generation import Decoder
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
@@ -12,6 +13,7 @@ __all__ = [
     "CausalLM",
     "CausalLMOutput",
     "Decoder",
+    "ExpertUsage",
     "MLAConfig",
     "ModelConfig",
     "ParamCount",
@@ -20,7 +22,10 @@ __all__ = [
     "build_quantized",
     "compile_blocks",
     "count_params",
+    "expert_usage",
     "list_models",
+    "merge_experts",
+    "prune_experts",
     "quantize",
     "quantized_weights",
 ]

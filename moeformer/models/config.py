@@ -210,6 +210,9 @@ def _quantization_record(record: Any) -> dict[str, Any]:
 
 def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
+    for old, new in getattr(cls, "renamed_keys", {}).items():
+        if old in d:
+            raise ValueError(f"{where}.{old} was renamed: use {where}.{new}")
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {where} config key(s) {unknown}; valid keys: {sorted(names)}")

@@ -98,12 +98,12 @@ class TensorParallelExperts(Experts):
     def __init__(self, experts: Experts, group) -> None:
         with torch.device("meta"):  # settings only: the weights are replaced by this rank's slices below
             super().__init__(experts.num_experts, experts.dim, experts.ffn_dim // dist.get_world_size(group),
-                             experts.activation, experts.impl)
+                             experts.activation, experts.backend)
         self.group = group
         self.w_in = _shard(experts.w_in, 2, group, blocks=2 if experts.activation == "swiglu" else 1)
         self.w_out = _shard(experts.w_out, 1, group)
 
-    def use_fused(self, x: Tensor, capacity: int | None) -> bool:
+    def use_fused(self, x: Tensor) -> bool:
         """Never: the partial expert outputs are summed over the group inside `ffn`."""
         return False
 

@@ -72,6 +72,8 @@ class LoopConfig:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row (pipeline: at the first, see Trainer)
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are detected, otherwise no MFU
     progress_bar: bool = True
+    # knowledge distillation: {teacher: checkpoint dir, alpha: 0.5, temperature: 1.0} (moeformer.training.distill)
+    distill: dict[str, Any] | None = None
 
 
 @dataclass
@@ -125,6 +127,8 @@ class RunConfig:
             self._check_compile()
         if self.parallel.pp > 1:
             self._check_pipeline()
+        if self.train.distill is not None:
+            self._check_distill()
         for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
                     "train.max_nonfinite", "train.checkpoint_every_k", "parallel.ep", "parallel.tp", "parallel.pp"):
             section, name = key.split(".")
@@ -138,6 +142,7 @@ class RunConfig:
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         self.model_config()  # validates the model section now rather than after start-up
+        check_value("model.init_from", self.init_from, str | None)
 
     def _check_compile(self) -> None:
         """train.compile needs a registered torch.compile backend and one forward per step to compile: a pipeline
@@ -156,10 +161,27 @@ class RunConfig:
             raise ConfigError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
                               f"run ZeRO-{self.train.zero_stage})")
 
+    def _check_distill(self) -> None:
+        """train.distill reads the student's final hidden states and its whole LM head on every rank: not on
+        pipeline stages, tensor-parallel heads or ZeRO-3 partitions."""
+        from moeformer.training.distill import DistillConfig
+
+        DistillConfig.from_dict(self.train.distill)
+        p = self.parallel
+        if p.pp > 1 or p.tp > 1 or self.train.zero_stage == 3:
+            raise ConfigError(f"train.distill is not supported with parallel.pp={p.pp}, parallel.tp={p.tp}, "
+                              f"train.zero_stage={self.train.zero_stage}: it needs pp=1, tp=1 and ZeRO stage 0-2")
+
+    @property
+    def init_from(self) -> str | None:
+        """`model.init_from`: a checkpoint directory (native or Hugging Face) whose weights a new run starts from."""
+        return self.model.get("init_from")
+
     def model_config(self) -> ModelConfig:
         """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
         overrides = dict(self.model)
         name = overrides.pop("name", None)
+        overrides.pop("init_from", None)
         valid = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(overrides) - valid)
         if unknown:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeformer.models.config import ModelConfig
 from moeformer.models.params import count_params
@@ -56,10 +57,88 @@ def expert_load(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
+def expert_load_summary(tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict[str, list]:
+    """Per MoE layer, from one step's exact slot counts over all ranks (tokens_per_expert (layers, experts) routed
+    slots, dropped (layers,) slots the capacity limit cut): the most slots an expert received, the mean per expert,
+    their ratio (1 = balanced), the number of experts that received none, and the dropped slots and their share of
+    the routed ones. Lists of one value per layer; counts are integers."""
+    counts = tokens_per_expert.round().long()
+    dropped = dropped.round().long()
+    routed = counts.sum(dim=-1)
+    mean = routed.double() / counts.shape[-1]
+    peak = counts.amax(dim=-1)
+    return {
+        "expert_tokens_max": peak.tolist(),
+        "expert_tokens_mean": mean.tolist(),
+        "expert_load_max_over_mean": (peak / mean.clamp(min=1e-12)).where(routed > 0, 0.0).tolist(),
+        "experts_without_tokens": (counts == 0).sum(dim=-1).tolist(),
+        "dropped_tokens": dropped.tolist(),
+        "dropped_share": (dropped.double() / routed.clamp(min=1)).tolist(),
+    }
+
+
+# summary lists with one value per MoE layer: TensorBoard scalars "<split>/<name>/layer<l>"
+PER_LAYER_METRICS = ("expert_tokens_max", "expert_tokens_mean", "expert_load_max_over_mean", "experts_without_tokens",
+                     "dropped_tokens", "dropped_share")
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, inside the block (`with HostSyncs() as syncs: ...; syncs.count`), the times the host waits for the
+    device. On CUDA: the synchronising CUDA runtime calls the profiler records (every thread, backward included).
+    Elsewhere, what would sync on a device, in this thread: reading values (`.item()`, `bool()`: aten's
+    _local_scalar_dense; `Tensor.tolist`, which does not dispatch, patched) and ops whose output size depends on
+    the values (nonzero, masked_select, unique, repeat_interleave without output_size)."""
+
+    CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+    SIZE_FROM_VALUES = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive",
+                        "aten::unique_dim")
+
+    def __init__(self, cuda: bool | None = None) -> None:
+        super().__init__()
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.count = 0
+
+    def __enter__(self):
+        self.count = 0
+        if self.cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self._profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._profile.__enter__()
+            return self
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t):
+            self.count += 1
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._profile.__exit__(*exc)
+            self.count = sum(e.count for e in self._profile.key_averages() if e.key in self.CUDA_SYNCS) - 1
+            return None  # the final torch.cuda.synchronize above is not the block's
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name == "aten::_local_scalar_dense" or name in self.SIZE_FROM_VALUES or (
+                func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    Lists (expert load per layer) go to the JSONL only, with per-layer max/min load ratios as TensorBoard scalars.
+    Lists (expert load per layer) go to the JSONL only, with per-layer max/min load ratios and the per-layer load
+    summaries (PER_LAYER_METRICS) as TensorBoard scalars.
     Only rank 0 writes; other ranks get a logger that does nothing.
     """
 
@@ -92,6 +171,9 @@ class MetricsLogger:
         for layer, load in enumerate(record.get("expert_load", [])):
             self._writer.add_scalar(f"{split}/expert_load_max/layer{layer}", max(load) * len(load), step)
             self._writer.add_scalar(f"{split}/expert_load_min/layer{layer}", min(load) * len(load), step)
+        for name in PER_LAYER_METRICS:
+            for layer, value in enumerate(record.get(name, [])):
+                self._writer.add_scalar(f"{split}/{name}/layer{layer}", value, step)
 
     def close(self) -> None:
         if self._writer is not None:

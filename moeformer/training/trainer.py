@@ -40,7 +40,14 @@ from moeformer.training.activation_checkpointing import apply_activation_checkpo
 from moeformer.training.checkpointing import CheckpointManager
 from moeformer.training.config import ParallelConfig, RunConfig, resume_changes, run_identity
 from moeformer.training.data import META_FILE, ShardedBatches, TokenDataset, dataset_facts, load_meta
-from moeformer.training.metrics import MetricsLogger, expert_load, flops_per_token, peak_flops, peak_memory_gib
+from moeformer.training.metrics import (
+    MetricsLogger,
+    expert_load,
+    expert_load_summary,
+    flops_per_token,
+    peak_flops,
+    peak_memory_gib,
+)
 from moeformer.training.optim import build_optimizer
 from moeformer.training.schedule import build_scheduler
 from moeformer.training.tokenizer import TOKENIZER_FILE
@@ -198,6 +205,10 @@ class Trainer:
 
         seed_everything(config.train.seed)
         model = build_model(self.model_config, device=self.device)
+        if config.init_from is not None and resume_from is None:
+            from moeformer.training.init_from import load_weights
+
+            load_weights(model, config.init_from)
         model, initialize_kwargs = apply_parallelism(model, config)
         self.pipeline = config.parallel.pp > 1
         checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
@@ -228,6 +239,12 @@ class Trainer:
                                             self.dp_rank, self.dp_size, seed=config.train.seed, shuffle=d.shuffle)
         self.val_set = TokenDataset.from_dir(d.dir, "val", d.seq_len)
         self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
+        self.distiller = None
+        if config.train.distill is not None:
+            from moeformer.training.distill import DistillConfig, Distiller
+
+            self.distiller = Distiller(DistillConfig.from_dict(config.train.distill), self.model_config, d.dir,
+                                       self.device, self.model_config.loss_chunk_size)
         self.flops_per_token = flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops(config.train.peak_tflops)
 
@@ -279,8 +296,12 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[CausalLMOutput, torch.Tensor, torch.Tensor]:
         """Model output, next-token cross-entropy against the batch's (already shifted) labels, and the loss to
-        minimise (cross-entropy + weighted MoE aux losses)."""
+        minimise (cross-entropy + weighted MoE aux losses; with train.distill, its mix of cross-entropy and KL to the
+        teacher instead of the cross-entropy alone)."""
         packed = self.config.data.packed_documents
+        if self.distiller is not None:  # cross-entropy and KL to the teacher, mixed (moeformer.training.distill)
+            out = self.distiller.forward(self.engine, self.engine.module, batch, packed)
+            return out, out.ce_loss, out.loss
         out = self.engine(
             batch["input_ids"],
             targets=batch["labels"],
@@ -386,10 +407,12 @@ class Trainer:
         for name in names:
             if name not in ("tokens_per_expert", "dropped_tokens"):
                 record[name] = values[name].item() / replicas
-        if "tokens_per_expert" in values:
-            counts = values["tokens_per_expert"].reshape(sums["tokens_per_expert"].shape)
+        if "tokens_per_expert" in values:  # summed over all ranks; the ranks of a tensor group count the same tokens
+            copies = self.config.parallel.tp
+            counts = values["tokens_per_expert"].reshape(sums["tokens_per_expert"].shape) / copies
             record["expert_load"] = expert_load(counts).tolist()
-            record["dropped_frac"] = values["dropped_tokens"].item() / max(counts.sum().item(), 1.0)
+            record["dropped_frac"] = values["dropped_tokens"].sum().item() / copies / max(counts.sum().item(), 1.0)
+            record.update(expert_load_summary(counts, values["dropped_tokens"] / copies))
         record["tokens_per_s"] = self.tokens_per_step / seconds
         record["tokens"] = self.tokens_seen
         if self.peak_flops is not None:
@@ -502,13 +525,15 @@ class Trainer:
 def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Tensor, loss: torch.Tensor) -> None:
     """Add one micro-batch's metrics (detached, fp64, on device: no host sync) to `sums`."""
     values = {"loss": loss, "ce_loss": ce}
+    if getattr(out, "distill_kl", None) is not None:
+        values["distill_kl"] = out.distill_kl
     if out.moe_stats:
         stats = out.moe_stats
         values["aux_loss"] = out.aux_loss
         for name in stats[0].losses:  # unweighted, averaged over MoE layers
             values[name] = torch.stack([s.losses[name] for s in stats]).mean()
         values["tokens_per_expert"] = torch.stack([s.tokens_per_expert for s in stats])
-        values["dropped_tokens"] = torch.stack([s.dropped_tokens for s in stats]).sum()
+        values["dropped_tokens"] = torch.stack([s.dropped_tokens for s in stats])
     for name, value in values.items():
         value = value.detach().double()
         sums[name] = sums[name] + value if name in sums else value

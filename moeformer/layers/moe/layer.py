@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from ..mlp import MLP
 from .config import MoEConfig
-from .experts import EXPERT_IMPLS, Experts
+from .dispatch import Slots, make_dispatcher
+from .experts import Experts
 from .losses import load_balancing_loss, router_z_loss, sequence_aux_loss
-from .router import Router, Routing, expert_capacity
+from .router import Router, Routing
 
 # unweighted loss name -> the MoEConfig field holding its coefficient
 LOSS_COEFS = {"load_balance": "aux_loss_coef", "z_loss": "z_loss_coef", "seq_aux": "seq_aux_loss_coef"}
@@ -34,8 +35,6 @@ def validate_moe_config(dim: int, config: MoEConfig) -> None:
     cfg = config
     if dim < 1 or cfg.ffn_dim < 1:
         raise ValueError(f"MoE needs dim >= 1 and ffn_dim >= 1, got dim={dim}, ffn_dim={cfg.ffn_dim}")
-    if cfg.expert_impl not in EXPERT_IMPLS:
-        raise ValueError(f"MoEConfig.expert_impl must be one of {EXPERT_IMPLS}, got {cfg.expert_impl!r}")
     if cfg.router == "expert_choice" and (cfg.router_bias or cfg.num_groups > 1):
         raise ValueError("expert_choice routing supports neither router_bias nor group-limited routing")
     if cfg.num_experts // cfg.num_groups * cfg.topk_groups < cfg.top_k:
@@ -54,24 +53,24 @@ def validate_moe_config(dim: int, config: MoEConfig) -> None:
 
 class MoE(nn.Module):
     """Sparse feed-forward: each token's output is the weighted sum of its routed experts, plus the shared expert
-    (optionally sigmoid-gated, Qwen2-MoE) when configured."""
+    (optionally sigmoid-gated, Qwen2-MoE) when configured. The router picks slots, the dispatcher (dispatch.py;
+    under expert parallelism its all-to-all form) sorts them into expert rows and combines the experts' rows back;
+    `Experts` is the grouped FFN in between."""
 
     def __init__(self, dim: int, config: MoEConfig, init_std: float = 0.02) -> None:
         super().__init__()
         validate_moe_config(dim, config)
         self.dim, self.config = dim, config
         self.router = Router(dim, config, init_std)
-        self.experts = Experts(config.num_experts, dim, config.ffn_dim, config.activation, config.expert_impl, init_std)
+        self.experts = Experts(config.num_experts, dim, config.ffn_dim, config.activation, config.backend, init_std)
+        self.dispatcher = make_dispatcher(config.dispatcher, config.num_experts, config.top_k, config.capacity_factor)
         self.shared_expert = MLP(dim, config.shared_hidden, config.activation) if config.shared_hidden else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Per-expert slot limit of the token-choice capacity path (tokens counted with padding, so shapes stay
-        static); None when dropless or expert choice."""
-        cfg = self.config
-        if cfg.capacity_factor is None or cfg.router == "expert_choice":
-            return None
-        return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
+        """Per-expert slot limit of the capacity dispatcher (tokens counted with padding, so shapes stay static);
+        None when dropless."""
+        return self.dispatcher.capacity(num_tokens)
 
     def shared(self, x: Tensor) -> Tensor | None:
         """Shared-expert output for x (N, dim), gated when configured; None without a shared expert."""
@@ -88,7 +87,7 @@ class MoE(nn.Module):
         """x (B, T, dim), token_mask (B, T) bool with True = real token. Returns (output (B, T, dim), stats); with
         `stats=False` (decoding) the stats are None and neither the losses nor the load statistics are computed.
         The experts run fused (reading the chosen experts' weights in place) when `Experts.use_fused` says so:
-        quantized experts, or decoding without gradients; else through the sorted buffer."""
+        quantized experts, or decoding without gradients; else on the dispatcher's expert-sorted rows."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
         b, t, d = x.shape
@@ -98,25 +97,27 @@ class MoE(nn.Module):
         mask = None if token_mask is None else token_mask.reshape(b * t).bool()
         routing = self.router(flat, mask, stats=stats)
         valid = None if mask is None else mask[routing.token_idx]
-        token_major = None if self.config.router == "expert_choice" else self.config.top_k
-        capacity = self.capacity(b * t)
-        slots = (flat, routing.token_idx, routing.expert_idx, routing.weights, valid, capacity, token_major)
-        if self.experts.use_fused(flat, capacity):
-            out, load = self.experts.forward_fused(*slots, count_load=stats or self.training)
+        top_k = None if self.config.router == "expert_choice" else self.config.top_k
+        slots = Slots(routing.token_idx, routing.expert_idx, routing.weights, valid, top_k)
+        if self.experts.use_fused(flat):
+            keep, tokens_per_expert, dropped = self.dispatcher.keep(slots, b * t, count_load=stats or self.training)
+            out = self.experts.forward_fused(flat, slots, keep)
+            shared = self.shared(flat)
         else:
-            out, plan = self.experts(*slots)
-            load = (plan.tokens_per_expert, plan.dropped)
-        shared = self.shared(flat)
+            dispatched = self.dispatcher.dispatch(flat, slots)
+            shared = self.shared(flat)  # overlaps the dispatcher's communication, if any
+            out = self.dispatcher.combine(self.experts(self.dispatcher.expert_rows(dispatched)), dispatched)
+            tokens_per_expert, dropped = dispatched.tokens_per_expert, dispatched.dropped
         if shared is not None:
             out = out + shared
         if self.training:
-            self.router.observe_load(load[0])
+            self.router.observe_load(tokens_per_expert)
         if not stats:
             return out.view(b, t, d), None
         losses = self.losses(routing, b, t, mask)
         weighted = (getattr(self.config, LOSS_COEFS[name]) * value for name, value in losses.items())
         aux_loss = sum(weighted, routing.logits.new_zeros(()))
-        return out.view(b, t, d), MoEStats(aux_loss, losses, load[0], load[1], routing.logits)
+        return out.view(b, t, d), MoEStats(aux_loss, losses, tokens_per_expert, dropped, routing.logits)
 
     def losses(self, routing: Routing, batch: int, seq_len: int, token_mask: Tensor | None) -> dict[str, Tensor]:
         """The unweighted losses whose coefficient is non-zero."""

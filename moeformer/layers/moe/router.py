@@ -135,7 +135,7 @@ class Router(nn.Module):
         else:
             scores = probs = logits.softmax(dim=-1)
         if cfg.router == "expert_choice":  # weights are the raw probabilities: norm_topk_prob does not apply
-            capacity = expert_capacity(n, e, cfg.top_k, cfg.capacity_factor or 1.0)
+            capacity = expert_capacity(n, e, cfg.top_k, cfg.capacity_factor)  # the capacity dispatcher's
             token_idx, weights = expert_choice_routing(probs, capacity, token_mask)
             assigned = torch.zeros(e, n, device=x.device).scatter_(1, token_idx, 1.0).t() if stats else None
             expert_idx = torch.arange(e, device=x.device).repeat_interleave(capacity)

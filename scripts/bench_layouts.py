@@ -1,0 +1,147 @@
+"""Training throughput of one run config under each parallel layout, the real trainer (DeepSpeed) each time:
+tokens/s (median over the steps after the warm-up), peak memory, and the host synchronisations of one training step.
+
+    python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,tp2,pp2]
+                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report]
+                                    [--dotted.key=value ...]
+
+Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
+with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
+<out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands). The
+pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
+calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
+dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+LAYOUTS = {  # name -> (processes, parallel overrides)
+    "one": (1, {}),
+    "dp2": (2, {}),
+    "ep2": (2, {"parallel.ep": 2}),
+    "tp2": (2, {"parallel.tp": 2}),
+    "pp2": (2, {"parallel.pp": 2, "train.compile": False}),
+}
+
+
+def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
+    """One rank of one layout: scripts/train.py's run, counting the host syncs of step `sync_step`."""
+    from moeformer.parallel import shutdown_distributed
+    from moeformer.training.config import load_config
+    from moeformer.training.metrics import HostSyncs
+    from moeformer.training.trainer import Trainer
+
+    config = load_config(config_path, overrides)
+    trainer = Trainer(config)
+    step, counted = trainer.train_step, {}
+
+    def train_step(batches):
+        if trainer.step + 1 != sync_step:
+            return step(batches)
+        with HostSyncs() as syncs:
+            record = step(batches)
+        counted["host_syncs"] = syncs.count
+        return record
+
+    trainer.train_step = train_step
+    trainer.train()
+    if trainer.rank == 0:
+        (Path(config.out_dir) / "host_syncs.json").write_text(json.dumps(counted))
+    shutdown_distributed()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict | None:
+    """Train `name`'s layout; its median tokens/s after the warm-up, peak memory and host syncs of one step (None:
+    the run failed)."""
+    nproc, keys = LAYOUTS[name]
+    out = Path(args.out_dir) / name
+    shutil.rmtree(out, ignore_errors=True)  # this script's own earlier run of the layout: metrics.jsonl appends
+    flags = [f"--out_dir={out}", f"--train.steps={args.steps}", "--train.log_every=1", "--train.progress_bar=false",
+             *overrides, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), __file__, "--worker", "--config", args.config, "--warmup", str(args.warmup), *flags]
+    log = Path(args.out_dir) / f"{name}.log"
+    print(f"{name}: {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        print(f"{name} failed (exit {rc}): see {log}", flush=True)
+        return None
+    return read_layout(name, args)
+
+
+def read_layout(name: str, args: argparse.Namespace) -> dict | None:
+    """The results of layout `name`'s run in --out-dir (None: it did not finish)."""
+    out = Path(args.out_dir) / name
+    if not (out / "host_syncs.json").is_file():
+        print(f"{name}: no finished run in {out}", flush=True)
+        return None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
+    syncs = json.loads((out / "host_syncs.json").read_text()).get("host_syncs")
+    compiled = yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"]  # as the run resolved it
+    return {"gpus": LAYOUTS[name][0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "peak_gib": max(r["peak_mem_gib"] for r in timed), "host_syncs": syncs, "compiled": compiled}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config (configs/train/*.yaml)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
+    parser.add_argument("--out-dir", default="runs/bench-layouts")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table of the layouts' runs already in --out-dir (run them one by one "
+                             "where a command may not take long)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.worker:
+        return worker(args.config, overrides, args.warmup)  # the last warm-up step: the profiler slows it
+    layouts = args.layouts.split(",")
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown or not 1 <= args.warmup < args.steps:
+        raise SystemExit(f"unknown layouts {unknown} (choose from {list(LAYOUTS)})" if unknown
+                         else f"need 1 <= --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if args.report:
+        results = {name: read_layout(name, args) for name in layouts}
+    else:
+        results = {name: run_layout(name, args, overrides) for name in layouts}
+    base = results.get("dp2")
+    print(f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
+          f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
+          "per step |\n|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if r is None:
+            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
+        print(f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
+              f"{r['peak_gib']:.1f} | {r['host_syncs']} |")
+    if None in results.values():
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the worker imports moeformer from the repository
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
