@@ -257,6 +257,7 @@ class Engine:
             graph = self._graphs[size, width] = _DecodeGraph(self, size, width)
         return graph
 
+    @torch.no_grad()
     def warmup(self) -> None:
         """Compile and capture ahead of traffic (compile=True): the decode step at every padded batch size up to
         max_batch (at every view width too, without the paged kernel), and prompt forwards of a few shapes."""
