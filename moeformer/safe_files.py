@@ -23,16 +23,18 @@ def confined(directory: Path, name: str | os.PathLike, roots: Iterable[Path] = (
     if not isinstance(name, (str, os.PathLike)) or not str(name) or "\0" in str(name):
         raise CheckpointError(f"{directory}: {name!r:.100} is not a file name")
     if os.path.isabs(name):
-        raise CheckpointError(f"{directory}: {name} is an absolute path, outside the checkpoint directory; refusing "
-                              "to read it")
+        raise CheckpointError(
+            f"{directory}: {name} is an absolute path, outside the checkpoint directory; refusing to read it"
+        )
     try:
         path = (directory / name).resolve()
         allowed = [directory.resolve(), *(root.resolve() for root in roots)]
     except (OSError, RuntimeError) as e:  # symlink loops, names too long
         raise CheckpointError(f"{directory}: cannot resolve {name!r}: {e}") from e
     if not any(path.is_relative_to(root) for root in allowed):
-        raise CheckpointError(f"{directory / name} resolves to {path}, outside the checkpoint directory; refusing "
-                              "to read it")
+        raise CheckpointError(
+            f"{directory / name} resolves to {path}, outside the checkpoint directory; refusing to read it"
+        )
     return path
 
 
@@ -59,8 +61,9 @@ def load_pickle(path: str | os.PathLike, map_location: Any = None) -> Any:
     except pickle.UnpicklingError as e:
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it names {refused.group(1)}, which is not" if refused else "it holds something that is not"
-        raise CheckpointError(f"refusing to unpickle {path}: {what} a type training checkpoints contain (unpickling "
-                              "it could run code)") from e
+        raise CheckpointError(
+            f"refusing to unpickle {path}: {what} a type training checkpoints contain (unpickling it could run code)"
+        ) from e
     except Exception as e:  # a corrupt archive: torch raises RuntimeError, EOFError, ValueError...
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {first}") from e

@@ -157,11 +157,15 @@ def fmt_ratio(x: float | None) -> str:
 
 def format_table(rows: Iterable[Row]) -> list[str]:
     """Markdown table lines, one row per (length, implementation)."""
-    lines = ["| length | batch | implementation | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| length | batch | implementation | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.length} | {r.batch} | {r.name} | {fmt_ms(r.fwd_ms)} | {fmt_ms(r.fwd_bwd_ms)} | "
-                     f"{fmt_gib(r.peak_gib)} | {r.note} |")
+        lines.append(
+            f"| {r.length} | {r.batch} | {r.name} | {fmt_ms(r.fwd_ms)} | {fmt_ms(r.fwd_bwd_ms)} | "
+            f"{fmt_gib(r.peak_gib)} | {r.note} |"
+        )
     return lines
 
 
@@ -198,14 +202,18 @@ def crossover_line(rows: list[Row], metric: str = "fwd_bwd_ms") -> str:
         start = n
     if start is None:
         lin, soft = pairs[max(pairs)]
-        return (f"crossover ({label}): none up to T={max(pairs)} (there: linear {fmt_ms(getattr(lin, metric))} ms "
-                f"[{lin.name}] vs softmax {fmt_ms(getattr(soft, metric))} ms [{soft.name}])")
+        return (
+            f"crossover ({label}): none up to T={max(pairs)} (there: linear {fmt_ms(getattr(lin, metric))} ms "
+            f"[{lin.name}] vs softmax {fmt_ms(getattr(soft, metric))} ms [{soft.name}])"
+        )
     lin, soft = pairs[start]
     earlier = [n for n in pairs if n < start]
     where = f"between T={max(earlier)} and T={start}" if earlier else f"at or below T={start} (the shortest measured)"
-    return (f"crossover ({label}): our linear attention beats the fastest softmax path from T={start} on, so the "
-            f"crossover lies {where}; at T={start}: linear {fmt_ms(getattr(lin, metric))} ms [{lin.name}] vs "
-            f"softmax {fmt_ms(getattr(soft, metric))} ms [{soft.name}]")
+    return (
+        f"crossover ({label}): our linear attention beats the fastest softmax path from T={start} on, so the "
+        f"crossover lies {where}; at T={start}: linear {fmt_ms(getattr(lin, metric))} ms [{lin.name}] vs "
+        f"softmax {fmt_ms(getattr(soft, metric))} ms [{soft.name}]"
+    )
 
 
 def ratio(rows: list[Row], metric: str, num: Callable[[Row], bool], den: Callable[[Row], bool]) -> float | None:
@@ -272,6 +280,7 @@ def our_linear_fla(x: Inputs) -> torch.Tensor:
 def fla_direct() -> Callable[[Inputs], torch.Tensor]:
     """fla's chunk_simple_gla on the same (B, T, H, D) tensors, the per-head decay as g_gamma (natural log)."""
     if not fla_available():
+
         def missing(x: Inputs) -> torch.Tensor:
             raise RuntimeError("fla-core is not installed (pip install fla-core)")
 
@@ -287,8 +296,16 @@ def flash_attn_installed() -> bool:
 
 def candidates(auto_resolves_to: str) -> list[Candidate]:
     """Every implementation in table order; the first row of each family is the reference for the output check."""
-    rows = [Candidate(f"sdpa forced {b.name}", "softmax", "forced", forced_sdpa(b),
-                      math_work_gib if b == SDPBackend.MATH else None) for b in FORCED_SDPA]
+    rows = [
+        Candidate(
+            f"sdpa forced {b.name}",
+            "softmax",
+            "forced",
+            forced_sdpa(b),
+            math_work_gib if b == SDPBackend.MATH else None,
+        )
+        for b in FORCED_SDPA
+    ]
     rows.append(Candidate(f"attend auto (-> {auto_resolves_to})", "softmax", "auto", our_softmax("auto")))
     rows.append(Candidate("attend sdpa", "softmax", "ours", our_softmax("sdpa")))
     if flash_attn_installed():
@@ -306,7 +323,7 @@ def make_inputs(s: Shape) -> Inputs:
     q, k, v = (torch.randn(size, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(size, device="cuda", dtype=torch.bfloat16)
     decay = retnet_log_decay(s.heads, device="cuda")
-    return Inputs(q, k, v, grad_out, decay, s.head_dim ** -0.5, AttentionMask())
+    return Inputs(q, k, v, grad_out, decay, s.head_dim**-0.5, AttentionMask())
 
 
 def time_ms(fn: Callable[[], None], warmup: int, budget_ms: float, max_iters: int) -> float:
@@ -394,9 +411,12 @@ def measure(c: Candidate, x: Inputs, s: Shape, refs: dict[str, torch.Tensor], ar
         row.peak_gib = attempt(label, "peak", lambda: peak_gib(fwd_bwd), failures)
     row.note = "failed: " + ", ".join(failures) if failures else ""
     err = "n/a" if rel_err is None else f"{rel_err:.1e}"
-    print(f"  T={length} B={s.batch} {c.name}: fwd {fmt_ms(row.fwd_ms)} ms, fwd+bwd {fmt_ms(row.fwd_bwd_ms)} ms, "
-          f"peak {fmt_gib(row.peak_gib)} GiB, max rel diff vs first {c.family} row {err} "
-          f"({time.perf_counter() - began:.1f} s)", flush=True)
+    print(
+        f"  T={length} B={s.batch} {c.name}: fwd {fmt_ms(row.fwd_ms)} ms, fwd+bwd {fmt_ms(row.fwd_bwd_ms)} ms, "
+        f"peak {fmt_gib(row.peak_gib)} GiB, max rel diff vs first {c.family} row {err} "
+        f"({time.perf_counter() - began:.1f} s)",
+        flush=True,
+    )
     return row
 
 
@@ -420,12 +440,14 @@ def header(args: argparse.Namespace) -> str:
 
     command = shlex.join(["python", "scripts/bench_attention.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {version('triton')}, "
-            f"fla-core {version('fla-core')}, flash-attn {version('flash-attn')}, date {date}; bf16, causal, "
-            f"{args.tokens} tokens per call (batch = max(1, {args.tokens} // length)), {args.heads} heads, head_dim "
-            f"{args.head_dim}; rows whose estimated fwd+bwd working set exceeds {args.max_gib:g} GiB are skipped "
-            f"(SDPA MATH: n x n fp32 scores; PyTorch chunked linear: fp32 chunk tensors, chunk {LINEAR_CHUNK}); "
-            f"linear = RetNet fixed per-head decay, identity feature map; command: `{command}`")
+    return (
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {version('triton')}, "
+        f"fla-core {version('fla-core')}, flash-attn {version('flash-attn')}, date {date}; bf16, causal, "
+        f"{args.tokens} tokens per call (batch = max(1, {args.tokens} // length)), {args.heads} heads, head_dim "
+        f"{args.head_dim}; rows whose estimated fwd+bwd working set exceeds {args.max_gib:g} GiB are skipped "
+        f"(SDPA MATH: n x n fp32 scores; PyTorch chunked linear: fp32 chunk tensors, chunk {LINEAR_CHUNK}); "
+        f"linear = RetNet fixed per-head decay, identity feature map; command: `{command}`"
+    )
 
 
 def main() -> None:
@@ -433,10 +455,15 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096,16384,65536", help="comma-separated sequence lengths")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=65536,
-                        help="tokens per call: batch = max(1, tokens // length) at each length")
-    parser.add_argument("--max-gib", type=float, default=20.0,
-                        help="skip rows (SDPA MATH, PyTorch chunked linear) whose estimated working set exceeds this")
+    parser.add_argument(
+        "--tokens", type=int, default=65536, help="tokens per call: batch = max(1, tokens // length) at each length"
+    )
+    parser.add_argument(
+        "--max-gib",
+        type=float,
+        default=20.0,
+        help="skip rows (SDPA MATH, PyTorch chunked linear) whose estimated working set exceeds this",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first compiles)")
     parser.add_argument("--budget-ms", type=float, default=400.0, help="timed GPU milliseconds per measurement")
     parser.add_argument("--max-iters", type=int, default=50, help="at most this many timed calls per measurement")
@@ -466,8 +493,14 @@ def main() -> None:
                 print(f"  T={length} B={shape.batch} {c.name}: {reason}", flush=True)
         del x, refs
         free_memory()
-    lines = [title, "", *format_table(rows), "", f"- {crossover_line(rows)}; {crossover_line(rows, 'fwd_ms')}",
-             f"- {ratios_line(rows, sdpa_choice)}"]
+    lines = [
+        title,
+        "",
+        *format_table(rows),
+        "",
+        f"- {crossover_line(rows)}; {crossover_line(rows, 'fwd_ms')}",
+        f"- {ratios_line(rows, sdpa_choice)}",
+    ]
     text = "\n".join(lines)
     print("\n" + text + f"\n\n(total {time.perf_counter() - began:.0f} s)")
     if args.out:

@@ -118,8 +118,14 @@ def roofline(config: ModelConfig, sizes: dict[str, int], batch: int, context: in
     selected = 1.0 if moe is None else 1 - (1 - moe.top_k / moe.num_experts) ** batch
     row = sizes["embedding"] // config.vocab_size
     kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2  # bf16 keys and values
-    step = (sizes["total"] - sizes["experts"] - sizes["embedding"] + sizes["experts"] * selected + batch * row
-            + batch * context * kv_per_token)
+    step = (
+        sizes["total"]
+        - sizes["experts"]
+        - sizes["embedding"]
+        + sizes["experts"] * selected
+        + batch * row
+        + batch * context * kv_per_token
+    )
     return batch * bandwidth / step
 
 
@@ -128,8 +134,9 @@ def hf_worker(args: argparse.Namespace) -> None:
     """Print one JSON line per measured transformers row; run in a child process."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_worker, dtype=torch.bfloat16,
-                                                              device_map="cuda").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.hf_worker, dtype=torch.bfloat16, device_map="cuda"
+    ).eval()
     vocab = model.config.vocab_size
     pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
 
@@ -170,8 +177,22 @@ def hf_worker(args: argparse.Namespace) -> None:
 
 
 def hf_rows(name: str, directory: Path, args: argparse.Namespace, weight_gib: float, limit) -> list[Row]:
-    command = [sys.executable, __file__, "--hf-worker", str(directory), "--batches", args.batches, "--prompt",
-               str(args.prompt), "--new-hf", str(args.new_hf), "--prefill", str(args.prefill), "--peers", args.peers]
+    command = [
+        sys.executable,
+        __file__,
+        "--hf-worker",
+        str(directory),
+        "--batches",
+        args.batches,
+        "--prompt",
+        str(args.prompt),
+        "--new-hf",
+        str(args.new_hf),
+        "--prefill",
+        str(args.prefill),
+        "--peers",
+        args.peers,
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.hf_timeout)
         out = done.stdout
@@ -185,10 +206,23 @@ def hf_rows(name: str, directory: Path, args: argparse.Namespace, weight_gib: fl
         if not line.startswith("{"):
             continue
         r = json.loads(line)
-        impl = {"eager": "transformers generate (eager)",
-                "static": "transformers generate (static cache + torch.compile)"}[r["peer"]]
-        rows.append(Row(name, "bf16", impl, r["batch"], r.get("decode"), r.get("prefill"), limit(r["batch"]),
-                        weight_gib, note=r.get("error", "")))
+        impl = {
+            "eager": "transformers generate (eager)",
+            "static": "transformers generate (static cache + torch.compile)",
+        }[r["peer"]]
+        rows.append(
+            Row(
+                name,
+                "bf16",
+                impl,
+                r["batch"],
+                r.get("decode"),
+                r.get("prefill"),
+                limit(r["batch"]),
+                weight_gib,
+                note=r.get("error", ""),
+            )
+        )
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -219,8 +253,13 @@ def bench_shape(key: str, args: argparse.Namespace, bandwidth: float) -> list[Ro
             directory = Path(tempfile.mkdtemp(prefix="bench-hf-", dir=args.tmp))
             try:
                 model.save_pretrained(directory / "model", format="hf")
-                rows += hf_rows(label, directory / "model", args, gib,
-                                lambda b, sizes=sizes: roofline(config, sizes, b, context, bandwidth))
+                rows += hf_rows(
+                    label,
+                    directory / "model",
+                    args,
+                    gib,
+                    lambda b, sizes=sizes: roofline(config, sizes, b, context, bandwidth),
+                )
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
         for mode in args.modes.split(","):
@@ -228,8 +267,14 @@ def bench_shape(key: str, args: argparse.Namespace, bandwidth: float) -> list[Ro
             impl = f"moeformer ({'compiled, CUDA graph' if compiled else 'eager'})"
             for batch in batches:
                 new = args.new if compiled else args.new_eager
-                row = Row(label, weights, impl, batch, weight_gib=gib,
-                          roofline_tps=roofline(config, sizes, batch, context, bandwidth))
+                row = Row(
+                    label,
+                    weights,
+                    impl,
+                    batch,
+                    weight_gib=gib,
+                    roofline_tps=roofline(config, sizes, batch, context, bandwidth),
+                )
                 try:
                     row.decode_tps, _, warm = ours_rates(model, batch, args.prompt, new, compiled)
                     row.note = f"warm-up call {warm:.0f} s"
@@ -253,15 +298,21 @@ def fmt(x: float | None, digits: int = 0) -> str:
 def format_row(r: Row) -> str:
     ratio = f"{r.decode_tps / r.roofline_tps:.1%}" if r.decode_tps and r.roofline_tps else ""
     ms = f"{1e3 * r.batch / r.decode_tps:.2f}" if r.decode_tps else ""
-    return (f"| {r.model} | {r.weights} | {r.impl} | {r.batch} | {fmt(r.decode_tps)} | {ms} | {fmt(r.roofline_tps)} "
-            f"| {ratio} | {fmt(r.prefill_tps)} | {fmt(r.weight_gib, 2)} | {r.note} |")
+    return (
+        f"| {r.model} | {r.weights} | {r.impl} | {r.batch} | {fmt(r.decode_tps)} | {ms} | {fmt(r.roofline_tps)} "
+        f"| {ratio} | {fmt(r.prefill_tps)} | {fmt(r.weight_gib, 2)} | {r.note} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="olmoe,mixtral")
-    parser.add_argument("--mixtral-layers", type=int, default=8, help="Mixtral-shaped model depth (memory: 32 is "
-                        "93 GB of bf16 weights, twice that with transformers' copy)")
+    parser.add_argument(
+        "--mixtral-layers",
+        type=int,
+        default=8,
+        help="Mixtral-shaped model depth (memory: 32 is 93 GB of bf16 weights, twice that with transformers' copy)",
+    )
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--weights", default=",".join(WEIGHTS))
     parser.add_argument("--modes", default="eager,compiled")
@@ -272,8 +323,11 @@ def main() -> None:
     parser.add_argument("--new-hf", type=int, default=16, help="new tokens per transformers row")
     parser.add_argument("--prefill", type=int, default=2048, help="prompt tokens of the prefill measurement (0: none)")
     parser.add_argument("--hf-timeout", type=int, default=300, help="seconds for all transformers rows of a shape")
-    parser.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
-                        help="where the exported transformers checkpoint is written")
+    parser.add_argument(
+        "--tmp",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="where the exported transformers checkpoint is written",
+    )
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,15 +336,21 @@ def main() -> None:
     if args.hf_worker:
         return hf_worker(args)
     bandwidth = copy_bandwidth()
-    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}, "
-              f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), greedy, prompt {args.prompt}, "
-              f"{args.new} new tokens (eager rows {args.new_eager}, transformers {args.new_hf}), prefill "
-              f"{args.prefill} tokens at batch 1, int4 group size {INT4_GROUP}; command: python "
-              f"scripts/bench_generate.py {' '.join(sys.argv[1:])}")
+    header = (
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}, "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), greedy, prompt {args.prompt}, "
+        f"{args.new} new tokens (eager rows {args.new_eager}, transformers {args.new_hf}), prefill "
+        f"{args.prefill} tokens at batch 1, int4 group size {INT4_GROUP}; command: python "
+        f"scripts/bench_generate.py {' '.join(sys.argv[1:])}"
+    )
     print(header, flush=True)
-    lines = [header, "", "| model | weights | implementation | batch | decode tokens/s | ms per step | roofline "
-             "tokens/s | of roofline | prefill tokens/s | weights GiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| model | weights | implementation | batch | decode tokens/s | ms per step | roofline "
+        "tokens/s | of roofline | prefill tokens/s | weights GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in args.models.split(","):
         lines += [format_row(r) for r in bench_shape(key, args, bandwidth)]
     table = "\n".join(lines)

@@ -74,10 +74,30 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     nproc, keys = LAYOUTS[name]
     out = Path(args.out_dir) / name
     shutil.rmtree(out, ignore_errors=True)  # this script's own earlier run of the layout: metrics.jsonl appends
-    flags = [f"--out_dir={out}", f"--train.steps={args.steps}", "--train.log_every=1", "--train.progress_bar=false",
-             *overrides, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), __file__, "--worker", "--config", args.config, "--warmup", str(args.warmup), *flags]
+    flags = [
+        f"--out_dir={out}",
+        f"--train.steps={args.steps}",
+        "--train.log_every=1",
+        "--train.progress_bar=false",
+        *overrides,
+        *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        __file__,
+        "--worker",
+        "--config",
+        args.config,
+        "--warmup",
+        str(args.warmup),
+        *flags,
+    ]
     log = Path(args.out_dir) / f"{name}.log"
     print(f"{name}: {' '.join(cmd)}  (log: {log})", flush=True)
     with open(log, "w") as f:
@@ -98,8 +118,13 @@ def read_layout(name: str, args: argparse.Namespace) -> dict | None:
     timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
     syncs = json.loads((out / "host_syncs.json").read_text()).get("host_syncs")
     compiled = yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"]  # as the run resolved it
-    return {"gpus": LAYOUTS[name][0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "peak_gib": max(r["peak_mem_gib"] for r in timed), "host_syncs": syncs, "compiled": compiled}
+    return {
+        "gpus": LAYOUTS[name][0],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "peak_gib": max(r["peak_mem_gib"] for r in timed),
+        "host_syncs": syncs,
+        "compiled": compiled,
+    }
 
 
 def main() -> None:
@@ -109,9 +134,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--out-dir", default="runs/bench-layouts")
-    parser.add_argument("--report", action="store_true",
-                        help="only print the table of the layouts' runs already in --out-dir (run them one by one "
-                             "where a command may not take long)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the table of the layouts' runs already in --out-dir (run them one by one "
+        "where a command may not take long)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.worker:
@@ -119,24 +147,31 @@ def main() -> None:
     layouts = args.layouts.split(",")
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not 1 <= args.warmup < args.steps:
-        raise SystemExit(f"unknown layouts {unknown} (choose from {list(LAYOUTS)})" if unknown
-                         else f"need 1 <= --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}")
+        raise SystemExit(
+            f"unknown layouts {unknown} (choose from {list(LAYOUTS)})"
+            if unknown
+            else f"need 1 <= --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}"
+        )
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.report:
         results = {name: read_layout(name, args) for name in layouts}
     else:
         results = {name: run_layout(name, args, overrides) for name in layouts}
     base = results.get("dp2")
-    print(f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
-          f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
-          "per step |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
+        f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
+        "per step |\n|---|---|---|---|---|---|---|"
+    )
     for name, r in results.items():
         if r is None:
             print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
-        print(f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
-              f"{r['peak_gib']:.1f} | {r['host_syncs']} |")
+        print(
+            f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
+            f"{r['peak_gib']:.1f} | {r['host_syncs']} |"
+        )
     if None in results.values():
         raise SystemExit(1)
 

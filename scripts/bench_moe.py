@@ -189,8 +189,13 @@ def measure(module: nn.Module, x: torch.Tensor, flops: float, graphed: bool = Fa
 
 def layer_config(s: Shape) -> MoEConfig:
     return MoEConfig(
-        num_experts=s.experts, top_k=s.top_k, ffn_dim=s.ffn, router="softmax", aux_loss_coef=0.01,
-        num_shared_experts=s.shared, shared_ffn_dim=s.shared * s.ffn if s.shared else None,
+        num_experts=s.experts,
+        top_k=s.top_k,
+        ffn_dim=s.ffn,
+        router="softmax",
+        aux_loss_coef=0.01,
+        num_shared_experts=s.shared,
+        shared_ffn_dim=s.shared * s.ffn if s.shared else None,
     )
 
 
@@ -245,12 +250,18 @@ def expert_parallel(args: argparse.Namespace) -> None:
 
     groups = init_parallel_groups(ParallelConfig(ep=args.ep))
     rank, cuda = dist.get_rank(), torch.cuda.is_available()
-    device, dtype = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if cuda else ("cpu", torch.float32)
-    header = (f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
-              f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
-              f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}")
-    columns = ("| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
-               "(fwd+bwd) | host syncs (fwd+bwd) |")
+    device, dtype = (
+        (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if cuda else ("cpu", torch.float32)
+    )
+    header = (
+        f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
+        f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
+        f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}"
+    )
+    columns = (
+        "| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
+        "(fwd+bwd) | host syncs (fwd+bwd) |"
+    )
     lines = [header, "", columns, "|---|---|---|---|---|---|---|---|"]
     for key in args.shapes.split(","):
         s = SHAPES[key]
@@ -275,10 +286,12 @@ def expert_parallel(args: argparse.Namespace) -> None:
                 forward_backward(module, xg, grad)
             tflops = 3 * active_flops(s) / fb_ms / 1e9
             base = base or tflops
-            lines.append(f"| {s.name} (T={s.tokens} per GPU, d={s.dim}, f={s.ffn}, E={s.experts}, k={s.top_k}"
-                         f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {f_ms:.2f} | "
-                         f"{active_flops(s) / f_ms / 1e9:.1f} | {fb_ms:.2f} | {tflops:.1f} | {tflops / base:.2f} | "
-                         f"{syncs.count} |")
+            lines.append(
+                f"| {s.name} (T={s.tokens} per GPU, d={s.dim}, f={s.ffn}, E={s.experts}, k={s.top_k}"
+                f"{f', shared={s.shared}' if s.shared else ''}) | {label} | {f_ms:.2f} | "
+                f"{active_flops(s) / f_ms / 1e9:.1f} | {fb_ms:.2f} | {tflops:.1f} | {tflops / base:.2f} | "
+                f"{syncs.count} |"
+            )
     if rank == 0:
         print("\n".join(lines), flush=True)
         if args.out:
@@ -304,8 +317,13 @@ def main() -> None:
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}, bf16, command: python scripts/bench_moe.py --shapes {args.shapes}"
     )
-    lines = [header, "", "| shape | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
-             "vs dense (fwd+bwd) | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| shape | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
+        "vs dense (fwd+bwd) | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key in args.shapes.split(","):
         s = SHAPES[key]
         torch._dynamo.reset()  # fresh compile caches per shape: the layer's code would pass the recompile limit
@@ -329,7 +347,7 @@ def main() -> None:
                 f"{r['fwd_tflops']:.0f} | "
                 f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | {ratio:.2f} | {r['peak_gib']:.2f} |"
             )
-        print("\n".join(lines[-len(results):]), flush=True)
+        print("\n".join(lines[-len(results) :]), flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

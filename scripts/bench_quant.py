@@ -58,11 +58,21 @@ MAX_COPIES = 128
 MOE_INPUTS = 8  # decode inputs a MoE graph replay rotates through (different experts each)
 
 # Candidates of the coordinate search, per knob, in search order
-DECODE_KNOBS = dict(bm=(1, 16), bn=(16, 32, 64, 128), bk=(32, 64, 128, 256), split=(1, 2, 4, 8), num_warps=(4, 8),
-                    num_stages=(2, 3, 4))
+DECODE_KNOBS = dict(
+    bm=(1, 16), bn=(16, 32, 64, 128), bk=(32, 64, 128, 256), split=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(2, 3, 4)
+)
 PREFILL_KNOBS = dict(bm=(64, 128), bn=(64, 128, 256), bk=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5))
-EXPERT_KNOBS = dict(bm=(1, 16), bn_up=(32, 64, 128), bk_up=(32, 64, 128), bn_down=(64, 128), bk_down=(32, 64, 128),
-                    split=(1, 2, 4), num_warps=(4, 8), num_stages=(2, 3, 4))
+EXPERT_KNOBS = dict(
+    bm=(1, 16),
+    bn_up=(32, 64, 128),
+    bk_up=(32, 64, 128),
+    bn_down=(64, 128),
+    bk_down=(32, 64, 128),
+    split=(1, 2, 4),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 4),
+)
+
 
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
@@ -128,6 +138,7 @@ def close(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def measured(fn, calls: list, ref: torch.Tensor):
     """A `measure` for coordinate_search: graph time of `calls`, inf if fn's output differs from ref or it fails."""
+
     def measure(cfg) -> float:
         with cfg_patch(cfg), torch.no_grad():
             try:
@@ -138,6 +149,7 @@ def measured(fn, calls: list, ref: torch.Tensor):
             except Exception as e:  # a configuration the GPU cannot run (shared memory, registers): skip it
                 print(f"  skipped ({type(e).__name__}): {cfg}", flush=True)
                 return math.inf
+
     return measure
 
 
@@ -155,6 +167,7 @@ def matmul_valid(m: int, k: int, bits: int):
         if dot and min(cfg.bn, cfg.bk) < 16 or not dot and cfg.bk * cfg.bn > 2 * matmul_kernels.GEMV_TILE:
             return False
         return cfg.split == 1 or (m <= 64 and k >= 2 * cfg.split * cfg.bk)
+
     return valid
 
 
@@ -167,6 +180,7 @@ def experts_valid(bits: int):
             if dot and min(bn, bk) < 16 or not dot and bk * bn > 2 * matmul_kernels.GEMV_TILE:
                 return False
         return FFN >= 2 * cfg.split * cfg.bk_down
+
     return valid
 
 
@@ -207,13 +221,21 @@ def matmul_rows(table: list, best: list, bandwidth: float, sweep: bool) -> None:
                     with torch.no_grad():
                         ref = calls[0]()
                     knobs = DECODE_KNOBS if m <= 16 else PREFILL_KNOBS
-                    fastest = coordinate_search(cfg, knobs, matmul_valid(m, k, bits),
-                                                measured(calls[0], calls, ref))
+                    fastest = coordinate_search(cfg, knobs, matmul_valid(m, k, bits), measured(calls[0], calls, ref))
                     best.append((f"linear {name}, M={m}, {mode}", *fastest))
                     note += f"; best {fastest[0] * 1e3:.1f} us"
-            row(table, what=f"linear {name}", rows=m, mode=mode, us=f"{ms * 1e3:.1f}", speedup=f"{base_ms / ms:.2f}x",
-                gbps=f"{moved / (ms * 1e-3) / 1e9:.0f}", roofline=f"{moved / (ms * 1e-3) / bandwidth:.0%}",
-                kernels="", config=note)
+            row(
+                table,
+                what=f"linear {name}",
+                rows=m,
+                mode=mode,
+                us=f"{ms * 1e3:.1f}",
+                speedup=f"{base_ms / ms:.2f}x",
+                gbps=f"{moved / (ms * 1e-3) / 1e9:.0f}",
+                roofline=f"{moved / (ms * 1e-3) / bandwidth:.0%}",
+                kernels="",
+                config=note,
+            )
             del calls
 
 
@@ -235,8 +257,9 @@ def moe_rows(table: list, best: list, bandwidth: float, sweep: bool) -> None:
             chosen = sum(layer.router(x.view(-1, DIM)).expert_idx.unique().numel() for x in inputs) / len(inputs)
             moved = weight_bytes(layer.router) + chosen * (weight_bytes(layer.experts) // EXPERTS) + 4 * batch * DIM
             calls = [lambda x=x, layer=layer: layer(x, stats=False)[0] for x in inputs]
-            generic = patched(layer.experts, "use_fused", lambda *a: False) if mode == "generic" else \
-                contextlib.nullcontext()
+            generic = (
+                patched(layer.experts, "use_fused", lambda *a: False) if mode == "generic" else contextlib.nullcontext()
+            )
             with torch.no_grad(), generic:
                 eager_ms = do_bench(calls[0])
                 ms = graph_ms(calls)
@@ -244,20 +267,31 @@ def moe_rows(table: list, best: list, bandwidth: float, sweep: bool) -> None:
             base_ms = base_ms or ms
             note = f"eager {eager_ms * 1e3:.1f} us"
             if mode != "generic":
-                cfg = experts_kernels.experts_config(batch, batch * TOP_K, EXPERTS, DIM, FFN, BITS[mode], GROUP,
-                                                     False)
-                note += f"; {cfg.rows} bm {cfg.bm} up {cfg.bn_up}x{cfg.bk_up} down {cfg.bn_down}x{cfg.bk_down} " \
-                        f"split {cfg.split} w{cfg.num_warps} s{cfg.num_stages}"
+                cfg = experts_kernels.experts_config(batch, batch * TOP_K, EXPERTS, DIM, FFN, BITS[mode], GROUP, False)
+                note += (
+                    f"; {cfg.rows} bm {cfg.bm} up {cfg.bn_up}x{cfg.bk_up} down {cfg.bn_down}x{cfg.bk_down} "
+                    f"split {cfg.split} w{cfg.num_warps} s{cfg.num_stages}"
+                )
                 if sweep and batch == 1:
                     with torch.no_grad():
                         ref = calls[0]()
-                    fastest = coordinate_search(cfg, EXPERT_KNOBS, experts_valid(BITS[mode]),
-                                                measured(calls[0], calls, ref))
+                    fastest = coordinate_search(
+                        cfg, EXPERT_KNOBS, experts_valid(BITS[mode]), measured(calls[0], calls, ref)
+                    )
                     best.append((f"MoE decode batch {batch}, {mode}", *fastest))
                     note += f"; best {fastest[0] * 1e3:.1f} us"
-            row(table, what=f"MoE decode olmoe ({chosen:.0f} experts)", rows=batch, mode=mode,
-                us=f"{ms * 1e3:.1f}", speedup=f"{base_ms / ms:.2f}x", gbps=f"{moved / (ms * 1e-3) / 1e9:.0f}",
-                roofline=f"{moved / (ms * 1e-3) / bandwidth:.0%}", kernels=kernels, config=note)
+            row(
+                table,
+                what=f"MoE decode olmoe ({chosen:.0f} experts)",
+                rows=batch,
+                mode=mode,
+                us=f"{ms * 1e3:.1f}",
+                speedup=f"{base_ms / ms:.2f}x",
+                gbps=f"{moved / (ms * 1e-3) / 1e9:.0f}",
+                roofline=f"{moved / (ms * 1e-3) / bandwidth:.0%}",
+                kernels=kernels,
+                config=note,
+            )
 
 
 def main() -> None:
@@ -266,8 +300,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table as markdown to this file")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"device copy {bandwidth / 1e12:.2f} TB/s")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"device copy {bandwidth / 1e12:.2f} TB/s"
+    )
     table: list[dict] = []
     best: list[tuple] = []
     print("what | rows | mode | us (graph) | speedup | GB/s | roofline | kernels | config")

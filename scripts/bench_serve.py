@@ -101,15 +101,20 @@ def run_static(model, requests, concurrency: int, device, compile: bool) -> dict
     """Batches of `concurrency` in arrival order, each one left-padded compiled generate; useful tokens/s."""
     tokens, start = 0, time.perf_counter()
     for first in range(0, len(requests), concurrency):
-        batch = requests[first:first + concurrency]
+        batch = requests[first : first + concurrency]
         width = max(len(p) for _, p, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (_, prompt, _) in enumerate(batch):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        out = model.generate(ids.to(device), max(n for _, _, n in batch), temperature=0.0,
-                             attention_mask=mask.to(device), compile=compile)
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = model.generate(
+            ids.to(device),
+            max(n for _, _, n in batch),
+            temperature=0.0,
+            attention_mask=mask.to(device),
+            compile=compile,
+        )
         out[0, -1].item()  # wait for the device
         tokens += sum(n for _, _, n in batch)
     elapsed = time.perf_counter() - start
@@ -202,8 +207,15 @@ def main() -> None:
         args.skip_static = True
     vocab = model.config.vocab_size
     requests = workload(args, vocab)
-    engine = Engine(model, max_batch=args.concurrency, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                    max_model_len=args.max_model_len, compile=not args.no_compile, group=group)
+    engine = Engine(
+        model,
+        max_batch=args.concurrency,
+        block_size=args.block_size,
+        prefill_chunk=args.prefill_chunk,
+        max_model_len=args.max_model_len,
+        compile=not args.no_compile,
+        group=group,
+    )
     if rank != 0:
         engine.follow()
     else:
@@ -220,10 +232,13 @@ def main() -> None:
 def report(args, model, engine: Engine, requests, device) -> None:
     """Warm up, run every measurement, print the table (rank 0)."""
     vocab = model.config.vocab_size
-    print(f"model {args.model} ({args.dtype}, random weights) on {device}"
-          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch {torch.__version__}; "
-          f"{engine.num_blocks} cache blocks of {args.block_size}; command: python scripts/bench_serve.py "
-          f"{' '.join(sys.argv[1:])}", flush=True)
+    print(
+        f"model {args.model} ({args.dtype}, random weights) on {device}"
+        f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch {torch.__version__}; "
+        f"{engine.num_blocks} cache blocks of {args.block_size}; command: python scripts/bench_serve.py "
+        f"{' '.join(sys.argv[1:])}",
+        flush=True,
+    )
     start = time.perf_counter()
     engine.warmup()
     run_engine(engine, requests[: 2 * args.concurrency])  # prefill shapes, prefix cache paths
@@ -244,9 +259,11 @@ def report(args, model, engine: Engine, requests, device) -> None:
 
     ms = lambda values, q: f"{percentile(values, q) * 1e3:.1f}" if values else "-"  # noqa: E731
     arrivals = f"Poisson {args.rate}/s" if args.rate > 0 else "all at once"
-    print(f"\n{len(requests)} requests, {arrivals}, prompts {args.prompt_min}-{args.prompt_max} "
-          f"(+{args.shared_len} shared for {args.shared:.0%}), outputs log-uniform {args.out_min}-{args.out_max}, "
-          f"concurrency {args.concurrency}\n")
+    print(
+        f"\n{len(requests)} requests, {arrivals}, prompts {args.prompt_min}-{args.prompt_max} "
+        f"(+{args.shared_len} shared for {args.shared:.0%}), outputs log-uniform {args.out_min}-{args.out_max}, "
+        f"concurrency {args.concurrency}\n"
+    )
     print("| run | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|")
     for name, tps, ttft, itl in rows:
@@ -255,10 +272,14 @@ def report(args, model, engine: Engine, requests, device) -> None:
         print(f"| single request, {'eager' if args.no_compile else 'compiled'} generate | {single:,.0f} | | | | |")
     print(f"| single request, engine | {engine_single:,.0f} | | | | |")
     if single is not None:
-        print(f"\nengine / single-request generate: {served['tps'] / single:.1f}x"
-              + (f"; engine / static batching: {served['tps'] / static['tps']:.2f}x" if not args.skip_static else ""))
-    print(f"prefix cache, {args.system_len}-token system prompt: TTFT miss {miss * 1e3:.1f} ms, hit {hit * 1e3:.1f} "
-          f"ms ({miss / hit:.1f}x); engine stats {engine.stats()}")
+        print(
+            f"\nengine / single-request generate: {served['tps'] / single:.1f}x"
+            + (f"; engine / static batching: {served['tps'] / static['tps']:.2f}x" if not args.skip_static else "")
+        )
+    print(
+        f"prefix cache, {args.system_len}-token system prompt: TTFT miss {miss * 1e3:.1f} ms, hit {hit * 1e3:.1f} "
+        f"ms ({miss / hit:.1f}x); engine stats {engine.stats()}"
+    )
 
 
 if __name__ == "__main__":

@@ -93,14 +93,16 @@ def profile(step, top: int = 25) -> str:
         kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.key.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3
     total = sum(kinds.values())
-    lines = [f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%" for kind, ms in sorted(kinds.items(),
-                                                                                          key=lambda kv: -kv[1])]
+    lines = [
+        f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%"
+        for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
+    ]
     table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
     return "\n".join(lines + [f"  {'total':42s} {total:8.2f} ms", table])
 
 
 def model_override(text: str) -> tuple[str, object]:
-    """"n_heads=8" -> ("n_heads", 8): the value parsed as YAML (numbers, booleans, lists)."""
+    """ "n_heads=8" -> ("n_heads", 8): the value parsed as YAML (numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -115,29 +117,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
-                        help="one graph per transformer block and the LM head (as the trainer compiles), or one "
-                             "for the whole model")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
+    parser.add_argument(
+        "--compile-scope",
+        default="blocks",
+        choices=["blocks", "model"],
+        help="one graph per transformer block and the LM head (as the trainer compiles), or one for the whole model",
+    )
     parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
-    parser.add_argument("--set", action="append", default=[], type=model_override, metavar="KEY=VALUE",
-                        help="override a model config field of every model (repeatable), e.g. --set n_heads=8")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=model_override,
+        metavar="KEY=VALUE",
+        help="override a model config field of every model (repeatable), e.g. --set n_heads=8",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
-          f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}"
-          + "".join(f", {k}={v}" for k, v in args.set))
-    print("| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
+        f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}"
+        + "".join(f", {k}={v}" for k, v in args.set)
+    )
+    print(
+        "| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name in args.models.split(","):
         r = bench(name, args, device)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         breaks = "n/a" if r["graph_breaks"] is None else sum(r["graph_breaks"].values())
-        print(f"| {r['model']} | {r['total'] / 1e6:,.1f}M | {r['active'] / 1e6:,.1f}M | {r['tokens_per_s']:,.0f} | "
-              f"{mfu} | {r['peak_gib']:.1f} | {breaks} |", flush=True)
+        print(
+            f"| {r['model']} | {r['total'] / 1e6:,.1f}M | {r['active'] / 1e6:,.1f}M | {r['tokens_per_s']:,.0f} | "
+            f"{mfu} | {r['peak_gib']:.1f} | {breaks} |",
+            flush=True,
+        )
         for reason, count in (r["graph_breaks"] or {}).items():
             print(f"  graph break x{count}: {reason}", flush=True)
         if device.type == "cuda":

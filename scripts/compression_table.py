@@ -49,30 +49,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", default="6,4", help="experts per MoE layer of the pruned rows")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches of 8 windows for pruning")
     parser.add_argument("--heal-steps", type=int, default=200, help="fine-tuning steps of the healed rows (0: none)")
-    parser.add_argument("--heal-lr", type=float, default=2e-4,
-                        help="peak lr of healing: twice the teacher run's final lr (1e-3 x 0.1), a fifth of its "
-                             "peak, so the kept experts and routers adapt without leaving the trained weights")
-    parser.add_argument("--heal-config", default="configs/train/small-moe-gpu.yaml",
-                        help="run config the healing runs start from (its model section is replaced)")
-    parser.add_argument("--student-config", default="configs/train/small-dense-gpu.yaml",
-                        help="run config of both students (0 --student-steps: no student rows)")
+    parser.add_argument(
+        "--heal-lr",
+        type=float,
+        default=2e-4,
+        help="peak lr of healing: twice the teacher run's final lr (1e-3 x 0.1), a fifth of its "
+        "peak, so the kept experts and routers adapt without leaving the trained weights",
+    )
+    parser.add_argument(
+        "--heal-config",
+        default="configs/train/small-moe-gpu.yaml",
+        help="run config the healing runs start from (its model section is replaced)",
+    )
+    parser.add_argument(
+        "--student-config",
+        default="configs/train/small-dense-gpu.yaml",
+        help="run config of both students (0 --student-steps: no student rows)",
+    )
     parser.add_argument("--student-steps", type=int, default=2000)
-    parser.add_argument("--alpha", default="0.5",
-                        help="train.distill.alpha of the distilled student; a list (0.5,0.9) trains one per value")
+    parser.add_argument(
+        "--alpha",
+        default="0.5",
+        help="train.distill.alpha of the distilled student; a list (0.5,0.9) trains one per value",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="train.distill.temperature")
     parser.add_argument("--quantize", default="int8,int4", help="weight-only formats of the original ('' for none)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every training run, e.g. train.grad_accum=1 (repeatable)")
-    parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the student runs only (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every training run, e.g. train.grad_accum=1 (repeatable)",
+    )
+    parser.add_argument(
+        "--student-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the student runs only (repeatable)",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes per training run (torchrun)")
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--decode-prompt", type=int, default=128)
     parser.add_argument("--decode-new", type=int, default=256)
-    parser.add_argument("--decode", default=None, choices=("compiled", "eager"),
-                        help="decode mode (default: compiled on CUDA, the hardware's limit; eager on CPU)")
+    parser.add_argument(
+        "--decode",
+        default=None,
+        choices=("compiled", "eager"),
+        help="decode mode (default: compiled on CUDA, the hardware's limit; eager on CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--redo", action="store_true", help="recompute steps whose outputs exist")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -97,17 +124,29 @@ def measure(args: argparse.Namespace) -> dict:
     from moeformer.training.data import TokenDataset
 
     cuda = args.device.startswith("cuda")
-    model = from_pretrained(args.measure, dtype=torch.bfloat16 if cuda else torch.float32, device=args.device,
-                            quantize=args.measure_quantize, group_size=args.group_size)
+    model = from_pretrained(
+        args.measure,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device=args.device,
+        quantize=args.measure_quantize,
+        group_size=args.group_size,
+    )
     dataset = TokenDataset.from_dir(args.data, "val", min(args.eval_seq_len, model.config.max_seq_len))
     loss, tokens = held_out_loss(model, dataset, args.eval_batch, args.device)
     mode = args.decode or ("compiled" if cuda else "eager")
     decode = ours_rates(model, 1, args.decode_prompt, args.decode_new, compile=mode == "compiled")[0]
     params = count_params(model.config)
     moe = model.config.moe
-    return {"loss": loss, "tokens": tokens, "decode_tps": decode, "decode_mode": mode,
-            "total_params": params.total, "active_params": params.active,
-            "weight_bytes": weight_bytes(model)["total"], "experts": moe.num_experts if moe else None}
+    return {
+        "loss": loss,
+        "tokens": tokens,
+        "decode_tps": decode,
+        "decode_mode": mode,
+        "total_params": params.total,
+        "active_params": params.active,
+        "weight_bytes": weight_bytes(model)["total"],
+        "experts": moe.num_experts if moe else None,
+    }
 
 
 # ---- steps (each a process, skipped when done) -------------------------------------------------------------------
@@ -132,9 +171,22 @@ class Driver:
     def prune(self, keep: int, merge: bool) -> Path:
         dst = self.out / f"pruned-{keep}{'-merged' if merge else ''}"
         if self.args.redo or not (dst / "pruning.json").is_file():
-            self.run(dst.name, [sys.executable, str(SCRIPTS / "prune_experts.py"), self.args.teacher, str(dst),
-                                "--keep", str(keep), "--calibration", self.args.data, "--batches",
-                                str(self.args.calibration_batches), *(["--merge"] if merge else [])])
+            self.run(
+                dst.name,
+                [
+                    sys.executable,
+                    str(SCRIPTS / "prune_experts.py"),
+                    self.args.teacher,
+                    str(dst),
+                    "--keep",
+                    str(keep),
+                    "--calibration",
+                    self.args.data,
+                    "--batches",
+                    str(self.args.calibration_batches),
+                    *(["--merge"] if merge else []),
+                ],
+            )
         return dst
 
     def train(self, name: str, config: str | Path, overrides: list[str]) -> Path:
@@ -144,11 +196,26 @@ class Driver:
         if self.args.redo and run_dir.exists():
             shutil.rmtree(run_dir)
         if not (run_dir / "model" / "config.yaml").is_file():
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                       str(self.args.nproc), str(SCRIPTS / "train.py"), "--config", str(config), "--resume", "auto",
-                       f"--out_dir={run_dir}", f"--data.dir={self.args.data}", "--checkpoint.every=0",
-                       "--checkpoint.export=native", "--train.progress_bar=false", *overrides,
-                       *(f"--{kv}" for kv in self.args.set)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(self.args.nproc),
+                str(SCRIPTS / "train.py"),
+                "--config",
+                str(config),
+                "--resume",
+                "auto",
+                f"--out_dir={run_dir}",
+                f"--data.dir={self.args.data}",
+                "--checkpoint.every=0",
+                "--checkpoint.export=native",
+                "--train.progress_bar=false",
+                *overrides,
+                *(f"--{kv}" for kv in self.args.set),
+            ]
             self.run(name, command)
         return run_dir / "model"
 
@@ -167,9 +234,16 @@ class Driver:
     def heal(self, pruned: Path) -> Path:
         """Fine-tune a pruned checkpoint from its weights for --heal-steps at --heal-lr (warmup: a tenth)."""
         steps = self.args.heal_steps
-        return self.train(f"healed-{pruned.name}", self.heal_config(pruned), [
-            f"--train.steps={steps}", f"--optim.lr={self.args.heal_lr}", f"--optim.warmup_steps={max(1, steps // 10)}",
-            "--train.eval_every=0"])
+        return self.train(
+            f"healed-{pruned.name}",
+            self.heal_config(pruned),
+            [
+                f"--train.steps={steps}",
+                f"--optim.lr={self.args.heal_lr}",
+                f"--optim.warmup_steps={max(1, steps // 10)}",
+                "--train.eval_every=0",
+            ],
+        )
 
     def students(self) -> list[Row]:
         """The dense student trained from scratch and distilled (one per --alpha) for --student-steps each."""
@@ -180,8 +254,13 @@ class Driver:
         for alpha in [float(x) for x in a.alpha.split(",") if x]:
             key = f"student-distilled-a{alpha:g}-t{a.temperature:g}"
             distill = f"--train.distill={{teacher: {teacher}, alpha: {alpha}, temperature: {a.temperature}}}"
-            rows.append(Row(key, f"dense student, distilled (alpha {alpha:g}, T {a.temperature:g}, {a.student_steps} "
-                                 "steps)", self.train(key, a.student_config, [*common, distill])))
+            rows.append(
+                Row(
+                    key,
+                    f"dense student, distilled (alpha {alpha:g}, T {a.temperature:g}, {a.student_steps} steps)",
+                    self.train(key, a.student_config, [*common, distill]),
+                )
+            )
         scratch = self.train("student-scratch", a.student_config, common)
         return rows + [Row("student-scratch", f"dense student, from scratch ({a.student_steps} steps)", scratch)]
 
@@ -189,15 +268,34 @@ class Driver:
         path = self.out / "results" / f"{row.key}.json"
         if self.args.redo or not path.is_file():
             a = self.args
-            command = [sys.executable, str(Path(__file__).resolve()), "--measure", str(row.model), "--data", a.data,
-                       "--device", a.device, "--group-size", str(a.group_size), "--eval-seq-len", str(a.eval_seq_len),
-                       "--eval-batch", str(a.eval_batch), "--decode-prompt", str(a.decode_prompt), "--decode-new",
-                       str(a.decode_new), *(["--measure-quantize", row.quantize] if row.quantize else []),
-                       *(["--decode", a.decode] if a.decode else [])]
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--measure",
+                str(row.model),
+                "--data",
+                a.data,
+                "--device",
+                a.device,
+                "--group-size",
+                str(a.group_size),
+                "--eval-seq-len",
+                str(a.eval_seq_len),
+                "--eval-batch",
+                str(a.eval_batch),
+                "--decode-prompt",
+                str(a.decode_prompt),
+                "--decode-new",
+                str(a.decode_new),
+                *(["--measure-quantize", row.quantize] if row.quantize else []),
+                *(["--decode", a.decode] if a.decode else []),
+            ]
             text = self.run(f"measure-{row.key}", command)
             result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
-            path.write_text(json.dumps({"label": row.label, "model": str(row.model), "quantize": row.quantize,
-                                        **result}, indent=1) + "\n")
+            path.write_text(
+                json.dumps({"label": row.label, "model": str(row.model), "quantize": row.quantize, **result}, indent=1)
+                + "\n"
+            )
         return json.loads(path.read_text())
 
     def rows(self) -> list[Row]:
@@ -210,8 +308,9 @@ class Driver:
                 how = "merged" if merge else "pruned"
                 rows.append(Row(pruned.name, f"{how} to {keep} experts", pruned))
                 if a.heal_steps:
-                    rows.append(Row(f"healed-{pruned.name}", f"{how} to {keep} + {a.heal_steps}-step heal",
-                                    self.heal(pruned)))
+                    rows.append(
+                        Row(f"healed-{pruned.name}", f"{how} to {keep} + {a.heal_steps}-step heal", self.heal(pruned))
+                    )
         rows += [Row(mode, f"{mode} weights", teacher, mode) for mode in a.quantize.split(",") if mode]
         if a.student_steps:
             rows += self.students()
@@ -221,16 +320,28 @@ class Driver:
 def table(results: list[dict], args: argparse.Namespace) -> str:
     """The markdown table, then the two goals checked on these numbers."""
     base = results[0]["loss"]
-    header = ("model", "experts", "total params", "active params", "weights", "decode tok/s (b1)", "val loss",
-              "vs original")
+    header = (
+        "model",
+        "experts",
+        "total params",
+        "active params",
+        "weights",
+        "decode tok/s (b1)",
+        "val loss",
+        "vs original",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        lines.append(f"| {r['label']} | {r['experts'] or '-'} | {r['total_params'] / 1e6:.1f}M | "
-                     f"{r['active_params'] / 1e6:.1f}M | {r['weight_bytes'] / 2**20:.1f} MiB | "
-                     f"{r['decode_tps']:.0f} | {r['loss']:.4f} | {100 * (r['loss'] - base) / base:+.2f}% |")
+        lines.append(
+            f"| {r['label']} | {r['experts'] or '-'} | {r['total_params'] / 1e6:.1f}M | "
+            f"{r['active_params'] / 1e6:.1f}M | {r['weight_bytes'] / 2**20:.1f} MiB | "
+            f"{r['decode_tps']:.0f} | {r['loss']:.4f} | {100 * (r['loss'] - base) / base:+.2f}% |"
+        )
     by_key = {r["key"]: r for r in results}
-    notes = [f"\nheld-out loss: every {args.eval_seq_len}-token window of the val split; decode: greedy, batch 1, "
-             f"{args.decode_new} tokens after a {args.decode_prompt}-token prompt, {results[0]['decode_mode']}."]
+    notes = [
+        f"\nheld-out loss: every {args.eval_seq_len}-token window of the val split; decode: greedy, batch 1, "
+        f"{args.decode_new} tokens after a {args.decode_prompt}-token prompt, {results[0]['decode_mode']}."
+    ]
     for key in [k for k in by_key if k.startswith("healed-")]:
         cost = 100 * (by_key[key]["loss"] - base) / base
         notes.append(f"{by_key[key]['label']}: {cost:+.2f}% of the original's loss (goal at 8 -> 6 experts: <= +1%)")

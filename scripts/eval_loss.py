@@ -43,8 +43,13 @@ def held_out_loss(model, dataset: TokenDataset, batch: int, device: str) -> tupl
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch):
         b = {k: v.to(device) for k, v in dataset.get_batch(range(start, min(start + batch, len(dataset)))).items()}
-        out = model(b["input_ids"], targets=b["targets"], position_ids=b["position_ids"],
-                    document_ids=b["document_ids"], return_logits=False)
+        out = model(
+            b["input_ids"],
+            targets=b["targets"],
+            position_ids=b["position_ids"],
+            document_ids=b["document_ids"],
+            return_logits=False,
+        )
         tokens = int(b["targets"].numel())
         total += out.ce_loss.double().item() * tokens
         count += tokens
@@ -54,13 +59,25 @@ def held_out_loss(model, dataset: TokenDataset, batch: int, device: str) -> tupl
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with reported_errors(args.debug):
-        model = from_pretrained(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device,
-                                quantize=args.quantize, group_size=args.group_size)
+        model = from_pretrained(
+            args.model,
+            dtype=DTYPE_NAMES[args.dtype],
+            device=args.device,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
         dataset = TokenDataset.from_dir(args.data, args.split, args.seq_len)
         loss, tokens = held_out_loss(model, dataset, args.batch, args.device)
-    result = {"model": args.model, "split": args.split, "dtype": args.dtype, "quantize": args.quantize,
-              "group_size": args.group_size if args.quantize == "int4" else None, "loss": loss,
-              "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+    result = {
+        "model": args.model,
+        "split": args.split,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "group_size": args.group_size if args.quantize == "int4" else None,
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "tokens": tokens,
+    }
     print(json.dumps(result))
     return result
 

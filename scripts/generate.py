@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> list[str]:
         model, tokenizer = load_model(args)
         prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)] * args.num_samples, device=args.device)
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos=tokenizer.eos_id,
-                       generator=generator, compile=args.compile)
+        options = dict(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos=tokenizer.eos_id,
+            generator=generator,
+            compile=args.compile,
+        )
         clock = StepTimer(args.device)
         out = model.generate(prompt, args.max_new_tokens, stream=clock, **options)
         first, decode = clock.seconds()
-    new = out[:, prompt.shape[1]:]
+    new = out[:, prompt.shape[1] :]
     # a model whose vocabulary is padded beyond the tokenizer's can emit unused ids: they are dropped
     texts = [args.prompt + tokenizer.decode(row[row < tokenizer.vocab_size].tolist()) for row in new]
     for i, text in enumerate(texts):

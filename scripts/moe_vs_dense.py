@@ -54,13 +54,18 @@ def summarize(name: str, out_dir: Path) -> dict:
 
 
 def markdown(results: list[dict], steps: int, corpus: str) -> str:
-    lines = [f"small-moe vs small-dense, {steps} steps on the same tokens ({corpus}):", "",
-             "| model | total params | active params | final val loss | tokens/s | MFU | peak mem (GiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"small-moe vs small-dense, {steps} steps on the same tokens ({corpus}):",
+        "",
+        "| model | total params | active params | final val loss | tokens/s | MFU | peak mem (GiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['params_total'] / 1e6:.1f}M | {r['params_active'] / 1e6:.1f}M | "
-                     f"{r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['params_total'] / 1e6:.1f}M | {r['params_active'] / 1e6:.1f}M | "
+            f"{r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

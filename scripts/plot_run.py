@@ -43,8 +43,11 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_training(records: list[dict], path: Path) -> None:
-    keys = [k for k in ("lr", "grad_norm", "aux_loss", "tokens_per_s", "mfu", "peak_mem_gib")
-            if series(records, "train", k)[0]]
+    keys = [
+        k
+        for k in ("lr", "grad_norm", "aux_loss", "tokens_per_s", "mfu", "peak_mem_gib")
+        if series(records, "train", k)[0]
+    ]
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         ax.plot(*series(records, "train", key))
@@ -66,8 +69,15 @@ def plot_expert_load(records: list[dict], path: Path) -> bool:
     layers, experts = load.shape[1], load.shape[2]
     fig, axes = plt.subplots(layers, 1, figsize=(8, 1.0 + 0.25 * experts * layers), sharex=True, squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
-        image = ax.imshow(load[:, layer].T * experts, aspect="auto", cmap="viridis", vmin=0, vmax=2,
-                          extent=(steps[0], steps[-1], experts - 0.5, -0.5), interpolation="nearest")
+        image = ax.imshow(
+            load[:, layer].T * experts,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0,
+            vmax=2,
+            extent=(steps[0], steps[-1], experts - 0.5, -0.5),
+            interpolation="nearest",
+        )
         ax.set_ylabel(f"layer {layer}\nexpert")
     axes[-1, 0].set_xlabel("step")
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="load x num_experts")

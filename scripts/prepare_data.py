@@ -62,17 +62,32 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with reported_errors(args.debug):
         if args.files:
-            fields = dict(text_field=args.text_field, prompt_field=args.prompt_field,
-                          response_field=args.response_field)
-            meta = prepare_user_data(args.out, args.files, args.format, user_tokenizer(args, fields),
-                                     val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, **fields)
+            fields = dict(
+                text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field
+            )
+            meta = prepare_user_data(
+                args.out,
+                args.files,
+                args.format,
+                user_tokenizer(args, fields),
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                workers=args.workers,
+                **fields,
+            )
         elif args.tokenizer not in TOKENIZERS:
             raise ValueError("the stdlib corpus takes --tokenizer byte or bpe; a tokenizer file needs --files")
         else:
-            meta = prepare_corpus(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                                  val_fraction=args.val_fraction, max_files=args.max_files)
-    splits = ", ".join(f"{name}: {s['documents']} documents, {s['tokens']:,} tokens"
-                       for name, s in meta["splits"].items())
+            meta = prepare_corpus(
+                args.out,
+                tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
+                val_fraction=args.val_fraction,
+                max_files=args.max_files,
+            )
+    splits = ", ".join(
+        f"{name}: {s['documents']} documents, {s['tokens']:,} tokens" for name, s in meta["splits"].items()
+    )
     print(
         f"{meta['tokenizer']} tokenizer (vocab {meta['vocab_size']}, {meta['dtype']}) -> {args.out} | {splits} | "
         f"{time.perf_counter() - start:.1f}s"

@@ -40,10 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", default=None, help="data directory written by scripts/prepare_data.py")
     parser.add_argument("--batches", type=int, default=16, help="calibration batches")
     parser.add_argument("--batch", type=int, default=8, help="windows per calibration batch")
-    parser.add_argument("--seq-len", type=int, default=None, help="calibration window length (default: min(1024, "
-                                                                   "the model's max_seq_len))")
-    parser.add_argument("--criterion", default="load", choices=CRITERIA,
-                        help="rank experts by routed tokens (load) or routed weight (router_mass)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="calibration window length (default: min(1024, the model's max_seq_len))",
+    )
+    parser.add_argument(
+        "--criterion",
+        default="load",
+        choices=CRITERIA,
+        help="rank experts by routed tokens (load) or routed weight (router_mass)",
+    )
     parser.add_argument("--merge", action="store_true", help="fold removed experts into the nearest kept ones")
     parser.add_argument("--format", default="native", choices=("native", "hf"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
         if (args.keep is None) == (args.keep_total is None):
             raise ValueError("give exactly one of --keep K (experts per MoE layer) and --keep-total N")
         if args.calibration is None:
-            raise ValueError("--calibration DATA_DIR is required: experts are ranked by their use on calibration "
-                             "windows of a prepared corpus (scripts/prepare_data.py)")
+            raise ValueError(
+                "--calibration DATA_DIR is required: experts are ranked by their use on calibration "
+                "windows of a prepared corpus (scripts/prepare_data.py)"
+            )
         if Path(args.dst).resolve() == Path(args.src).resolve():
             raise ValueError(f"the pruned checkpoint needs a directory of its own, not the source {args.src}")
         if args.batches < 1 or args.batch < 1:
@@ -100,14 +110,21 @@ def main(argv: list[str] | None = None) -> dict:
         pruned = prune_experts(model, plan, usage=usage, merge=args.merge)
         dst = save_pretrained(pruned, args.dst, format=args.format, dtype=saved_dtype)
         copied = copy_side_files(Path(args.src), dst)
-        record = {"source": str(args.src), "criterion": args.criterion, "merge": args.merge,
-                  "num_experts": pruned.config.moe.num_experts, "kept": {str(i): e for i, e in plan.items()},
-                  "usage": {str(i): {"counts": u.counts.tolist(), "mass": u.mass.tolist()} for i, u in usage.items()}}
+        record = {
+            "source": str(args.src),
+            "criterion": args.criterion,
+            "merge": args.merge,
+            "num_experts": pruned.config.moe.num_experts,
+            "kept": {str(i): e for i, e in plan.items()},
+            "usage": {str(i): {"counts": u.counts.tolist(), "mass": u.mass.tolist()} for i, u in usage.items()},
+        }
         (dst / PLAN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     before, after = model.config.moe.num_experts, pruned.config.moe.num_experts
-    print(f"{'merged' if args.merge else 'pruned'} {before} -> {after} experts per MoE layer "
-          f"({sum(p.numel() for p in pruned.parameters()) / 1e6:.1f}M parameters) into {dst}"
-          + (f"; copied {', '.join(copied)}" if copied else ""))
+    print(
+        f"{'merged' if args.merge else 'pruned'} {before} -> {after} experts per MoE layer "
+        f"({sum(p.numel() for p in pruned.parameters()) / 1e6:.1f}M parameters) into {dst}"
+        + (f"; copied {', '.join(copied)}" if copied else "")
+    )
     return record
 
 

@@ -28,13 +28,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--api-key", default=os.environ.get("MOEFORMER_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEFORMER_API_KEY, else none)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MOEFORMER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEFORMER_API_KEY, else none)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=64, help="requests decoded together at most")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the "
-                        "model's max_seq_len)")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the model's max_seq_len)"
+    )
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt prefixes")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under torchrun)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (under torchrun, MoE models)")
@@ -58,15 +62,24 @@ def main(argv: list[str] | None = None) -> None:
             raise ImportError(f"{e}: the server needs the serve extra (pip install 'moeformer[serve]')") from e
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != max(args.tp, args.ep):  # every rank holds a different part of one copy of the model
-            raise ValueError(f"--tp {args.tp} --ep {args.ep} serves one copy of the model over max(tp, ep) = "
-                             f"{max(args.tp, args.ep)} processes, got {world} (torchrun --nproc_per_node "
-                             f"{max(args.tp, args.ep)})")
+            raise ValueError(
+                f"--tp {args.tp} --ep {args.ep} serves one copy of the model over max(tp, ep) = "
+                f"{max(args.tp, args.ep)} processes, got {world} (torchrun --nproc_per_node "
+                f"{max(args.tp, args.ep)})"
+            )
         several = world > 1
         model, tokenizer = load_model(args, ParallelConfig(tp=args.tp, ep=args.ep) if several else None)
         # the ranks exchange each step's plan and tokens as Python objects: a CPU (gloo) group carries them
-        engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size, max_model_len=args.max_model_len,
-                        prefix_caching=not args.no_prefix_caching, compile=args.compile,
-                        eos_token_id=tokenizer.eos_id, group=dist.new_group(backend="gloo") if several else None)
+        engine = Engine(
+            model,
+            max_batch=args.max_batch,
+            block_size=args.block_size,
+            max_model_len=args.max_model_len,
+            prefix_caching=not args.no_prefix_caching,
+            compile=args.compile,
+            eos_token_id=tokenizer.eos_id,
+            group=dist.new_group(backend="gloo") if several else None,
+        )
         if not several:
             engine.warmup()  # compiles ahead of traffic (a multi-rank engine compiles as its steps come)
         if several and dist.get_rank() != 0:

@@ -25,8 +25,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML run config (configs/train/*.yaml); defaults otherwise")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory (= --checkpoint.resume)")
-    parser.add_argument("--resume-allow", default=None, metavar="KEYS",
-                        help="comma-separated config keys a resume may change (= --checkpoint.resume_allow)")
+    parser.add_argument(
+        "--resume-allow",
+        default=None,
+        metavar="KEYS",
+        help="comma-separated config keys a resume may change (= --checkpoint.resume_allow)",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
     if args.resume is not None:

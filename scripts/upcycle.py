@@ -37,13 +37,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with reported_errors(args.debug):
         dense = from_pretrained(args.src, dtype=DTYPE_NAMES[args.dtype] if args.dtype else None)
-        model = upcycle(dense, args.num_experts, args.top_k, noise=args.noise, shared_expert=args.shared_expert,
-                        generator=torch.Generator().manual_seed(args.seed))
+        model = upcycle(
+            dense,
+            args.num_experts,
+            args.top_k,
+            noise=args.noise,
+            shared_expert=args.shared_expert,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
         path = save_pretrained(model, args.dst, format=args.to)
         copied = copy_tokenizer_files(args.src, path)
     count = count_params(model.config)
-    print(f"wrote {args.to} MoE checkpoint ({count.total:,} parameters, {count.active:,} active) to {path}"
-          + (f" with {', '.join(copied)}" if copied else ""))
+    print(
+        f"wrote {args.to} MoE checkpoint ({count.total:,} parameters, {count.active:,} active) to {path}"
+        + (f" with {', '.join(copied)}" if copied else "")
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def hf_load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
-                           token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def hf_load_balancing_loss(
+    router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """E * sum_e f_e * P_e with f_e = top-k selections of expert e per token and P_e = mean router probability,
     both pooled over every layer's (N, E) logits (the value transformers reports as `aux_loss`, unweighted).
     token_mask (N,) bool drops padding tokens."""

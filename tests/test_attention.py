@@ -25,8 +25,9 @@ def left_padding(batch: int, k_len: int, pads: list[int], device: str = "cpu") -
     return torch.arange(k_len, device=device)[None, :] >= torch.tensor(pads, device=device)[:, None]
 
 
-def make_mask(kind: str, batch: int, k_len: int, q_offset: int,
-              device: str = "cpu") -> tuple[AttentionMask, int | None]:
+def make_mask(
+    kind: str, batch: int, k_len: int, q_offset: int, device: str = "cpu"
+) -> tuple[AttentionMask, int | None]:
     """A mask of the named kind plus the sliding window to use with it."""
     pads = [0, 3, k_len - 1][:batch]  # the last row is all padding but its final token
     docs = torch.stack([torch.arange(k_len, device=device) // max(1, k_len // (b + 2)) for b in range(batch)])
@@ -87,8 +88,11 @@ def test_block_mask_summaries_are_exact_where_it_matters(kind, q_len, k_len, q_o
     mask, window = make_mask(kind, batch, k_len, q_offset)
     bm = mask.block_mask(q_len, k_len, window, torch.device("cpu"), block=block)
     n_q, n_k = -(-q_len // block), -(-k_len // block)
-    rule = F.pad(rule_by_loops(mask, batch, q_len, k_len, window)[:, 0].int(),
-                 (0, n_k * block - k_len, 0, n_q * block - q_len), value=-1).view(batch, n_q, block, n_k, block)
+    rule = F.pad(
+        rule_by_loops(mask, batch, q_len, k_len, window)[:, 0].int(),
+        (0, n_k * block - k_len, 0, n_q * block - q_len),
+        value=-1,
+    ).view(batch, n_q, block, n_k, block)
     any_allowed = (rule == 1).any(4).any(2)
     all_allowed = (rule == 1).all(4).all(2)
     partial = _listed_blocks(bm.kv_num_blocks, bm.kv_indices, n_k)
@@ -250,13 +254,27 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="eager"):
         attend(q, k, v, AttentionMask(), window=None, scale=1.0, backend="xformers")
     with pytest.raises(ValueError, match="multiple of Hkv"):
-        attend(q, k[:, :1].expand(2, 3, 4, 8), v[:, :1].expand(2, 3, 4, 8), AttentionMask(), window=None, scale=1.0,
-               backend="eager")
+        attend(
+            q,
+            k[:, :1].expand(2, 3, 4, 8),
+            v[:, :1].expand(2, 3, 4, 8),
+            AttentionMask(),
+            window=None,
+            scale=1.0,
+            backend="eager",
+        )
     with pytest.raises(ValueError, match="only 4 keys"):
         attend(q, k, v, AttentionMask(q_offset=2), window=None, scale=1.0, backend="eager")
     with pytest.raises(ValueError, match="key_padding must have shape"):
-        attend(q, k, v, AttentionMask(key_padding=torch.ones(2, 5, dtype=torch.bool)), window=None, scale=1.0,
-               backend="sdpa")
+        attend(
+            q,
+            k,
+            v,
+            AttentionMask(key_padding=torch.ones(2, 5, dtype=torch.bool)),
+            window=None,
+            scale=1.0,
+            backend="sdpa",
+        )
     with pytest.raises(TypeError, match="bool"):
         attend(q, k, v, AttentionMask(key_padding=torch.ones(2, 4)), window=None, scale=1.0, backend="sdpa")
     with pytest.raises(ValueError, match="window"):
@@ -301,7 +319,12 @@ def test_kv_cache_writes_at_a_device_position():
 
 
 BUFFER_CASES = [  # (heads, q_len, window): decode steps (GQA/MQA fold their query heads) and a two-token step
-    ("gqa", 1, None), ("mqa", 1, 3), ("mha", 1, None), ("gqa", 2, None), ("mha", 2, 3)]
+    ("gqa", 1, None),
+    ("mqa", 1, 3),
+    ("mha", 1, None),
+    ("gqa", 2, None),
+    ("mha", 2, 3),
+]
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "flash_attn"])
@@ -314,9 +337,15 @@ def test_buffer_offset_equals_prefix_offset(backend, heads, q_len, window):
     q, k, v = qkv(3, HEADS[heads], q_len, buffer)
     padding = left_padding(3, buffer, [0, 2, 5])
     written = padding & (torch.arange(buffer) < offset + q_len)
-    ref = attend(q, k[:, :, :offset + q_len], v[:, :, :offset + q_len],
-                 AttentionMask(offset, key_padding=padding[:, :offset + q_len]), window=window, scale=0.3,
-                 backend="eager")
+    ref = attend(
+        q,
+        k[:, :, : offset + q_len],
+        v[:, :, : offset + q_len],
+        AttentionMask(offset, key_padding=padding[:, : offset + q_len]),
+        window=window,
+        scale=0.3,
+        backend="eager",
+    )
     mask = AttentionMask(torch.tensor(offset), key_padding=written)
     assert resolve_backend(backend, q, mask, buffer) == ("eager" if backend == "eager" else "sdpa")
     out = attend(q, k, v, mask, window=window, scale=0.3, backend=backend)
@@ -484,8 +513,9 @@ def test_gpu_flex_block_mask_of_a_long_packed_sequence_is_not_n_by_n():
     assert torch.cuda.max_memory_allocated() - base < 2**28
     docs = [(s, min(s + 3000, t)) for s in range(0, t, 3000)][:2]  # spot-check two documents against sdpa alone
     for s, e in docs:
-        alone = attend(q[:, :, s:e], q[:, :, s:e], q[:, :, s:e], AttentionMask(), window=None, scale=0.125,
-                       backend="sdpa")
+        alone = attend(
+            q[:, :, s:e], q[:, :, s:e], q[:, :, s:e], AttentionMask(), window=None, scale=0.125, backend="sdpa"
+        )
         assert (out[:, :, s:e].float() - alone.float()).abs().max() <= 2e-2
 
 
@@ -511,8 +541,9 @@ def test_gpu_cached_decoding_equals_full_forward(backend):
     cache = layer.init_cache(2, 10, torch.float32, "cuda")
     outs = [layer(x[:, :6], rope(positions[:, :6]), AttentionMask(0, padding[:, :6]), cache, backend)]
     for t in range(6, 10):
-        outs.append(layer(x[:, t:t + 1], rope(positions[:, t:t + 1]), AttentionMask(t, padding[:, :t + 1]), cache,
-                          backend))
+        outs.append(
+            layer(x[:, t : t + 1], rope(positions[:, t : t + 1]), AttentionMask(t, padding[:, : t + 1]), cache, backend)
+        )
     assert (torch.cat(outs, 1) - full).abs().max() <= 1e-3
 
 
@@ -536,8 +567,9 @@ def test_gpu_flex_decoding_does_not_recompile_per_step():
 
     def step(t: int) -> None:
         q, k, v = qkv(2, HEADS["gqa"], 1, t + 1, head_dim=64, dtype=torch.bfloat16, device="cuda", seed=t)
-        attend(q, k, v, AttentionMask(t, left_padding(2, t + 1, [0, 2], "cuda")), window=None, scale=0.125,
-               backend="flex")
+        attend(
+            q, k, v, AttentionMask(t, left_padding(2, t + 1, [0, 2], "cuda")), window=None, scale=0.125, backend="flex"
+        )
 
     step(40), step(41)  # the second length makes the compiled shapes dynamic
     with torch._dynamo.config.patch(error_on_recompile=True):

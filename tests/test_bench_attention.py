@@ -32,10 +32,16 @@ def test_batch_keeps_tokens_per_call_constant():
     assert bench.batch_for(3000, 65536) == 21  # rounds down
 
 
-@pytest.mark.parametrize("estimate,length,measured_gib", [
-    ("math_work_gib", 1024, 0.277), ("math_work_gib", 4096, 4.109),
-    ("chunked_work_gib", 1024, 0.150), ("chunked_work_gib", 4096, 0.596), ("chunked_work_gib", 16384, 2.380),
-])
+@pytest.mark.parametrize(
+    "estimate,length,measured_gib",
+    [
+        ("math_work_gib", 1024, 0.277),
+        ("math_work_gib", 4096, 4.109),
+        ("chunked_work_gib", 1024, 0.150),
+        ("chunked_work_gib", 4096, 0.596),
+        ("chunked_work_gib", 16384, 2.380),
+    ],
+)
 def test_estimates_track_measured_peaks(estimate, length, measured_gib):
     """Peaks of an H100 run at batch 1, 16 heads of 128 (benchmarks/RESULTS.md): the estimate is within 10% above."""
     got = getattr(bench, estimate)(bench.Shape(1, length, 16, 128))
@@ -70,8 +76,9 @@ def rows_for_two_lengths():
 def test_table_shows_batch_and_why_a_row_is_empty():
     lines = bench.format_table(rows_for_two_lengths())
     assert lines[0].startswith("| length | batch | implementation |") and len(lines) == 12
-    assert lines[8] == ("| 4096 | 16 | sdpa forced MATH | n/a | n/a | n/a | "
-                        "skipped: estimated 67.0 GiB > --max-gib 20 |")
+    assert lines[8] == (
+        "| 4096 | 16 | sdpa forced MATH | n/a | n/a | n/a | skipped: estimated 67.0 GiB > --max-gib 20 |"
+    )
 
 
 def test_summary_lines_ignore_skipped_rows():

@@ -11,9 +11,18 @@ import pytest
 
 from tests.workers import REPO, worker_env
 
-TINY = ["--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.n_kv_heads=2", "--model.ffn_dim=64",
-        "--model.moe.ffn_dim=32", "--data.seq_len=32", "--data.micro_batch_size=2", "--train.zero_stage=1",
-        "--train.eval_batches=1"]
+TINY = [
+    "--model.n_layers=2",
+    "--model.dim=32",
+    "--model.n_heads=2",
+    "--model.n_kv_heads=2",
+    "--model.ffn_dim=64",
+    "--model.moe.ffn_dim=32",
+    "--data.seq_len=32",
+    "--data.micro_batch_size=2",
+    "--train.zero_stage=1",
+    "--train.eval_batches=1",
+]
 
 
 @pytest.mark.distributed
@@ -21,14 +30,32 @@ def test_bench_layouts_tiny_form(tmp_path):
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
-    cmd = [sys.executable, "scripts/bench_layouts.py", "--config", "configs/train/tiny-moe-cpu.yaml", "--layouts",
-           "dp2,ep2", "--steps", "3", "--warmup", "1", "--out-dir", str(tmp_path / "runs"),
-           f"--data.dir={tmp_path / 'data'}", *TINY]
-    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=400, check=False)
+    cmd = [
+        sys.executable,
+        "scripts/bench_layouts.py",
+        "--config",
+        "configs/train/tiny-moe-cpu.yaml",
+        "--layouts",
+        "dp2,ep2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        f"--data.dir={tmp_path / 'data'}",
+        *TINY,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=worker_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \|$",
-                                            proc.stdout, re.MULTILINE)}
+    rows = {
+        m[0]: m[1:]
+        for m in re.findall(
+            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \|$", proc.stdout, re.MULTILINE
+        )
+    }
     assert set(rows) == {"dp2", "ep2"}, proc.stdout
     assert rows["dp2"][1] == "1.00"
     # tiny-moe's 2 MoE layers on CPU (per-expert loop): the expert-parallel step adds one split-size exchange each
@@ -37,9 +64,28 @@ def test_bench_layouts_tiny_form(tmp_path):
 
 @pytest.mark.distributed
 def test_bench_moe_expert_parallel_tiny_form():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/bench_moe.py", "--ep", "2",
-           "--shapes", "tiny", "--skip", "compile"]
-    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
-                          capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "scripts/bench_moe.py",
+        "--ep",
+        "2",
+        "--shapes",
+        "tiny",
+        "--skip",
+        "compile",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| one GPU, unsharded |" in proc.stdout and "| ep=2 (eager) |" in proc.stdout, proc.stdout

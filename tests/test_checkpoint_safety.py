@@ -99,6 +99,7 @@ def _edit_entry(name: str, **fields):
     def edit(header, data):
         header[name].update(fields)
         return header, data
+
     return edit
 
 
@@ -106,6 +107,7 @@ def _drop_field(name: str, field: str):
     def edit(header, data):
         del header[name][field]
         return header, data
+
     return edit
 
 
@@ -163,8 +165,10 @@ def test_malformed_safetensors_header_is_refused_with_a_checkpoint_error(single,
         from_pretrained(single)
 
 
-@pytest.mark.parametrize("length, message", [(2**40, "header would be 1099511627776 bytes"),
-                                             (2**64 - 1, "not a safetensors file"), (10**6, "truncated")])
+@pytest.mark.parametrize(
+    "length, message",
+    [(2**40, "header would be 1099511627776 bytes"), (2**64 - 1, "not a safetensors file"), (10**6, "truncated")],
+)
 def test_huge_header_length_is_refused_before_reading(single, length, message):
     path = single / "model.safetensors"
     header, data = read_raw(path)
@@ -208,14 +212,19 @@ ESCAPES = {
     "relative ../": lambda ck: _point_shard(ck, f"../outside/{_shard_of(ck)}"),
     "through a subdirectory": lambda ck: _point_shard(ck, f"sub/../../outside/{_shard_of(ck)}"),
     "absolute path": lambda ck: _point_shard(ck, str(ck.parent / "outside" / _shard_of(ck))),
-    "shard is a symlink out": lambda ck: (ck / _shard_of(ck)).unlink() or (ck / _shard_of(ck)).symlink_to(
-        ck.parent / "outside" / _shard_of(ck)),
-    "directory symlink out": lambda ck: (ck / "linked").symlink_to(ck.parent / "outside") or _point_shard(
-        ck, f"linked/{_shard_of(ck)}"),
-    "index is a symlink out": lambda ck: (ck / "model.safetensors.index.json").unlink() or (
-        ck / "model.safetensors.index.json").symlink_to(ck.parent / "outside" / "model.safetensors.index.json"),
-    "config is a symlink out": lambda ck: (ck / "config.json").unlink() or (ck / "config.json").symlink_to(
-        ck.parent / "outside" / "config.json"),
+    "shard is a symlink out": lambda ck: (
+        (ck / _shard_of(ck)).unlink() or (ck / _shard_of(ck)).symlink_to(ck.parent / "outside" / _shard_of(ck))
+    ),
+    "directory symlink out": lambda ck: (
+        (ck / "linked").symlink_to(ck.parent / "outside") or _point_shard(ck, f"linked/{_shard_of(ck)}")
+    ),
+    "index is a symlink out": lambda ck: (
+        (ck / "model.safetensors.index.json").unlink()
+        or (ck / "model.safetensors.index.json").symlink_to(ck.parent / "outside" / "model.safetensors.index.json")
+    ),
+    "config is a symlink out": lambda ck: (
+        (ck / "config.json").unlink() or (ck / "config.json").symlink_to(ck.parent / "outside" / "config.json")
+    ),
 }
 
 
@@ -273,9 +282,14 @@ def _parsed(raw: bytes) -> tuple[int, dict] | None:
         header = json.loads(raw[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    ok = isinstance(header, dict) and all(isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and
-                                          len(e["data_offsets"]) == 2 and isinstance(e.get("shape"), list)
-                                          for k, e in header.items() if k != "__metadata__")
+    ok = isinstance(header, dict) and all(
+        isinstance(e, dict)
+        and isinstance(e.get("data_offsets"), list)
+        and len(e["data_offsets"]) == 2
+        and isinstance(e.get("shape"), list)
+        for k, e in header.items()
+        if k != "__metadata__"
+    )
     return (n, header) if ok and len(header) > 1 else None
 
 
@@ -304,15 +318,38 @@ def _mutate_header(rng: random.Random, ck: Path, file: str) -> None:
         entry = header[name]
         if kind == "offsets":
             begin, end = entry["data_offsets"]
-            entry["data_offsets"] = rng.choice([
-                [end, begin], [begin + 4, end + 4], [begin - 4, end - 4], [begin, end + 4], [0, end - begin],
-                [begin, len(data) + 4], [-1, end], [begin], [str(begin), end], None, header[other]["data_offsets"]])
+            entry["data_offsets"] = rng.choice(
+                [
+                    [end, begin],
+                    [begin + 4, end + 4],
+                    [begin - 4, end - 4],
+                    [begin, end + 4],
+                    [0, end - begin],
+                    [begin, len(data) + 4],
+                    [-1, end],
+                    [begin],
+                    [str(begin), end],
+                    None,
+                    header[other]["data_offsets"],
+                ]
+            )
             if rng.random() < 0.3:  # exchange the byte ranges of two tensors: a valid file holding other weights
                 entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], [begin, end]
         elif kind == "shape":
             shape = entry["shape"]
-            entry["shape"] = rng.choice([shape[::-1], [*shape, 1], shape[:-1], [-1, *shape[1:]], [2**62, 2**62],
-                                         [str(d) for d in shape], [], [0] * len(shape), [d + 1 for d in shape]])
+            entry["shape"] = rng.choice(
+                [
+                    shape[::-1],
+                    [*shape, 1],
+                    shape[:-1],
+                    [-1, *shape[1:]],
+                    [2**62, 2**62],
+                    [str(d) for d in shape],
+                    [],
+                    [0] * len(shape),
+                    [d + 1 for d in shape],
+                ]
+            )
         elif kind == "dtype":
             entry["dtype"] = rng.choice(["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3", "C64", "", 7, None])
         elif kind == "benign":  # still the same tensors: other key order, more metadata, space padding
@@ -324,8 +361,16 @@ def _mutate_header(rng: random.Random, ck: Path, file: str) -> None:
             _overwrite(path, struct.pack("<Q", len(text)) + text + data)
             return
         else:
-            header = rng.choice([[header], None, "x", {**header, "__metadata__": [1]}, {name: entry},
-                                 {**header, "extra": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}])
+            header = rng.choice(
+                [
+                    [header],
+                    None,
+                    "x",
+                    {**header, "__metadata__": [1]},
+                    {name: entry},
+                    {**header, "extra": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                ]
+            )
         text = json.dumps(header).encode()
         _overwrite(path, struct.pack("<Q", len(text)) + text + data)
 
@@ -343,10 +388,27 @@ def _mutate_index(rng: random.Random, ck: Path, shards: list[str]) -> None:
     kind = rng.choice(["target", "target", "names", "structure", "symlink", "bytes"]) if valid else "bytes"
     outside = ck.parent / "outside"
     if kind == "target":
-        weight_map[name] = rng.choice([
-            f"../outside/{weight_map[name]}", str(outside / weight_map[name]), f"sub/../../outside/{weight_map[name]}",
-            f"./{weight_map[name]}", f"sub/../{weight_map[name]}", rng.choice(shards), "missing.safetensors", "", ".",
-            "config.json", "/etc/hostname", "/dev/zero", "/proc/self/environ", "a\0b", "x" * 300, 7, None])
+        weight_map[name] = rng.choice(
+            [
+                f"../outside/{weight_map[name]}",
+                str(outside / weight_map[name]),
+                f"sub/../../outside/{weight_map[name]}",
+                f"./{weight_map[name]}",
+                f"sub/../{weight_map[name]}",
+                rng.choice(shards),
+                "missing.safetensors",
+                "",
+                ".",
+                "config.json",
+                "/etc/hostname",
+                "/dev/zero",
+                "/proc/self/environ",
+                "a\0b",
+                "x" * 300,
+                7,
+                None,
+            ]
+        )
     elif kind == "names":
         if rng.random() < 0.5:
             del weight_map[name]
@@ -429,8 +491,12 @@ def test_fuzzed_headers_and_indexes_load_exactly_or_raise_a_checkpoint_error(tmp
 
 # ---- saving over a checkpoint ------------------------------------------------------------------------------------
 
-FOREIGN = {"tokenizer.json": '{"model": {}}', "README.md": "# model card", "generation_config.json": '{"top_k": 5}',
-           "original/params.json": '{"dim": 16}'}
+FOREIGN = {
+    "tokenizer.json": '{"model": {}}',
+    "README.md": "# model card",
+    "generation_config.json": '{"top_k": 5}',
+    "original/params.json": '{"dim": 16}',
+}
 
 
 def _add_foreign(ck: Path) -> None:
@@ -450,16 +516,21 @@ def test_save_over_a_checkpoint_keeps_files_it_does_not_own_and_drops_stale_ones
     _add_foreign(ck)
     ck.chmod(0o750)
     save_pretrained(new, ck)  # one file now: the old index and shards must go, or the loader would read them
-    assert sorted(p.name for p in ck.iterdir()) == sorted(["config.json", "model.safetensors", "original",
-                                                           *[n for n in FOREIGN if "/" not in n]])
+    assert sorted(p.name for p in ck.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "original", *[n for n in FOREIGN if "/" not in n]]
+    )
     assert _foreign_intact(ck) and same_weights(from_pretrained(ck), new)
     assert ck.stat().st_mode & 0o777 == 0o750
     save_pretrained(old, ck, format="native", max_shard_size="6KB")  # a stale config.json would win over config.yaml
     assert not (ck / "config.json").exists() and (ck / "config.yaml").is_file()
     assert _foreign_intact(ck) and same_weights(from_pretrained(ck), old)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary directory left behind
-    done = subprocess.run([sys.executable, str(REPO / "scripts/convert.py"), str(ck), str(ck), "--to", "hf"],
-                          env=ENV, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/convert.py"), str(ck), str(ck), "--to", "hf"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert _foreign_intact(ck) and same_weights(from_pretrained(ck), old)
     assert not list(ck.glob("model-*")) and not (ck / "config.yaml").exists()
@@ -473,8 +544,10 @@ def _can_exchange(work: Path) -> bool:
     (work / "b").mkdir()
     libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd, rename_exchange = -100, 2
-    return hasattr(libc, "renameat2") and libc.renameat2(at_fdcwd, bytes(work / "a"), at_fdcwd, bytes(work / "b"),
-                                                         rename_exchange) == 0
+    return (
+        hasattr(libc, "renameat2")
+        and libc.renameat2(at_fdcwd, bytes(work / "a"), at_fdcwd, bytes(work / "b"), rename_exchange) == 0
+    )
 
 
 class Crash(BaseException):
@@ -498,6 +571,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, m
             if calls["n"] == calls["crash_at"]:
                 raise Crash
             return real(*args, **kwargs)
+
         return call
 
     for name in ("rename", "link", "replace", "unlink", "rmdir"):
@@ -557,9 +631,20 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_failed_writes_are_one_line_naming_the_file_and_the_cause(tmp_path):
     save_pretrained(tiny_model(dim=128, ffn_dim=256), tmp_path / "ck")  # ~700 KB in one file
-    done = subprocess.run([sys.executable, str(REPO / "scripts/convert.py"), str(tmp_path / "ck"),
-                           str(tmp_path / "out"), "--to", "native"], env=ENV, capture_output=True, text=True,
-                          preexec_fn=_limit_file_size)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/convert.py"),
+            str(tmp_path / "ck"),
+            str(tmp_path / "out"),
+            "--to",
+            "native",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+    )
     assert _one_error_line(done) == f"error: cannot write {tmp_path / 'out' / 'model.safetensors'}: File too large"
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
@@ -569,12 +654,30 @@ def test_failed_writes_are_one_line_naming_the_file_and_the_cause(tmp_path):
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()  # DeepSpeed compiles this op on first use: its build must not run under the file-size limit
-    overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={tmp_path / 'data'}", "--data.seq_len=32",
-                 "--data.micro_batch_size=2", "--train.steps=2", "--train.eval_every=0", "--train.eval_batches=1",
-                 "--train.progress_bar=false", "--train.zero_stage=0", "--train.dtype=fp32", "--model.dim=64",
-                 "--model.n_layers=2", "--model.vocab_size=258", "--checkpoint.export=none"]
-    done = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *overrides], env=ENV, capture_output=True,
-                          text=True, preexec_fn=_limit_file_size, timeout=300)
+    overrides = [
+        f"--out_dir={tmp_path / 'run'}",
+        f"--data.dir={tmp_path / 'data'}",
+        "--data.seq_len=32",
+        "--data.micro_batch_size=2",
+        "--train.steps=2",
+        "--train.eval_every=0",
+        "--train.eval_batches=1",
+        "--train.progress_bar=false",
+        "--train.zero_stage=0",
+        "--train.dtype=fp32",
+        "--model.dim=64",
+        "--model.n_layers=2",
+        "--model.vocab_size=258",
+        "--checkpoint.export=none",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/train.py"), *overrides],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        timeout=300,
+    )
     model_file = tmp_path / "run" / "checkpoints" / ".staging-step_00000002" / "mp_rank_00_model_states.pt"
     assert _one_error_line(done) == f"error: cannot write {model_file}: File too large"
 
@@ -582,14 +685,17 @@ def test_failed_writes_are_one_line_naming_the_file_and_the_cause(tmp_path):
 # ---- config values -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--model.dim=abc", "'model.dim' expects int, got 'abc'"),
-    ("--model.norm_eps=small", "'model.norm_eps' expects a number, got 'small'"),
-    ("--model.moe.top_k=1.5", "'model.moe.top_k' expects int, got 1.5"),
-    ("--model.attention_types=[softmax, 3]", r"'model.attention_types\[1\]' expects str, got 3"),
-    ("--model.rope_scaling=linear", "'model.rope_scaling' must be a mapping"),
-    ("--optim.lr=fast", "'optim.lr' expects a number, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.dim=abc", "'model.dim' expects int, got 'abc'"),
+        ("--model.norm_eps=small", "'model.norm_eps' expects a number, got 'small'"),
+        ("--model.moe.top_k=1.5", "'model.moe.top_k' expects int, got 1.5"),
+        ("--model.attention_types=[softmax, 3]", r"'model.attention_types\[1\]' expects str, got 3"),
+        ("--model.rope_scaling=linear", "'model.rope_scaling' must be a mapping"),
+        ("--optim.lr=fast", "'optim.lr' expects a number, got 'fast'"),
+    ],
+)
 def test_wrongly_typed_config_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override]).model_config()
@@ -603,8 +709,13 @@ def test_numbers_yaml_reads_as_strings_become_floats(tmp_path):
 
 
 def test_train_script_reports_a_wrongly_typed_value_in_one_line():
-    done = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--model.dim=abc"], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/train.py"), "--model.dim=abc"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert _one_error_line(done) == "error: config key 'model.dim' expects int, got 'abc'"
 
 
@@ -628,8 +739,7 @@ def _plant(checkpoint_dir: Path, name: str, sentinel: Path) -> None:
 
     torch.save({"module": Payload(sentinel), "optimizer_state_dict": Payload(sentinel)}, checkpoint_dir / name)
     marker = json.loads((checkpoint_dir / COMPLETE_FILE).read_text())
-    marker["files"][name] = {"size": (checkpoint_dir / name).stat().st_size,
-                             "crc32": file_crc32(checkpoint_dir / name)}
+    marker["files"][name] = {"size": (checkpoint_dir / name).stat().st_size, "crc32": file_crc32(checkpoint_dir / name)}
     (checkpoint_dir / COMPLETE_FILE).write_text(json.dumps(marker))
 
 
@@ -642,12 +752,24 @@ def scenario_planted(work: Path) -> dict:
     from moeformer.training.trainer import Trainer
 
     def config(name: str, **overrides):
-        return load_config(None, {"out_dir": str(work / name), "data.dir": str(work / "data"), "data.seq_len": 32,
-                                  "data.micro_batch_size": 2, "train.steps": 2, "train.zero_stage": 1,
-                                  "train.dtype": "fp32", "train.eval_every": 0, "train.eval_batches": 1,
-                                  "train.progress_bar": False, "checkpoint.export": "none",
-                                  "model": {"name": "tiny-moe", "dim": 32, "n_layers": 2, "vocab_size": 258},
-                                  **overrides})
+        return load_config(
+            None,
+            {
+                "out_dir": str(work / name),
+                "data.dir": str(work / "data"),
+                "data.seq_len": 32,
+                "data.micro_batch_size": 2,
+                "train.steps": 2,
+                "train.zero_stage": 1,
+                "train.dtype": "fp32",
+                "train.eval_every": 0,
+                "train.eval_batches": 1,
+                "train.progress_bar": False,
+                "checkpoint.export": "none",
+                "model": {"name": "tiny-moe", "dim": 32, "n_layers": 2, "vocab_size": 258},
+                **overrides,
+            },
+        )
 
     Trainer(config("run")).train()
     saved = work / "run" / "checkpoints" / "step_00000002"
@@ -655,10 +777,13 @@ def scenario_planted(work: Path) -> dict:
     shutil.copy(saved / "mp_rank_00_model_states.pt", work / "outside")
     cases = {
         "model_pickle": lambda ck: _plant(ck, "mp_rank_00_model_states.pt", work / "ran_model_pickle"),
-        "optimizer_pickle": lambda ck: _plant(ck, "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                              work / "ran_optimizer_pickle"),
-        "symlink_out": lambda ck: (ck / "mp_rank_00_model_states.pt").unlink() or (
-            ck / "mp_rank_00_model_states.pt").symlink_to(work / "outside" / "mp_rank_00_model_states.pt"),
+        "optimizer_pickle": lambda ck: _plant(
+            ck, "zero_pp_rank_0_mp_rank_00_optim_states.pt", work / "ran_optimizer_pickle"
+        ),
+        "symlink_out": lambda ck: (
+            (ck / "mp_rank_00_model_states.pt").unlink()
+            or (ck / "mp_rank_00_model_states.pt").symlink_to(work / "outside" / "mp_rank_00_model_states.pt")
+        ),
         "untouched": lambda ck: None,
     }
     out = {}
@@ -667,8 +792,12 @@ def scenario_planted(work: Path) -> dict:
         shutil.copytree(saved, ck)
         edit(ck)
         try:
-            trainer = Trainer(config(f"resume_{case}", **{"checkpoint.resume": str(ck), "train.steps": 3,
-                                                           "checkpoint.resume_allow": ["train.steps"]}))
+            trainer = Trainer(
+                config(
+                    f"resume_{case}",
+                    **{"checkpoint.resume": str(ck), "train.steps": 3, "checkpoint.resume_allow": ["train.steps"]},
+                )
+            )
             out[case] = {"error": None, "step": trainer.step}
         except Exception as e:  # the test checks the type
             out[case] = {"error": f"{type(e).__name__}: {e}"}
@@ -688,16 +817,19 @@ def planted(tmp_path_factory) -> dict:
 
     work = tmp_path_factory.mktemp("planted")
     prepare_corpus(work / "data", max_files=8, val_fraction=0.2)
-    proc = subprocess.run([sys.executable, __file__, "planted", str(work)], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, "planted", str(work)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((work / "planted.json").read_text())
 
 
 def test_resume_refuses_a_planted_pickle_and_runs_none_of_it(planted):
     assert planted["ran"] == []  # no payload ran, in the trainer or in offline consolidation
-    for case, file in (("model_pickle", "mp_rank_00_model_states.pt"),
-                       ("optimizer_pickle", "zero_pp_rank_0_mp_rank_00_optim_states.pt")):
+    for case, file in (
+        ("model_pickle", "mp_rank_00_model_states.pt"),
+        ("optimizer_pickle", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    ):
         assert planted[case]["error"].startswith("CheckpointError: refusing to unpickle"), planted[case]
         assert file in planted[case]["error"] and "it names io.open" in planted[case]["error"]
     assert planted["model_pickle"]["consolidate"].startswith("CheckpointError: refusing to unpickle")

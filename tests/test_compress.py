@@ -42,10 +42,27 @@ def logits(model: CausalLM, x: torch.Tensor) -> torch.Tensor:
 
 VARIANTS = {
     "softmax": {},
-    "sigmoid-bias-shared-tied": dict(tie_embeddings=True, moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16,
-                                     "router": "sigmoid", "router_bias": True, "num_shared_experts": 1}),
-    "expert-choice": dict(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice",
-                              "dispatcher": "capacity", "capacity_factor": 1.0}),
+    "sigmoid-bias-shared-tied": dict(
+        tie_embeddings=True,
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "ffn_dim": 16,
+            "router": "sigmoid",
+            "router_bias": True,
+            "num_shared_experts": 1,
+        },
+    ),
+    "expert-choice": dict(
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "ffn_dim": 16,
+            "router": "expert_choice",
+            "dispatcher": "capacity",
+            "capacity_factor": 1.0,
+        }
+    ),
 }
 
 
@@ -96,8 +113,7 @@ def hand_routed_model() -> tuple[CausalLM, list[float]]:
     embedding is a positive multiple of basis vector t % 4 (attention output is zeroed) and router row e is a_e times
     basis vector e, so token t always routes to expert t % 4 with probability p_e = softmax over (a_e * sqrt(dim), 0,
     0, 0) that the test computes by hand."""
-    model = tiny(n_layers=1, vocab_size=8, moe={"num_experts": 4, "top_k": 1, "ffn_dim": 16,
-                                                "norm_topk_prob": False})
+    model = tiny(n_layers=1, vocab_size=8, moe={"num_experts": 4, "top_k": 1, "ffn_dim": 16, "norm_topk_prob": False})
     a, dim = [0.05, 1.0, 1.0, 1.0], 32
     with torch.no_grad():
         model.layers[0].attn.o_proj.weight.zero_()
@@ -135,8 +151,9 @@ def test_merged_experts_are_the_mass_weighted_average_of_their_group():
     with torch.no_grad():  # router rows: expert 2 is nearest to 0 and expert 3 nearest to 1 (cosine)
         basis = torch.eye(32)
         for block in model.layers:
-            block.mlp.router.weight.copy_(torch.stack([basis[0], basis[1], basis[0] * 3 + basis[1],
-                                                       basis[1] - 0.5 * basis[0]]))
+            block.mlp.router.weight.copy_(
+                torch.stack([basis[0], basis[1], basis[0] * 3 + basis[1], basis[1] - 0.5 * basis[0]])
+            )
     assert fold_targets(model.layers[0].mlp.router.weight, [0, 1]) == {2: 0, 3: 1}
     mass = torch.tensor([2.0, 1.0, 6.0, 3.0], dtype=torch.float64)
     usage = {i: ExpertUsage(torch.tensor([5, 5, 5, 5]), mass) for i in (0, 1)}
@@ -153,8 +170,11 @@ def test_merged_experts_are_the_mass_weighted_average_of_their_group():
 def test_refusals_name_the_problem():
     model = tiny()
     usage = expert_usage(model, [ids()])
-    for keep, message in ((0, r"keep=0 must be in \[1, 4\]"), (5, r"keep=5 must be in \[1, 4\]"),
-                          (1, r"keep=1 is below moe.top_k=2")):
+    for keep, message in (
+        (0, r"keep=0 must be in \[1, 4\]"),
+        (5, r"keep=5 must be in \[1, 4\]"),
+        (1, r"keep=1 is below moe.top_k=2"),
+    ):
         with pytest.raises(ValueError, match=message):
             prune_experts(model, keep, usage=usage)
     with pytest.raises(ValueError, match="needs their usage"):
@@ -163,8 +183,10 @@ def test_refusals_name_the_problem():
         prune_experts(model, {0: [0, 0, 1]})
     with pytest.raises(ValueError, match="keep_total=3 must be in"):
         prune_experts(model, keep_total=3, usage=usage)
-    uneven = {0: ExpertUsage(torch.tensor([9, 9, 9, 0]), torch.ones(4, dtype=torch.float64)),
-              1: ExpertUsage(torch.tensor([9, 9, 0, 0]), torch.ones(4, dtype=torch.float64))}
+    uneven = {
+        0: ExpertUsage(torch.tensor([9, 9, 9, 0]), torch.ones(4, dtype=torch.float64)),
+        1: ExpertUsage(torch.tensor([9, 9, 0, 0]), torch.ones(4, dtype=torch.float64)),
+    }
     assert plan_pruning(model, keep_total=5, usage=uneven) == {0: [0, 1, 2], 1: [0, 1]}
     with pytest.raises(ValueError, match="different numbers of experts"):
         prune_experts(model, keep_total=5, usage=uneven)
@@ -177,10 +199,21 @@ def test_refusals_name_the_problem():
 
 
 transformers = pytest.importorskip("transformers")
-FAMILIES = {"mixtral": {}, "olmoe": dict(qk_norm="full"),
-            "qwen2_moe": dict(attn_bias=True, moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16,
-                                                   "num_shared_experts": 1, "shared_ffn_dim": 24,
-                                                   "shared_expert_gate": True})}
+FAMILIES = {
+    "mixtral": {},
+    "olmoe": dict(qk_norm="full"),
+    "qwen2_moe": dict(
+        attn_bias=True,
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "ffn_dim": 16,
+            "num_shared_experts": 1,
+            "shared_ffn_dim": 24,
+            "shared_expert_gate": True,
+        },
+    ),
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -192,8 +225,9 @@ def test_pruned_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, f
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["model_type"] == family
     assert written["num_local_experts" if family == "mixtral" else "num_experts"] == 3
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
-                                                                 attn_implementation="eager")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     x = ids(seed=3)
     with torch.no_grad():
@@ -216,9 +250,23 @@ def source(tmp_path_factory):
 
 @pytest.mark.parametrize("options", [["--format", "hf", "--merge"], ["--criterion", "router_mass"]])
 def test_prune_script_writes_a_loadable_checkpoint_with_its_tokenizer(source, tmp_path, options, capsys):
-    record = script("prune_experts").main([str(source / "model"), str(tmp_path / "out"), "--keep", "6",
-                                           "--calibration", str(source / "data"), "--batches", "2", "--batch", "2",
-                                           "--seq-len", "32", *options])
+    record = script("prune_experts").main(
+        [
+            str(source / "model"),
+            str(tmp_path / "out"),
+            "--keep",
+            "6",
+            "--calibration",
+            str(source / "data"),
+            "--batches",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            *options,
+        ]
+    )
     assert "8 -> 6 experts" in capsys.readouterr().out
     loaded = from_pretrained(tmp_path / "out")
     assert loaded.config.moe.num_experts == 6 and record["num_experts"] == 6
@@ -234,14 +282,17 @@ def test_prune_script_writes_a_loadable_checkpoint_with_its_tokenizer(source, tm
     assert logits(loaded, calibration).shape == logits(original, calibration).shape
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--keep", "0"], "keep=0 must be in [1, 8]"),
-    (["--keep", "9"], "keep=9 must be in [1, 8]"),
-    (["--keep", "1"], "keep=1 is below moe.top_k=2"),
-    (["--keep", "4", "--calibration", "{root}/nowhere"], "{root}/nowhere/meta.json does not exist"),
-    (["--keep", "4", "--calibration", None], "--calibration DATA_DIR is required"),
-    (["--keep", "4", "--src", "{root}/missing"], "checkpoint directory {root}/missing does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--keep", "0"], "keep=0 must be in [1, 8]"),
+        (["--keep", "9"], "keep=9 must be in [1, 8]"),
+        (["--keep", "1"], "keep=1 is below moe.top_k=2"),
+        (["--keep", "4", "--calibration", "{root}/nowhere"], "{root}/nowhere/meta.json does not exist"),
+        (["--keep", "4", "--calibration", None], "--calibration DATA_DIR is required"),
+        (["--keep", "4", "--src", "{root}/missing"], "checkpoint directory {root}/missing does not exist"),
+    ],
+)
 def test_prune_script_errors_are_one_line(source, tmp_path, capsys, args, message):
     options = {"--src": str(source / "model"), "--calibration": str(source / "data")}
     options.update((k, v if v is None else v.format(root=source)) for k, v in zip(args[::2], args[1::2]))
@@ -273,8 +324,9 @@ def test_init_from_loads_matching_weights_and_names_mismatched_shapes(source, tm
     torch.manual_seed(3)
     target.init_weights()
     load_weights(target, source / "model")
-    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values(),
-                                                  strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     with pytest.raises(CheckpointError, match=r"layers.0.mlp.router.weight: checkpoint \(8, 32\) vs model \(6, 32\)"):
         load_weights(tiny(vocab_size=258, moe={"num_experts": 6, "top_k": 2, "ffn_dim": 16}), source / "model")
 
@@ -282,17 +334,48 @@ def test_init_from_loads_matching_weights_and_names_mismatched_shapes(source, tm
 def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(source, tmp_path):
     """scripts/train.py with model.init_from: one step at lr 1e-9 (AdamW moves each weight by about the lr) exports
     the pruned checkpoint's weights."""
-    script("prune_experts").main([str(source / "model"), str(tmp_path / "pruned"), "--keep", "6", "--calibration",
-                                  str(source / "data"), "--batches", "1", "--batch", "2", "--seq-len", "32"])
+    script("prune_experts").main(
+        [
+            str(source / "model"),
+            str(tmp_path / "pruned"),
+            "--keep",
+            "6",
+            "--calibration",
+            str(source / "data"),
+            "--batches",
+            "1",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+        ]
+    )
     pruned = from_pretrained(tmp_path / "pruned")
     model = {k: v for k, v in pruned.config.to_dict().items() if k not in ("name", "extra")}
-    overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={source / 'data'}", "--data.seq_len=32",
-                 "--data.micro_batch_size=2", "--train.steps=1", "--train.dtype=fp32", "--train.zero_stage=0",
-                 "--train.eval_batches=1", "--train.progress_bar=false", "--optim.lr=1e-9", "--optim.warmup_steps=0",
-                 "--model.name=tiny-moe", f"--model.init_from={tmp_path / 'pruned'}",
-                 *(f"--model.{k}={json.dumps(v)}" for k, v in model.items())]
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], capture_output=True,
-                          text=True, env=worker_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    overrides = [
+        f"--out_dir={tmp_path / 'run'}",
+        f"--data.dir={source / 'data'}",
+        "--data.seq_len=32",
+        "--data.micro_batch_size=2",
+        "--train.steps=1",
+        "--train.dtype=fp32",
+        "--train.zero_stage=0",
+        "--train.eval_batches=1",
+        "--train.progress_bar=false",
+        "--optim.lr=1e-9",
+        "--optim.warmup_steps=0",
+        "--model.name=tiny-moe",
+        f"--model.init_from={tmp_path / 'pruned'}",
+        *(f"--model.{k}={json.dumps(v)}" for k, v in model.items()),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env=worker_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     trained = from_pretrained(tmp_path / "run" / "model").state_dict()
     for name, value in pruned.state_dict().items():
@@ -305,21 +388,51 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
     from moeformer.training.config import load_config
 
     table_script = script("compression_table")
-    args = table_script.parse_args(["--teacher", str(source / "model"), "--data", str(source / "data"), "--out",
-                                    str(tmp_path / "out"), "--heal-config",
-                                    str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml")])
-    script("prune_experts").main([str(source / "model"), str(tmp_path / "out" / "pruned-6"), "--keep", "6",
-                                  "--calibration", str(source / "data"), "--batches", "1", "--batch", "2",
-                                  "--seq-len", "32"])
+    args = table_script.parse_args(
+        [
+            "--teacher",
+            str(source / "model"),
+            "--data",
+            str(source / "data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--heal-config",
+            str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml"),
+        ]
+    )
+    script("prune_experts").main(
+        [
+            str(source / "model"),
+            str(tmp_path / "out" / "pruned-6"),
+            "--keep",
+            "6",
+            "--calibration",
+            str(source / "data"),
+            "--batches",
+            "1",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+        ]
+    )
     config = load_config(table_script.Driver(args).heal_config(tmp_path / "out" / "pruned-6"))
     assert config.model_config() == from_pretrained(tmp_path / "out" / "pruned-6").config
     assert config.init_from == str(tmp_path / "out" / "pruned-6")
-    row = {"experts": 8, "total_params": 3e6, "active_params": 1e6, "weight_bytes": 2**20, "decode_tps": 100.0,
-           "decode_mode": "eager"}
-    results = [{**row, "key": "original", "label": "original", "loss": 2.0},
-               {**row, "key": "healed-pruned-6", "label": "pruned to 6 + heal", "experts": 6, "loss": 2.03},
-               {**row, "key": "student-distilled-a0.5-t1", "label": "distilled", "experts": None, "loss": 2.5},
-               {**row, "key": "student-scratch", "label": "scratch", "experts": None, "loss": 2.6}]
+    row = {
+        "experts": 8,
+        "total_params": 3e6,
+        "active_params": 1e6,
+        "weight_bytes": 2**20,
+        "decode_tps": 100.0,
+        "decode_mode": "eager",
+    }
+    results = [
+        {**row, "key": "original", "label": "original", "loss": 2.0},
+        {**row, "key": "healed-pruned-6", "label": "pruned to 6 + heal", "experts": 6, "loss": 2.03},
+        {**row, "key": "student-distilled-a0.5-t1", "label": "distilled", "experts": None, "loss": 2.5},
+        {**row, "key": "student-scratch", "label": "scratch", "experts": None, "loss": 2.6},
+    ]
     text = table_script.table(results, args)
     assert "| pruned to 6 + heal | 6 | 3.0M | 1.0M | 1.0 MiB | 100 | 2.0300 | +1.50% |" in text
     assert "pruned to 6 + heal: +1.50% of the original's loss" in text

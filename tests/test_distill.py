@@ -26,14 +26,18 @@ from tests.test_train_distributed import _free_port
 from tests.workers import REPO, worker_env
 
 
-@pytest.mark.parametrize("tokens, dim, teacher_dim, vocab, temperature, chunk", [
-    (37, 16, 24, 50, 1.0, 8), (64, 8, 8, 33, 2.0, 64), (5, 4, 12, 7, 0.5, 2), (30, 12, 6, 96, 4.0, 7)])
+@pytest.mark.parametrize(
+    "tokens, dim, teacher_dim, vocab, temperature, chunk",
+    [(37, 16, 24, 50, 1.0, 8), (64, 8, 8, 33, 2.0, 64), (5, 4, 12, 7, 0.5, 2), (30, 12, 6, 96, 4.0, 7)],
+)
 def test_chunked_distill_loss_equals_the_full_logits_reference(tokens, dim, teacher_dim, vocab, temperature, chunk):
     g = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(tokens, dim, generator=g, requires_grad=True)
     weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
-    teacher_hidden, teacher_weight = torch.randn(tokens, teacher_dim, generator=g), torch.randn(vocab, teacher_dim,
-                                                                                                generator=g)
+    teacher_hidden, teacher_weight = (
+        torch.randn(tokens, teacher_dim, generator=g),
+        torch.randn(vocab, teacher_dim, generator=g),
+    )
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     targets[::3] = IGNORE_INDEX  # an instruction mask: these tokens count in neither loss
     mix = torch.rand(2, generator=g)
@@ -67,8 +71,19 @@ def corpus(tmp_path_factory):
 def tiny(moe: bool, seed: int = 0) -> CausalLM:
     overrides = {"moe": {"num_experts": 4, "top_k": 2, "ffn_dim": 16}} if moe else {}
     torch.manual_seed(seed)
-    model = CausalLM(ModelConfig(vocab_size=258, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                                 max_seq_len=64, loss_chunk_size=24, **overrides))
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=258,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=48,
+            max_seq_len=64,
+            loss_chunk_size=24,
+            **overrides,
+        )
+    )
     model.init_weights()
     return model
 
@@ -112,8 +127,9 @@ def test_student_as_its_own_teacher_at_alpha_one_has_zero_loss_and_gradients(cor
     """The teacher runs on the same positions and document ids as the student (packed documents): any difference
     would show as a non-zero KL."""
     student = tiny(moe=False)
-    out = distiller(corpus, copy.deepcopy(student), alpha=1.0).forward(student, student, packed_batch(corpus),
-                                                                       packed=True)
+    out = distiller(corpus, copy.deepcopy(student), alpha=1.0).forward(
+        student, student, packed_batch(corpus), packed=True
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.distill_kl.item() == 0.0 and out.ce_loss > 0
     assert all(torch.count_nonzero(p.grad) == 0 for p in student.parameters())
@@ -135,14 +151,17 @@ def test_teacher_checks_name_the_mismatch(corpus, tmp_path):
         Distiller(DistillConfig(str(tmp_path / "none")), student, corpus / "data", torch.device("cpu"), 64)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train.distill": {"teacher": "t", "alpha": 1.5}}, r"train.distill.alpha must be in \[0, 1\]"),
-    ({"train.distill": {"teacher": "t", "temperature": 0}}, "train.distill.temperature must be positive"),
-    ({"train.distill": {"teacher": "t", "beta": 1}}, "unknown config key 'train.distill.beta'"),
-    ({"train.distill": {"alpha": 0.5}}, "train.distill needs `teacher`"),
-    ({"train.distill": {"teacher": "t"}, "parallel.pp": 2}, "train.distill is not supported with parallel.pp=2"),
-    ({"train.distill": {"teacher": "t"}, "train.zero_stage": 3}, "train.zero_stage=3"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.distill": {"teacher": "t", "alpha": 1.5}}, r"train.distill.alpha must be in \[0, 1\]"),
+        ({"train.distill": {"teacher": "t", "temperature": 0}}, "train.distill.temperature must be positive"),
+        ({"train.distill": {"teacher": "t", "beta": 1}}, "unknown config key 'train.distill.beta'"),
+        ({"train.distill": {"alpha": 0.5}}, "train.distill needs `teacher`"),
+        ({"train.distill": {"teacher": "t"}, "parallel.pp": 2}, "train.distill is not supported with parallel.pp=2"),
+        ({"train.distill": {"teacher": "t"}, "train.zero_stage": 3}, "train.zero_stage=3"),
+    ],
+)
 def test_distill_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -155,16 +174,44 @@ def test_trainer_runs_with_distillation_and_logs_the_kl(corpus, tmp_path):
     teacher = tiny(moe=True)
     save_pretrained(teacher, tmp_path / "teacher", format="native")
     (tmp_path / "teacher" / "meta.json").write_bytes((corpus / "data" / "meta.json").read_bytes())
-    overrides = [f"--out_dir={tmp_path / 'run'}", f"--data.dir={corpus / 'data'}", "--data.seq_len=32",
-                 "--data.micro_batch_size=1", "--train.steps=3", "--train.dtype=fp32", "--train.zero_stage=0",
-                 "--train.eval_batches=1", "--train.progress_bar=false", "--optim.warmup_steps=1",
-                 "--model.name=tiny-dense", "--model.vocab_size=258", "--model.dim=32", "--model.n_layers=2",
-                 "--model.ffn_dim=48", "--model.n_heads=4", "--model.n_kv_heads=2", "--model.max_seq_len=64",
-                 f"--train.distill={{teacher: {tmp_path / 'teacher'}, alpha: 0.7, temperature: 2.0}}"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port())]
-    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "train.py"), *overrides], capture_output=True, text=True,
-                          env=worker_env(OMP_NUM_THREADS="1"), timeout=300, check=False)
+    overrides = [
+        f"--out_dir={tmp_path / 'run'}",
+        f"--data.dir={corpus / 'data'}",
+        "--data.seq_len=32",
+        "--data.micro_batch_size=1",
+        "--train.steps=3",
+        "--train.dtype=fp32",
+        "--train.zero_stage=0",
+        "--train.eval_batches=1",
+        "--train.progress_bar=false",
+        "--optim.warmup_steps=1",
+        "--model.name=tiny-dense",
+        "--model.vocab_size=258",
+        "--model.dim=32",
+        "--model.n_layers=2",
+        "--model.ffn_dim=48",
+        "--model.n_heads=4",
+        "--model.n_kv_heads=2",
+        "--model.max_seq_len=64",
+        f"--train.distill={{teacher: {tmp_path / 'teacher'}, alpha: 0.7, temperature: 2.0}}",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    proc = subprocess.run(
+        [*torchrun, str(REPO / "scripts" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env=worker_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert len(train) == 3
@@ -191,11 +238,13 @@ def test_bf16_distill_loss_on_cuda_is_bounded_by_the_rounding_of_the_logits(temp
     (ce + kl).backward()
     grads = hidden.grad.float(), weight.grad.float()
     ref_h, ref_w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    ref_ce, ref_kl = distill_loss_reference(ref_h, ref_w, teacher_hidden.float(), teacher_weight.float(), targets,
-                                            temperature)
+    ref_ce, ref_kl = distill_loss_reference(
+        ref_h, ref_w, teacher_hidden.float(), teacher_weight.float(), targets, temperature
+    )
     (ref_ce + ref_kl).backward()
-    largest = max((ref_h @ ref_w.t()).abs().max().item(), (teacher_hidden.float() @ teacher_weight.float().t())
-                  .abs().max().item())
+    largest = max(
+        (ref_h @ ref_w.t()).abs().max().item(), (teacher_hidden.float() @ teacher_weight.float().t()).abs().max().item()
+    )
     bound = 4 * 2**-8 * largest
     assert abs(ce.item() - ref_ce.item()) <= bound and abs(kl.item() - ref_kl.item()) <= bound / temperature
     for ours, ref in zip(grads, (ref_h.grad, ref_w.grad), strict=True):

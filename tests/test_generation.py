@@ -25,8 +25,9 @@ KINDS = {  # two layers each: one compiled prefill and step per kind take ~10 s 
 
 
 def tiny(kind: str, **overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
-                attn_backend="sdpa")
+    base = dict(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64, attn_backend="sdpa"
+    )
     return ModelConfig(**{**base, **KINDS[kind], **overrides})
 
 
@@ -133,8 +134,9 @@ def test_stream_and_eos(models, compile):
     shared = set.intersection(*(set(row) for row in greedy))
     eos = next(t for t in sorted(shared, key=last_row_done) if last_row_done(t) % 3)
     steps = []
-    out = model.generate(ids, 20, temperature=0, attention_mask=mask, eos=eos, stream=steps.append, sync_every=3,
-                         compile=compile)
+    out = model.generate(
+        ids, 20, temperature=0, attention_mask=mask, eos=eos, stream=steps.append, sync_every=3, compile=compile
+    )
     streamed, new = torch.stack(steps, 1), out[:, 7:]
     assert all(s.shape == (3,) for s in steps) and torch.equal(streamed[:, : new.shape[1]], new)
     assert streamed.shape[1] - new.shape[1] < 3 and (streamed[:, new.shape[1] :] == eos).all()
@@ -225,8 +227,9 @@ def test_gpu_cuda_graph_quantized_generate_equals_eager(mode, group_size):
     """A quantized MoE model (its matmuls and experts on the dequantising Triton kernels) decodes on the CUDA graph
     to the eager path's tokens (fp32 activations and scales)."""
     torch.manual_seed(14)
-    model = quantize(build_model(tiny("moe", dim=64, ffn_dim=64, moe={"ffn_dim": 64}), device="cuda").eval(), mode,
-                     group_size)
+    model = quantize(
+        build_model(tiny("moe", dim=64, ffn_dim=64, moe={"ffn_dim": 64}), device="cuda").eval(), mode, group_size
+    )
     ids, mask = (t.cuda() for t in left_padded([5, 9, 2], seed=15))
     compiled = model.generate(ids, 12, temperature=0, attention_mask=mask, compile=True)
     assert torch.equal(compiled, model.generate(ids, 12, temperature=0, attention_mask=mask))
@@ -252,7 +255,7 @@ def test_gpu_cuda_graph_moe_bf16_tracks_eager():
     compiled = teacher_forced(Decoder(model, 3, 32))
     eager = teacher_forced(Decoder(model, 3, 32, compile=False))
     reference = teacher_forced(Decoder(model.float(), 3, 32, compile=False))
-    assert ((compiled - reference).abs().amax() <= 2 * (eager - reference).abs().amax() + 1e-2)
+    assert (compiled - reference).abs().amax() <= 2 * (eager - reference).abs().amax() + 1e-2
 
 
 @gpu

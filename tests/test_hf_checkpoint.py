@@ -26,8 +26,16 @@ ENV = worker_env()
 
 
 def tiny_model(**overrides) -> CausalLM:
-    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32,
-                moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16})
+    base = dict(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=48,
+        max_seq_len=32,
+        moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16},
+    )
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**{**base, **overrides}))
     model.init_weights()
@@ -48,9 +56,13 @@ def logits(model: CausalLM, ids: torch.Tensor | None = None) -> torch.Tensor:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_native_round_trip_keeps_weights_buffers_and_ties(tmp_path, tied):
-    model = tiny_model(tie_embeddings=tied, attention_types=["mla"], mla={"q_lora_rank": 8, "kv_lora_rank": 8,
-                       "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}, head_dim=12,
-                       moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "sigmoid", "router_bias": True})
+    model = tiny_model(
+        tie_embeddings=tied,
+        attention_types=["mla"],
+        mla={"q_lora_rank": 8, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8},
+        head_dim=12,
+        moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "sigmoid", "router_bias": True},
+    )
     model.layers[0].mlp.router.expert_bias.copy_(torch.randn(4))
     save_pretrained(model, tmp_path / "ck", format="native")
     assert (tmp_path / "ck" / "config.yaml").is_file()
@@ -79,9 +91,20 @@ def test_sharded_save_and_dtype_change(tmp_path):
 
 def tiny_deepseek() -> CausalLM:
     mla = {"q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
-    return tiny_model(attention_types=["mla"], mla=mla, head_dim=12, first_k_dense=1,
-                      moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "sigmoid", "router_bias": True,
-                           "num_shared_experts": 1})
+    return tiny_model(
+        attention_types=["mla"],
+        mla=mla,
+        head_dim=12,
+        first_k_dense=1,
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "ffn_dim": 16,
+            "router": "sigmoid",
+            "router_bias": True,
+            "num_shared_experts": 1,
+        },
+    )
 
 
 def test_deepseek_multi_token_prediction_layers_are_skipped(tmp_path):
@@ -111,8 +134,12 @@ def test_fp8_block_quantized_deepseek_weights_are_dequantized(tmp_path):
     def quantize(tensors):
         for name in [n for n in tensors if n.endswith(("kv_b_proj.weight", "w1.weight")) or ".experts." in n]:
             tensors[name], tensors[f"{name}_scale_inv"] = quantize_fp8(tensors[name], block)
-            quantized[name] = tensors[name].float() * tensors[f"{name}_scale_inv"].repeat_interleave(
-                block[0], 0)[: tensors[name].shape[0]].repeat_interleave(block[1], 1)[:, : tensors[name].shape[1]]
+            quantized[name] = (
+                tensors[name].float()
+                * tensors[f"{name}_scale_inv"]
+                .repeat_interleave(block[0], 0)[: tensors[name].shape[0]]
+                .repeat_interleave(block[1], 1)[:, : tensors[name].shape[1]]
+            )
 
     rewrite(tmp_path / "ck" / "model.safetensors", quantize)
     config_path = tmp_path / "ck" / "config.json"
@@ -192,8 +219,19 @@ def test_export_rejects_what_hf_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="layernorm"):
         save_pretrained(tiny_model(norm="layernorm"), tmp_path / "x")
     with pytest.raises(ValueError, match="mixtral.* needs softmax"):
-        save_pretrained(tiny_model(moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "router": "expert_choice",
-                                        "dispatcher": "capacity", "capacity_factor": 1.0}), tmp_path / "y")
+        save_pretrained(
+            tiny_model(
+                moe={
+                    "num_experts": 4,
+                    "top_k": 2,
+                    "ffn_dim": 16,
+                    "router": "expert_choice",
+                    "dispatcher": "capacity",
+                    "capacity_factor": 1.0,
+                }
+            ),
+            tmp_path / "y",
+        )
 
 
 # ---- clear errors --------------------------------------------------------------------------
@@ -243,8 +281,11 @@ def test_missing_and_unexpected_tensors_are_listed(hf_dir):
         t["model.layers.0.mlp.bogus.weight"] = torch.zeros(2)
 
     rewrite(hf_dir / "model.safetensors", edit)
-    with pytest.raises(ValueError, match=r"1 missing tensor\(s\): model.layers.1.self_attn.k_proj.weight; "
-                                         r"1 unexpected tensor\(s\): model.layers.0.mlp.bogus.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 missing tensor\(s\): model.layers.1.self_attn.k_proj.weight; "
+        r"1 unexpected tensor\(s\): model.layers.0.mlp.bogus.weight",
+    ):
         from_pretrained(hf_dir)
 
 
@@ -253,8 +294,10 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
     with pytest.raises(ValueError, match=r"model.norm.weight: checkpoint \(31,\) vs model \(32,\)"):
         from_pretrained(hf_dir)
     expert = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
-    rewrite(hf_dir / "model.safetensors", lambda t: t.update({"model.norm.weight": torch.ones(32),
-                                                              expert: torch.ones(16, 30)}))
+    rewrite(
+        hf_dir / "model.safetensors",
+        lambda t: t.update({"model.norm.weight": torch.ones(32), expert: torch.ones(16, 30)}),
+    )
     with pytest.raises(ValueError, match=r"experts.3.w1.weight: checkpoint \(16, 30\) vs model \(16, 32\)"):
         from_pretrained(hf_dir)
 
@@ -305,16 +348,24 @@ MEMORY_PROBE = textwrap.dedent("""
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
     """~200 MB MoE checkpoint in HF layout (per-expert tensors fused on load): RSS growth < 1.3x its size."""
-    config = ModelConfig(vocab_size=4096, dim=512, n_layers=4, n_heads=8, ffn_dim=1024, max_seq_len=64,
-                         moe={"num_experts": 8, "top_k": 2, "ffn_dim": 1024})
+    config = ModelConfig(
+        vocab_size=4096,
+        dim=512,
+        n_layers=4,
+        n_heads=8,
+        ffn_dim=1024,
+        max_seq_len=64,
+        moe={"num_experts": 8, "top_k": 2, "ffn_dim": 1024},
+    )
     with torch.no_grad():
         model = CausalLM(config)
     save_pretrained(model, tmp_path / "big", max_shard_size="80MB")
     del model
     size = sum(p.stat().st_size for p in (tmp_path / "big").glob("*.safetensors"))
     assert 180e6 < size < 260e6
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big")], env=ENV, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big")], env=ENV, capture_output=True, text=True, check=True
+    )
     growth, weights = map(int, out.stdout.split())
     assert weights > 0.95 * size
     assert growth < 1.3 * size, f"RSS grew {growth / 1e6:.0f} MB loading {size / 1e6:.0f} MB"
@@ -324,8 +375,10 @@ def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
 
 
 def test_convert_script_hf_to_native_to_hf(tmp_path):
-    model = tiny_model(attn_bias=True, moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "num_shared_experts": 1,
-                                            "shared_expert_gate": True})
+    model = tiny_model(
+        attn_bias=True,
+        moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16, "num_shared_experts": 1, "shared_expert_gate": True},
+    )
     save_pretrained(model, tmp_path / "hf")
     script = str(REPO / "scripts" / "convert.py")
 
@@ -394,22 +447,65 @@ def test_zoo_config_builds_same_size_transformers_model(name):
 # rope_scaling at top level, no qkv_bias key for Qwen2-MoE).
 PUBLISHED_CONFIG_JSON = {
     "deepseek-v3": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-        n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
-        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4,
-        num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid",
-        hidden_act="silu", max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
-        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                      "original_max_position_embeddings": 4096, "type": "yarn"},
+        model_type="deepseek_v3",
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        n_shared_experts=1,
+        n_routed_experts=256,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        topk_method="noaux_tc",
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        first_k_dense_replace=3,
+        norm_topk_prob=True,
+        scoring_func="sigmoid",
+        hidden_act="silu",
+        max_position_embeddings=163840,
+        rms_norm_eps=1e-6,
+        rope_theta=10000,
+        rope_scaling={
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
         tie_word_embeddings=False,
     ),
     "qwen2-moe-a2.7b": dict(
-        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
-        decoder_sparse_step=1, max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        hidden_act="silu", tie_word_embeddings=False, use_sliding_window=False, router_aux_loss_coef=0.001,
+        model_type="qwen2_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_experts=60,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        max_position_embeddings=8192,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        router_aux_loss_coef=0.001,
     ),
 }
 

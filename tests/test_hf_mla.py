@@ -109,8 +109,9 @@ def test_softmax_scale_follows_yarn_mscale():
     assert mla_softmax_scale(mla, {"type": "yarn", "factor": 40.0}) == plain  # no mscale_all_dim: rope carries it
     yarn = {"type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707}
     assert math.isclose(mla_softmax_scale(mla, yarn), plain * (0.1 * 0.707 * math.log(40.0) + 1) ** 2)
-    layer = MLAttention(32, 2, MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4),
-                        softmax_scale=0.5)
+    layer = MLAttention(
+        32, 2, MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4), softmax_scale=0.5
+    )
     assert layer.scale == 0.5 and not hasattr(layer, "q_a_proj")
 
 

@@ -15,45 +15,163 @@ from moeformer.models.model import from_pretrained  # noqa: E402
 from tests.hf_aux_loss import hf_load_balancing_loss  # noqa: E402
 
 TOL = 1e-4
-BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+BASE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+    "rope_theta": 10000.0,
+}
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24)
-MLA = dict(kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4,
-           moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, num_experts_per_tok=2)
+MLA = dict(
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    num_key_value_heads=4,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    num_experts_per_tok=2,
+)
 
 # (id, model_type, config overrides, checkpoint options). "fused": transformers' 3-D expert layout on disk;
 # "shard": a small max_shard_size so the checkpoint is split.
 CASES = [
     ("llama-gqa", "llama", {}, {}),
-    ("llama-mqa-odd-tied-llama3", "llama", dict(hidden_size=24, num_attention_heads=3, num_key_value_heads=1,
-     tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-     "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 500000.0}), {"shard": True}),
-    ("llama-headdim-mlpbias-linear", "llama", dict(head_dim=12, mlp_bias=True,
-     rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), {}),
+    (
+        "llama-mqa-odd-tied-llama3",
+        "llama",
+        dict(
+            hidden_size=24,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500000.0,
+            },
+        ),
+        {"shard": True},
+    ),
+    (
+        "llama-headdim-mlpbias-linear",
+        "llama",
+        dict(head_dim=12, mlp_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+        {},
+    ),
     ("mixtral-gqa", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2), {}),
-    ("mixtral-odd-tied-fused-yarn", "mixtral", dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=5,
-     head_dim=8, num_local_experts=5, num_experts_per_tok=3, tie_word_embeddings=True, rope_parameters=YARN),
-     {"fused": True, "shard": True}),
+    (
+        "mixtral-odd-tied-fused-yarn",
+        "mixtral",
+        dict(
+            hidden_size=40,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            head_dim=8,
+            num_local_experts=5,
+            num_experts_per_tok=3,
+            tie_word_embeddings=True,
+            rope_parameters=YARN,
+        ),
+        {"fused": True, "shard": True},
+    ),
     ("qwen2-moe", "qwen2_moe", dict(**MOE, shared_expert_intermediate_size=20), {"shard": True}),
-    ("qwen2-moe-sparse-step-norm", "qwen2_moe", dict(**MOE, shared_expert_intermediate_size=28,
-     decoder_sparse_step=2, norm_topk_prob=True, num_attention_heads=8, num_key_value_heads=2,
-     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), {"fused": True}),
+    (
+        "qwen2-moe-sparse-step-norm",
+        "qwen2_moe",
+        dict(
+            **MOE,
+            shared_expert_intermediate_size=28,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        {"fused": True},
+    ),
     ("qwen3-moe", "qwen3_moe", dict(**MOE, head_dim=16, norm_topk_prob=True), {}),
-    ("qwen3-moe-mlp-only-tied-odd", "qwen3_moe", dict(**MOE, head_dim=6, num_attention_heads=3,
-     num_key_value_heads=1, mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True), {"fused": True}),
+    (
+        "qwen3-moe-mlp-only-tied-odd",
+        "qwen3_moe",
+        dict(
+            **MOE,
+            head_dim=6,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+        ),
+        {"fused": True},
+    ),
     ("olmoe", "olmoe", dict(num_experts=4, num_experts_per_tok=2), {"shard": True}),
-    ("olmoe-mha-fused", "olmoe", dict(num_experts=6, num_experts_per_tok=3, num_key_value_heads=4,
-     norm_topk_prob=True), {"fused": True}),
-    ("deepseek-v3-yarn", "deepseek_v3", dict(**MLA, n_routed_experts=8, q_lora_rank=16, n_group=4, topk_group=2,
-     rope_parameters=YARN), {"shard": True}),
-    ("deepseek-v3-no-interleave-tied-wide-v", "deepseek_v3", dict(**{**MLA, "v_head_dim": 14}, n_routed_experts=6,
-     q_lora_rank=None, n_group=1, topk_group=1, rope_interleave=False, tie_word_embeddings=True), {"fused": True}),
-    ("deepseek-v2-greedy", "deepseek_v2", dict(**MLA, n_routed_experts=6, q_lora_rank=None, topk_method="greedy",
-     routed_scaling_factor=1.5), {}),
-    ("deepseek-v2-group-limited", "deepseek_v2", dict(**MLA, n_routed_experts=8, q_lora_rank=10,
-     topk_method="group_limited_greedy", n_group=4, topk_group=2, rope_parameters=YARN), {"fused": True}),
+    (
+        "olmoe-mha-fused",
+        "olmoe",
+        dict(num_experts=6, num_experts_per_tok=3, num_key_value_heads=4, norm_topk_prob=True),
+        {"fused": True},
+    ),
+    (
+        "deepseek-v3-yarn",
+        "deepseek_v3",
+        dict(**MLA, n_routed_experts=8, q_lora_rank=16, n_group=4, topk_group=2, rope_parameters=YARN),
+        {"shard": True},
+    ),
+    (
+        "deepseek-v3-no-interleave-tied-wide-v",
+        "deepseek_v3",
+        dict(
+            **{**MLA, "v_head_dim": 14},
+            n_routed_experts=6,
+            q_lora_rank=None,
+            n_group=1,
+            topk_group=1,
+            rope_interleave=False,
+            tie_word_embeddings=True,
+        ),
+        {"fused": True},
+    ),
+    (
+        "deepseek-v2-greedy",
+        "deepseek_v2",
+        dict(**MLA, n_routed_experts=6, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.5),
+        {},
+    ),
+    (
+        "deepseek-v2-group-limited",
+        "deepseek_v2",
+        dict(
+            **MLA,
+            n_routed_experts=8,
+            q_lora_rank=10,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            rope_parameters=YARN,
+        ),
+        {"fused": True},
+    ),
 ]
 
 

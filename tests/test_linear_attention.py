@@ -65,8 +65,11 @@ def make_inputs(batch, heads, seq_len, d_k, d_v, decay, normalize, *, device="cp
     if normalize:
         q, k = q.sigmoid(), k.sigmoid()
     v = torch.randn(batch, heads, seq_len, d_v, generator=gen)
-    g = {"none": None, "retnet": retnet_log_decay(heads),
-         "gla": gla_log_decay(torch.randn(batch, heads, seq_len, generator=gen), 4.0)}[decay]
+    g = {
+        "none": None,
+        "retnet": retnet_log_decay(heads),
+        "gla": gla_log_decay(torch.randn(batch, heads, seq_len, generator=gen), 4.0),
+    }[decay]
     state = torch.randn(batch, heads, d_k, d_v + int(normalize), generator=gen).abs()
     to = lambda x: None if x is None else x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     return to(q), to(k), to(v), None if g is None else g.to(device), state.to(device)
@@ -82,8 +85,11 @@ def random_documents(batch, seq_len, gen):
 def loop_reference(q, k, v, g, scale, normalize, eps, state, documents):
     """Literal double loop over (t, s): o_t = scale * sum_s prod_{s<j<=t} exp(g_j) q_t.k_s v_s, within a document."""
     batch, heads, seq_len, _ = q.shape
-    g = torch.zeros(batch, heads, seq_len) if g is None else (g[None, :, None].expand(batch, heads, seq_len)
-                                                              if g.dim() == 1 else g)
+    g = (
+        torch.zeros(batch, heads, seq_len)
+        if g is None
+        else (g[None, :, None].expand(batch, heads, seq_len) if g.dim() == 1 else g)
+    )
     out = torch.zeros_like(v)
     for b in range(batch):
         for h in range(heads):
@@ -92,10 +98,10 @@ def loop_reference(q, k, v, g, scale, normalize, eps, state, documents):
                 for s in range(t + 1):
                     if documents[b, s] != documents[b, t]:
                         continue
-                    w = torch.exp(g[b, h, s + 1:t + 1].sum()) * scale * (q[b, h, t] @ k[b, h, s])
+                    w = torch.exp(g[b, h, s + 1 : t + 1].sum()) * scale * (q[b, h, t] @ k[b, h, s])
                     num, den = num + w * v[b, h, s], den + w
-                if (documents[b, :t + 1] == documents[b, 0]).all():
-                    carry = torch.exp(g[b, h, :t + 1].sum()) * scale * q[b, h, t] @ state[b, h]
+                if (documents[b, : t + 1] == documents[b, 0]).all():
+                    carry = torch.exp(g[b, h, : t + 1].sum()) * scale * q[b, h, t] @ state[b, h]
                     num, den = num + carry[: v.shape[-1]], den + (carry[-1] if normalize else 0)
                 out[b, h, t] = num / (den + eps) if normalize else num
     return out
@@ -107,8 +113,9 @@ def test_naive_reference_matches_literal_loop(decay, normalize):
     gen = torch.Generator().manual_seed(11)
     q, k, v, g, state = make_inputs(2, 2, 9, 3, 4, decay, normalize, gen=gen)
     documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [4] * 9])
-    o, _ = decayed_linear_attn_naive(q, k, v, g, scale=0.7, normalize=normalize, eps=1e-3,
-                                     initial_state=state, document_ids=documents)
+    o, _ = decayed_linear_attn_naive(
+        q, k, v, g, scale=0.7, normalize=normalize, eps=1e-3, initial_state=state, document_ids=documents
+    )
     expected = loop_reference(q, k, v, g, 0.7, normalize, 1e-3, state, documents)
     assert rel_err(o, expected) < 1e-5
 
@@ -137,13 +144,15 @@ def test_vanilla_forms_are_the_undecayed_core_and_causal():
     expected = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), 2)  # sum_{s<=t} k_s v_s^T
     num = torch.einsum("bhtk,bhtkv->bhtv", q, expected)
     den = torch.einsum("bhtk,bhtk->bht", q, k.cumsum(2)).unsqueeze(-1)
-    assert rel_err(ref, num / (den + 1e-6 * 4 ** 0.5)) < 1e-5  # eps applies to the scaled denominator
+    assert rel_err(ref, num / (den + 1e-6 * 4**0.5)) < 1e-5  # eps applies to the scaled denominator
     assert rel_err(linear_attn_chunked(q, k, v, normalize=True, chunk_size=6)[0], ref) < 1e-4
     assert rel_err(linear_attn_recurrent(q, k, v, normalize=True)[0], ref) < 1e-4
     v2 = v.clone()
     v2[:, :, 12:] = torch.randn(2, 2, 8, 4, generator=gen)  # future tokens must not change the past
-    assert torch.equal(linear_attn_chunked(q, k, v2, chunk_size=5)[0][:, :, :12],
-                       linear_attn_chunked(q, k, v, chunk_size=5)[0][:, :, :12])
+    assert torch.equal(
+        linear_attn_chunked(q, k, v2, chunk_size=5)[0][:, :, :12],
+        linear_attn_chunked(q, k, v, chunk_size=5)[0][:, :, :12],
+    )
 
 
 def test_strong_decay_long_sequence_is_finite():
@@ -163,18 +172,25 @@ def test_packed_documents_match_separate_runs(decay, form):
     documents = random_documents(2, 30, gen)
     fn = {"naive": decayed_linear_attn_naive, **FORMS}[form]
     extra = {"chunk_size": 8} if form == "chunked" else {}
-    o, final = fn(q, k, v, g, normalize=True, initial_state=state, output_final_state=True,
-                  document_ids=documents, **extra)
+    o, final = fn(
+        q, k, v, g, normalize=True, initial_state=state, output_final_state=True, document_ids=documents, **extra
+    )
     for b in range(2):
         bounds = torch.nonzero(torch.diff(documents[b]), as_tuple=True)[0] + 1
         edges = [0, *bounds.tolist(), 30]
         for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-            gb = g if g is None or g.dim() == 1 else g[b:b + 1, :, lo:hi]
+            gb = g if g is None or g.dim() == 1 else g[b : b + 1, :, lo:hi]
             alone, alone_final = decayed_linear_attn_naive(
-                q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], gb, normalize=True,
-                initial_state=state[b:b + 1] if i == 0 else None, output_final_state=True)
-            assert rel_err(o[b:b + 1, :, lo:hi], alone) < 1e-4
-        assert rel_err(final[b:b + 1], alone_final) < 1e-4  # the last document's state
+                q[b : b + 1, :, lo:hi],
+                k[b : b + 1, :, lo:hi],
+                v[b : b + 1, :, lo:hi],
+                gb,
+                normalize=True,
+                initial_state=state[b : b + 1] if i == 0 else None,
+                output_final_state=True,
+            )
+            assert rel_err(o[b : b + 1, :, lo:hi], alone) < 1e-4
+        assert rel_err(final[b : b + 1], alone_final) < 1e-4  # the last document's state
 
 
 @pytest.mark.parametrize("form", ["naive", "chunked", "recurrent"])
@@ -198,12 +214,23 @@ def test_chunked_gradients_match_naive(decay, normalize):
     cotangent = torch.randn(2, 2, 19, 3, generator=gen)
     state_cotangent = torch.randn(2, 2, 4, 3 + int(normalize), generator=gen)
     grads = {}
-    for name, fn, extra in (("naive", decayed_linear_attn_naive, {}),
-                            ("chunked", decayed_linear_attn_chunked, {"chunk_size": 6})):
+    for name, fn, extra in (
+        ("naive", decayed_linear_attn_naive, {}),
+        ("chunked", decayed_linear_attn_chunked, {"chunk_size": 6}),
+    ):
         leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
         q, k, v, g, state = leaves
-        o, final = fn(q, k, v, g, normalize=normalize, initial_state=state, output_final_state=True,
-                      document_ids=documents, **extra)
+        o, final = fn(
+            q,
+            k,
+            v,
+            g,
+            normalize=normalize,
+            initial_state=state,
+            output_final_state=True,
+            document_ids=documents,
+            **extra,
+        )
         ((o * cotangent).sum() + (final * state_cotangent).sum()).backward()
         grads[name] = [x.grad for x in leaves if x is not None]
     for got, want in zip(grads["chunked"], grads["naive"]):
@@ -258,8 +285,10 @@ def test_delta_rule_gradients_match_recurrent():
     documents = random_documents(2, 19, gen)
     cotangent = torch.randn(2, 2, 19, 3, generator=gen)
     grads = {}
-    for name, fn, extra in (("recurrent", delta_rule_recurrent, {}),
-                            ("chunked", delta_rule_chunked, {"chunk_size": 6})):
+    for name, fn, extra in (
+        ("recurrent", delta_rule_recurrent, {}),
+        ("chunked", delta_rule_chunked, {"chunk_size": 6}),
+    ):
         leaves = [x.clone().requires_grad_() for x in inputs]
         o, final = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, document_ids=documents, **extra)
         ((o * cotangent).sum() + final.square().sum()).backward()
@@ -296,8 +325,13 @@ def test_performer_features_estimate_softmax_kernel():
 
 
 LAYER_CASES = [
-    ("vanilla", "elu", False), ("vanilla", "relu", True), ("vanilla", "performer", True),
-    ("vanilla", "identity", False), ("retnet", None, False), ("gla", None, False), ("gla", "elu", True),
+    ("vanilla", "elu", False),
+    ("vanilla", "relu", True),
+    ("vanilla", "performer", True),
+    ("vanilla", "identity", False),
+    ("retnet", None, False),
+    ("gla", None, False),
+    ("gla", "elu", True),
     ("deltanet", None, False),
 ]
 
@@ -317,7 +351,7 @@ def test_layer_decoding_matches_parallel_forward(kind, feature_map, normalize):
     prefix, state = layer(x[:, :6], state=layer.init_state(2))  # prefill, then one token at a time
     steps = [prefix]
     for t in range(6, 17):
-        y, state = layer(x[:, t:t + 1], state=state)
+        y, state = layer(x[:, t : t + 1], state=state)
         steps.append(y)
     assert state.shape == (2, 4, layer.feature_map.out_dim, 8 + int(normalize)) and state.dtype == torch.float32
     assert rel_err(torch.cat(steps, 1), parallel) < 1e-4
@@ -367,10 +401,18 @@ def test_layer_structure_and_auto_backend():
     assert torch.allclose(retnet_log_decay(3).exp(), torch.tensor([1 - 2**-5, 1 - 2**-6, 1 - 2**-7]))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"kind": "mamba"}, {"backend": "fast"}, {"feature_map": "cosine"}, {"feature_map": "identity", "normalize": True},
-    {"chunk_size": 0}, {"feature_map": "elu", "num_features": 16}, {"kind": "deltanet", "normalize": True},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "mamba"},
+        {"backend": "fast"},
+        {"feature_map": "cosine"},
+        {"feature_map": "identity", "normalize": True},
+        {"chunk_size": 0},
+        {"feature_map": "elu", "num_features": 16},
+        {"kind": "deltanet", "normalize": True},
+    ],
+)
 def test_layer_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         LinearAttention(32, 4, 8, **kwargs)
@@ -387,10 +429,12 @@ def test_bad_inputs_raise():
         lambda: decayed_linear_attn_naive(q, k, v, normalize=True, initial_state=state),  # misses the sum column
         lambda: decayed_linear_attn_chunked(q, k, v, document_ids=torch.zeros(1, 5, dtype=torch.long)),
         lambda: decayed_linear_attn_chunked(q, k, v, cu_seqlens=torch.tensor([0, 3, 5])),
-        lambda: decayed_linear_attn_chunked(q, k, v, cu_seqlens=torch.tensor([0, 6]),
-                                            document_ids=torch.zeros(1, 6, dtype=torch.long)),
-        lambda: decayed_linear_attn_chunked(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
-                                            v.expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 6])),
+        lambda: decayed_linear_attn_chunked(
+            q, k, v, cu_seqlens=torch.tensor([0, 6]), document_ids=torch.zeros(1, 6, dtype=torch.long)
+        ),
+        lambda: decayed_linear_attn_chunked(
+            q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 6])
+        ),
         lambda: decayed_linear_attn_naive(q[:, :, :0], k[:, :, :0], v[:, :, :0]),
         lambda: make_layer("vanilla", None, False)(torch.randn(32)),
         lambda: delta_rule_chunked(q, k, v, torch.rand(1, 2, 5)),
@@ -421,8 +465,9 @@ def test_fla_matches_naive(decay, normalize, packed):
         for x in leaves:
             if x is not None:
                 x.grad = None
-        o, final = fn(*leaves[:4], normalize=normalize, initial_state=leaves[4], output_final_state=True,
-                      document_ids=documents)
+        o, final = fn(
+            *leaves[:4], normalize=normalize, initial_state=leaves[4], output_final_state=True, document_ids=documents
+        )
         if backward:
             (o.square().sum() + final.sum()).backward()
         results[name] = [o.detach(), final.detach()] + [x.grad for x in leaves if x is not None and x.requires_grad]

@@ -29,8 +29,9 @@ def loss_and_grads(fn, h, w, t, scale: float = 1.0):
     return (loss, *torch.autograd.grad(loss * scale, (h, w)))
 
 
-@pytest.mark.parametrize("batch,seq,dim,vocab,chunk", [(2, 9, 16, 50, 4), (1, 33, 24, 97, 64), (3, 11, 8, 13, 1),
-                                                      (2, 16, 32, 300, 7)])
+@pytest.mark.parametrize(
+    "batch,seq,dim,vocab,chunk", [(2, 9, 16, 50, 4), (1, 33, 24, 97, 64), (3, 11, 8, 13, 1), (2, 16, 32, 300, 7)]
+)
 def test_fused_matches_reference_fp32(batch, seq, dim, vocab, chunk):
     torch.manual_seed(batch * seq + chunk)
     h, w, t = problem(batch, seq, dim, vocab)

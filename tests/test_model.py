@@ -13,7 +13,14 @@ from moeformer.models.generation import sample_next
 
 def tiny(**overrides) -> ModelConfig:
     base = dict(
-        vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64, attn_backend="eager",
+        vocab_size=97,
+        dim=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        max_seq_len=64,
+        attn_backend="eager",
         moe={"num_experts": 4, "top_k": 2, "ffn_dim": 32, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
     )
     base.update(overrides)
@@ -295,8 +302,9 @@ def test_hybrid_left_padding_and_greedy_generation():
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :3] = 0
-    torch.testing.assert_close(model(batch, attention_mask=mask).logits[0, 3:], model(short).logits[0],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model(batch, attention_mask=mask).logits[0, 3:], model(short).logits[0], rtol=1e-4, atol=1e-4
+    )
     out = model.generate(batch, 5, temperature=0, attention_mask=mask)
     assert torch.equal(out[0, 3:], model.generate(short, 5, temperature=0)[0])
     seq = long
@@ -311,10 +319,11 @@ def test_unknown_attention_type_is_an_error():
         tiny(attention_types=["mamba"])
 
 
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="needs CUDA with the grouped GEMM (compute capability >= 9.0)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs CUDA with the grouped GEMM (compute capability >= 9.0)",
+)
 @pytest.mark.parametrize("packed", [False, True])  # SDPA, or the FlexAttention kernel over packed documents
 def test_gpu_model_compiles_without_graph_breaks_and_matches_eager(packed):
     """The whole MoE model (attention, routing, dispatch, grouped GEMM, Triton kernels, fused LM-head loss) compiles
@@ -326,8 +335,10 @@ def test_gpu_model_compiles_without_graph_breaks_and_matches_eager(packed):
     kwargs = {}
     if packed:
         steps = torch.arange(64, device="cuda")
-        kwargs = {"position_ids": torch.where(steps >= 20, steps - 20, steps).expand(2, -1),
-                  "document_ids": (steps >= 20).long().expand(2, -1)}
+        kwargs = {
+            "position_ids": torch.where(steps >= 20, steps - 20, steps).expand(2, -1),
+            "document_ids": (steps >= 20).long().expand(2, -1),
+        }
     results = []
     for fn in (model, torch.compile(model, fullgraph=True)):
         model.zero_grad(set_to_none=True)

@@ -23,8 +23,12 @@ from moeformer.training.metrics import HostSyncs
 DEVICES = [  # the references on CPU, the kernels on CPU (the interpreter) and on CUDA
     pytest.param("cpu", False, id="cpu"),
     pytest.param("cpu", True, id="cpu-kernels"),
-    pytest.param("cuda", True, id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                     reason="needs CUDA")]),
+    pytest.param(
+        "cuda",
+        True,
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
 ]
 
 
@@ -39,7 +43,7 @@ def slot_loop(x, slots: Slots, w_in, w_out, activation: str, capacity: int | Non
             continue
         taken[e] += 1
         h = x[t].float() @ w_in[e].float()
-        h = F.silu(h[: w_out.shape[1]]) * h[w_out.shape[1]:] if activation == "swiglu" else F.gelu(h)
+        h = F.silu(h[: w_out.shape[1]]) * h[w_out.shape[1] :] if activation == "swiglu" else F.gelu(h)
         out[t] = out[t] + slots.weights[s] * (h @ w_out[e].float())
     return out
 
@@ -52,18 +56,27 @@ def run(dispatcher, experts: Experts, x: torch.Tensor, slots: Slots) -> torch.Te
 def random_slots(n: int, e: int, k: int, padding: bool, device) -> Slots:
     expert_idx = torch.rand(n, e).argsort(dim=-1)[:, :k].flatten().to(device)  # k distinct experts per token
     valid = (torch.rand(n * k) > 0.2).to(device) if padding else None
-    return Slots(torch.arange(n, device=device).repeat_interleave(k), expert_idx, torch.rand(n * k, device=device),
-                 valid, k)
+    return Slots(
+        torch.arange(n, device=device).repeat_interleave(k), expert_idx, torch.rand(n * k, device=device), valid, k
+    )
 
 
 @pytest.mark.parametrize("device,kernels", DEVICES)
 @pytest.mark.parametrize("dispatcher", ["dropless", "capacity"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("n,e,k,activation,padding", [(1, 4, 2, "swiglu", False), (13, 4, 2, "swiglu", True),
-                                                      (29, 8, 3, "gelu", True), (16, 3, 1, "swiglu", False),
-                                                      (300, 8, 2, "swiglu", True)])
-def test_dispatcher_matches_the_slot_loop(device, kernels, dispatcher, dtype, tol, n, e, k, activation, padding,
-                                          monkeypatch):
+@pytest.mark.parametrize(
+    "n,e,k,activation,padding",
+    [
+        (1, 4, 2, "swiglu", False),
+        (13, 4, 2, "swiglu", True),
+        (29, 8, 3, "gelu", True),
+        (16, 3, 1, "swiglu", False),
+        (300, 8, 2, "swiglu", True),
+    ],
+)
+def test_dispatcher_matches_the_slot_loop(
+    device, kernels, dispatcher, dtype, tol, n, e, k, activation, padding, monkeypatch
+):
     """Output and the gradients of x, the routing weights and both expert weights: fp32 within 1e-5 of the largest
     value (summation order only); bf16 within 3e-2 (inputs, weights and the GEMM/activation outputs rounded to
     bf16's 8 bits, about 4e-3 each, over two GEMMs and the activation)."""
@@ -90,8 +103,9 @@ def test_dispatcher_matches_the_slot_loop(device, kernels, dispatcher, dtype, to
         if fast:
             out = run(disp, experts, xi, Slots(slots.token_idx, slots.expert_idx, wi, slots.valid, k))
         else:
-            out = slot_loop(xi, Slots(slots.token_idx, slots.expert_idx, wi, slots.valid, k), *params, activation,
-                            capacity)
+            out = slot_loop(
+                xi, Slots(slots.token_idx, slots.expert_idx, wi, slots.valid, k), *params, activation, capacity
+            )
         grads = torch.autograd.grad(out.float().square().sum(), [xi, wi, *params])
         results.append((out.float(), [g.float() for g in grads]))
     (out, grads), (ref, ref_grads) = results
@@ -101,8 +115,13 @@ def test_dispatcher_matches_the_slot_loop(device, kernels, dispatcher, dtype, to
 
 
 def test_capacity_placement_by_hand():
-    slots = Slots(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 1, 1, 2, 0]), torch.ones(6),
-                  torch.tensor([True, True, True, True, True, False]), 2)  # slot 5 is padding
+    slots = Slots(
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        torch.tensor([1, 0, 1, 1, 2, 0]),
+        torch.ones(6),
+        torch.tensor([True, True, True, True, True, False]),
+        2,
+    )  # slot 5 is padding
     disp = CapacityDispatcher(num_experts=3, top_k=2, capacity_factor=1.0)
     assert disp.capacity(3) == 2  # ceil(1.0 * 3 tokens * 2 / 3 experts)
     rows, kept, tokens_per_expert, dropped = disp.place(slots, 3)

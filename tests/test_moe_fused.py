@@ -26,8 +26,7 @@ from tests.test_quant import (
 SILU_SLOPE, GELU_SLOPE = 1.1, 1.13  # bounds of |silu'| and |gelu'|
 
 
-def expert_weights(e: int, dim: int, f: int, activation: str, mode: str, group: int, dtype: torch.dtype,
-                   device: str):
+def expert_weights(e: int, dim: int, f: int, activation: str, mode: str, group: int, dtype: torch.dtype, device: str):
     """(w_in, w_out) as the kernels take them (tensors, or QuantizedWeights), their fp64 values and |terms|."""
     width = 2 * f if activation == "swiglu" else f
     full = [torch.randn(e, dim, width, device=device) / dim**0.5, torch.randn(e, f, dim, device=device) / f**0.5]
@@ -40,8 +39,9 @@ def expert_weights(e: int, dim: int, f: int, activation: str, mode: str, group: 
     return quantized, values, mags
 
 
-def slot_loop(x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, activation: str, h_unit: float,
-              w_unit: float = 0.0):
+def slot_loop(
+    x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, activation: str, h_unit: float, w_unit: float = 0.0
+):
     """fp64 per-slot outputs weight * expert(x[token]) and, to first order, the error bound of a kernel that sums in
     fp32 (ACCUMULATION_UNIT per term), multiplies weights with relative error w_unit, evaluates the activation in
     fp32 and rounds h with relative error h_unit."""
@@ -66,8 +66,12 @@ def slot_loop(x, token_idx, expert_idx, weights, w_in, w_out, mag_in, mag_out, a
 
 KERNEL_CASES = [  # (tokens, k, experts, dim, ffn, activation, rows): by_slot below E slots, by_expert, sorted;
     # GEMV row tiles up to GEMV_ROWS tokens, tensor-core tiles beyond
-    (1, 2, 4, 64, 32, "swiglu", "scan"), (1, 8, 16, 96, 64, "swiglu", "scan"), (3, 3, 8, 64, 64, "swiglu", "scan"),
-    (5, 3, 8, 64, 96, "gelu", "scan"), (16, 2, 4, 96, 32, "swiglu", "scan"), (64, 4, 8, 64, 64, "swiglu", "scan"),
+    (1, 2, 4, 64, 32, "swiglu", "scan"),
+    (1, 8, 16, 96, 64, "swiglu", "scan"),
+    (3, 3, 8, 64, 64, "swiglu", "scan"),
+    (5, 3, 8, 64, 96, "gelu", "scan"),
+    (16, 2, 4, 96, 32, "swiglu", "scan"),
+    (64, 4, 8, 64, 64, "swiglu", "scan"),
     (40, 2, 4, 96, 64, "gelu", "sorted"),
 ]
 
@@ -89,12 +93,24 @@ def test_fused_kernels_match_the_slot_loop(device, mode, group, dtype, n, k, e, 
     if rows == "sorted":
         order, counts = torch.argsort(expert_idx, stable=True), torch.bincount(expert_idx, minlength=e)
     parts = [(w, None, None) if mode == "none" else (w.codes, w.scale, w.offset) for w in (w_in, w_out)]
-    y = fused_experts_triton.fused_experts(x, None if n % 2 else token_idx, expert_idx, weights, *parts[0], *parts[1],
-                                           {"none": 0, "int8": 8, "int4": 4}[mode], group, f,
-                                           activation == "swiglu", order, counts)
+    y = fused_experts_triton.fused_experts(
+        x,
+        None if n % 2 else token_idx,
+        expert_idx,
+        weights,
+        *parts[0],
+        *parts[1],
+        {"none": 0, "int8": 8, "int4": 4}[mode],
+        group,
+        f,
+        activation == "swiglu",
+        order,
+        counts,
+    )
     h_unit = 0.0 if dtype == torch.float32 else OUTPUT_ULP[dtype]
-    ref, bound = slot_loop(x, token_idx, expert_idx, weights, v_in, v_out, m_in, m_out, activation, h_unit,
-                           weight_unit(mode, dtype))
+    ref, bound = slot_loop(
+        x, token_idx, expert_idx, weights, v_in, v_out, m_in, m_out, activation, h_unit, weight_unit(mode, dtype)
+    )
     assert y.dtype == torch.float32 and y.shape[1:] == (n * k, dim)
     assert_within(y.sum(0), ref, bound)
 
@@ -103,8 +119,7 @@ def test_fused_kernels_match_the_slot_loop(device, mode, group, dtype, n, k, e, 
 def test_reference_matches_the_slot_loop(mode, group):
     torch.manual_seed(1)
     n, k, e, dim, f = 7, 3, 5, 64, 128
-    (w_in, w_out), (v_in, v_out), (m_in, m_out) = expert_weights(e, dim, f, "swiglu", mode, group, torch.float32,
-                                                                  "cpu")
+    (w_in, w_out), (v_in, v_out), (m_in, m_out) = expert_weights(e, dim, f, "swiglu", mode, group, torch.float32, "cpu")
     x, weights = torch.randn(n, dim), torch.rand(n * k)
     expert_idx, token_idx = torch.randint(0, e, (n * k,)), torch.arange(n).repeat_interleave(k)
     parts = [(w, None, None) if mode == "none" else (w.codes, w.scale, w.offset) for w in (w_in, w_out)]
@@ -116,8 +131,15 @@ def test_reference_matches_the_slot_loop(mode, group):
 # ---- the MoE layer ---------------------------------------------------------------------------------------------
 LAYERS = {
     "softmax": dict(num_experts=4, top_k=2),
-    "sigmoid_groups_shared_gate": dict(num_experts=8, top_k=3, router="sigmoid", num_groups=4, topk_groups=2,
-                                       num_shared_experts=1, shared_expert_gate=True),
+    "sigmoid_groups_shared_gate": dict(
+        num_experts=8,
+        top_k=3,
+        router="sigmoid",
+        num_groups=4,
+        topk_groups=2,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+    ),
     "gelu_top1": dict(num_experts=3, top_k=1, activation="gelu", norm_topk_prob=False),
     "expert_choice": dict(num_experts=4, top_k=2, router="expert_choice", dispatcher="capacity", capacity_factor=1.0),
 }
@@ -126,7 +148,9 @@ SHAPES = [(1, 1), (3, 1), (2, 7), (4, 16)]  # decode batches up to FUSED_MAX_TOK
 
 def make_layer(name: str, dim: int = 32, ffn_dim: int = 48, capacity_factor: float | None = None) -> MoE:
     torch.manual_seed(len(name))
-    cfg = LAYERS[name] | ({} if capacity_factor is None else dict(dispatcher="capacity", capacity_factor=capacity_factor))
+    cfg = LAYERS[name] | (
+        {} if capacity_factor is None else dict(dispatcher="capacity", capacity_factor=capacity_factor)
+    )
     return MoE(dim, MoEConfig(ffn_dim=ffn_dim, **cfg)).eval()
 
 
@@ -177,10 +201,19 @@ PATHS = [  # the reference implementation on CPU, the kernels on CPU (interprete
 
 @pytest.mark.parametrize("device,kernels", PATHS)
 @pytest.mark.parametrize("mode,group", [("int8", 128), ("int4", 32)])
-@pytest.mark.parametrize("name,capacity_factor", [("softmax", None), ("softmax", 0.5), ("gelu_top1", None),
-                                                   ("sigmoid_groups_shared_gate", None), ("expert_choice", None)])
-def test_quantized_experts_equal_the_reference_on_their_dequantised_weights(name, capacity_factor, mode, group,
-                                                                            device, kernels, monkeypatch):
+@pytest.mark.parametrize(
+    "name,capacity_factor",
+    [
+        ("softmax", None),
+        ("softmax", 0.5),
+        ("gelu_top1", None),
+        ("sigmoid_groups_shared_gate", None),
+        ("expert_choice", None),
+    ],
+)
+def test_quantized_experts_equal_the_reference_on_their_dequantised_weights(
+    name, capacity_factor, mode, group, device, kernels, monkeypatch
+):
     """Every forward of quantized experts is fused, any batch and layout: padding, capacity drops, expert choice;
     with or without gradients (the reference path then)."""
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", kernels)

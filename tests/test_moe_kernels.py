@@ -131,8 +131,9 @@ def test_layer_with_triton_ops_compiles_in_one_graph_and_matches_eager(monkeypat
 
     device = triton_device()
     if device == "cpu":  # the interpreter: route CPU tensors to the Triton ops too
-        monkeypatch.setattr(kernels, "triton_kernels",
-                            lambda x: triton_kernels.OPS if torch.compiler.is_compiling() else triton_kernels)
+        monkeypatch.setattr(
+            kernels, "triton_kernels", lambda x: triton_kernels.OPS if torch.compiler.is_compiling() else triton_kernels
+        )
     torch.manual_seed(0)
     # bf16: the grouped GEMM's meta function (what compile traces with) only takes bf16
     layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=8, backend="grouped")).to(device, torch.bfloat16)

@@ -100,22 +100,47 @@ SCALINGS = {
     "linear": {"type": "linear", "factor": 4.0},
     "dynamic": {"type": "dynamic", "factor": 2.0},
     "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
-    "yarn_mscale": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16,
-                    "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.707},
-    "yarn_attention_factor": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
-                              "attention_factor": 0.9, "truncate": False},
-    "llama3": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 128},
+    "yarn_mscale": {
+        "type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 16,
+        "beta_slow": 2,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.707,
+    },
+    "yarn_attention_factor": {
+        "type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 128,
+        "attention_factor": 0.9,
+        "truncate": False,
+    },
+    "llama3": {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    },
 }
 MAX_LEN = 256
 
 
 def _hf_rope(scaling, head_dim, partial=1.0):
-    params = {"rope_type": "default"} if scaling is None else {
-        ("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    params = (
+        {"rope_type": "default"}
+        if scaling is None
+        else {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    )
     params = {**params, "rope_theta": 10000.0, "partial_rotary_factor": partial}
-    kwargs = dict(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=MAX_LEN,
-                  rope_parameters=params)
+    kwargs = dict(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=MAX_LEN,
+        rope_parameters=params,
+    )
     if partial == 1.0:
         return LlamaRotaryEmbedding(transformers.LlamaConfig(**kwargs))
     kwargs.pop("head_dim")
@@ -155,8 +180,10 @@ def test_scalings_change_frequencies():
 
 
 def test_dynamic_ntk_only_beyond_original_length():
-    plain, dynamic = RotaryEmbedding(32, max_seq_len=64), RotaryEmbedding(32, max_seq_len=64,
-                                                                          scaling={"type": "dynamic", "factor": 2.0})
+    plain, dynamic = (
+        RotaryEmbedding(32, max_seq_len=64),
+        RotaryEmbedding(32, max_seq_len=64, scaling={"type": "dynamic", "factor": 2.0}),
+    )
     short, long = torch.arange(64)[None], torch.arange(65)[None]
     assert torch.equal(plain(short)[0], dynamic(short)[0])
     assert not torch.allclose(plain(long)[0], dynamic(long)[0])
@@ -165,9 +192,9 @@ def test_dynamic_ntk_only_beyond_original_length():
 def _rotate_pairs(x, positions, inv_freq):
     """Reference: treat (x[i], x[i + R/2]) as a complex number and multiply by exp(i * pos * inv_freq[i])."""
     half = inv_freq.numel()
-    z = torch.complex(x[..., :half].double(), x[..., half:2 * half].double())
+    z = torch.complex(x[..., :half].double(), x[..., half : 2 * half].double())
     z = z * torch.polar(torch.ones(()).double(), positions[:, None, :, None].double() * inv_freq.double())
-    return torch.cat([z.real, z.imag, x[..., 2 * half:].double()], dim=-1)
+    return torch.cat([z.real, z.imag, x[..., 2 * half :].double()], dim=-1)
 
 
 @pytest.mark.parametrize("rotary_dim", [16, 8])
@@ -203,12 +230,15 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(rotary_dim=7), "even"),
-    (dict(rotary_dim=8, scaling={"type": "ntk", "factor": 2.0}), "unknown rope scaling type"),
-    (dict(rotary_dim=8, scaling={"type": "llama3", "factor": 2.0}), "low_freq_factor"),
-    (dict(rotary_dim=8, scaling={"type": "linear", "factor": 2.0, "beta_fast": 3}), "beta_fast"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rotary_dim=7), "even"),
+        (dict(rotary_dim=8, scaling={"type": "ntk", "factor": 2.0}), "unknown rope scaling type"),
+        (dict(rotary_dim=8, scaling={"type": "llama3", "factor": 2.0}), "low_freq_factor"),
+        (dict(rotary_dim=8, scaling={"type": "linear", "factor": 2.0, "beta_fast": 3}), "beta_fast"),
+    ],
+)
 def test_rotary_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RotaryEmbedding(**kwargs)

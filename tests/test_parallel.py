@@ -34,10 +34,29 @@ def tiny_config(**overrides):
     from moeformer.layers.moe import MoEConfig
     from moeformer.models.config import ModelConfig
 
-    moe = MoEConfig(num_experts=4, top_k=2, ffn_dim=32, aux_loss_coef=0.01, z_loss_coef=0.001, backend="loop",
-                    num_shared_experts=1, shared_ffn_dim=32)
-    base = {"name": "tiny-moe-shrunk", "vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-            "ffn_dim": 64, "max_seq_len": 64, "moe": moe, "moe_layers": [1], "attn_backend": "eager"}
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        ffn_dim=32,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+        backend="loop",
+        num_shared_experts=1,
+        shared_ffn_dim=32,
+    )
+    base = {
+        "name": "tiny-moe-shrunk",
+        "vocab_size": 64,
+        "dim": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 64,
+        "max_seq_len": 64,
+        "moe": moe,
+        "moe_layers": [1],
+        "attn_backend": "eager",
+    }
     return ModelConfig(**{**base, **overrides})
 
 
@@ -88,13 +107,20 @@ def make_engine(model, stage: int, mpu_kwargs: dict, micro: int):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    param_groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
-                                                                         "name": "all"})
+    param_groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "all"}
+    )
     optimizer = torch.optim.AdamW(param_groups, lr=LR, weight_decay=0.0)
     dp = torch.distributed.get_world_size() if not mpu_kwargs else mpu_kwargs["mpu"].get_data_parallel_world_size()
-    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-              "train_batch_size": micro * dp, "zero_optimization": {"stage": stage},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1, "gradient_clipping": 0.0}
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * dp,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "gradient_clipping": 0.0,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, **mpu_kwargs)
     return engine
 
@@ -181,7 +207,7 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
     dp, dp_rank = groups.config.dp, dist.get_rank(groups.data)
     micro = BATCH // dp
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
-    micro_batches = [(ids[i * micro:(i + 1) * micro], targets[i * micro:(i + 1) * micro]) for i in range(dp)]
+    micro_batches = [(ids[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]) for i in range(dp)]
 
     ref_losses = reference_step(ref, micro_batches)
     ref_grads = {name: p.grad for name, p in ref.named_parameters()}
@@ -191,11 +217,14 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
     engine.backward(loss)  # reduces gradients over the data / expert-data groups
     grads = gathered_grads(model)
     grad_err = max(max_err(grads[name], ref_grads[name]) for name in ref_grads)
-    results[key] = {"loss_err": max_err(loss.detach(), ref_losses[dp_rank]), "grad_err": grad_err,
-                    "expert_module": type(model.layers[1].mlp.experts).__name__,
-                    "sharded": sorted(name for name, p in model.named_parameters() if hasattr(p, "shard")),
-                    "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
-                    "loss_scale": ref_losses.abs().max().item()}
+    results[key] = {
+        "loss_err": max_err(loss.detach(), ref_losses[dp_rank]),
+        "grad_err": grad_err,
+        "expert_module": type(model.layers[1].mlp.experts).__name__,
+        "sharded": sorted(name for name, p in model.named_parameters() if hasattr(p, "shard")),
+        "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+        "loss_scale": ref_losses.abs().max().item(),
+    }
 
     ref_curve = reference_curve(fresh(), micro_batches, STEPS)
     for stage in stages:
@@ -206,9 +235,9 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
         results[key][f"curve_zero{stage}"] = curve
     results[key]["ref_curve"] = ref_curve
     rebuild = lambda: parallelize(build_model(cfg, device=DEVICE), pc)
-    (results[key]["checkpoint_err"], results[key]["checkpoint_loss_err"],
-     results[key]["consolidate_err"]) = checkpoint_round_trip(engine, rebuild, stages[-1], work / key, ids[rows],
-                                                              targets[rows])
+    (results[key]["checkpoint_err"], results[key]["checkpoint_loss_err"], results[key]["consolidate_err"]) = (
+        checkpoint_round_trip(engine, rebuild, stages[-1], work / key, ids[rows], targets[rows])
+    )
 
     # reshard the trained parallel model back to one process (and into the same layout again)
     model.eval()
@@ -227,8 +256,9 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
         results[key]["reshard_to_single_err"] = max_err(single(ids[rows]).logits, logits)
         results[key]["reshard_from_single_err"] = max_err(again(ids[rows]).logits, logits)
         prompt, sampler = ids[rows][:, :5], lambda: torch.Generator(DEVICE).manual_seed(7)
-        results[key]["generate_equal"] = bool(torch.equal(model.generate(prompt, 6, generator=sampler()),
-                                                          single.generate(prompt, 6, generator=sampler())))
+        results[key]["generate_equal"] = bool(
+            torch.equal(model.generate(prompt, 6, generator=sampler()), single.generate(prompt, 6, generator=sampler()))
+        )
         results[key]["trained_moved"] = max_err(single(ids[rows]).logits, fresh()(ids[rows]).logits)
 
 
@@ -240,8 +270,16 @@ class RecordingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = None,
-                   checkpoint_interval: int = 0, packed_documents: bool = False, tp: int = 1, ep: int = 1) -> None:
+def check_pipeline(
+    cfg,
+    results: dict,
+    key: str,
+    partition_method: str | None = None,
+    checkpoint_interval: int = 0,
+    packed_documents: bool = False,
+    tp: int = 1,
+    ep: int = 1,
+) -> None:
     """pp=2 (x tp, x the rest of the world as dp) on DeepSpeed's PipelineEngine, 2 micro-batches per replica and
     step: first-step gradients, loss curve, and the stages' weights gathered into one CausalLM. partition_method
     None goes through `parallelize`."""
@@ -259,7 +297,7 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
     ids, targets = fixed_batch(cfg.vocab_size)
     dp, gas = dist.get_world_size() // (2 * tp), 2
     micro = BATCH // (dp * gas)
-    micro_batches = [(ids[i * micro:(i + 1) * micro], targets[i * micro:(i + 1) * micro]) for i in range(dp * gas)]
+    micro_batches = [(ids[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]) for i in range(dp * gas)]
     if packed_documents:
         micro_batches = [(packed(i), t) for i, t in micro_batches]
     reference_step(ref, micro_batches)
@@ -272,14 +310,21 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
     if partition_method is None:
         pipe, _ = parallelize(model, ParallelConfig(pp=2, tp=tp, ep=ep))
     else:
-        pipe = to_pipeline(model, 2, partition_method=partition_method,
-                           activation_checkpoint_interval=checkpoint_interval)
+        pipe = to_pipeline(
+            model, 2, partition_method=partition_method, activation_checkpoint_interval=checkpoint_interval
+        )
     dp_rank = pipe.mpu().get_data_parallel_rank()
-    mine = micro_batches[dp_rank * gas:(dp_rank + 1) * gas]
+    mine = micro_batches[dp_rank * gas : (dp_rank + 1) * gas]
     optimizer = RecordingAdamW(pipe.parameters(), lr=LR, weight_decay=0.0)
-    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas, "train_batch_size": BATCH,
-              "steps_per_print": 2**31 - 1, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
-              "pipeline": PIPELINE_CONFIG}
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": BATCH,
+        "steps_per_print": 2**31 - 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 0},
+        "pipeline": PIPELINE_CONFIG,
+    }
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=config)
     curve, grad_err, compared = [], 0.0, 0
     for step in range(STEPS):
@@ -300,19 +345,25 @@ def check_pipeline(cfg, results: dict, key: str, partition_method: str | None = 
         # eval_batch averages over the data-parallel replicas too
         single_loss = torch.stack([model_loss(single, i, t) for i, t in micro_batches]).mean().item()
     pipe_loss = engine.eval_batch(data_iter=iter(mine)).item()
-    results[key] = {"grad_err": err.item(), "grads_compared": count.item(),
-                    "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
-                    "num_params": len(list(model.parameters())), "curve": curve, "ref_curve": ref_curve,
-                    "reshard_loss_err": abs(single_loss - pipe_loss), "loss_scale": abs(single_loss),
-                    "trained_moved": abs(single_loss - ref_curve[0])}
+    results[key] = {
+        "grad_err": err.item(),
+        "grads_compared": count.item(),
+        "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+        "num_params": len(list(model.parameters())),
+        "curve": curve,
+        "ref_curve": ref_curve,
+        "reshard_loss_err": abs(single_loss - pipe_loss),
+        "loss_scale": abs(single_loss),
+        "trained_moved": abs(single_loss - ref_curve[0]),
+    }
 
 
 def check_expert_layer(results: dict) -> None:
     """The all-to-all dispatcher with this rank's experts against the local dispatcher with all of them, on fresh
     random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
-    other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every rank. Expert gradients are compared with the
-    sum over ranks of the plain layer's gradients (each rank's tokens reach every rank's experts). Also counts the
-    host syncs of one forward and backward of each."""
+    other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every
+    rank. Expert gradients are compared with the sum over ranks of the plain layer's gradients (each rank's tokens
+    reach every rank's experts). Also counts the host syncs of one forward and backward of each."""
     import torch.distributed as dist
 
     from moeformer.layers import triton_dispatch
@@ -323,18 +374,26 @@ def check_expert_layer(results: dict) -> None:
 
     groups = init_parallel_groups(ParallelConfig(ep=2))
     rank = dist.get_rank(groups.expert)
-    cases = {"fp32": (24, 4, 2, torch.float32, None, False), "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
-             "fp32_skewed": (9, 8, 2, torch.float32, None, True), "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
-             "bf16": (40, 4, 2, torch.bfloat16, None, False),
-             "fp32_kernels": (13, 4, 2, torch.float32, None, False), "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False)}
+    cases = {
+        "fp32": (24, 4, 2, torch.float32, None, False),
+        "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
+        "fp32_skewed": (9, 8, 2, torch.float32, None, True),
+        "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
+        "bf16": (40, 4, 2, torch.bfloat16, None, False),
+        "fp32_kernels": (13, 4, 2, torch.float32, None, False),
+        "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False),
+    }
     errs = {}
     for seed, (case, (n, num_experts, k, dtype, capacity, skewed)) in enumerate(cases.items()):
         triton_dispatch.interpret_on_cpu = "kernels" in case and triton_dispatch.INTERPRETER
         torch.manual_seed(seed)  # same expert weights on every rank
         plain = Experts(num_experts, 16, 8, "swiglu", "grouped" if DEVICE.type == "cpu" else "auto").to(DEVICE, dtype)
         parallel = ExpertParallelExperts(copy.deepcopy(plain), groups)
-        local = DroplessDispatcher(num_experts) if capacity is None else \
-            CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))  # ceil(...) = capacity
+        local = (
+            DroplessDispatcher(num_experts)
+            if capacity is None
+            else CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))
+        )  # ceil(...) = capacity
         dispatchers = (local, AllToAllDispatcher(local, groups.expert))
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
@@ -360,15 +419,20 @@ def check_expert_layer(results: dict) -> None:
             full = full.float().clone()
             dist.all_reduce(full, group=groups.expert)
             expert_grads.append(full.chunk(2)[rank])
-        errs[case] = {"out": max_err(outs[0][0], outs[1][0]), "x_grad": max_err(grads[0][0], grads[1][0]),
-                      "weight_grad": max_err(grads[0][1], grads[1][1]),
-                      "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, grads[1][2:])),
-                      "out_scale": outs[0][0].abs().max().item(), "x_grad_scale": grads[0][0].abs().max().item(),
-                      "weight_grad_scale": grads[0][1].abs().max().item(),
-                      "expert_grad_scale": max(g.abs().max().item() for g in expert_grads),
-                      "dropped": int(outs[1][2]), "host_syncs": syncs if DEVICE.type == "cpu" else None,
-                      "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
-                      "scale": x.abs().max().item()}
+        errs[case] = {
+            "out": max_err(outs[0][0], outs[1][0]),
+            "x_grad": max_err(grads[0][0], grads[1][0]),
+            "weight_grad": max_err(grads[0][1], grads[1][1]),
+            "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, grads[1][2:])),
+            "out_scale": outs[0][0].abs().max().item(),
+            "x_grad_scale": grads[0][0].abs().max().item(),
+            "weight_grad_scale": grads[0][1].abs().max().item(),
+            "expert_grad_scale": max(g.abs().max().item() for g in expert_grads),
+            "dropped": int(outs[1][2]),
+            "host_syncs": syncs if DEVICE.type == "cpu" else None,
+            "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
+            "scale": x.abs().max().item(),
+        }
     triton_dispatch.interpret_on_cpu = False
     results["expert_layer"] = errs
 
@@ -388,12 +452,17 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
     triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
     backend = "grouped" if DEVICE.type == "cpu" else "auto"
     errs = {}
-    for seed, (case, dtype, dispatch) in enumerate([("fp32", torch.float32, {}), ("bf16", torch.bfloat16, {}),
-                                                    ("fp32_capacity", torch.float32,
-                                                     {"dispatcher": "capacity", "capacity_factor": 0.6})]):
+    for seed, (case, dtype, dispatch) in enumerate(
+        [
+            ("fp32", torch.float32, {}),
+            ("bf16", torch.bfloat16, {}),
+            ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}),
+        ]
+    ):
         torch.manual_seed(seed)
-        config = MoEConfig(num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1, shared_ffn_dim=16,
-                           backend=backend, **dispatch)
+        config = MoEConfig(
+            num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1, shared_ffn_dim=16, backend=backend, **dispatch
+        )
         single = MoE(16, config).to(DEVICE, dtype)
         sharded = copy.deepcopy(single)
         apply_expert_parallel(sharded, groups)
@@ -411,11 +480,13 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
             full = grads[0][name].float().clone()
             dist.all_reduce(full, group=groups.expert)
             grads[0][name] = full.chunk(2)[rank]
-        errs[case] = {"out": max_err(outs[0][0], outs[1][0]), "out_scale": outs[0][0].abs().max().item(),
-                      "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
-                      "dropped": int(outs[1][2]),
-                      "grads": {n: [max_err(grads[0][n], grads[1][n]), grads[0][n].abs().max().item()]
-                                for n in grads[0]}}
+        errs[case] = {
+            "out": max_err(outs[0][0], outs[1][0]),
+            "out_scale": outs[0][0].abs().max().item(),
+            "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
+            "dropped": int(outs[1][2]),
+            "grads": {n: [max_err(grads[0][n], grads[1][n]), grads[0][n].abs().max().item()] for n in grads[0]},
+        }
     triton_dispatch.interpret_on_cpu = False
     results["expert_parallel_moe_layer"] = errs
 
@@ -425,8 +496,10 @@ def check_unsupported(results: dict) -> None:
     from moeformer.models.model import build_model
     from moeformer.parallel import ParallelConfig, parallelize
 
-    cases = {"qk_norm_full": (ParallelConfig(tp=2), tiny_config(qk_norm="full")),
-             "pp_ep_on_two_ranks": (ParallelConfig(pp=2, ep=2), tiny_config())}
+    cases = {
+        "qk_norm_full": (ParallelConfig(tp=2), tiny_config(qk_norm="full")),
+        "pp_ep_on_two_ranks": (ParallelConfig(pp=2, ep=2), tiny_config()),
+    }
     results["unsupported"] = {}
     for case, (pc, cfg) in cases.items():
         model = build_model(cfg, device=DEVICE)
@@ -437,7 +510,8 @@ def check_unsupported(results: dict) -> None:
         except (NotImplementedError, ValueError) as e:
             message = str(e)
         unchanged = model.state_dict().keys() == before.keys() and all(
-            v.shape == before[k].shape for k, v in model.state_dict().items())
+            v.shape == before[k].shape for k, v in model.state_dict().items()
+        )
         results["unsupported"][case] = {"message": message, "unchanged": unchanged}
 
 
@@ -452,8 +526,11 @@ def check_parallel_cross_entropy(results: dict) -> None:
     group = dist.new_group(list(range(dist.get_world_size())))
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     errs = {}
-    for dtype, n, vocab, chunk in ((torch.float32, 7, 8, 4096), (torch.float32, 33, 64, 5),
-                                   (torch.bfloat16, 20, 32, 8)):
+    for dtype, n, vocab, chunk in (
+        (torch.float32, 7, 8, 4096),
+        (torch.float32, 33, 64, 5),
+        (torch.bfloat16, 20, 32, 8),
+    ):
         g = torch.Generator().manual_seed(n)
         hidden = torch.randn(n, 16, generator=g).to(DEVICE, dtype).requires_grad_()
         weight = (torch.randn(vocab, 16, generator=g) / 2).to(DEVICE, dtype).requires_grad_()
@@ -468,11 +545,13 @@ def check_parallel_cross_entropy(results: dict) -> None:
         got.backward()
         logits = head(hidden.detach())
         errs[f"{dtype}_{n}x{vocab}_chunk{chunk}"] = {
-            "loss": max_err(got, want), "loss_scale": want.abs().item(),
+            "loss": max_err(got, want),
+            "loss_scale": want.abs().item(),
             "grad": max(max_err(h.grad, hidden.grad), max_err(head.weight.grad, weight.grad.chunk(size)[rank])),
             "grad_scale": max(hidden.grad.abs().max().item(), weight.grad.abs().max().item()),
             "logits": max_err(logits, F.linear(hidden.detach(), weight.detach())),
-            "logits_scale": F.linear(hidden.detach(), weight.detach()).abs().max().item()}
+            "logits_scale": F.linear(hidden.detach(), weight.detach()).abs().max().item(),
+        }
     results["parallel_ce"] = errs
 
 
@@ -496,18 +575,26 @@ def run_scenario(name: str, out: Path) -> None:
         check_layout(ParallelConfig(ep=2), tiny_config(), results, "ep2", out.parent, checkpointing="full")
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2", out.parent, stages=(0,))
         mqa_tied = tiny_config(n_kv_heads=1, tie_embeddings=True, attn_bias=True, mlp_bias=True)  # biases too
-        check_layout(ParallelConfig(tp=2), mqa_tied, results, "tp2_mqa_tied", out.parent,
-                     stages=(0,), checkpointing="full")
-        check_layout(ParallelConfig(tp=2, expert_tp=True), tiny_config(), results, "tp2_expert_tp", out.parent,
-                     stages=(0,))
+        check_layout(
+            ParallelConfig(tp=2), mqa_tied, results, "tp2_mqa_tied", out.parent, stages=(0,), checkpointing="full"
+        )
+        check_layout(
+            ParallelConfig(tp=2, expert_tp=True), tiny_config(), results, "tp2_expert_tp", out.parent, stages=(0,)
+        )
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2_same_ranks", out.parent, stages=(0,))
         check_parallel_cross_entropy(results)
         check_expert_layer(results)
         check_expert_parallel_moe_layer(results)
         check_unsupported(results)
         check_pipeline(tiny_config(), results, "pp2")
-        check_pipeline(tiny_config(tie_embeddings=True, n_layers=4, moe_layers=[1, 2]), results, "pp2_tied", "blocks",
-                       checkpoint_interval=1, packed_documents=True)
+        check_pipeline(
+            tiny_config(tie_embeddings=True, n_layers=4, moe_layers=[1, 2]),
+            results,
+            "pp2_tied",
+            "blocks",
+            checkpoint_interval=1,
+            packed_documents=True,
+        )
     elif name == "four_ranks":
         check_layout(ParallelConfig(ep=2), tiny_config(), results, "ep2_dp2", out.parent)
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2_dp2", out.parent, stages=(0, 2))
@@ -530,8 +617,18 @@ def launch(scenario: str, nproc: int, out: Path, gpus: bool = False) -> dict:
     env = worker_env(OMP_NUM_THREADS="1")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), __file__, scenario, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        scenario,
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"{scenario} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -554,7 +651,6 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return launch("four_ranks", 4, tmp_path_factory.mktemp("parallel") / "four_ranks.json")
-
 
 
 def assert_layout(result: dict, stages=(0, 2)) -> None:
@@ -583,14 +679,17 @@ def test_parallel_config_resolves_data_parallel_size():
     assert ParallelConfig(ep=2, tp=2).resolve(8).expert_data_parallel_size == 4
 
 
-@pytest.mark.parametrize("config, world, message", [
-    ({"tp": 3}, 4, "world size 4 is not divisible by tp=3"),
-    ({"tp": 2, "pp": 2}, 6, "world size 6 is not divisible by tp=2 \\* pp=2"),
-    ({"ep": 3, "tp": 2}, 4, "ep=3 does not divide dp \\* tp = 4"),
-    ({"dp": 3, "tp": 2}, 4, "dp=3 \\* tp=2 \\* pp=1 = 6 != world size 4"),
-    ({"ep": 0}, 4, "parallel.ep must be >= 1"),
-    ({"expert_tp": True}, 4, "expert_tp needs tp > 1 and ep = 1"),
-])
+@pytest.mark.parametrize(
+    "config, world, message",
+    [
+        ({"tp": 3}, 4, "world size 4 is not divisible by tp=3"),
+        ({"tp": 2, "pp": 2}, 6, "world size 6 is not divisible by tp=2 \\* pp=2"),
+        ({"ep": 3, "tp": 2}, 4, "ep=3 does not divide dp \\* tp = 4"),
+        ({"dp": 3, "tp": 2}, 4, "dp=3 \\* tp=2 \\* pp=1 = 6 != world size 4"),
+        ({"ep": 0}, 4, "parallel.ep must be >= 1"),
+        ({"expert_tp": True}, 4, "expert_tp needs tp > 1 and ep = 1"),
+    ],
+)
 def test_parallel_config_rejects_sizes_that_do_not_fit_the_world(config, world, message):
     from moeformer.parallel import ParallelConfig
 
@@ -598,14 +697,17 @@ def test_parallel_config_rejects_sizes_that_do_not_fit_the_world(config, world, 
         ParallelConfig(**config).resolve(world)
 
 
-@pytest.mark.parametrize("config, model, message", [
-    ({"ep": 3}, {}, "ep=3 does not divide num_experts=4"),
-    ({"ep": 2}, {"moe": None, "moe_layers": None}, "ep=2 needs a MoE model"),
-    ({"tp": 8}, {}, "tp=8 does not divide n_heads=4"),
-    ({"tp": 3}, {"n_heads": 6, "n_kv_heads": 2, "head_dim": 8}, "tp=3 and n_kv_heads=2: one must divide the other"),
-    ({"tp": 2}, {"vocab_size": 63}, "tp=2 does not divide vocab_size=63"),
-    ({"pp": 3}, {}, "pp=3 does not divide n_layers=2"),
-])
+@pytest.mark.parametrize(
+    "config, model, message",
+    [
+        ({"ep": 3}, {}, "ep=3 does not divide num_experts=4"),
+        ({"ep": 2}, {"moe": None, "moe_layers": None}, "ep=2 needs a MoE model"),
+        ({"tp": 8}, {}, "tp=8 does not divide n_heads=4"),
+        ({"tp": 3}, {"n_heads": 6, "n_kv_heads": 2, "head_dim": 8}, "tp=3 and n_kv_heads=2: one must divide the other"),
+        ({"tp": 2}, {"vocab_size": 63}, "tp=2 does not divide vocab_size=63"),
+        ({"pp": 3}, {}, "pp=3 does not divide n_layers=2"),
+    ],
+)
 def test_parallel_config_names_the_model_size_that_does_not_divide(config, model, message):
     from moeformer.parallel import ParallelConfig
 
@@ -622,9 +724,15 @@ def test_expert_parallel_matches_single_process(two_ranks):
 @pytest.mark.distributed
 def test_tensor_parallel_matches_single_process(two_ranks):
     sharded = two_ranks["tp2"]["sharded"]
-    for name in ("tok_embeddings.weight", "lm_head.weight", "layers.0.attn.q_proj.weight",
-                 "layers.0.attn.k_proj.weight", "layers.0.attn.o_proj.weight", "layers.0.mlp.down_proj.weight",
-                 "layers.1.mlp.shared_expert.up_proj.weight"):
+    for name in (
+        "tok_embeddings.weight",
+        "lm_head.weight",
+        "layers.0.attn.q_proj.weight",
+        "layers.0.attn.k_proj.weight",
+        "layers.0.attn.o_proj.weight",
+        "layers.0.mlp.down_proj.weight",
+        "layers.1.mlp.shared_expert.up_proj.weight",
+    ):
         assert name in sharded, name
     assert "layers.1.mlp.experts.w_in" not in sharded  # routed experts stay whole without expert_tp
     assert_layout(two_ranks["tp2"], stages=(0,))

@@ -83,8 +83,13 @@ def test_pipeline_lets_compiled_flex_attention_backpropagate_twice(monkeypatch):
     from moeformer.parallel.pipeline import to_pipeline
 
     monkeypatch.setattr(functorch_config, "donated_buffer", True)  # torch's default; restored afterwards
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(_free_port())}.items():
+    for name, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
         monkeypatch.setenv(name, value)  # a world of one, without leaving it in this process's environment
     torch.manual_seed(0)
     init_distributed()

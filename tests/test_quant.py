@@ -27,8 +27,12 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton kernels run on CUDA, or on CPU through the interpreter (tests/conftest.py turns it on without CUDA)
 KERNEL_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not (HAS_TRITON and triton_dispatch.INTERPRETER),
-                                                 reason="needs triton's interpreter (TRITON_INTERPRET=1)")),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not (HAS_TRITON and triton_dispatch.INTERPRETER), reason="needs triton's interpreter (TRITON_INTERPRET=1)"
+        ),
+    ),
     pytest.param("cuda", marks=gpu),
 ]
 # One unit in the last place of the output: bf16 rounds to nearest on GPUs, the interpreter truncates (< 1 ulp).
@@ -61,8 +65,10 @@ def magnitude(codes, scale, offset, mode: str, group: int) -> torch.Tensor:
 def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
     excess = (out.double() - ref.double()).abs() - bound.double()
     worst = excess.argmax()
-    assert excess.max() <= 0, (f"error {(out.double() - ref.double()).abs().flatten()[worst]:.3g} exceeds bound "
-                               f"{bound.flatten()[worst]:.3g} at {worst.item()}")
+    assert excess.max() <= 0, (
+        f"error {(out.double() - ref.double()).abs().flatten()[worst]:.3g} exceeds bound "
+        f"{bound.flatten()[worst]:.3g} at {worst.item()}"
+    )
 
 
 # ---- formats ---------------------------------------------------------------------------------------------------
@@ -145,7 +151,10 @@ def test_int4_packing_is_split_halves_per_group():
 
 # ---- the Triton matmul -----------------------------------------------------------------------------------------
 MATMUL_CASES = [  # (M, N, K, mode, group): M spans the GEMV, decode and prefill tiles, N and K off the block sizes
-    (1, 40, 96, "int8", 0), (3, 70, 200, "int8", 0), (16, 33, 256, "int8", 0), (64, 20, 130, "int8", 0),
+    (1, 40, 96, "int8", 0),
+    (3, 70, 200, "int8", 0),
+    (16, 33, 256, "int8", 0),
+    (64, 20, 130, "int8", 0),
     (200, 65, 72, "int8", 0),
 ] + [  # int4: every group size at each tile kind; 8 groups at M = 1 split K
     (m, 17 + 8 * i, (8 if m == 1 else 3) * group, "int4", group)
@@ -166,8 +175,7 @@ def check_matmul(device: str, dtype: torch.dtype, m: int, n: int, k: int, mode: 
     if out.dim() == 3:  # a split K: fp32 partial products
         assert triton_kernels.matmul_config(m, n, k, bits, group).split == out.shape[0] > 1
         out = out.sum(0) + (0 if bias is None else bias.float())
-    ref = quant_matmul_reference(x.float(), codes, scale, offset, None if bias is None else bias.float(), mode,
-                                 group)
+    ref = quant_matmul_reference(x.float(), codes, scale, offset, None if bias is None else bias.float(), mode, group)
     mag = x.float().abs() @ magnitude(codes, scale, offset, mode, group).t()
     bound = OUTPUT_ULP[dtype] * ref.abs() + (k * ACCUMULATION_UNIT + weight_unit(mode, dtype)) * mag
     assert_within(out.float(), ref, bound)
@@ -265,7 +273,8 @@ def test_quantize_covers_the_right_layers():
     assert "layers.0.mlp.shared_expert.down_proj.weight" in names and "lm_head.weight" in names
     assert isinstance(model.layers[0].mlp.shared_expert_gate, torch.nn.Linear)  # tiny gates stay full precision
     assert model.layers[0].mlp.router.weight.dtype == torch.float32 and not any(
-        p.requires_grad for p in model.parameters())
+        p.requires_grad for p in model.parameters()
+    )
     assert model.config.quantization == {"mode": "int8", "group_size": 128}
     tied = quantize(build_model(tiny(tie_embeddings=True)), "int4", 32)
     assert "lm_head.weight" not in quantized_weights(tied)  # tied to the embeddings: kept
@@ -324,10 +333,13 @@ def test_weight_memory_of_an_olmoe_shaped_model():
     assert int8 <= 0.55 * bf16 and int4 <= 0.30 * bf16, (int8 / bf16, int4 / bf16)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(mode="int3"), "unknown quantization mode"),
-    (dict(mode="int4", group_size=48), "group_size must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mode="int3"), "unknown quantization mode"),
+        (dict(mode="int4", group_size=48), "group_size must be one of"),
+    ],
+)
 def test_bad_quantization_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quantize(build_model(tiny()), **kwargs)
@@ -346,8 +358,10 @@ def test_quantizing_twice_is_an_error():
         quantize(model, "int4")
 
 
-@pytest.mark.parametrize("record", [{"mode": "int2"}, {"mode": "int4", "group_size": 100}, {"group_size": 32},
-                                    {"mode": "int8", "bits": 8}, "int8"])
+@pytest.mark.parametrize(
+    "record",
+    [{"mode": "int2"}, {"mode": "int4", "group_size": 100}, {"group_size": 32}, {"mode": "int8", "bits": 8}, "int8"],
+)
 def test_bad_quantization_record_in_config(record):
     with pytest.raises(ValueError):
         tiny(quantization=record)

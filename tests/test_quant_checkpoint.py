@@ -97,9 +97,13 @@ def test_loading_quantized_keeps_peak_memory_near_the_quantized_size(tmp_path):
     full_bytes = sum(f.stat().st_size for f in (tmp_path / "ck").glob("*.safetensors"))
 
     def peak(mode: str) -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "ck"), mode, str(tmp_path / "small")],
-                              env=worker_env(MALLOC_MMAP_THRESHOLD_="1048576"),  # freed tensors leave at once
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK, str(tmp_path / "ck"), mode, str(tmp_path / "small")],
+            env=worker_env(MALLOC_MMAP_THRESHOLD_="1048576"),  # freed tensors leave at once
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return tuple(int(v) for v in done.stdout.split())
 
     full_peak, _ = peak("")
@@ -108,4 +112,5 @@ def test_loading_quantized_keeps_peak_memory_near_the_quantized_size(tmp_path):
     assert full_peak > 0.9 * full_bytes
     assert int4_size < 0.2 * full_bytes
     assert int4_peak < int4_size + 2 * largest + 16 * 2**20, json.dumps(
-        {"int4_peak": int4_peak, "int4_size": int4_size, "largest": largest, "full": full_bytes})
+        {"int4_peak": int4_peak, "int4_size": int4_size, "largest": largest, "full": full_bytes}
+    )

@@ -34,27 +34,64 @@ def exported(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     prepare_corpus(root / "data", max_files=4, val_fraction=0.5)
     torch.manual_seed(0)
-    config = ModelConfig.from_name("tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258,
-                                   moe={"ffn_dim": 64}, max_seq_len=256)
+    config = ModelConfig.from_name(
+        "tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258, moe={"ffn_dim": 64}, max_seq_len=256
+    )
     build_model(config).save_pretrained(root / "model", format="native")
     shutil.copyfile(root / "data" / "meta.json", root / "model" / "meta.json")
     return root
 
 
 def test_generate_script_native_export(exported, capsys):
-    texts = script("generate").main(["--model", str(exported / "model"), "--prompt", "def ", "--num-samples", "2",
-                                     "--max-new-tokens", "6", "--temperature", "0"])
+    texts = script("generate").main(
+        [
+            "--model",
+            str(exported / "model"),
+            "--prompt",
+            "def ",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert len(texts) == 2 and texts[0] == texts[1]  # greedy: both rows alike
     assert out.count("---- sample") == 2 and "tokens/s" in out
-    quantized = script("generate").main(["--model", str(exported / "model"), "--prompt", "def ", "--num-samples",
-                                         "1", "--max-new-tokens", "4", "--quantize", "int8", "--temperature", "0"])
+    quantized = script("generate").main(
+        [
+            "--model",
+            str(exported / "model"),
+            "--prompt",
+            "def ",
+            "--num-samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--quantize",
+            "int8",
+            "--temperature",
+            "0",
+        ]
+    )
     assert len(quantized) == 1
 
 
 def test_eval_loss_script_scores_every_window_and_int8_stays_close(exported, capsys):
-    args = ["--model", str(exported / "model"), "--data", str(exported / "data"), "--dtype", "fp32", "--seq-len",
-            "64", "--batch", "8"]
+    args = [
+        "--model",
+        str(exported / "model"),
+        "--data",
+        str(exported / "data"),
+        "--dtype",
+        "fp32",
+        "--seq-len",
+        "64",
+        "--batch",
+        "8",
+    ]
     full = script("eval_loss").main(args)
     int8 = script("eval_loss").main(args + ["--quantize", "int8"])
     meta = json.loads((exported / "data" / "meta.json").read_text())
@@ -76,8 +113,9 @@ def test_generate_script_hugging_face_checkpoint_with_its_tokenizer(tmp_path, ca
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tokenizer.add_special_tokens(["<s>", "</s>"])
-    config = ModelConfig.from_name("tiny-dense", n_layers=1, dim=32, n_heads=2, ffn_dim=64, vocab_size=len(words),
-                                   max_seq_len=64)
+    config = ModelConfig.from_name(
+        "tiny-dense", n_layers=1, dim=32, n_heads=2, ffn_dim=64, vocab_size=len(words), max_seq_len=64
+    )
     build_model(config).save_pretrained(tmp_path / "hf", format="hf")
     tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -85,8 +123,20 @@ def test_generate_script_hugging_face_checkpoint_with_its_tokenizer(tmp_path, ca
 
     loaded = load_tokenizer(tmp_path / "hf")
     assert loaded.encode_prompt("hello world") == [0, 2, 3] and loaded.eos_id == 1
-    texts = script("generate").main(["--model", str(tmp_path / "hf"), "--prompt", "hello", "--num-samples", "1",
-                                     "--max-new-tokens", "3", "--temperature", "0"])
+    texts = script("generate").main(
+        [
+            "--model",
+            str(tmp_path / "hf"),
+            "--prompt",
+            "hello",
+            "--num-samples",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ]
+    )
     # the prompt, then the decoded new tokens (WordLevel joins them with spaces, none after the prompt); special
     # tokens are not printed
     assert len(texts) == 1 and texts[0].startswith("hello")

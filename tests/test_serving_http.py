@@ -41,14 +41,22 @@ TOO_LONG = "y" * MAX_SEQ_LEN
 
 
 def tiny_moe(max_seq_len: int = MAX_SEQ_LEN) -> ModelConfig:
-    return ModelConfig.from_name("tiny-moe", n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=258,
-                                 moe={"ffn_dim": 64}, max_seq_len=max_seq_len)
+    return ModelConfig.from_name(
+        "tiny-moe",
+        n_layers=2,
+        dim=64,
+        n_heads=4,
+        ffn_dim=128,
+        vocab_size=258,
+        moe={"ffn_dim": 64},
+        max_seq_len=max_seq_len,
+    )
 
 
 def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
     """The reference: `model.generate` alone on the prompt, decoded."""
     ids = torch.tensor([tokenizer.encode_prompt(prompt)], device=next(model.parameters()).device)
-    out = model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1]:].cpu()
+    out = model.generate(ids, max_tokens, temperature=0.0)[0, ids.shape[1] :].cpu()
     return tokenizer.decode(out[out < tokenizer.vocab_size].tolist())
 
 
@@ -127,25 +135,34 @@ def test_completion_is_the_models_greedy_text_for_a_string_or_token_ids(served):
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
     assert out.object == "text_completion" and out.model == "tiny" and out.id.startswith("cmpl-")
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
-        len(prompt_ids), 12, len(prompt_ids) + 12)
+        len(prompt_ids),
+        12,
+        len(prompt_ids) + 12,
+    )
     by_ids = served.client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=12, temperature=0)
     assert by_ids.choices[0].text == expected
 
 
 def test_streamed_chunks_join_to_the_completion_and_end_with_done(served):
     expected = served.greedy("import os", 10)
-    chunks = list(served.client.completions.create(model="tiny", prompt="import os", max_tokens=10, temperature=0,
-                                                   stream=True))
+    chunks = list(
+        served.client.completions.create(model="tiny", prompt="import os", max_tokens=10, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
-    body = {"prompt": "import os", "max_tokens": 10, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "import os",
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
-    data = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    data = [json.loads(line[len("data: ") :]) for line in events[:-1]]
     assert "".join(d["choices"][0]["text"] for d in data if d["choices"]) == expected
     assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 10
 
@@ -155,8 +172,9 @@ def test_several_prompts_give_one_choice_each(served):
     expected = [served.greedy(p, 8) for p in prompts]
     ids = [served.tokenizer.encode_prompt(p) for p in prompts]
     out = served.client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0)
-    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [(i, t, "length") for i, t in
-                                                                         enumerate(expected)]
+    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [
+        (i, t, "length") for i, t in enumerate(expected)
+    ]
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (sum(map(len, ids)), 3 * 8)
     texts, reasons = ["", "", ""], {}
     for chunk in served.client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, stream=True):
@@ -174,8 +192,20 @@ def test_several_prompts_give_one_choice_each(served):
 def test_concurrent_requests_each_get_their_own_greedy_text(served):
     """Three times as many clients as the engine's batch, streaming or not, a third of them leaving after their
     first event: some wait for a slot while others run or leave; every finished one gets its own greedy text."""
-    prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line", "x", "yield", "if x:", "[1, 2",
-               "return", "import sys", "def main():", "print("]
+    prompts = [
+        "a",
+        "class Foo:",
+        "for i in range(",
+        "# a much longer comment line",
+        "x",
+        "yield",
+        "if x:",
+        "[1, 2",
+        "return",
+        "import sys",
+        "def main():",
+        "print(",
+    ]
 
     async def ask(client: openai.AsyncOpenAI, i: int) -> str | None:
         body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 4 + 2 * i, "temperature": 0}
@@ -188,8 +218,9 @@ def test_concurrent_requests_each_get_their_own_greedy_text(served):
         return (await client.completions.create(**body)).choices[0].text
 
     async def ask_all() -> list[str | None]:
-        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0,
-                                      timeout=60) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60
+        ) as client:
             return await asyncio.gather(*(ask(client, i) for i in range(len(prompts))))
 
     texts = asyncio.run(ask_all())
@@ -208,10 +239,12 @@ def test_compiled_cuda_engine_serves_concurrent_greedy_texts(monkeypatch):
     model, tokenizer = build_model(tiny_moe()).cuda().eval(), ByteTokenizer()
     prompts = ["a", "class Foo:", "for i in range(", "# a much longer comment line"]
     with serving(Engine(model, max_batch=4, block_size=8, compile=True), tokenizer) as url:
+
         async def ask_all() -> list[str]:
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-            outs = await asyncio.gather(*(client.completions.create(model="tiny", prompt=p, max_tokens=16,
-                                                                    temperature=0) for p in prompts))
+            outs = await asyncio.gather(
+                *(client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0) for p in prompts)
+            )
             await client.close()
             return [o.choices[0].text for o in outs]
 
@@ -220,11 +253,18 @@ def test_compiled_cuda_engine_serves_concurrent_greedy_texts(monkeypatch):
 
 def test_seeded_sampling_repeats_and_top_k_is_applied(served):
     def sample(seed: int) -> str:
-        return served.client.completions.create(model="tiny", prompt="x = ", max_tokens=12, temperature=1.0,
-                                                top_p=0.9, seed=seed).choices[0].text
+        return (
+            served.client.completions.create(
+                model="tiny", prompt="x = ", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
+
     assert sample(3) == sample(3) and served.greedy("x = ", 12) != sample(3)
-    top1 = served.client.completions.create(model="tiny", prompt="x = ", max_tokens=12, temperature=1.0, seed=3,
-                                            extra_body={"top_k": 1})
+    top1 = served.client.completions.create(
+        model="tiny", prompt="x = ", max_tokens=12, temperature=1.0, seed=3, extra_body={"top_k": 1}
+    )
     assert top1.choices[0].text == served.greedy("x = ", 12)  # top_k (an extension) reaches the sampler
 
 
@@ -232,44 +272,52 @@ def test_stop_string_ends_the_text_before_it_and_frees_the_slot(served):
     full = served.greedy("def f(x):", 40)
     stop = full[10:12]  # a string the greedy text reaches after 10 characters (or earlier)
     start = full.find(stop)
-    out = served.client.completions.create(model="tiny", prompt="def f(x):", max_tokens=40, temperature=0,
-                                           stop=[stop, "\x00never"])
+    out = served.client.completions.create(
+        model="tiny", prompt="def f(x):", max_tokens=40, temperature=0, stop=[stop, "\x00never"]
+    )
     assert out.choices[0].text == full[:start] and out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens < 40
-    chunks = list(served.client.completions.create(model="tiny", prompt="def f(x):", max_tokens=40, temperature=0,
-                                                   stop=stop, stream=True))
+    chunks = list(
+        served.client.completions.create(
+            model="tiny", prompt="def f(x):", max_tokens=40, temperature=0, stop=stop, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == full[:start] and chunks[-1].choices[0].finish_reason == "stop"
     stats = served.wait_idle()
     assert stats["free_blocks"] == stats["total_blocks"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ('{"prompt": "a", "max_tokens": 4', None),  # malformed JSON
-    ('["a"]', None),  # not an object
-    ('{"max_tokens": 4}', "prompt"),  # missing
-    ('{"prompt": "a", "max_tokens": -1}', "max_tokens"),
-    ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
-    ('{"prompt": "a", "max_tokens": "4"}', "max_tokens"),  # wrong type, even when convertible
-    ('{"prompt": "a", "temperature": "hot"}', "temperature"),
-    ('{"prompt": "a", "temperature": Infinity}', "temperature"),  # Python's JSON reads it; not a temperature
-    ('{"prompt": "a", "top_p": 1.5}', "top_p"),
-    ('{"prompt": "a", "seed": 18446744073709551616}', "seed"),
-    ('{"prompt": "a", "stream": "yes"}', "stream"),
-    ('{"prompt": "a", "stop": ["ok", ""]}', "stop"),
-    ('{"prompt": [1, "b"]}', "prompt"),
-    ('{"prompt": [1, 300]}', "prompt"),  # outside the vocabulary
-    ('{"prompt": []}', "prompt"),
-    ('{"prompt": [[1, 2], []]}', "prompt"),
-    (json.dumps({"prompt": TOO_LONG}), "prompt"),  # longer than the context
-    (json.dumps({"prompt": TOO_LONG, "stream": True}), "prompt"),  # refused before any event is sent
-    (json.dumps({"prompt": TOO_LONG[:80], "max_tokens": 30}), "max_tokens"),  # no room left for max_tokens
-    ('{"prompt": "a", "model": "gpt-4"}', "model"),
-    ('{"prompt": "a", "n": 2}', "n"),
-    ('{"prompt": "a", "logprobs": 2}', "logprobs"),  # not supported: refused, never ignored
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ('{"prompt": "a", "max_tokens": 4', None),  # malformed JSON
+        ('["a"]', None),  # not an object
+        ('{"max_tokens": 4}', "prompt"),  # missing
+        ('{"prompt": "a", "max_tokens": -1}', "max_tokens"),
+        ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
+        ('{"prompt": "a", "max_tokens": "4"}', "max_tokens"),  # wrong type, even when convertible
+        ('{"prompt": "a", "temperature": "hot"}', "temperature"),
+        ('{"prompt": "a", "temperature": Infinity}', "temperature"),  # Python's JSON reads it; not a temperature
+        ('{"prompt": "a", "top_p": 1.5}', "top_p"),
+        ('{"prompt": "a", "seed": 18446744073709551616}', "seed"),
+        ('{"prompt": "a", "stream": "yes"}', "stream"),
+        ('{"prompt": "a", "stop": ["ok", ""]}', "stop"),
+        ('{"prompt": [1, "b"]}', "prompt"),
+        ('{"prompt": [1, 300]}', "prompt"),  # outside the vocabulary
+        ('{"prompt": []}', "prompt"),
+        ('{"prompt": [[1, 2], []]}', "prompt"),
+        (json.dumps({"prompt": TOO_LONG}), "prompt"),  # longer than the context
+        (json.dumps({"prompt": TOO_LONG, "stream": True}), "prompt"),  # refused before any event is sent
+        (json.dumps({"prompt": TOO_LONG[:80], "max_tokens": 30}), "max_tokens"),  # no room left for max_tokens
+        ('{"prompt": "a", "model": "gpt-4"}', "model"),
+        ('{"prompt": "a", "n": 2}', "n"),
+        ('{"prompt": "a", "logprobs": 2}', "logprobs"),  # not supported: refused, never ignored
+    ],
+)
 def test_bad_requests_are_400_naming_the_field(served, body, param):
-    response = httpx.post(f"{served.url}/v1/completions", content=body, timeout=60,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{served.url}/v1/completions", content=body, timeout=60, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
@@ -316,7 +364,7 @@ def test_an_engine_error_fails_the_running_request_and_serving_goes_on(served, s
     response = httpx.post(f"{served.url}/v1/completions", json=body, timeout=60)
     if stream:  # the status line was sent before the error: it ends the event stream
         assert response.status_code == 200 and "data: [DONE]" not in response.text
-        error = json.loads(response.text.strip().splitlines()[-1][len("data: "):])["error"]
+        error = json.loads(response.text.strip().splitlines()[-1][len("data: ") :])["error"]
     else:
         assert response.status_code == 500
         error = response.json()["error"]
@@ -358,11 +406,17 @@ def export(tmp_path_factory) -> Path:
     return root / "model"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/missing"], "checkpoint directory {tmp}/missing does not exist"),
-    (["--model", "{tmp}", "--tp", "2"], "--tp 2 --ep 1 serves one copy of the model over max(tp, ep) = 2 processes, "
-                                        "got 1 (torchrun --nproc_per_node 2)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/missing"], "checkpoint directory {tmp}/missing does not exist"),
+        (
+            ["--model", "{tmp}", "--tp", "2"],
+            "--tp 2 --ep 1 serves one copy of the model over max(tp, ep) = 2 processes, "
+            "got 1 (torchrun --nproc_per_node 2)",
+        ),
+    ],
+)
 def test_serve_script_reports_a_bad_start_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exited:
         script("serve").main([a.format(tmp=tmp_path) for a in args])
@@ -382,8 +436,23 @@ def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout, g
     rank 0 answers over HTTP with the other rank stepping beside it; the text is the single-process model's greedy
     text; SIGINT ends both ranks."""
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           str(REPO / "scripts" / "serve.py"), "--model", str(export), "--port", "0", layout, "2", "--dtype", "fp32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",  # a free port
+        str(REPO / "scripts" / "serve.py"),
+        "--model",
+        str(export),
+        "--port",
+        "0",
+        layout,
+        "2",
+        "--dtype",
+        "fp32",
+    ]
     env = worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""}))
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -392,8 +461,9 @@ def test_two_ranks_serve_the_one_process_greedy_text(export, tmp_path, layout, g
         while found is None:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
-            found = re.search(r"Started server process \[(\d+)\].*?Uvicorn running on (http://[\d.]+:\d+)",
-                              log.read_text(), re.DOTALL)
+            found = re.search(
+                r"Started server process \[(\d+)\].*?Uvicorn running on (http://[\d.]+:\d+)", log.read_text(), re.DOTALL
+            )
         client = openai.OpenAI(base_url=f"{found.group(2)}/v1", api_key="unused", max_retries=0, timeout=120)
         text = client.completions.create(model="model", prompt="def f(x):", max_tokens=16, temperature=0)
         model, tokenizer = from_pretrained(export, device="cuda" if gpus else "cpu"), load_tokenizer(export)

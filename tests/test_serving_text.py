@@ -18,7 +18,7 @@ def _chunks(ids: list[int], rng: random.Random) -> list[list[int]]:
     out, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 3)
-        out.append(ids[i:i + n])
+        out.append(ids[i : i + n])
         i += n
     return out
 
@@ -61,7 +61,7 @@ def test_a_token_whose_text_depends_on_its_left_neighbour_is_decoded_after_the_p
 
     detok = IncrementalDetokenizer(Words(), [1])
     assert detok.push([2]) + detok.push([3]) + detok.flush() == " world again"
-    assert hf.decode([1, 2, 3])[len(hf.decode([1])):] == " world again"
+    assert hf.decode([1, 2, 3])[len(hf.decode([1])) :] == " world again"
 
 
 def test_ids_outside_the_tokenizer_are_dropped():
@@ -79,10 +79,10 @@ def test_stop_matcher_cuts_at_the_first_completed_stop_string_however_the_text_i
         i = 0
         while i < len(text) and not matcher.stopped:
             n = rng.randint(1, 4)
-            shown.append(matcher.push(text[i:i + n]))
+            shown.append(matcher.push(text[i : i + n]))
             i += n
         hits = [(k + len(s), k) for s, k in ((s, text.find(s)) for s in stops) if k >= 0]
-        expected = text[:min(hits)[1]] if hits else text  # the stop string that completes first
+        expected = text[: min(hits)[1]] if hits else text  # the stop string that completes first
         assert matcher.stopped == bool(hits)
         assert "".join(shown) + matcher.flush() == expected
         if hits:

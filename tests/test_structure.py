@@ -11,13 +11,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moeformer"
 UPPER = ("moeformer.models", "moeformer.parallel", "moeformer.training")
-LEVELS = ("moeformer", "moeformer.layers", "moeformer.models", "moeformer.parallel", "moeformer.training",
-          "moeformer.serving")
-# imported where used: optional extras (fla, tokenizers, pyarrow, tensorboard), parts of torch that cost seconds to import
-# (dynamo, FlexAttention), Unix-only modules; DeepSpeed (whose import probes the accelerator) only where a module
-# must not pull it in (the checkpoint readers' allow-list, reached from `import moeformer`) or does once per call
-LAZY_ALLOWED = ("fla", "tokenizers", "pyarrow", "torch.utils.tensorboard", "torch._dynamo", "torch.profiler",
-                "torch.nn.attention.flex_attention", "resource")
+LEVELS = (
+    "moeformer",
+    "moeformer.layers",
+    "moeformer.models",
+    "moeformer.parallel",
+    "moeformer.training",
+    "moeformer.serving",
+)
+# imported where used: optional extras (fla, tokenizers, pyarrow, tensorboard), parts of torch that cost seconds to
+# import (dynamo, FlexAttention, the profiler), Unix-only modules; DeepSpeed (whose import probes the accelerator) only
+# where a module must not pull it in (the checkpoint readers' allow-list, reached from `import moeformer`) or does once
+# per call
+LAZY_ALLOWED = (
+    "fla",
+    "tokenizers",
+    "pyarrow",
+    "torch.utils.tensorboard",
+    "torch._dynamo",
+    "torch.profiler",
+    "torch.nn.attention.flex_attention",
+    "resource",
+)
 LAZY_DEEPSPEED = ("moeformer.safe_files", "moeformer.parallel.expert")
 
 
@@ -48,12 +63,20 @@ def _imports(module: str) -> tuple[set[str], list[tuple[int, str]]]:
     """(modules imported at module level, [(line, module) imported inside a function or class])."""
     path = MODULES[module]
     tree = ast.parse(path.read_text())
-    top = {name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-           for name in _imported(module, path, node)}
-    inner = [(node.lineno, name) for scope in ast.walk(tree)
-             if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-             for node in ast.walk(scope) if isinstance(node, (ast.Import, ast.ImportFrom))
-             for name in _imported(module, path, node)]
+    top = {
+        name
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in _imported(module, path, node)
+    }
+    inner = [
+        (node.lineno, name)
+        for scope in ast.walk(tree)
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        for node in ast.walk(scope)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in _imported(module, path, node)
+    ]
     return top, inner
 
 
@@ -63,17 +86,25 @@ def _level(module: str) -> int:
 
 
 def test_layers_import_no_upper_package():
-    bad = [f"{m} imports {name}" for m in MODULES if m.startswith("moeformer.layers")
-           for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
-           if name.startswith(UPPER)]
+    bad = [
+        f"{m} imports {name}"
+        for m in MODULES
+        if m.startswith("moeformer.layers")
+        for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
+        if name.startswith(UPPER)
+    ]
     assert not bad, bad
 
 
 def test_each_package_imports_only_those_below_it():
     """errors / safe_files < layers < models < parallel < training < serving (docs/ARCHITECTURE.md)."""
-    bad = [f"{m} imports {name}" for m in MODULES if m != "moeformer"
-           for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
-           if name.startswith("moeformer.") and _level(name) > _level(m)]
+    bad = [
+        f"{m} imports {name}"
+        for m in MODULES
+        if m != "moeformer"
+        for name in (_imports(m)[0] | {n for _, n in _imports(m)[1]})
+        if name.startswith("moeformer.") and _level(name) > _level(m)
+    ]
     assert not bad, bad
 
 
@@ -87,7 +118,7 @@ def test_no_import_cycle():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append(path[path.index(n):] + [n])
+                cycles.append(path[path.index(n) :] + [n])
             elif n not in state:
                 visit(n, [*path, n])
         state[m] = 2
@@ -99,8 +130,10 @@ def test_no_import_cycle():
 
 
 def test_function_level_imports_are_optional_dependencies():
-    allowed = lambda m, name: any(name == lazy or name.startswith(lazy + ".")
-                                  for lazy in LAZY_ALLOWED + (("deepspeed",) if m in LAZY_DEEPSPEED else ()))
+    allowed = lambda m, name: any(
+        name == lazy or name.startswith(lazy + ".")
+        for lazy in LAZY_ALLOWED + (("deepspeed",) if m in LAZY_DEEPSPEED else ())
+    )
     bad = [f"{m}:{line} imports {name}" for m in MODULES for line, name in _imports(m)[1] if not allowed(m, name)]
     assert not bad, bad
 
@@ -110,6 +143,11 @@ def test_the_checks_see_imports(module):
     """The parser finds the imports it checks (a test that always passes would check nothing)."""
     top, _ = _imports(module)
     assert any(name.startswith("moeformer.layers") for name in top)
-    levels = ("moeformer.errors", "moeformer.layers.mla", "moeformer.models", "moeformer.parallel.tensor",
-              "moeformer.training.trainer")
+    levels = (
+        "moeformer.errors",
+        "moeformer.layers.mla",
+        "moeformer.models",
+        "moeformer.parallel.tensor",
+        "moeformer.training.trainer",
+    )
     assert [_level(m) for m in levels] == [0, 1, 2, 3, 4]

@@ -30,16 +30,33 @@ from moeformer.training.trainer import NonFiniteGuard, NonFiniteLossError, deeps
 from tests.numerics import assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
-TINY = {"name": "tiny-moe", "dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-        "vocab_size": 64, "moe": {"num_experts": 4, "top_k": 2, "ffn_dim": 32}}
+TINY = {
+    "name": "tiny-moe",
+    "dim": 32,
+    "n_layers": 3,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "ffn_dim": 64,
+    "vocab_size": 64,
+    "moe": {"num_experts": 4, "top_k": 2, "ffn_dim": 32},
+}
 
 
 # ---- config -----------------------------------------------------------------------------------------------------
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "tiny-moe", "dim": 64}, "optim": {"lr": 1e-3}}))
-    config = load_config(path, ["--optim.lr=2e-3", "--train.zero_stage", "3", "--model.moe.top_k=1",
-                                "--checkpoint.resume=auto", "--train.peak_tflops=null"])
+    config = load_config(
+        path,
+        [
+            "--optim.lr=2e-3",
+            "--train.zero_stage",
+            "3",
+            "--model.moe.top_k=1",
+            "--checkpoint.resume=auto",
+            "--train.peak_tflops=null",
+        ],
+    )
     assert config.optim.lr == 2e-3 and isinstance(config.train.zero_stage, int) and config.train.zero_stage == 3
     assert config.checkpoint.resume == "auto" and config.train.peak_tflops is None
     model = config.model_config()
@@ -48,19 +65,30 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides, key",
-    [(["--optim.lrr=1"], "optim.lrr"), (["--bogus=1"], "bogus"), (["--train.zero.stage=1"], "train.zero"),
-     (["--model.dimm=3"], "model.dimm"), (["--model.moe.topk=1"], "topk")],
+    [
+        (["--optim.lrr=1"], "optim.lrr"),
+        (["--bogus=1"], "bogus"),
+        (["--train.zero.stage=1"], "train.zero"),
+        (["--model.dimm=3"], "model.dimm"),
+        (["--model.moe.topk=1"], "topk"),
+    ],
 )
 def test_unknown_keys_name_the_key(overrides, key):
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--train.checkpoint_every_k=3"], "'train.checkpoint_every_k' is now 'train.activation_checkpointing_every'"),
-    (["--model.attention_types=[linear]"], "attention type 'linear' is now called 'vanilla'"),
-    (["--model.linear_attention={mode: chunked}"], "model.linear_attention.mode is now model.linear_attention.backend"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.checkpoint_every_k=3"], "'train.checkpoint_every_k' is now 'train.activation_checkpointing_every'"),
+        (["--model.attention_types=[linear]"], "attention type 'linear' is now called 'vanilla'"),
+        (
+            ["--model.linear_attention={mode: chunked}"],
+            "model.linear_attention.mode is now model.linear_attention.backend",
+        ),
+    ],
+)
 def test_renamed_keys_name_the_new_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -84,8 +112,11 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
     assert load_config(None).train.compile is False
     with pytest.raises(TypeError, match="train.compile"):
         load_config(None, ["--train.compile=fast"])
-    with pytest.raises(ValueError, match=r"train.compile=true is not supported with pipeline parallelism "
-                                         r"\(parallel.pp=2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.compile=true is not supported with pipeline parallelism "
+        r"\(parallel.pp=2\)",
+    ):
         load_config(None, ["--train.compile=true", "--parallel.pp=2"])
     assert load_config(None, ["--parallel.pp=2"]).parallel.pp == 2  # pipeline parallelism alone is accepted
     with pytest.raises(ValueError, match="train.compile_backend must be one of .*'inductor'.*got 'inductr'"):
@@ -93,8 +124,11 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
 
 
 def test_pipeline_refuses_zero_stages_its_engine_cannot_run():
-    with pytest.raises(ValueError, match=r"parallel.pp=2 needs train.zero_stage 0 or 1 \(DeepSpeed's pipeline engine "
-                                         r"does not run ZeRO-2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"parallel.pp=2 needs train.zero_stage 0 or 1 \(DeepSpeed's pipeline engine "
+        r"does not run ZeRO-2\)",
+    ):
         load_config(None, ["--parallel.pp=2", "--train.zero_stage=2"])
     assert load_config(None, ["--parallel.pp=2", "--parallel.ep=2", "--train.zero_stage=1"]).parallel.pp == 2
 
@@ -118,8 +152,13 @@ def test_unknown_key_in_file_and_bad_values(tmp_path):
 
 def test_train_script_reports_bad_key_without_traceback():
     env = worker_env()
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--optim.lrr=1"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts/train.py"), "--optim.lrr=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "unknown config key 'optim.lrr'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -130,27 +169,50 @@ def test_resume_refuses_configuration_changes_unless_named(tmp_path):
 
     facts = {"tokenizer": "byte", "vocab_size": 258, "train_tokens": 1000, "val_tokens": 100}
     saved = run_identity(load_config(None, {"model": dict(TINY)}), facts, 2)
-    changed = load_config(None, {"model": dict(TINY), "data.seq_len": 64, "data.micro_batch_size": 4,
-                                 "train.seed": 1, "optim.lr": 1e-3, "train.log_every": 5, "checkpoint.every": 7,
-                                 "train.compile": True, "out_dir": str(tmp_path)})
+    changed = load_config(
+        None,
+        {
+            "model": dict(TINY),
+            "data.seq_len": 64,
+            "data.micro_batch_size": 4,
+            "train.seed": 1,
+            "optim.lr": 1e-3,
+            "train.log_every": 5,
+            "checkpoint.every": 7,
+            "train.compile": True,
+            "out_dir": str(tmp_path),
+        },
+    )
     with pytest.raises(ResumeConfigError) as refused:
         resume_changes(saved, run_identity(changed, {**facts, "train_tokens": 2000}, 4), [])
     message = str(refused.value)
-    for change in ("data.seq_len: 256 -> 64", "data.micro_batch_size: 8 -> 4", "train.seed: 0 -> 1",
-                   "optim.lr: 0.0003 -> 0.001", "data.train_tokens: 1000 -> 2000", "world_size: 2 -> 4",
-                   "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed,"
-                   "world_size"):
+    for change in (
+        "data.seq_len: 256 -> 64",
+        "data.micro_batch_size: 8 -> 4",
+        "train.seed: 0 -> 1",
+        "optim.lr: 0.0003 -> 0.001",
+        "data.train_tokens: 1000 -> 2000",
+        "world_size: 2 -> 4",
+        "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed,world_size",
+    ):
         assert change in message
     assert not any(key in message for key in ("train.log_every", "checkpoint.every", "train.compile", "out_dir:"))
     # the model section compares resolved fields: spelling out a zoo value is no change, changing one is
     spelled = load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "router": "softmax"}}})
     assert resume_changes(saved, run_identity(spelled, facts, 2), []) == {}
     with pytest.raises(ResumeConfigError, match=r"model.moe.top_k: 2 -> 1"):
-        resume_changes(saved, run_identity(load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "top_k": 1}}}),
-                                           facts, 2), [])
+        resume_changes(
+            saved,
+            run_identity(load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "top_k": 1}}}), facts, 2),
+            [],
+        )
     allowed = resume_changes(saved, run_identity(changed, facts, 2), ["data", "train.seed", "optim.lr"])  # sections
-    assert allowed == {"data.seq_len": [256, 64], "data.micro_batch_size": [8, 4], "train.seed": [0, 1],
-                       "optim.lr": [3e-4, 1e-3]}
+    assert allowed == {
+        "data.seq_len": [256, 64],
+        "data.micro_batch_size": [8, 4],
+        "train.seed": [0, 1],
+        "optim.lr": [3e-4, 1e-3],
+    }
     with pytest.raises(ResumeConfigError, match="checkpoint.resume_allow names unknown keys: optim.lrr"):
         resume_changes(saved, saved, ["optim.lrr"])
     assert resume_changes(saved, saved, ["train.compile", "checkpoint"]) == {}
@@ -160,12 +222,15 @@ def test_train_script_resume_options_become_config_keys():
     sys.path.insert(0, str(REPO / "scripts"))
     import train
 
-    args, overrides = train.parse_args(["--resume", "auto", "--resume-allow", "optim.lr,train.steps",
-                                        "--optim.lr=1e-3"])
+    args, overrides = train.parse_args(
+        ["--resume", "auto", "--resume-allow", "optim.lr,train.steps", "--optim.lr=1e-3"]
+    )
     config = load_config(args.config, overrides)
     assert config.checkpoint.resume == "auto" and config.checkpoint.resume_allow == ["optim.lr", "train.steps"]
-    assert load_config(None, ["--checkpoint.resume_allow=[data, optim.lr]"]).checkpoint.resume_allow == ["data",
-                                                                                                        "optim.lr"]
+    assert load_config(None, ["--checkpoint.resume_allow=[data, optim.lr]"]).checkpoint.resume_allow == [
+        "data",
+        "optim.lr",
+    ]
     with pytest.raises(TypeError, match="checkpoint.resume_allow"):
         load_config(None, ["--checkpoint.resume_allow=3"])
 
@@ -193,8 +258,9 @@ def test_quickstart_resume_keeps_the_run_it_resumes(tmp_path):
         assert (run / "metrics.jsonl").is_file(), args
     torchrun = [line for line in log.read_text().splitlines() if line.startswith("torchrun")]
     assert len(torchrun) == 3 and torchrun[0].endswith("--resume auto")
-    subprocess.run(["bash", str(repo / "scripts" / "quickstart.sh"), "--train.steps=5"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(repo / "scripts" / "quickstart.sh"), "--train.steps=5"], check=True, capture_output=True
+    )
     assert not run.exists()  # without --resume the quick start begins a fresh run
 
 
@@ -211,8 +277,9 @@ def test_shipped_deepspeed_configs_merge():
 
 
 def test_deepspeed_config_built_and_merged(tmp_path):
-    config = load_config(None, ["--data.micro_batch_size=4", "--train.grad_accum=3", "--train.zero_stage=2",
-                                "--train.dtype=fp32"])
+    config = load_config(
+        None, ["--data.micro_batch_size=4", "--train.grad_accum=3", "--train.zero_stage=2", "--train.dtype=fp32"]
+    )
     ds = deepspeed_config(config, dp_size=2)
     assert ds["train_batch_size"] == 24 and ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
     path = tmp_path / "ds.json"
@@ -267,8 +334,9 @@ def test_flops_per_token_counts_each_attention_kind():
     softmax_only = dense.replace(n_layers=4)
     mixing = lambda config: flops_per_token(config, 100) - 6 * count_params(config).active  # noqa: E731
     assert mixing(hybrid) - mixing(softmax_only) == 2 * (3 * 2 * 2 * heads * head_dim**2 - 12 * heads * head_dim * 100)
-    mla = dense.replace(attention_types=["mla"], mla={"kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                                                      "qk_rope_head_dim": 4, "v_head_dim": 8})
+    mla = dense.replace(
+        attention_types=["mla"], mla={"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    )
     assert growth(mla) == dense.n_layers * 6 * heads * (8 + 4 + 8) * 200
 
 
@@ -471,12 +539,14 @@ def test_checkpoint_files_are_durable_before_the_marker_and_markers_readable_by_
     staging = os.path.realpath(root / ".staging-step_00000003")
     marker = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".COMPLETE."))
     assert {os.path.join(staging, name) for name in ("model.pt", "trainer_state_rank0.pt")} | {staging} <= set(
-        synced[:marker])  # every file and the directory itself, before the marker
-    assert os.path.realpath(root) in synced[marker + 1:]  # the rename into place and `latest` are durable too
+        synced[:marker]
+    )  # every file and the directory itself, before the marker
+    assert os.path.realpath(root) in synced[marker + 1 :]  # the rename into place and `latest` are durable too
     path = root / "step_00000003"
-    modes = {name: (p.stat().st_mode & 0o777) for name, p in (("model", path / "model.pt"),
-                                                              ("marker", path / "COMPLETE"),
-                                                              ("latest", root / "latest"))}
+    modes = {
+        name: (p.stat().st_mode & 0o777)
+        for name, p in (("model", path / "model.pt"), ("marker", path / "COMPLETE"), ("latest", root / "latest"))
+    }
     assert modes == {"model": 0o644, "marker": 0o644, "latest": 0o644}
 
 
@@ -488,9 +558,12 @@ def test_nonfinite_weights_or_optimizer_state_are_never_saved(tmp_path):
     engine.module = torch.nn.Linear(2, 2)
     with torch.no_grad():
         engine.module.weight[0, 1] = float("nan")
-    with pytest.raises(CheckpointError, match=r"not saving checkpoint step_00000006: the weights or optimizer "
-                                                  r"state hold NaN/inf \(rank 0: weight\); the newest good "
-                                                  r"checkpoint stays step_00000003"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"not saving checkpoint step_00000006: the weights or optimizer "
+        r"state hold NaN/inf \(rank 0: weight\); the newest good "
+        r"checkpoint stays step_00000003",
+    ):
         manager.save(engine, 6, {"data": {}})
     engine.module = torch.nn.Linear(2, 2)
     engine.basic_optimizer = torch.optim.AdamW(engine.module.parameters())
@@ -518,8 +591,18 @@ def test_plot_run_writes_pngs(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import plot_run
 
-    records = [{"step": s, "split": "train", "ce_loss": 5.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0,
-                "tokens_per_s": 100.0, "expert_load": [[0.5, 0.25, 0.25, 0.0]] * 2} for s in range(1, 6)]
+    records = [
+        {
+            "step": s,
+            "split": "train",
+            "ce_loss": 5.0 - 0.1 * s,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens_per_s": 100.0,
+            "expert_load": [[0.5, 0.25, 0.25, 0.0]] * 2,
+        }
+        for s in range(1, 6)
+    ]
     records.append({"step": 5, "split": "val", "loss": 4.6})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     written = plot_run.main([str(tmp_path)])
@@ -529,8 +612,11 @@ def test_plot_run_writes_pngs(tmp_path):
 
 
 # ---- compiled training ------------------------------------------------------------------------------------------
-COMPILE_RUNS = {"eager": {}, "compiled": {"train.compile": True},
-                "compiled_ckpt": {"train.compile": True, "train.activation_checkpointing": "moe"}}
+COMPILE_RUNS = {
+    "eager": {},
+    "compiled": {"train.compile": True},
+    "compiled_ckpt": {"train.compile": True, "train.activation_checkpointing": "moe"},
+}
 
 
 def scenario_compiled_vs_eager(work: Path) -> dict:
@@ -544,17 +630,34 @@ def scenario_compiled_vs_eager(work: Path) -> dict:
     for name, overrides in COMPILE_RUNS.items():
         # aot_eager: dynamo + AOT autograd (the forward/backward graphs) without inductor's C++ code generation,
         # which takes ~35 s for this run on 2 cores
-        config = load_config(None, {"out_dir": str(work / name), "data.dir": str(work / "data"), "data.seq_len": 32,
-                                    "data.micro_batch_size": 2, "train.dtype": "fp32", "train.zero_stage": 0,
-                                    "train.steps": 4, "train.eval_every": 0, "train.eval_batches": 1,
-                                    "train.progress_bar": False, "optim.warmup_steps": 1, "optim.lr": 3e-3,
-                                    "train.compile_backend": "aot_eager", "model": {**TINY, "vocab_size": 258},
-                                    **overrides})
+        config = load_config(
+            None,
+            {
+                "out_dir": str(work / name),
+                "data.dir": str(work / "data"),
+                "data.seq_len": 32,
+                "data.micro_batch_size": 2,
+                "train.dtype": "fp32",
+                "train.zero_stage": 0,
+                "train.steps": 4,
+                "train.eval_every": 0,
+                "train.eval_batches": 1,
+                "train.progress_bar": False,
+                "optim.warmup_steps": 1,
+                "optim.lr": 3e-3,
+                "train.compile_backend": "aot_eager",
+                "model": {**TINY, "vocab_size": 258},
+                **overrides,
+            },
+        )
         torch._dynamo.reset()
         counters.clear()
         summary = Trainer(config).train()
-        out[name] = {"losses": summary["losses"], "val_loss": summary["val_loss"],
-                     "graphs": counters["stats"]["unique_graphs"]}
+        out[name] = {
+            "losses": summary["losses"],
+            "val_loss": summary["val_loss"],
+            "graphs": counters["stats"]["unique_graphs"],
+        }
     return out
 
 
@@ -566,8 +669,13 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
 
     prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
     env = worker_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, "compiled_vs_eager", str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, "compiled_vs_eager", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     runs = json.loads((tmp_path / "compiled_vs_eager.json").read_text())
     eager = runs["eager"]
@@ -583,12 +691,17 @@ def test_compiled_training_matches_eager_and_exports_same_names(tmp_path):
         assert_curves_agree([run["losses"][step] for step in sorted(eager["losses"], key=int)], curve)
         assert abs(run["val_loss"] - eager["val_loss"]) <= trained_loss_bound(curve), name
         assert sorted(load_file(tmp_path / name / "model" / "model.safetensors")) == sorted(
-            load_file(tmp_path / "eager" / "model" / "model.safetensors"))  # no `_orig_mod.` prefixes
+            load_file(tmp_path / "eager" / "model" / "model.safetensors")
+        )  # no `_orig_mod.` prefixes
         exported = from_pretrained(tmp_path / name / "model").state_dict()
         assert list(exported) == list(reference)
         lrs = [r["lr"] for r in read_metrics(tmp_path / "eager") if r["split"] == "train"]
-        assert_adamw_weights_agree(exported, from_pretrained(tmp_path / "eager" / "model").state_dict(), lrs,
-                                   (OptimConfig.beta1, OptimConfig.beta2))
+        assert_adamw_weights_agree(
+            exported,
+            from_pretrained(tmp_path / "eager" / "model").state_dict(),
+            lrs,
+            (OptimConfig.beta1, OptimConfig.beta2),
+        )
 
 
 # ---- expert-load telemetry ----------------------------------------------------------------------------------------
@@ -607,10 +720,23 @@ def scenario_expert_load(work: Path) -> dict:
 
     router.topk_routing = first_two_experts
     moe = {"num_experts": 4, "top_k": 2, "ffn_dim": 32, "dispatcher": "capacity", "capacity_factor": 1.0}
-    config = load_config(None, {"out_dir": str(work / "run"), "data.dir": str(work / "data"), "data.seq_len": 32,
-                                "data.micro_batch_size": 2, "train.dtype": "fp32", "train.zero_stage": 0,
-                                "train.steps": 2, "train.eval_every": 0, "train.eval_batches": 1, "train.log_every": 1,
-                                "train.progress_bar": False, "model": {**TINY, "vocab_size": 258, "moe": moe}})
+    config = load_config(
+        None,
+        {
+            "out_dir": str(work / "run"),
+            "data.dir": str(work / "data"),
+            "data.seq_len": 32,
+            "data.micro_batch_size": 2,
+            "train.dtype": "fp32",
+            "train.zero_stage": 0,
+            "train.steps": 2,
+            "train.eval_every": 0,
+            "train.eval_batches": 1,
+            "train.log_every": 1,
+            "train.progress_bar": False,
+            "model": {**TINY, "vocab_size": 258, "moe": moe},
+        },
+    )
     Trainer(config).train()
     return [r for r in read_metrics(work / "run") if r["split"] == "train"]
 
@@ -619,8 +745,13 @@ def test_expert_load_telemetry_counts_exactly(tmp_path):
     from moeformer.training.data import prepare_corpus
 
     prepare_corpus(tmp_path / "data", max_files=5, val_fraction=0.2)
-    proc = subprocess.run([sys.executable, __file__, "expert_load", str(tmp_path)], capture_output=True, text=True,
-                          env=worker_env(OMP_NUM_THREADS="1"), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, "expert_load", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=worker_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     records = json.loads((tmp_path / "expert_load.json").read_text())
     assert len(records) == 2

@@ -26,8 +26,17 @@ import torch
 from tests.numerics import BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
-TINY_MODEL = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 128,
-              "model.vocab_size": 258, "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.ffn_dim": 64}
+TINY_MODEL = {
+    "model.dim": 64,
+    "model.n_layers": 2,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.ffn_dim": 128,
+    "model.vocab_size": 258,
+    "model.moe.num_experts": 4,
+    "model.moe.top_k": 2,
+    "model.moe.ffn_dim": 64,
+}
 SEQ, MICRO = 32, 2
 ZERO_STAGES = {0: "none", 1: "full", 2: "every_k", 3: "moe"}  # stage -> activation checkpointing used with it
 PARITY_STEPS, RESUME_STEPS, CHECKPOINT_EVERY = 6, 12, 4
@@ -38,10 +47,20 @@ EXTENDED = {"checkpoint.resume": "auto", "checkpoint.resume_allow": ["train.step
 def run_config(work: Path, name: str, **overrides):
     from moeformer.training.config import load_config
 
-    base = {"out_dir": str(work / name), "data.dir": str(work / "data"), "data.seq_len": SEQ,
-            "data.micro_batch_size": MICRO, "train.dtype": "fp32", "train.eval_every": 0, "train.eval_batches": 1,
-            "train.progress_bar": False, "optim.warmup_steps": 2, "optim.lr": 3e-3, "checkpoint.export": "none",
-            **TINY_MODEL}
+    base = {
+        "out_dir": str(work / name),
+        "data.dir": str(work / "data"),
+        "data.seq_len": SEQ,
+        "data.micro_batch_size": MICRO,
+        "train.dtype": "fp32",
+        "train.eval_every": 0,
+        "train.eval_batches": 1,
+        "train.progress_bar": False,
+        "optim.warmup_steps": 2,
+        "optim.lr": 3e-3,
+        "checkpoint.export": "none",
+        **TINY_MODEL,
+    }
     return load_config(None, {**base, **overrides})
 
 
@@ -61,22 +80,46 @@ def train(config, slow_after: int | None = None) -> dict:
 
         trainer.train_step = slow_step
     summary = trainer.train()
-    return {"losses": summary["losses"], "val_loss": summary["val_loss"],
-            "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None}
+    return {
+        "losses": summary["losses"],
+        "val_loss": summary["val_loss"],
+        "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+    }
 
 
 def scenario_main(work: Path) -> dict:
     """2 ranks: ZeRO 0-3 on one fixed batch, ZeRO-2 parity run, and the uninterrupted reference of the resume test."""
     out = {"zero": {}}
     for stage, ckpt in ZERO_STAGES.items():
-        config = run_config(work, f"zero{stage}", **{"data.dir": str(work / "fixed"), "data.shuffle": False,
-                                                     "train.steps": 6, "train.zero_stage": stage,
-                                                     "train.activation_checkpointing": ckpt,
-                                                     "optim.schedule": "constant", "checkpoint.export": "native"})
+        config = run_config(
+            work,
+            f"zero{stage}",
+            **{
+                "data.dir": str(work / "fixed"),
+                "data.shuffle": False,
+                "train.steps": 6,
+                "train.zero_stage": stage,
+                "train.activation_checkpointing": ckpt,
+                "optim.schedule": "constant",
+                "checkpoint.export": "native",
+            },
+        )
         out["zero"][stage] = train(config)
-    out["bf16"] = train(run_config(work, "bf16", **{"data.dir": str(work / "fixed"), "data.shuffle": False,
-                                                    "train.steps": 6, "train.zero_stage": 2, "train.dtype": "bf16",
-                                                    "train.grad_accum": 2, "optim.schedule": "constant"}))
+    out["bf16"] = train(
+        run_config(
+            work,
+            "bf16",
+            **{
+                "data.dir": str(work / "fixed"),
+                "data.shuffle": False,
+                "train.steps": 6,
+                "train.zero_stage": 2,
+                "train.dtype": "bf16",
+                "train.grad_accum": 2,
+                "optim.schedule": "constant",
+            },
+        )
+    )
     # before the expert and pipeline runs, whose DeepSpeed groups outlive their engines
     out["overflow"] = {f"zero{stage}_{dtype}": overflow_run(work, stage, dtype) for stage, dtype in OVERFLOW_RUNS}
     out["parity"] = train(run_config(work, "parity2", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2}))
@@ -115,11 +158,15 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
             return grad * float("inf")
 
     name = f"overflow_zero{stage}_{dtype}"
-    trainer = Trainer(run_config(work, name, **{"train.steps": 2, "train.zero_stage": stage, "train.dtype": dtype,
-                                                "checkpoint.every": 1}))
+    trainer = Trainer(
+        run_config(
+            work, name, **{"train.steps": 2, "train.zero_stage": stage, "train.dtype": dtype, "checkpoint.every": 1}
+        )
+    )
     forward, step, states = trainer.forward, trainer.train_step, []
     trainer.forward = lambda batch: (lambda o, ce, loss: (o, ce, Overflow.apply(loss) if trainer.step == 0 else loss))(
-        *forward(batch))
+        *forward(batch)
+    )
     trainer.train_step = lambda batches: (states.append(training_state(trainer)), step(batches))[1]
     summary = trainer.train()
     states.append(training_state(trainer))
@@ -134,17 +181,24 @@ def overflow_run(work: Path, stage: int, dtype: str) -> dict:
         refused = f"{type(e).__name__}: {e}"
     dist.barrier()
     checkpoints = sorted((work / name / "checkpoints").glob("step_*"))
-    return {"unchanged": same_state(states[0], states[1]), "moved": not same_state(states[1], states[2]),
-            "records": [r for r in read_metrics(work / name) if r["split"] == "train"] if dist.get_rank() == 0 else [],
-            "total": summary["nonfinite_total"], "losses": summary["losses"], "refused": refused,
-            "checkpoints": {p.name: verify(p)["step"] for p in checkpoints},
-            "latest": (work / name / "checkpoints" / "latest").read_text()}
+    return {
+        "unchanged": same_state(states[0], states[1]),
+        "moved": not same_state(states[1], states[2]),
+        "records": [r for r in read_metrics(work / name) if r["split"] == "train"] if dist.get_rank() == 0 else [],
+        "total": summary["nonfinite_total"],
+        "losses": summary["losses"],
+        "refused": refused,
+        "checkpoints": {p.name: verify(p)["step"] for p in checkpoints},
+        "latest": (work / name / "checkpoints" / "latest").read_text(),
+    }
 
 
 def scenario_overflow_gpu(work: Path) -> dict:
     """1 GPU: the overflow skip with CUDA kernels (fused AdamW without a DeepSpeed wrapper, bf16 ZeRO wrappers)."""
-    return {f"zero{stage}_{dtype}": overflow_run(work, stage, dtype) for stage, dtype in ((0, "fp32"), (2, "bf16"),
-                                                                                         (3, "bf16"))}
+    return {
+        f"zero{stage}_{dtype}": overflow_run(work, stage, dtype)
+        for stage, dtype in ((0, "fp32"), (2, "bf16"), (3, "bf16"))
+    }
 
 
 def training_state(trainer) -> list:
@@ -152,8 +206,11 @@ def training_state(trainer) -> list:
     weights = [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.engine.module.parameters()]
     optimizer = trainer.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = [(key, value.clone() if torch.is_tensor(value) else value) for p in params
-             for key, value in sorted(optimizer.state.get(p, {}).items())]
+    state = [
+        (key, value.clone() if torch.is_tensor(value) else value)
+        for p in params
+        for key, value in sorted(optimizer.state.get(p, {}).items())
+    ]
     return weights + [p.detach().clone() for p in params] + state
 
 
@@ -177,13 +234,26 @@ def scenario_pipeline_experts(work: Path) -> dict:
 
 def pipeline_overrides() -> dict:
     """pp=2 on 2 ranks (dp 1) vs one process: the same global batch and data order."""
-    return {"train.steps": 6, "train.zero_stage": 1, "train.grad_accum": 2, "checkpoint.every": 3,
-            "train.eval_every": 3, "checkpoint.export": "native", "optim.schedule": "constant"}
+    return {
+        "train.steps": 6,
+        "train.zero_stage": 1,
+        "train.grad_accum": 2,
+        "checkpoint.every": 3,
+        "train.eval_every": 3,
+        "checkpoint.export": "native",
+        "optim.schedule": "constant",
+    }
 
 
 def resume_overrides() -> dict:
-    return {"train.steps": RESUME_STEPS, "train.zero_stage": 1, "checkpoint.every": CHECKPOINT_EVERY,
-            "checkpoint.keep_last": 2, "optim.schedule": "cosine", "train.eval_every": 5}
+    return {
+        "train.steps": RESUME_STEPS,
+        "train.zero_stage": 1,
+        "checkpoint.every": CHECKPOINT_EVERY,
+        "checkpoint.keep_last": 2,
+        "optim.schedule": "cosine",
+        "train.eval_every": 5,
+    }
 
 
 def scenario_killed(work: Path) -> dict:
@@ -197,7 +267,8 @@ def scenario_resumed(work: Path) -> dict:
     before = sorted((p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in final.iterdir())
     out["rerun"] = train(run_config(work, "killed", **resume_overrides(), **{"checkpoint.resume": "auto"}))
     out["rerun"]["final_checkpoint_untouched"] = before == sorted(
-        (p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in final.iterdir())
+        (p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in final.iterdir()
+    )
     return out
 
 
@@ -206,13 +277,18 @@ def scenario_single(work: Path) -> dict:
     from moeformer.training.run_checkpoints import CheckpointError
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
-    out = {"parity": train(run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
-                                                           "train.grad_accum": 2})),
-           "pp_reference": train(run_config(work, "pp_reference", **pipeline_overrides())),
-           # pp=2 x ep=2 on 4 ranks has 2 data-parallel replicas: twice the micro-batches per step and per evaluation
-           "pp_ep_reference": train(run_config(work, "pp_ep_reference", **{**pipeline_overrides(),
-                                                                           "train.grad_accum": 4,
-                                                                           "train.eval_batches": 2}))}
+    out = {
+        "parity": train(
+            run_config(work, "parity1", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2, "train.grad_accum": 2})
+        ),
+        "pp_reference": train(run_config(work, "pp_reference", **pipeline_overrides())),
+        # pp=2 x ep=2 on 4 ranks has 2 data-parallel replicas: twice the micro-batches per step and per evaluation
+        "pp_ep_reference": train(
+            run_config(
+                work, "pp_ep_reference", **{**pipeline_overrides(), "train.grad_accum": 4, "train.eval_batches": 2}
+            )
+        ),
+    }
 
     # non-finite losses: steps 2-3 are poisoned and skipped (weights untouched), then training continues
     trainer = Trainer(run_config(work, "nonfinite", **{"train.steps": 5, "train.max_nonfinite": 3}))
@@ -238,33 +314,45 @@ def scenario_single(work: Path) -> dict:
     # grad_accum 2 and only the second micro-batch of step 2 poisoned (+NaN: its masked backward gives finite zero
     # gradients, so DeepSpeed sees nothing wrong): the whole step is skipped (weights and AdamW moments untouched,
     # the finite micro-batch's gradients discarded) and the lr schedule keeps its pace
-    trainer = Trainer(run_config(work, "nonfinite_accum", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
-                                                              "train.grad_accum": 2}))
+    trainer = Trainer(
+        run_config(
+            work, "nonfinite_accum", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2, "train.grad_accum": 2}
+        )
+    )
     forward_calls, forward3 = itertools.count(1), trainer.forward
-    trainer.forward = lambda batch: (lambda o, ce, loss: (o, ce, loss + float("nan") if next(forward_calls) == 4
-                                                          else loss))(*forward3(batch))
+    trainer.forward = lambda batch: (
+        lambda o, ce, loss: (o, ce, loss + float("nan") if next(forward_calls) == 4 else loss)
+    )(*forward3(batch))
     snapshots = {}
     step3 = trainer.train_step
 
     def snapshot(batches):
-        snapshots[trainer.step + 1] = ([p.detach().clone() for p in trainer.engine.module.parameters()],
-                                       copy.deepcopy(trainer.optimizer.state_dict()["state"]))
+        snapshots[trainer.step + 1] = (
+            [p.detach().clone() for p in trainer.engine.module.parameters()],
+            copy.deepcopy(trainer.optimizer.state_dict()["state"]),
+        )
         return step3(batches)
 
     trainer.train_step = snapshot
     summary = trainer.train()
     (params2, moments2), (params3, moments3) = snapshots[2], snapshots[3]
     out["nonfinite_accum"] = {
-        "losses": summary["losses"], "total": summary["nonfinite_total"],
+        "losses": summary["losses"],
+        "total": summary["nonfinite_total"],
         "params_unchanged": all(torch.equal(a, b) for a, b in zip(params2, params3)),
-        "moments_unchanged": moments2.keys() == moments3.keys() and all(
-            torch.equal(moments2[i][k], moments3[i][k]) for i in moments2 for k in moments2[i]),
+        "moments_unchanged": moments2.keys() == moments3.keys()
+        and all(torch.equal(moments2[i][k], moments3[i][k]) for i in moments2 for k in moments2[i]),
         "moments_compared": sum(len(m) for m in moments2.values()),
-        "lrs": [r["lr"] for r in map(json.loads, (work / "nonfinite_accum" / "metrics.jsonl").read_text().splitlines())
-                if r["split"] == "train"],
-        "reference_lrs": [r["lr"] for r in map(json.loads,
-                                               (work / "parity1" / "metrics.jsonl").read_text().splitlines())
-                          if r["split"] == "train"],
+        "lrs": [
+            r["lr"]
+            for r in map(json.loads, (work / "nonfinite_accum" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ],
+        "reference_lrs": [
+            r["lr"]
+            for r in map(json.loads, (work / "parity1" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ],
     }
 
     trainer = Trainer(run_config(work, "nonfinite_stop", **{"train.steps": 5, "train.max_nonfinite": 2}))
@@ -292,8 +380,18 @@ def scenario_single(work: Path) -> dict:
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     try:
-        Trainer(run_config(work, "parity1b", **{"train.steps": PARITY_STEPS, "train.zero_stage": 2,
-                                                 "train.grad_accum": 2, "checkpoint.resume": str(corrupt)}))
+        Trainer(
+            run_config(
+                work,
+                "parity1b",
+                **{
+                    "train.steps": PARITY_STEPS,
+                    "train.zero_stage": 2,
+                    "train.grad_accum": 2,
+                    "checkpoint.resume": str(corrupt),
+                },
+            )
+        )
         out["corrupt"] = None
     except CheckpointError as e:
         out["corrupt"] = str(e)
@@ -311,17 +409,24 @@ def changed_config_resumes(work: Path) -> dict:
     shutil.copytree(work / "parity1", work / "changed")
     parity = {"train.steps": PARITY_STEPS, "train.zero_stage": 2, "train.grad_accum": 2, "checkpoint.resume": "auto"}
     out = {}
-    for case, overrides in {"refused": {"data.seq_len": 2 * SEQ, "data.micro_batch_size": 1, "train.seed": 1},
-                            "dataset": {"data.dir": str(work / "fixed")},
-                            "unknown": {"checkpoint.resume_allow": ["optim.lrr"]}}.items():
+    for case, overrides in {
+        "refused": {"data.seq_len": 2 * SEQ, "data.micro_batch_size": 1, "train.seed": 1},
+        "dataset": {"data.dir": str(work / "fixed")},
+        "unknown": {"checkpoint.resume_allow": ["optim.lrr"]},
+    }.items():
         try:
             Trainer(run_config(work, "changed", **{**parity, **overrides}))
             out[case] = None
         except Exception as e:
             out[case] = f"{type(e).__name__}: {e}"
     lr = 1e-3
-    allowed = {**parity, "optim.lr": lr, "train.steps": PARITY_STEPS + 2, "train.eval_every": 3,  # (free to change)
-               "checkpoint.resume_allow": ["optim.lr", "train.steps"]}
+    allowed = {
+        **parity,
+        "optim.lr": lr,
+        "train.steps": PARITY_STEPS + 2,
+        "train.eval_every": 3,  # (free to change)
+        "checkpoint.resume_allow": ["optim.lr", "train.steps"],
+    }
     try:
         trainer = Trainer(run_config(work, "changed", **allowed))
     except Exception as e:
@@ -329,8 +434,9 @@ def changed_config_resumes(work: Path) -> dict:
     out["group_lrs"] = [group["lr"] for group in trainer.optimizer.param_groups]
     out["summary_steps"] = sorted(trainer.train()["losses"])
     config = run_config(work, "changed", **allowed)
-    out["expected_lrs"] = [lr * lr_multiplier(step - 1, PARITY_STEPS + 2, config.optim)
-                           for step in (PARITY_STEPS + 1, PARITY_STEPS + 2)]
+    out["expected_lrs"] = [
+        lr * lr_multiplier(step - 1, PARITY_STEPS + 2, config.optim) for step in (PARITY_STEPS + 1, PARITY_STEPS + 2)
+    ]
     records = read_metrics(work / "changed")
     out["logged_lrs"] = [r["lr"] for r in records if r["split"] == "train" and r["step"] > PARITY_STEPS]
     out["resume_records"] = [r for r in records if r["split"] == "resume"]
@@ -350,8 +456,18 @@ def launch(scenario: str, work: Path, nproc: int) -> subprocess.Popen:
     if nproc == 1:
         cmd = [sys.executable, __file__, scenario, str(work)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), __file__, scenario, str(work)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            __file__,
+            scenario,
+            str(work),
+        ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
 
 
@@ -416,8 +532,9 @@ def results(work) -> dict:
     deadline = time.time() + 240
     while not marker.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert killed.poll() is None, "the run to kill ended before its first checkpoint:\n" + (
-        work / "killed.log").read_text()[-4000:]
+    assert killed.poll() is None, (
+        "the run to kill ended before its first checkpoint:\n" + (work / "killed.log").read_text()[-4000:]
+    )
     kill_tree(killed.pid)
     killed.wait()
     out = {"main": finish(main, "main", work), "single": finish(single, "single", work)}
@@ -473,8 +590,13 @@ def exported_val_loss(work: Path, name: str) -> float:
     for rank in range(2):
         batch = next(iter(ShardedBatches(val, MICRO, rank, 2, shuffle=False, loop=False)))
         with torch.no_grad():
-            out = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"],
-                        document_ids=batch["document_ids"], return_logits=False)
+            out = model(
+                batch["input_ids"],
+                targets=batch["targets"],
+                position_ids=batch["position_ids"],
+                document_ids=batch["document_ids"],
+                return_logits=False,
+            )
         losses.append(out.ce_loss.item())
     return sum(losses) / len(losses)
 
@@ -490,8 +612,18 @@ def test_generate_script_generates_from_export(results, work):  # results: the r
     sys.path.insert(0, str(REPO / "scripts"))
     import generate
 
-    texts = generate.main(["--model", str(work / "zero0" / "model"), "--prompt", "import ", "--num-samples", "2",
-                           "--max-new-tokens", "20"])
+    texts = generate.main(
+        [
+            "--model",
+            str(work / "zero0" / "model"),
+            "--prompt",
+            "import ",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "20",
+        ]
+    )
     assert len(texts) == 2 and all(t.startswith("import ") and len(t) > len("import ") for t in texts)
 
 
@@ -516,8 +648,19 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses_exactly(results, w
     assert kept == [f"step_{RESUME_STEPS - CHECKPOINT_EVERY:08d}", f"step_{RESUME_STEPS:08d}"]  # keep_last 2
     records = [json.loads(line) for line in (work / "killed" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
-    for key in ("loss", "ce_loss", "aux_loss", "load_balance", "z_loss", "lr", "grad_norm", "tokens_per_s",
-                "peak_mem_gib", "expert_load", "dropped_frac"):
+    for key in (
+        "loss",
+        "ce_loss",
+        "aux_loss",
+        "load_balance",
+        "z_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "peak_mem_gib",
+        "expert_load",
+        "dropped_frac",
+    ):
         assert key in train_records[-1], key
     assert len(train_records[-1]["expert_load"]) == 2 and abs(sum(train_records[-1]["expert_load"][0]) - 1) < 1e-9
     assert any(r["split"] == "val" for r in records)
@@ -562,16 +705,22 @@ def assert_tracks_one_process(work: Path, full: dict, reference: dict, resumed: 
 @pytest.mark.distributed
 def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work):
     """The trainer on DeepSpeed's pipeline engine (pp=2, full activation checkpointing, ZeRO-1)."""
-    assert_tracks_one_process(work, results["main"]["pp_full"], results["single"]["pp_reference"],
-                              results["main"]["pp_resumed"], ("pp_full", "pp_reference"))
+    assert_tracks_one_process(
+        work,
+        results["main"]["pp_full"],
+        results["single"]["pp_reference"],
+        results["main"]["pp_resumed"],
+        ("pp_full", "pp_reference"),
+    )
 
 
 @pytest.mark.distributed
 def test_pipeline_with_expert_parallelism_matches_one_process_and_resumes_exactly(results, work):
     """pp=2 x ep=2 on 4 ranks: the experts' shards are saved beside the pipeline's layer files and found again."""
     run = results["pipeline_experts"]
-    assert_tracks_one_process(work, run["full"], results["single"]["pp_ep_reference"], run["resumed"],
-                              ("pp_ep_full", "pp_ep_reference"))
+    assert_tracks_one_process(
+        work, run["full"], results["single"]["pp_ep_reference"], run["resumed"], ("pp_ep_full", "pp_ep_reference")
+    )
 
 
 def test_nonfinite_loss_skips_then_stops(results):
@@ -608,8 +757,10 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_step(results, run):
     assert got["total"] == 1 and list(got["losses"]) == ["2"]
     assert got["checkpoints"] == {"step_00000001": 1, "step_00000002": 2}  # both verify
     # rank 1's weights turn NaN: no rank saves, the last good checkpoint stays the newest
-    assert got["refused"].startswith("NonFiniteStateError: not saving checkpoint step_00000002: the weights or "
-                                     "optimizer state hold NaN/inf; the newest good checkpoint stays step_00000002")
+    assert got["refused"].startswith(
+        "NonFiniteStateError: not saving checkpoint step_00000002: the weights or "
+        "optimizer state hold NaN/inf; the newest good checkpoint stays step_00000002"
+    )
     assert got["latest"] == "step_00000002"
 
 
@@ -634,10 +785,12 @@ def test_rerunning_a_finished_run_leaves_its_final_checkpoint_untouched(results)
 @pytest.mark.distributed
 def test_resume_with_a_changed_configuration_is_refused_unless_named(results):
     got = results["single"]["changed_config"]
-    assert got["refused"].startswith("ResumeConfigError: the checkpoint was written by a run with a different "
-                                     "configuration (data.micro_batch_size: 2 -> 1; data.seq_len: 32 -> 64; "
-                                     "train.seed: 0 -> 1); resume with the original values, or name the changes as "
-                                     "intended with --resume-allow data.micro_batch_size,data.seq_len,train.seed")
+    assert got["refused"].startswith(
+        "ResumeConfigError: the checkpoint was written by a run with a different "
+        "configuration (data.micro_batch_size: 2 -> 1; data.seq_len: 32 -> 64; "
+        "train.seed: 0 -> 1); resume with the original values, or name the changes as "
+        "intended with --resume-allow data.micro_batch_size,data.seq_len,train.seed"
+    )
     assert "data.dir: " in got["dataset"] and "data.train_tokens: " in got["dataset"]
     assert got["unknown"] == "ResumeConfigError: checkpoint.resume_allow names unknown keys: optim.lrr"
     # the named changes take effect: the new peak lr on its schedule over the new length, in the optimizer too
@@ -653,7 +806,6 @@ def test_resume_with_a_changed_configuration_is_refused_unless_named(results):
 @pytest.mark.distributed
 def test_corrupt_checkpoint_is_refused(results):
     assert "is corrupt" in results["single"]["corrupt"] and "mp_rank_00_model_states.pt" in results["single"]["corrupt"]
-
 
 
 @pytest.mark.distributed

@@ -31,8 +31,15 @@ SEGMENT_TIMEOUT = 120  # seconds; a segment takes ~3 s
 
 
 def fault_overrides() -> dict:
-    return {"train.steps": STEPS, "train.zero_stage": 1, "checkpoint.every": EVERY, "checkpoint.keep_last": 2,
-            "train.eval_every": EVAL_EVERY, "optim.schedule": "cosine", "checkpoint.export": "native"}
+    return {
+        "train.steps": STEPS,
+        "train.zero_stage": 1,
+        "checkpoint.every": EVERY,
+        "checkpoint.keep_last": 2,
+        "train.eval_every": EVAL_EVERY,
+        "optim.schedule": "cosine",
+        "checkpoint.export": "native",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the ranks
@@ -75,6 +82,7 @@ def instrument(points: KillPoints) -> None:
         def wrapped(*args, **kwargs):
             points.hit(name_of(*args))
             return fn(*args, **kwargs)
+
         setattr(owner, attr, wrapped)
 
     def after(owner, attr, name_of):
@@ -86,6 +94,7 @@ def instrument(points: KillPoints) -> None:
             out = fn(*args, **kwargs)
             points.hit(name_of(*args))
             return out
+
         setattr(owner, attr, wrapped)
 
     save = CheckpointManager.save
@@ -115,8 +124,11 @@ def instrument(points: KillPoints) -> None:
     before(CheckpointManager, "_prune", lambda self, *a: f"prune:{points.saving}")
     before(checkpointing, "remove_dir", lambda path: f"remove:{path.name}")
     before(checkpointing, "publish", lambda staging, path: f"publish:{points.saving}")
-    before(checkpointing, "write_atomic", lambda path, text: f"latest:{points.saving}" if path.name == "latest"
-           else f"marker:{points.saving}")
+    before(
+        checkpointing,
+        "write_atomic",
+        lambda path, text: f"latest:{points.saving}" if path.name == "latest" else f"marker:{points.saving}",
+    )
     after(Trainer, "train_step", lambda self, batches: f"step:{self.step + 1}")
     before(Trainer, "evaluate", lambda self: f"eval:{self.step}")
     before(trainer_module, "export_model", lambda *a: "export")
@@ -136,8 +148,9 @@ def run_rank(work: Path, name: str, resume: bool, points: KillPoints) -> None:
     shutdown_distributed()
 
 
-def run_segment(work: Path, name: str, resume: bool, order: list[str], kill_at: int | None,
-                kill_ranks: list[int], log: Path) -> dict:
+def run_segment(
+    work: Path, name: str, resume: bool, order: list[str], kill_at: int | None, kill_ranks: list[int], log: Path
+) -> dict:
     """Fork the two ranks of a segment; when one dies, kill the other. Returns how each rank ended."""
     from tests.test_train_distributed import _free_port
 
@@ -148,11 +161,13 @@ def run_segment(work: Path, name: str, resume: bool, order: list[str], kill_at: 
         if pid == 0:
             code = 1
             try:
-                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port))
+                os.environ.update(
+                    RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+                )
                 sys.stderr = sys.stdout = open(log.with_suffix(f".rank{rank}.out"), "w", buffering=1)
-                points = KillPoints(log.with_suffix(f".rank{rank}.points"), order,
-                                    kill_at if rank in kill_ranks else None)
+                points = KillPoints(
+                    log.with_suffix(f".rank{rank}.points"), order, kill_at if rank in kill_ranks else None
+                )
                 run_rank(work, name, resume, points)
                 code = 0
             except BaseException:
@@ -181,8 +196,10 @@ def run_segment(work: Path, name: str, resume: bool, order: list[str], kill_at: 
 def kill_plan(order: list[str], rank1_points: set[str], rng: random.Random) -> list[tuple[int, list[int]]]:
     """KILLS distinct points of the uninterrupted run, in order, each with the ranks that die there (rank 0 alone
     writes markers, publishes and prunes)."""
-    return [(i, rng.choice([[0], [1], [0, 1]] if order[i] in rank1_points else [[0], [0, 1]]))
-            for i in sorted(rng.sample(range(len(order)), KILLS))]
+    return [
+        (i, rng.choice([[0], [1], [0, 1]] if order[i] in rank1_points else [[0], [0, 1]]))
+        for i in sorted(rng.sample(range(len(order)), KILLS))
+    ]
 
 
 def corrupt_newest(work: Path, name: str) -> str | None:
@@ -216,14 +233,28 @@ def scenario(work: Path) -> dict:
             corrupted = corrupt_newest(work, "faulted")
         log = logs / f"segment{n:02d}"
         ended = run_segment(work, "faulted", n > 0, order, kill_at, ranks, log)
-        segments.append({"kill_at": order[kill_at] if kill_at is not None else None, "ranks": ranks,
-                         "ended": ended, "killed_at": [_killed_at(log, rank) for rank in ranks]})
+        segments.append(
+            {
+                "kill_at": order[kill_at] if kill_at is not None else None,
+                "ranks": ranks,
+                "ended": ended,
+                "killed_at": [_killed_at(log, rank) for rank in ranks],
+            }
+        )
     final = work / "faulted" / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE"
     before = final.stat().st_mtime_ns
     rerun = run_segment(work, "faulted", True, order, order.index("export"), [0, 1], logs / "rerun")
-    return {"order": order, "segments": segments, "corrupted": corrupted, "seconds": time.time() - started,
-            "rerun": {"ended": rerun, "killed_at": _killed_at(logs / "rerun", 0),
-                      "final_checkpoint_rewritten": final.stat().st_mtime_ns != before}}
+    return {
+        "order": order,
+        "segments": segments,
+        "corrupted": corrupted,
+        "seconds": time.time() - started,
+        "rerun": {
+            "ended": rerun,
+            "killed_at": _killed_at(logs / "rerun", 0),
+            "final_checkpoint_rewritten": final.stat().st_mtime_ns != before,
+        },
+    }
 
 
 def preload(modules: list[str]) -> None:
@@ -256,8 +287,13 @@ def faults(tmp_path_factory) -> tuple[Path, dict]:
 
     work = tmp_path_factory.mktemp("faults")
     prepare_corpus(work / "data", max_files=30, val_fraction=0.2)
-    proc = subprocess.run([sys.executable, __file__, str(work)], capture_output=True, text=True, timeout=600,
-                          env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    proc = subprocess.run(
+        [sys.executable, __file__, str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=worker_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return work, json.loads((work / "faults.json").read_text())
 
@@ -275,8 +311,20 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run_exactly(faults)
 
     work, got = faults
     kinds = {point.split(":")[0] for point in got["order"]}
-    assert kinds == {"step", "eval", "save", "file", "shards", "marker", "publish", "latest", "prune", "remove",
-                     "export", "exported"}, kinds
+    assert kinds == {
+        "step",
+        "eval",
+        "save",
+        "file",
+        "shards",
+        "marker",
+        "publish",
+        "latest",
+        "prune",
+        "remove",
+        "export",
+        "exported",
+    }, kinds
     segments = got["segments"]
     assert len(segments) == KILLS + 1 and segments[-1]["ended"] == {"0": "exit 0", "1": "exit 0"}
     for segment in segments[:-1]:  # every planned kill happened: a rank died by SIGKILL at or after its point
@@ -290,8 +338,9 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run_exactly(faults)
     train = [r for r in faulted if r["split"] == "train"]
     assert {r["step"] for r in train} == set(expected)  # every step was logged at least once
     for r in train:  # steps redone after a kill: logged again, identical
-        assert (r["loss"], r["lr"], r["grad_norm"]) == tuple(expected[r["step"]][k] for k in ("loss", "lr",
-                                                                                               "grad_norm")), r
+        assert (r["loss"], r["lr"], r["grad_norm"]) == tuple(
+            expected[r["step"]][k] for k in ("loss", "lr", "grad_norm")
+        ), r
     val = {r["step"]: r["loss"] for r in reference if r["split"] == "val"}
     assert all(val[r["step"]] == r["loss"] for r in faulted if r["split"] == "val")
     resumes = [r for r in faulted if r["split"] == "resume"]

@@ -10,9 +10,8 @@ import torch
 
 from moeformer.errors import ConfigError
 from moeformer.models.checkpoint import save_pretrained
-from moeformer.models.model import from_pretrained
 from moeformer.models.config import ModelConfig
-from moeformer.models.model import CausalLM
+from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.upcycle import upcycle, upcycled_config
 from tests.numerics import FP32_RTOL
 from tests.test_scripts import script
@@ -29,8 +28,9 @@ def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def dense_model(**overrides) -> CausalLM:
-    config = ModelConfig.from_name("tiny-dense", n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                                   vocab_size=64, **overrides)
+    config = ModelConfig.from_name(
+        "tiny-dense", n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, **overrides
+    )
     torch.manual_seed(0)
     model = CausalLM(config).eval()
     with torch.no_grad():  # norms away from one, so a lost or misplaced tensor shows in the logits
@@ -86,8 +86,15 @@ def test_errors_name_the_problem():
 
 
 def hf_llama(tmp_path):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():

@@ -40,8 +40,9 @@ def tokenizer_dir(tmp_path_factory, documents) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(documents, trainer=trainer)
     directory = tmp_path_factory.mktemp("tok")
     tok.save(str(directory / "tokenizer.json"))
@@ -90,9 +91,16 @@ def test_files_give_the_tokenizers_tokens(tmp_path, documents, tokenizer_dir, fm
         by_file = [(files[0], documents)]
     tokenizer = PretrainedTokenizer(tokenizer_dir)
     field = "body" if fmt == "parquet" else "text"
-    meta = prepare_user_data(tmp_path / "out", [str(src / f"*.{ {'text': 'txt'}.get(fmt, fmt)}")], fmt, tokenizer,
-                             text_field=field, val_fraction=0.25, workers=2 if fmt == "jsonl" else 1,
-                             progress=False)
+    meta = prepare_user_data(
+        tmp_path / "out",
+        [str(src / f"*.{ {'text': 'txt'}.get(fmt, fmt) }")],
+        fmt,
+        tokenizer,
+        text_field=field,
+        val_fraction=0.25,
+        workers=2 if fmt == "jsonl" else 1,
+        progress=False,
+    )
     want = expected_splits(tokenizer_dir, by_file)
     assert want["train"] and want["val"]
     for split in ("train", "val"):
@@ -107,8 +115,16 @@ def test_instruction_data_masks_the_prompt_and_the_loss_counts_responses_only(tm
     pairs = [(f"Q{i}: what is {i} + {i}? ", f"A: {2 * i}, since {i} and {i} make {2 * i}.") for i in range(30)]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
-    prepare_user_data(tmp_path / "out", [str(path)], "jsonl", PretrainedTokenizer(tokenizer_dir),
-                      prompt_field="prompt", response_field="response", val_fraction=0.2, progress=False)
+    prepare_user_data(
+        tmp_path / "out",
+        [str(path)],
+        "jsonl",
+        PretrainedTokenizer(tokenizer_dir),
+        prompt_field="prompt",
+        response_field="response",
+        val_fraction=0.2,
+        progress=False,
+    )
     eos = direct_tokens(tokenizer_dir, EOS)
     tokens, masks = [], []
     for index, (prompt, response) in enumerate(pairs):
@@ -123,7 +139,9 @@ def test_instruction_data_masks_the_prompt_and_the_loss_counts_responses_only(tm
     starts = np.array([0, 32])[:, None] + np.arange(1, 33)
     target_mask = torch.from_numpy(np.array(masks)[starts])
     assert torch.equal(batch["targets"] == IGNORE_INDEX, target_mask == 0)
-    assert torch.equal(batch["targets"][target_mask == 1], torch.tensor(tokens)[torch.from_numpy(starts)][target_mask == 1])
+    assert torch.equal(
+        batch["targets"][target_mask == 1], torch.tensor(tokens)[torch.from_numpy(starts)][target_mask == 1]
+    )
 
     # the training loss is cross-entropy over the response targets alone, by hand
     config = ModelConfig.from_name("tiny-dense", n_layers=1, dim=32, n_heads=2, ffn_dim=64, vocab_size=300)
@@ -158,8 +176,20 @@ def test_bad_input_is_one_clear_error_naming_the_file(tmp_path, tokenizer_dir, c
     assert not any((tmp_path / f"o{i}" / "meta.json").exists() for i in range(1, 6))  # nothing half-written
 
     with pytest.raises(SystemExit) as exit_info:  # the script: one line, exit status 1
-        script("prepare_data").main(["--files", str(tmp_path / "missing.jsonl"), "--format", "jsonl",
-                                     "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o6"), "--workers", "1"])
+        script("prepare_data").main(
+            [
+                "--files",
+                str(tmp_path / "missing.jsonl"),
+                "--format",
+                "jsonl",
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(tmp_path / "o6"),
+                "--workers",
+                "1",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()  # (above it, the progress bar)
     assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ") and "missing.jsonl:2" in err
@@ -169,4 +199,6 @@ def test_a_tokenizer_without_an_eos_asks_for_one(tmp_path, tokenizer_dir):
     (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     with pytest.raises(ValueError, match="--eos-token"):
         PretrainedTokenizer(tmp_path / "tokenizer.json")
-    assert PretrainedTokenizer(tmp_path / "tokenizer.json", eos_token=EOS).eos_id == direct_tokens(tokenizer_dir, EOS)[0]
+    assert (
+        PretrainedTokenizer(tmp_path / "tokenizer.json", eos_token=EOS).eos_id == direct_tokens(tokenizer_dir, EOS)[0]
+    )

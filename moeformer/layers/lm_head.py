@@ -45,8 +45,9 @@ def chunked_cross_entropy(hidden: Tensor, targets: Tensor, project: nn.Module, c
     return total / count.clamp(min=1)
 
 
-def _chunk_loss_and_grad(logits: Tensor, t: Tensor, scale: Tensor, split: VocabSplit | None = None
-                         ) -> tuple[Tensor, Tensor]:
+def _chunk_loss_and_grad(
+    logits: Tensor, t: Tensor, scale: Tensor, split: VocabSplit | None = None
+) -> tuple[Tensor, Tensor]:
     """The chunk's summed cross-entropy and scale * (softmax - onehot) per valid row (zero rows for ignored
     targets) in the logits' dtype. In place on one fp32 copy of the logits (eager keeps a single fp32 buffer) and
     elementwise only, so torch.compile fuses it into a reduction and one pass. With a `split`, `logits` are this
@@ -63,8 +64,13 @@ def _chunk_loss_and_grad(logits: Tensor, t: Tensor, scale: Tensor, split: VocabS
         mine = valid & (local >= 0) & (local < lf.shape[-1])
         safe = torch.where(mine, local, -1).unsqueeze(-1)  # -1 matches no column below
         peak = split.all_max(lf.detach().amax(dim=-1, keepdim=True))
-        sums = torch.cat([(lf - peak).exp().sum(dim=-1, keepdim=True),
-                          torch.where(mine.unsqueeze(-1), lf.gather(-1, safe.clamp(min=0)) - peak, 0.0)], dim=-1)
+        sums = torch.cat(
+            [
+                (lf - peak).exp().sum(dim=-1, keepdim=True),
+                torch.where(mine.unsqueeze(-1), lf.gather(-1, safe.clamp(min=0)) - peak, 0.0),
+            ],
+            dim=-1,
+        )
         sum_exp, target = split.all_sum(sums).unbind(-1)
         lse = peak + sum_exp.log().unsqueeze(-1)
         loss = torch.where(valid, sum_exp.log() - target, 0.0).sum()
@@ -87,8 +93,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     split the hidden gradient is this rank's part (the caller sums it over the ranks)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, grad_hidden: bool,
-                grad_weight: bool, split: VocabSplit | None) -> Tensor:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk_size: int,
+        grad_hidden: bool,
+        grad_weight: bool,
+        split: VocabSplit | None,
+    ) -> Tensor:
         scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
@@ -113,8 +127,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return g_hidden, g_weight, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096,
-                         split: VocabSplit | None = None) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096, split: VocabSplit | None = None
+) -> Tensor:
     """Mean next-token cross-entropy of the logits hidden @ weight.T (fp32 softmax), -100 ignored, computed
     `chunk_size` tokens at a time: one chunk of logits exists at any moment and none is kept for backward. With a
     `split`, `weight` holds this rank's rows of the vocabulary (tensor parallelism): no rank forms all the logits."""
@@ -129,8 +144,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     return _LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_size, *needs, split)
 
 
-def distill_loss_reference(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                           teacher_weight: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def distill_loss_reference(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy, mean KL(teacher || student) at `temperature`) from all fp32 logits at once, over the
     tokens whose target is not -100."""
     zs = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight).float()
@@ -138,13 +159,15 @@ def distill_loss_reference(student_hidden: Tensor, student_weight: Tensor, teach
     flat_t = targets.reshape(-1)
     valid = flat_t != IGNORE_INDEX
     ce = F.cross_entropy(zs, flat_t, ignore_index=IGNORE_INDEX)
-    kl = F.kl_div((zs / temperature).log_softmax(-1), (zt / temperature).log_softmax(-1), log_target=True,
-                  reduction="none").sum(-1)
+    kl = F.kl_div(
+        (zs / temperature).log_softmax(-1), (zt / temperature).log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
     return ce, torch.where(valid, kl, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def _chunk_kl_and_grad(zs: Tensor, zt: Tensor, valid: Tensor, temperature: float,
-                       scale: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_kl_and_grad(
+    zs: Tensor, zt: Tensor, valid: Tensor, temperature: float, scale: Tensor
+) -> tuple[Tensor, Tensor]:
     """The chunk's summed KL(softmax(zt/T) || softmax(zs/T)) over valid rows and its gradient with respect to the
     student logits zs, scale * (softmax(zs/T) - softmax(zt/T)) / T per valid row, in zs's dtype."""
     log_q = (zs.float() / temperature).log_softmax(-1)
@@ -161,22 +184,34 @@ class _LinearDistill(torch.autograd.Function):
     and teacher logits at a time) and the backward only combines them with the incoming gradients."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, targets: Tensor,
-                temperature: float, chunk_size: int, grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        targets: Tensor,
+        temperature: float,
+        chunk_size: int,
+        grad_hidden: bool,
+        grad_weight: bool,
+    ) -> tuple[Tensor, Tensor]:
         valid = targets != IGNORE_INDEX
         scale = 1.0 / valid.sum().clamp(min=1).float()
         grads = {}
         for name in ("ce", "kl"):
-            grads[name] = (torch.empty_like(hidden) if grad_hidden else None,
-                           torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight
-                           else None)
+            grads[name] = (
+                torch.empty_like(hidden) if grad_hidden else None,
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None,
+            )
         totals = {name: hidden.new_zeros((), dtype=torch.float32) for name in grads}
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h, t = hidden[rows], targets[rows]
             zs = h @ weight.t()
-            kl, d_kl = _chunk_kl_and_grad(zs, teacher_hidden[rows] @ teacher_weight.t(), valid[rows], temperature,
-                                          scale)
+            kl, d_kl = _chunk_kl_and_grad(
+                zs, teacher_hidden[rows] @ teacher_weight.t(), valid[rows], temperature, scale
+            )
             ce, d_ce = _chunk_loss_and_grad(zs, t, scale)  # last: it overwrites fp32 logits in place
             for name, loss, d_logits in (("ce", ce, d_ce), ("kl", kl, d_kl)):
                 totals[name] = totals[name] + loss
@@ -200,9 +235,15 @@ class _LinearDistill(torch.autograd.Function):
         return g_hidden, g_weight, None, None, None, None, None, None, None
 
 
-def linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                        teacher_weight: Tensor, targets: Tensor, temperature: float = 1.0,
-                        chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+def linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> tuple[Tensor, Tensor]:
     """(mean next-token cross-entropy, mean KL(teacher || student)) of the student logits student_hidden @
     student_weight.T, the teacher's from teacher_hidden @ teacher_weight.T, both softened by `temperature` for the
     KL (the cross-entropy is at temperature 1); the means run over the tokens whose target is not -100. Computed
@@ -210,19 +251,22 @@ def linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_
     and the teacher gets no gradient. Distillation usually minimises (1 - a) * ce + a * T^2 * kl (Hinton et al.:
     T^2 keeps the KL's gradient scale independent of T)."""
     if student_hidden.shape[:-1] != targets.shape or teacher_hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"student hidden {tuple(student_hidden.shape)}, teacher hidden "
-                         f"{tuple(teacher_hidden.shape)} and targets {tuple(targets.shape)} disagree on the tokens")
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)}, teacher hidden "
+            f"{tuple(teacher_hidden.shape)} and targets {tuple(targets.shape)} disagree on the tokens"
+        )
     if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
-                         f"{teacher_weight.shape[0]} logits")
+        raise ValueError(
+            f"student and teacher vocabularies differ: {student_weight.shape[0]} vs {teacher_weight.shape[0]} logits"
+        )
     if chunk_size < 1 or temperature <= 0:
         raise ValueError(f"chunk_size and temperature must be positive, got {chunk_size}, {temperature}")
     flat_h, flat_t = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
     flat_th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    needs = (student_hidden.requires_grad, student_weight.requires_grad) if torch.is_grad_enabled() else (False,
-                                                                                                         False)
-    return _LinearDistill.apply(flat_h, student_weight, flat_th, teacher_weight.detach(), flat_t, float(temperature),
-                                chunk_size, *needs)
+    needs = (student_hidden.requires_grad, student_weight.requires_grad) if torch.is_grad_enabled() else (False, False)
+    return _LinearDistill.apply(
+        flat_h, student_weight, flat_th, teacher_weight.detach(), flat_t, float(temperature), chunk_size, *needs
+    )
 
 
 class LMHead(nn.Linear):

@@ -41,8 +41,9 @@ def mla_softmax_scale(mla: MLAConfig, rope_scaling: dict[str, Any] | None = None
     return scale * mscale * mscale
 
 
-def _attend_mixed_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
-                       backend: str) -> torch.Tensor:
+def _attend_mixed_dims(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, backend: str
+) -> torch.Tensor:
     """`attend` for value heads narrower or wider than query/key heads: zero-pad to a common width (zeros change
     neither q.k nor the kept value dims), then drop the padding from the output."""
     qk_dim, v_dim = q.shape[-1], v.shape[-1]
@@ -57,8 +58,15 @@ class LatentCache:
     the rotated shared rope key, in one buffer (B, max_len, kv_lora_rank + rope_dim): the absorbed decode path reads
     it as the single key (and value) head of an MQA, without copies."""
 
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
         self.kv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
         self.length = 0
@@ -100,8 +108,17 @@ class MLAttention(nn.Module):
     itself (`absorbs`); `absorb` True / False forces one path (None: the cheaper).
     """
 
-    def __init__(self, dim: int, n_heads: int, mla: MLAConfig, *, norm_eps: float = 1e-6, backend: str = "auto",
-                 softmax_scale: float | None = None, absorb: bool | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        mla: MLAConfig,
+        *,
+        norm_eps: float = 1e-6,
+        backend: str = "auto",
+        softmax_scale: float | None = None,
+        absorb: bool | None = None,
+    ) -> None:
         super().__init__()
         self.n_heads, self.backend, self.absorb = n_heads, backend, absorb
         self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
@@ -125,8 +142,14 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                cache: LatentCache | None = None, backend: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache: LatentCache | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
         cos, sin = rope
         q = rearrange(self._queries(x), "b t (h d) -> b h t d", h=self.n_heads)
         q_nope, q_rope = q[..., : self.nope], apply_rotary(q[..., self.nope :], cos, sin)
@@ -142,8 +165,9 @@ class MLAttention(nn.Module):
             if self.absorbs(x.shape[1]):
                 out = self._attend_absorbed(q_nope, q_rope, kv, mask, backend)
             else:
-                out = self._attend_expanded(q_nope, q_rope, *kv.split((self.kv_lora_rank, self.rope_dim), -1), mask,
-                                            backend)
+                out = self._attend_expanded(
+                    q_nope, q_rope, *kv.split((self.kv_lora_rank, self.rope_dim), -1), mask, backend
+                )
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
     def absorbs(self, q_len: int) -> bool:
@@ -160,8 +184,15 @@ class MLAttention(nn.Module):
         w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.n_heads)
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
-                         mask: AttentionMask, backend: str) -> torch.Tensor:
+    def _attend_expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rot: torch.Tensor,
+        mask: AttentionMask,
+        backend: str,
+    ) -> torch.Tensor:
         """Per-head keys [k_nope | k_rot] and values from kv_b_proj(latent) (B, Tk, rank): the reference form."""
         B, H, Tk = latent.shape[0], self.n_heads, latent.shape[1]
         kv = rearrange(self.kv_b_proj(latent), "b t (h d) -> b h t d", h=H)
@@ -169,8 +200,9 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_rot[:, None].expand(B, H, Tk, self.rope_dim)), dim=-1)
         return _attend_mixed_dims(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.scale, backend)
 
-    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: AttentionMask,
-                         backend: str) -> torch.Tensor:
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: AttentionMask, backend: str
+    ) -> torch.Tensor:
         """DeepSeek-V2's absorbed form over the compressed cache kv (B, Tk, rank + rope): q_nope . (W_uk latent) =
         (q_nope W_uk) . latent, so the query moves to latent space and attends, as an MQA with one shared head of
         width rank + rope, to the cached rows themselves (also the values: only their latent part is kept); W_uv then
@@ -181,6 +213,7 @@ class MLAttention(nn.Module):
         out = attend(q, keys, keys, mask, window=None, scale=self.scale, backend=backend)[..., : self.kv_lora_rank]
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
-    def init_cache(self, batch: int, max_len: int, dtype: torch.dtype,
-                   device: torch.device | str | None) -> LatentCache:
+    def init_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str | None
+    ) -> LatentCache:
         return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)

@@ -15,8 +15,18 @@ from torch import nn
 SCALING_KEYS: dict[str, tuple[set[str], set[str]]] = {  # type -> (required keys, optional keys)
     "linear": ({"factor"}, set()),
     "dynamic": ({"factor"}, set()),
-    "yarn": ({"factor"}, {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                          "attention_factor", "truncate"}),
+    "yarn": (
+        {"factor"},
+        {
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "attention_factor",
+            "truncate",
+        },
+    ),
     "llama3": ({"factor", "low_freq_factor", "high_freq_factor"}, {"original_max_position_embeddings"}),
 }
 
@@ -30,8 +40,9 @@ def _check_scaling(scaling: dict[str, Any] | None) -> tuple[str, dict[str, Any]]
     kind = params.pop("rope_type", kind)  # Hugging Face configs spell it rope_type
     if kind in (None, "default"):
         if params:
-            raise ValueError(f"rope scaling without a type got keys {sorted(params)}; set 'type' to one of "
-                             f"{sorted(SCALING_KEYS)}")
+            raise ValueError(
+                f"rope scaling without a type got keys {sorted(params)}; set 'type' to one of {sorted(SCALING_KEYS)}"
+            )
         return "default", {}
     if kind not in SCALING_KEYS:
         raise ValueError(f"unknown rope scaling type {kind!r}; expected one of {sorted(SCALING_KEYS)}")
@@ -55,8 +66,9 @@ class RotaryEmbedding(nn.Module):
     position of each call; yarn and llama3 take `original_max_position_embeddings` (default `max_seq_len`).
     """
 
-    def __init__(self, rotary_dim: int, theta: float = 10000.0, max_seq_len: int = 2048,
-                 scaling: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, rotary_dim: int, theta: float = 10000.0, max_seq_len: int = 2048, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         if rotary_dim <= 0 or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")

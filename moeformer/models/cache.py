@@ -41,8 +41,9 @@ class StaticCache:
             cache.reset()
         self.prefilled = False
 
-    def begin(self, batch: int, seq: int, attention_mask: torch.Tensor | None
-              ) -> tuple[AttentionMask, torch.Tensor | None, torch.Tensor | None]:
+    def begin(
+        self, batch: int, seq: int, attention_mask: torch.Tensor | None
+    ) -> tuple[AttentionMask, torch.Tensor | None, torch.Tensor | None]:
         """Record a forward of `seq` new tokens; return its attention mask, rope positions (None: the usual ones of a
         prompt) and MoE token mask. `attention_mask` (B, seq) is the prompt's padding: only the prompt may have it."""
         if batch != self.batch:

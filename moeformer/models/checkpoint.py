@@ -39,13 +39,28 @@ from moeformer.safe_files import confined
 HF_CONFIG, NATIVE_CONFIG = "config.json", "config.yaml"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 FORMATS = ("hf", "native")
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16}  # --dtype values of the command-line scripts
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}  # --dtype values of the command-line scripts
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -69,11 +84,14 @@ class SafetensorsFile:
                     raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
                 (header_len,) = struct.unpack("<Q", raw)
                 if header_len > MAX_HEADER_BYTES:
-                    raise CheckpointError(f"{path} is not a safetensors file: its header would be {header_len} "
-                                          f"bytes (the format allows {MAX_HEADER_BYTES})")
+                    raise CheckpointError(
+                        f"{path} is not a safetensors file: its header would be {header_len} "
+                        f"bytes (the format allows {MAX_HEADER_BYTES})"
+                    )
                 if 8 + header_len > size:
-                    raise CheckpointError(f"{path} is truncated: its header needs {8 + header_len} bytes, file has "
-                                          f"{size}")
+                    raise CheckpointError(
+                        f"{path} is truncated: its header needs {8 + header_len} bytes, file has {size}"
+                    )
                 text = f.read(header_len)
         except OSError as e:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
@@ -82,11 +100,13 @@ class SafetensorsFile:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
         if not isinstance(header, dict):
-            raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an "
-                                  "object")
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object"
+            )
         metadata = header.pop("__metadata__", None)
-        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str)
-                                                                            for v in metadata.values())):
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
             raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
         self.entries: dict[str, dict] = {name: self._entry(name, entry) for name, entry in header.items()}
         self.data_start = 8 + header_len
@@ -98,8 +118,9 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: tensor {name!r} (data_offsets {entry['data_offsets']}) {problem}")
             end = entry["data_offsets"][1]
         if self.data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: its tensors need {self.data_start + end} bytes, file has "
-                                  f"{size}")
+            raise CheckpointError(
+                f"{path} is truncated: its tensors need {self.data_start + end} bytes, file has {size}"
+            )
         if self.data_start + end < size:
             raise CheckpointError(f"{path} has {size - self.data_start - end} bytes after its last tensor")
 
@@ -114,14 +135,19 @@ class SafetensorsFile:
             raise CheckpointError(f"{where} has dtype {dtype!r:.50}, not a string")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(f"{where} has shape {shape!r:.100}, not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{where} has data_offsets {offsets!r:.100}, not [begin, end] with "
-                                  "0 <= begin <= end")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r:.100}, not [begin, end] with 0 <= begin <= end")
         if dtype in DTYPES and math.prod(shape) * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
-            raise CheckpointError(f"{where} of shape {shape} and dtype {dtype} needs "
-                                  f"{math.prod(shape) * DTYPES[dtype].itemsize} bytes, its data_offsets span "
-                                  f"{offsets[1] - offsets[0]}")
+            raise CheckpointError(
+                f"{where} of shape {shape} and dtype {dtype} needs "
+                f"{math.prod(shape) * DTYPES[dtype].itemsize} bytes, its data_offsets span "
+                f"{offsets[1] - offsets[0]}"
+            )
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -130,8 +156,9 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         code = self.entries[name]["dtype"]
         if code not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r:.50}; supported: "
-                                  f"{', '.join(DTYPES)}")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has unsupported dtype {code!r:.50}; supported: {', '.join(DTYPES)}"
+            )
         return DTYPES[code]
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,8 +208,9 @@ class Checkpoint:
                     try:
                         found = path.is_file()  # a regular file: opening a FIFO or a device could block
                     except OSError as e:
-                        raise CheckpointError(f"cannot read shard {file!r:.100} listed in {index_path}: "
-                                              f"{e.strerror}") from e
+                        raise CheckpointError(
+                            f"cannot read shard {file!r:.100} listed in {index_path}: {e.strerror}"
+                        ) from e
                     if not found:
                         raise CheckpointNotFoundError(f"shard {file} listed in {index_path} does not exist")
                     files[path] = SafetensorsFile(path)
@@ -193,8 +221,9 @@ class Checkpoint:
             file = SafetensorsFile(single)
             self.where = {name: file for name in file.entries}
         else:
-            raise CheckpointNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
-                                          "checkpoints are supported)")
+            raise CheckpointNotFoundError(
+                f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are supported)"
+            )
 
     @property
     def names(self) -> set[str]:
@@ -214,13 +243,16 @@ class Checkpoint:
         if not self.is_quantized(name):
             return self.where[name].read(name, out)
         if self.block is None:
-            raise CheckpointError(f"tensor {name!r} has a block scale but config.json has no "
-                                  "quantization_config.weight_block_size")
+            raise CheckpointError(
+                f"tensor {name!r} has a block scale but config.json has no quantization_config.weight_block_size"
+            )
         scale = f"{name}_scale_inv"
         (rows, cols), (b0, b1) = self.shape(name), self.block
         if self.shape(scale) != (-(-rows // b0), -(-cols // b1)):
-            raise CheckpointError(f"{scale} has shape {self.shape(scale)}, but {name} {(rows, cols)} in tiles of "
-                                  f"{self.block} needs {(-(-rows // b0), -(-cols // b1))}")
+            raise CheckpointError(
+                f"{scale} has shape {self.shape(scale)}, but {name} {(rows, cols)} in tiles of "
+                f"{self.block} needs {(-(-rows // b0), -(-cols // b1))}"
+            )
         weight = dequantize_blocks(self.where[name].read(name), self.where[scale].read(scale), self.block)
         return weight if out is None else out.copy_(weight)
 
@@ -259,8 +291,9 @@ def _native_maps(config: ModelConfig, keys: list[str]) -> list[TensorMap]:
     return [copy(k, k) for k in keys if not (config.tie_embeddings and k == "lm_head.weight")]
 
 
-def _read_config(model_class: type[nn.Module], directory: Path, roots: tuple[Path, ...] = ()
-                 ) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
+def _read_config(
+    model_class: type[nn.Module], directory: Path, roots: tuple[Path, ...] = ()
+) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
     """The model config, its tensor maps and the predicate of checkpoint tensors to skip."""
     hf_path, native_path = (confined(directory, name, roots) for name in (HF_CONFIG, NATIVE_CONFIG))
     if hf_path.is_file():
@@ -283,8 +316,7 @@ def _read_config(model_class: type[nn.Module], directory: Path, roots: tuple[Pat
         with torch.device("meta"):
             keys = list(model_class(config).state_dict())
         return config, _native_maps(config, keys), lambda n: False
-    raise CheckpointNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} "
-                                  "(moeformer)")
+    raise CheckpointNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} (moeformer)")
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -317,8 +349,14 @@ def _plan(maps: list[TensorMap], ckpt: Checkpoint, ignore: Callable[[str], bool]
     return plan
 
 
-def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, quantize: str | None = None, group_size: int = 128):
+def load_pretrained(
+    model_class: type[nn.Module],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
+):
     """Load a `model_class` (a `CausalLM`, built from the checkpoint's config) from a Hugging Face or native
     checkpoint directory; `CausalLM.from_pretrained` and `moeformer.from_pretrained` call it.
 
@@ -344,24 +382,35 @@ def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, dtype
     plan = _plan(maps, ckpt, ignore)
     saved = config.quantization
     if quantize is not None and saved is not None and saved != {"mode": quantize, "group_size": group_size}:
-        raise CheckpointError(f"{directory} holds a model quantized as {saved}; it cannot be re-quantized to "
-                              f"{quantize} (load it as saved, or quantize its full-precision checkpoint)")
+        raise CheckpointError(
+            f"{directory} holds a model quantized as {saved}; it cannot be re-quantized to "
+            f"{quantize} (load it as saved, or quantize its full-precision checkpoint)"
+        )
     with torch.device("meta"):
         model = model_class(config)
     if quantize is not None and saved is None:  # empty quantized layers, filled from full-precision tensors below
         build_quantized(model, quantize, group_size)
     quantized = quantized_weights(model) if saved is None else {}
     targets = {**model.state_dict(), **{key: torch.empty(q.shape, device="meta") for key, q in quantized.items()}}
-    expected = {k for k in targets if not (config.tie_embeddings and k == "lm_head.weight")
-                and not k.startswith(tuple(f"{q}." for q in quantized))}
+    expected = {
+        k
+        for k in targets
+        if not (config.tie_embeddings and k == "lm_head.weight") and not k.startswith(tuple(f"{q}." for q in quantized))
+    }
     planned = {m.ours for m, _ in plan}
     if planned != expected:
-        raise RuntimeError(f"key map and model disagree: model-only {sorted(expected - planned)}, "
-                           f"map-only {sorted(planned - expected)}")
+        raise RuntimeError(
+            f"key map and model disagree: model-only {sorted(expected - planned)}, "
+            f"map-only {sorted(planned - expected)}"
+        )
     # tensors loaded in `dtype`: parameters, quantization scales, and the full-precision weights quantized on load
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(quantized)
-    params |= {name for name, buf in model.named_buffers() if name.endswith((".scale", ".offset"))
-               and isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedWeight)}
+    params |= {
+        name
+        for name, buf in model.named_buffers()
+        if name.endswith((".scale", ".offset"))
+        and isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedWeight)
+    }
     mismatches, kinds = [], []
     for m, layout in plan:
         want = source_shapes(layout, tuple(targets[m.ours].shape))
@@ -407,8 +456,18 @@ def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, dtype
 
 # ---- saving --------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -522,8 +581,13 @@ def _sibling_dir(target: Path, kind: str) -> Path:
             continue
 
 
-def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model,
+    path: str | os.PathLike,
+    format: str = "hf",
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write `model` to directory `path` atomically: everything goes to a temporary sibling directory that
     replaces `path` only once complete. format "hf": config.json + safetensors in the HF family's names;
     "native": config.yaml + safetensors of our state_dict. `dtype` casts floating-point parameters.
@@ -540,8 +604,10 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "hf", max_shar
         raise ValueError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
     config: ModelConfig = model.config
     if format == "hf" and config.quantization:
-        raise ValueError(f"a quantized model ({config.quantization}) has no Hugging Face format; save it with "
-                         "format='native', or export the full-precision model before quantizing")
+        raise ValueError(
+            f"a quantized model ({config.quantization}) has no Hugging Face format; save it with "
+            "format='native', or export the full-precision model before quantizing"
+        )
     if format == "hf":
         family = family_for_config(config)
         hf_config, maps = family.config_to_hf(config), family.tensor_maps(config)

@@ -49,8 +49,12 @@ def expert_usage(model: CausalLM, batches: Iterable[dict[str, Tensor] | Tensor])
     if not layers:
         raise ValueError("the model has no MoE layers: there are no experts to measure")
     device = next(model.parameters()).device
-    usage = {i: ExpertUsage(torch.zeros(m.config.num_experts, dtype=torch.long),
-                            torch.zeros(m.config.num_experts, dtype=torch.float64)) for i, m in layers.items()}
+    usage = {
+        i: ExpertUsage(
+            torch.zeros(m.config.num_experts, dtype=torch.long), torch.zeros(m.config.num_experts, dtype=torch.float64)
+        )
+        for i, m in layers.items()
+    }
 
     def hook(index: int):
         def record(router: Router, args: tuple, kwargs: dict, routing) -> None:
@@ -61,8 +65,10 @@ def expert_usage(model: CausalLM, batches: Iterable[dict[str, Tensor] | Tensor])
                 expert, weight = expert[valid], weight[valid]
             e = router.weight.shape[0]
             usage[index].counts += torch.bincount(expert, minlength=e).cpu()
-            usage[index].mass += torch.zeros(e, dtype=torch.float64, device=weight.device).index_add_(
-                0, expert, weight).cpu()
+            usage[index].mass += (
+                torch.zeros(e, dtype=torch.float64, device=weight.device).index_add_(0, expert, weight).cpu()
+            )
+
         return record
 
     handles = [m.router.register_forward_hook(hook(i), with_kwargs=True) for i, m in layers.items()]
@@ -72,8 +78,12 @@ def expert_usage(model: CausalLM, batches: Iterable[dict[str, Tensor] | Tensor])
         for batch in batches:
             if isinstance(batch, Tensor):
                 batch = {"input_ids": batch}
-            model(batch["input_ids"].to(device), position_ids=_to(batch.get("position_ids"), device),
-                  document_ids=_to(batch.get("document_ids"), device), return_logits=False)
+            model(
+                batch["input_ids"].to(device),
+                position_ids=_to(batch.get("position_ids"), device),
+                document_ids=_to(batch.get("document_ids"), device),
+                return_logits=False,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -102,11 +112,16 @@ def select_experts(
         return {i: sorted(order[:keep]) for i, order in ranked.items()}
     kept = {i: order[:min_per_layer] for i, order in ranked.items()}
     if not sum(map(len, kept.values())) <= keep_total <= sum(map(len, ranked.values())):
-        raise ValueError(f"keep_total={keep_total} cannot hold {min_per_layer} experts in each of {len(usage)} "
-                         "layers or exceeds the experts there are")
+        raise ValueError(
+            f"keep_total={keep_total} cannot hold {min_per_layer} experts in each of {len(usage)} "
+            "layers or exceeds the experts there are"
+        )
     measure = {i: (u.counts.double() if criterion == "load" else u.mass) for i, u in usage.items()}
-    rest = sorted((-(measure[i][e] / measure[i].sum().clamp_min(1e-30)).item(), i, e)
-                  for i, order in ranked.items() for e in order[min_per_layer:])
+    rest = sorted(
+        (-(measure[i][e] / measure[i].sum().clamp_min(1e-30)).item(), i, e)
+        for i, order in ranked.items()
+        for e in order[min_per_layer:]
+    )
     for _, i, e in rest[: keep_total - sum(map(len, kept.values()))]:
         kept[i].append(e)
     return {i: sorted(experts) for i, experts in kept.items()}
@@ -119,17 +134,23 @@ def check_prunable(model: CausalLM, keep: int | None = None, keep_total: int | N
     if not layers:
         raise ValueError("the model has no MoE layers: there are no experts to prune")
     if model.config.quantization:
-        raise ValueError(f"the model is quantized ({model.config.quantization}); prune or merge experts of the "
-                         "full-precision model, then quantize")
+        raise ValueError(
+            f"the model is quantized ({model.config.quantization}); prune or merge experts of the "
+            "full-precision model, then quantize"
+        )
     moe = model.config.moe
     if moe.num_groups > 1:
-        raise ValueError(f"group-limited routing (moe.num_groups={moe.num_groups}) fixes the experts of each group; "
-                         "pruning it is not supported")
+        raise ValueError(
+            f"group-limited routing (moe.num_groups={moe.num_groups}) fixes the experts of each group; "
+            "pruning it is not supported"
+        )
     _check_count(keep, moe.num_experts, moe.top_k, "keep")
     if keep_total is not None and not len(layers) * moe.top_k <= keep_total <= len(layers) * moe.num_experts:
-        raise ValueError(f"keep_total={keep_total} must be in [{len(layers) * moe.top_k}, "
-                         f"{len(layers) * moe.num_experts}]: {len(layers)} MoE layers of {moe.num_experts} experts, "
-                         f"each keeping at least top_k={moe.top_k}")
+        raise ValueError(
+            f"keep_total={keep_total} must be in [{len(layers) * moe.top_k}, "
+            f"{len(layers) * moe.num_experts}]: {len(layers)} MoE layers of {moe.num_experts} experts, "
+            f"each keeping at least top_k={moe.top_k}"
+        )
     return layers
 
 
@@ -197,11 +218,14 @@ def _check_count(keep: int | None, num_experts: int, top_k: int, what: str) -> N
     if keep is None:
         return
     if not 1 <= keep <= num_experts:
-        raise ValueError(f"{what}={keep} must be in [1, {num_experts}] (the model has {num_experts} routed experts "
-                         "per MoE layer)")
+        raise ValueError(
+            f"{what}={keep} must be in [1, {num_experts}] (the model has {num_experts} routed experts per MoE layer)"
+        )
     if keep < top_k:
-        raise ValueError(f"{what}={keep} is below moe.top_k={top_k}: every token needs top_k experts; keep at least "
-                         f"{top_k} (or lower top_k)")
+        raise ValueError(
+            f"{what}={keep} is below moe.top_k={top_k}: every token needs top_k experts; keep at least "
+            f"{top_k} (or lower top_k)"
+        )
 
 
 def fold_targets(router_weight: Tensor, kept: list[int]) -> dict[int, int]:
@@ -235,8 +259,10 @@ def _rebuild(model: CausalLM, plan: dict[int, list[int]], usage: Mapping[int, Ex
     counts = {len(kept) for kept in plan.values()}
     if len(counts) > 1:
         per_layer = {i: len(kept) for i, kept in plan.items()}
-        raise ValueError(f"the layers would keep different numbers of experts {per_layer}, but a model config holds "
-                         "one expert count for all MoE layers; keep the same number in every layer")
+        raise ValueError(
+            f"the layers would keep different numbers of experts {per_layer}, but a model config holds "
+            "one expert count for all MoE layers; keep the same number in every layer"
+        )
     config = model.config.replace(moe={"num_experts": counts.pop()})
     state = model.state_dict()
     for i, kept in plan.items():

@@ -77,8 +77,9 @@ class ModelConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for key, value in _checked(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-                                     "model").items():
+        for key, value in _checked(
+            ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "model"
+        ).items():
             setattr(self, key, value)
         if isinstance(self.moe, dict):
             self.moe = _dataclass_from_dict(MoEConfig, self.moe, "model.moe")
@@ -167,8 +168,10 @@ class ModelConfig:
     def save(self, path: str | Path) -> None:
         """Write as YAML (.yaml/.yml) or JSON (anything else)."""
         path = Path(path)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(
-            self.to_dict(), indent=2
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2)
         )
         path.write_text(text)
 

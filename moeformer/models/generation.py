@@ -134,8 +134,9 @@ class Decoder:
     buffer, which the next step overwrites.
     """
 
-    def __init__(self, model, batch: int, max_len: int, *, compile: bool = True,
-                 cuda_graph: bool | None = None) -> None:
+    def __init__(
+        self, model, batch: int, max_len: int, *, compile: bool = True, cuda_graph: bool | None = None
+    ) -> None:
         device = next(model.parameters()).device
         self.cuda_graph = compile and device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and device.type != "cuda":
@@ -186,8 +187,14 @@ class Decoder:
         return self._step_logits()
 
     def _prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        out = self.model(input_ids, attention_mask=attention_mask, cache=self.cache, stats=False, logits_to_keep=1,
-                         layers=self._prefill_layers)
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            cache=self.cache,
+            stats=False,
+            logits_to_keep=1,
+            layers=self._prefill_layers,
+        )
         return out.logits[:, -1]
 
     def _step_logits(self) -> torch.Tensor:
@@ -256,25 +263,28 @@ def cached_decoder(model, batch: int, prompt_len: int, max_new_tokens: int) -> D
     return entry[1]
 
 
-def check_prompt(model, input_ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+def check_prompt(
+    model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
     """Validate a generation request (reading the ids and the mask on the host, once per call); return the mask as
     bool."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a (batch, prompt_len) tensor with at least one token per row, got {shape}"
-                         " (a single prompt needs a batch dimension: ids[None])")
+        raise ValueError(
+            f"input_ids must be a (batch, prompt_len) tensor with at least one token per row, got {shape}"
+            " (a single prompt needs a batch dimension: ids[None])"
+        )
     check_token_ids(input_ids, model.config.vocab_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
-    model.check_length(prompt_len + max_new_tokens, f"prompt ({prompt_len} tokens) + max_new_tokens "
-                                                    f"({max_new_tokens})")
+    model.check_length(prompt_len + max_new_tokens, f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})")
     if attention_mask is None:
         return None
     if tuple(attention_mask.shape) != (batch, prompt_len):
-        raise ValueError(f"attention_mask must have the prompt's shape {(batch, prompt_len)}, got "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have the prompt's shape {(batch, prompt_len)}, got {tuple(attention_mask.shape)}"
+        )
     mask = attention_mask.to(input_ids.device).bool()
     not_left, empty_row = torch.stack([(mask[:, 1:] < mask[:, :-1]).any(), (~mask.any(dim=1)).any()]).tolist()
     if not_left:

@@ -62,7 +62,11 @@ def build_attention(config: ModelConfig, layer: int) -> nn.Module:
         )
     if kind in LINEAR_ATTENTION:
         return CausalLinearAttention(
-            config.dim, config.n_heads, config.head_dim, kind=kind, norm_eps=config.norm_eps,
+            config.dim,
+            config.n_heads,
+            config.head_dim,
+            kind=kind,
+            norm_eps=config.norm_eps,
             **config.linear_attention,
         )
     raise ValueError(f"layer {layer}: unknown attention type {kind!r}")
@@ -235,8 +239,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"{what} exceeds the model's max_seq_len {self.config.max_seq_len}")
 
     # ---- incremental decoding ------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  static: bool = False) -> list | StaticCache:
+    def new_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False
+    ) -> list | StaticCache:
         """Per-layer caches (KV buffers, MLA latents, or a recurrent state for linear attention) for `max_len`
         tokens: a list whose length is kept on the host (eager decoding), or with static=True a `StaticCache`, whose
         position lives on the device (compiled decoding)."""
@@ -261,11 +266,13 @@ class CausalLM(nn.Module):
 
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
-                        group_size: int = 128) -> CausalLM:
+    def from_pretrained(
+        cls, path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None, group_size: int = 128
+    ) -> CausalLM:
         """Load a Hugging Face or native checkpoint directory; see `moeformer.models.checkpoint.load_pretrained`."""
-        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device, quantize=quantize,
-                                          group_size=group_size)
+        return checkpoint.load_pretrained(
+            cls, path, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+        )
 
     def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", **kwargs):
         """Write an atomic checkpoint directory; see `moeformer.models.checkpoint.save_pretrained`."""

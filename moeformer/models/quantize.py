@@ -46,12 +46,17 @@ def _check_widths(targets: list[tuple[str, nn.Module]], mode: str, group_size: i
     if mode != "int4":
         return
     for name, module in targets:
-        widths = {"w_in": module.dim, "w_out": module.ffn_dim} if isinstance(module, Experts) else {
-            "weight": module.in_features}
+        widths = (
+            {"w_in": module.dim, "w_out": module.ffn_dim}
+            if isinstance(module, Experts)
+            else {"weight": module.in_features}
+        )
         for weight, width in widths.items():
             if width % group_size:
-                raise ValueError(f"int4 group_size={group_size} does not divide the input width {width} of "
-                                 f"{name}.{weight}; use a group size that does (one of 32, 64, 128)")
+                raise ValueError(
+                    f"int4 group_size={group_size} does not divide the input width {width} of "
+                    f"{name}.{weight}; use a group size that does (one of 32, 64, 128)"
+                )
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -71,8 +76,19 @@ def _convert(model: nn.Module, mode: str, group_size: int, empty: bool) -> nn.Mo
             module.quantize_(mode, group_size, empty=empty)
         elif empty:
             w = module.weight
-            _replace(model, name, quantized(module.in_features, module.out_features, module.bias is not None, mode,
-                                            group_size, w.dtype, w.device))
+            _replace(
+                model,
+                name,
+                quantized(
+                    module.in_features,
+                    module.out_features,
+                    module.bias is not None,
+                    mode,
+                    group_size,
+                    w.dtype,
+                    w.device,
+                ),
+            )
         else:
             _replace(model, name, quantized.from_linear(module, mode, group_size))
     model.requires_grad_(False)

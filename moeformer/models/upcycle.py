@@ -29,18 +29,39 @@ def upcycled_config(dense, num_experts: int, top_k: int, shared_expert: bool = F
         raise ConfigError(f"{dense.name} has MLP biases; experts have none, so it cannot be upcycled exactly")
     if num_experts < 1 or not 1 <= top_k <= num_experts:
         raise ConfigError(f"need 1 <= top_k <= num_experts; got num_experts={num_experts}, top_k={top_k}")
-    moe = MoEConfig(num_experts=num_experts, top_k=top_k, ffn_dim=dense.ffn_dim, activation=dense.activation,
-                    router="softmax", norm_topk_prob=True, num_shared_experts=int(shared_expert),
-                    shared_ffn_dim=dense.ffn_dim if shared_expert else None, shared_expert_gate=shared_expert)
+    moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        ffn_dim=dense.ffn_dim,
+        activation=dense.activation,
+        router="softmax",
+        norm_topk_prob=True,
+        num_shared_experts=int(shared_expert),
+        shared_ffn_dim=dense.ffn_dim if shared_expert else None,
+        shared_expert_gate=shared_expert,
+    )
     extra = {k: v for k, v in dense.extra.items() if k != "hf_config"}  # the export family follows the new shape
-    return dataclasses.replace(dense, name=f"{dense.name}-upcycled-{num_experts}x", moe=moe, moe_layers=None,
-                               first_k_dense=0, moe_every=1, attn_bias=dense.attn_bias or shared_expert,
-                               extra=extra)
+    return dataclasses.replace(
+        dense,
+        name=f"{dense.name}-upcycled-{num_experts}x",
+        moe=moe,
+        moe_layers=None,
+        first_k_dense=0,
+        moe_every=1,
+        attn_bias=dense.attn_bias or shared_expert,
+        extra=extra,
+    )
 
 
 @torch.no_grad()
-def upcycle(dense: CausalLM, num_experts: int, top_k: int, noise: float = 0.0, shared_expert: bool = False,
-            generator: torch.Generator | None = None) -> CausalLM:
+def upcycle(
+    dense: CausalLM,
+    num_experts: int,
+    top_k: int,
+    noise: float = 0.0,
+    shared_expert: bool = False,
+    generator: torch.Generator | None = None,
+) -> CausalLM:
     """A new MoE `CausalLM` (same device and dtype as `dense`) whose experts are copies of `dense`'s MLPs.
 
     Attention, norms, embeddings and head are copied; routers are drawn from N(0, init_std) with `generator` (a

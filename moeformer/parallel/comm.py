@@ -7,11 +7,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def _all_to_all(x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None
-                ) -> Tensor:
+def _all_to_all(
+    x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None
+) -> Tensor:
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group,
-                                  async_op=pending is not None)
+    work = dist.all_to_all_single(
+        out, x.contiguous(), recv_splits, send_splits, group=group, async_op=pending is not None
+    )
     if pending is not None:
         pending.append(work)
     return out
@@ -21,8 +23,7 @@ class _AllToAll(torch.autograd.Function):
     """Rows [sum(send_splits[:j]), ...) go to rank j; backward returns the gradients along the reversed splits."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None
-                ) -> Tensor:
+    def forward(ctx, x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None) -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         return _all_to_all(x, send_splits, recv_splits, group, pending)
 
@@ -31,8 +32,7 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None, None
 
 
-def all_to_all(x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None
-               ) -> Tensor:
+def all_to_all(x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None) -> Tensor:
     """Variable-size all-to-all of the rows of x over `group` (autograd-aware). With `pending` (a list) the forward
     only starts it, appending its work handle: wait on that before reading the result."""
     return _AllToAll.apply(x, send_splits, recv_splits, group, pending)

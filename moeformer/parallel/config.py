@@ -41,16 +41,20 @@ class ParallelConfig:
                 f"dp={dp} * tp={self.tp} * pp={self.pp} = {dp * model_parallel} != world size {world_size}"
             )
         if dp * self.tp % self.ep:
-            raise ValueError(f"ep={self.ep} does not divide dp * tp = {dp * self.tp} (world {world_size} / "
-                             f"pp={self.pp}): expert parallelism splits the ranks of a pipeline stage")
+            raise ValueError(
+                f"ep={self.ep} does not divide dp * tp = {dp * self.tp} (world {world_size} / "
+                f"pp={self.pp}): expert parallelism splits the ranks of a pipeline stage"
+            )
         return ParallelConfig(dp=dp, ep=self.ep, tp=self.tp, pp=self.pp, expert_tp=self.expert_tp)
 
     def validate_model(self, config: ModelConfig) -> None:
         """ValueError naming the model size that the parallel sizes do not divide (experts, heads, layers, vocab)."""
         problems = []
         if config.quantization and (self.ep > 1 or self.tp > 1 or self.pp > 1):
-            problems.append(f"a {config.quantization['mode']}-quantized model runs on one device; parallelise the "
-                            "full-precision model")
+            problems.append(
+                f"a {config.quantization['mode']}-quantized model runs on one device; parallelise the "
+                "full-precision model"
+            )
         if self.ep > 1:
             if config.moe is None:
                 problems.append(f"ep={self.ep} needs a MoE model, {config.name!r} has no experts")

@@ -88,8 +88,9 @@ class AllToAllDispatcher:
             counts = torch.cat([tokens_per_expert, dropped.view(1)])
             dist.all_reduce(counts, group=self.tensor_group)
             tokens_per_expert, dropped = counts[:-1], counts[-1]
-        exchange = _Exchange(local, send_splits, recv_splits, recv_counts, rows.capacity, (x_recv, w_recv), pending,
-                             share)
+        exchange = _Exchange(
+            local, send_splits, recv_splits, recv_counts, rows.capacity, (x_recv, w_recv), pending, share
+        )
         return Dispatched(None, tokens_per_expert, dropped, exchange)
 
     @torch.compiler.disable
@@ -103,8 +104,9 @@ class AllToAllDispatcher:
             c, ep, local = ex.capacity, self.ep, self.num_local
             group_sizes = torch.full((local,), ep * c, dtype=torch.long, device=x_recv.device)
             x_sorted = x_recv.view(ep, local, c, -1).transpose(0, 1).reshape(x_recv.shape)
-            return ExpertRows(x_sorted, group_sizes, w_recv.view(ep, local, c).transpose(0, 1).flatten(),
-                              capacity=ep * c)
+            return ExpertRows(
+                x_sorted, group_sizes, w_recv.view(ep, local, c).transpose(0, 1).flatten(), capacity=ep * c
+            )
         ex.permutation = dest, src = source_major_to_expert_major(ex.recv_counts, sum(ex.recv_splits))
         return ExpertRows(PermuteRows.apply(x_recv, src, dest, 1), ex.recv_counts.sum(0), w_recv, src)
 
@@ -150,8 +152,9 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
         if experts.num_experts % ep:
             raise ValueError(f"ep={ep} does not divide num_experts={experts.num_experts}")
         with torch.device("meta"):  # settings only: the weights are replaced by this rank's slices below
-            Experts.__init__(self, experts.num_experts // ep, experts.dim, experts.ffn_dim, experts.activation,
-                             experts.backend)
+            Experts.__init__(
+                self, experts.num_experts // ep, experts.dim, experts.ffn_dim, experts.activation, experts.backend
+            )
         # DeepSpeed's engine reads these four (num_experts: all of them, as DeepSpeed counts)
         self.num_experts, self.num_local_experts, self.ep_size = experts.num_experts, experts.num_experts // ep, ep
         self.expert_group_name = groups.expert_group_name
@@ -180,8 +183,10 @@ class ExpertParallelExperts(DeepSpeedMoE, Experts):
         from deepspeed.utils import groups as ds_groups
 
         if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-            raise RuntimeError(f"DeepSpeed has no expert group {self.expert_group_name!r}; build the model with "
-                               "moeformer.parallel.parallelize")
+            raise RuntimeError(
+                f"DeepSpeed has no expert group {self.expert_group_name!r}; build the model with "
+                "moeformer.parallel.parallelize"
+            )
 
     def use_fused(self, x: Tensor) -> bool:
         """Never: tokens must travel to the ranks holding their experts."""
@@ -212,8 +217,9 @@ def save_expert_checkpoint(engine, save_dir: str | Path, tag: str | None = None)
             raise TypeError(f"{name}: {type(module).__name__} is not an ExpertParallelExperts")
         if ds_groups._get_expert_data_parallel_rank(module.expert_group_name) == 0:
             for g, state in module.per_expert_state(f"{name}.").items():
-                path = engine._get_expert_ckpt_name(save_dir, layer_id, g, tag,
-                                                    checkpoint_mp_rank=engine.checkpoint_mp_rank)
+                path = engine._get_expert_ckpt_name(
+                    save_dir, layer_id, g, tag, checkpoint_mp_rank=engine.checkpoint_mp_rank
+                )
                 engine.checkpoint_engine.save(state, path)
         layer_id += 1
     dist.barrier()

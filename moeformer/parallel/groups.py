@@ -111,8 +111,13 @@ def _forget_other_expert_layout(name: str, cfg: ParallelConfig) -> None:
     cached = ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS.get(name)
     stage = dist.get_world_size() // cfg.pp
     start = dist.get_rank() // stage * stage
-    if cached is not None and list(cached) != list(range(start + (dist.get_rank() - start) % cfg.ep, start + stage,
-                                                         cfg.ep)):
-        for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
-                      ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+    if cached is not None and list(cached) != list(
+        range(start + (dist.get_rank() - start) % cfg.ep, start + stage, cfg.ep)
+    ):
+        for table in (
+            ds_groups._EXPERT_PARALLEL_GROUP,
+            ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+        ):
             table.pop(name, None)

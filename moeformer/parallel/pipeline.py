@@ -94,8 +94,13 @@ class PipelineLoss:
         return ce + aux.sum() if self.with_aux else ce
 
 
-def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "parameters", topology=None,
-                activation_checkpoint_interval: int = 0):
+def to_pipeline(
+    model: CausalLM,
+    num_stages: int,
+    partition_method: str = "parameters",
+    topology=None,
+    activation_checkpoint_interval: int = 0,
+):
     """A `PipelineModule` over `num_stages` stages built from `model`'s own modules (weights are kept). Batches for
     `engine.train_batch` are `(input_ids, targets)` or `((input_ids, position_ids, document_ids), targets)`, with
     targets already shifted (-100 ignored). Put `PIPELINE_CONFIG` in the DeepSpeed config's "pipeline" section.
@@ -108,8 +113,14 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     if num_stages > model.config.n_layers:
         raise ValueError(f"num_stages={num_stages} exceeds n_layers={model.config.n_layers}")
     if model.config.tie_embeddings:
-        tied = functools.partial(TiedLayerSpec, "embed", EmbeddingPipe, model.tok_embeddings, model.lm_head,
-                                 tied_weight_attr="tok_embeddings.weight")
+        tied = functools.partial(
+            TiedLayerSpec,
+            "embed",
+            EmbeddingPipe,
+            model.tok_embeddings,
+            model.lm_head,
+            tied_weight_attr="tok_embeddings.weight",
+        )
         layers = [tied(), *(BlockPipe(block, model.rope, i) for i, block in enumerate(model.layers))]
         layers += [NormPipe(model.norm), tied(forward_fn=tied_head)]
     else:
@@ -121,10 +132,15 @@ def to_pipeline(model: CausalLM, num_stages: int, partition_method: str = "param
     functorch_config.donated_buffer = False
     method = "type:BlockPipe" if partition_method == "blocks" else partition_method
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
-    pipe = PipelineModule(layers, loss_fn=PipelineLoss(model.config.loss_chunk_size),
-                          partition_method=method, activation_checkpoint_interval=activation_checkpoint_interval,
-                          activation_checkpoint_func=non_reentrant_checkpoint,  # the engine backwards x and aux apart
-                          checkpointable_layers=[BlockPipe.__name__], **kwargs)
+    pipe = PipelineModule(
+        layers,
+        loss_fn=PipelineLoss(model.config.loss_chunk_size),
+        partition_method=method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        activation_checkpoint_func=non_reentrant_checkpoint,  # the engine backwards x and aux apart
+        checkpointable_layers=[BlockPipe.__name__],
+        **kwargs,
+    )
     pipe.config = model.config
     if pipe.stage_id == pipe.num_stages - 1:
         pipe.loss_fn.head = _last_stage_head(pipe)

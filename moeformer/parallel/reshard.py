@@ -36,8 +36,10 @@ def shard_of(full: Tensor, dim: int, num_shards: int, index: int, blocks: int = 
     """Slice `index` of `num_shards` equal slices of `full` along `dim` (of each of its `blocks`), as a copy;
     ValueError if the slices would be unequal."""
     if full.shape[dim] % (num_shards * blocks):
-        raise ValueError(f"cannot split size {full.shape[dim]} of dim {dim} into {num_shards} equal shards"
-                         + (f" of each of {blocks} blocks" if blocks > 1 else ""))
+        raise ValueError(
+            f"cannot split size {full.shape[dim]} of dim {dim} into {num_shards} equal shards"
+            + (f" of each of {blocks} blocks" if blocks > 1 else "")
+        )
     return torch.cat([block.chunk(num_shards, dim=dim)[index] for block in full.chunk(blocks, dim=dim)], dim=dim)
 
 
@@ -105,9 +107,16 @@ def save_layout(model: nn.Module, directory: str | Path) -> None:
     rank 0, so `consolidate_checkpoint` can rebuild the full weights offline. Tensor shards live in the
     mp_rank_<tp rank> model files, expert shards (the parameters carrying DeepSpeed's expert tag) in the per-expert
     files."""
-    layout = {name: {"dim": p.shard.dim, "num_shards": p.shard.num_shards, "blocks": p.shard.blocks,
-                     "kind": "expert" if is_moe_param(p) else "tensor"}
-              for name, p in model.named_parameters(remove_duplicate=False) if hasattr(p, "shard")}
+    layout = {
+        name: {
+            "dim": p.shard.dim,
+            "num_shards": p.shard.num_shards,
+            "blocks": p.shard.blocks,
+            "kind": "expert" if is_moe_param(p) else "tensor",
+        }
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if hasattr(p, "shard")
+    }
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / LAYOUT_FILE).write_text(json.dumps(layout, indent=1, sort_keys=True))
@@ -122,8 +131,9 @@ def consolidate_checkpoint(directory: str | Path, tag: str) -> dict[str, Tensor]
     checkpoint = confined(directory, tag)
     layout_path = confined(directory, LAYOUT_FILE)
     if not layout_path.is_file():
-        raise CheckpointNotFoundError(f"{layout_path} is missing: call moeformer.parallel.save_layout(model, "
-                                      f"{directory})")
+        raise CheckpointNotFoundError(
+            f"{layout_path} is missing: call moeformer.parallel.save_layout(model, {directory})"
+        )
     try:
         layout = json.loads(layout_path.read_text())
     except json.JSONDecodeError as e:

@@ -64,9 +64,11 @@ class VocabParallelLMHead(nn.Module):
 
     @property
     def split(self) -> VocabSplit:
-        return VocabSplit(dist.get_rank(self.group) * self.weight.shape[0],
-                          functools.partial(_all_reduce_, op=dist.ReduceOp.MAX, group=self.group),
-                          functools.partial(_all_reduce_, op=dist.ReduceOp.SUM, group=self.group))
+        return VocabSplit(
+            dist.get_rank(self.group) * self.weight.shape[0],
+            functools.partial(_all_reduce_, op=dist.ReduceOp.MAX, group=self.group),
+            functools.partial(_all_reduce_, op=dist.ReduceOp.SUM, group=self.group),
+        )
 
 
 def _all_reduce_(x: Tensor, op, group) -> Tensor:
@@ -126,8 +128,13 @@ class TensorParallelExperts(Experts):
 
     def __init__(self, experts: Experts, group) -> None:
         with torch.device("meta"):  # settings only: the weights are replaced by this rank's slices below
-            super().__init__(experts.num_experts, experts.dim, experts.ffn_dim // dist.get_world_size(group),
-                             experts.activation, experts.backend)
+            super().__init__(
+                experts.num_experts,
+                experts.dim,
+                experts.ffn_dim // dist.get_world_size(group),
+                experts.activation,
+                experts.backend,
+            )
         self.group = group
         self.w_in = _shard(experts.w_in, 2, group, blocks=2 if experts.activation == "swiglu" else 1)
         self.w_out = _shard(experts.w_out, 1, group)
@@ -136,8 +143,9 @@ class TensorParallelExperts(Experts):
         """Never: the partial expert outputs are summed over the group inside `ffn`."""
         return False
 
-    def ffn(self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None,
-            rows: Tensor | None = None) -> Tensor:
+    def ffn(
+        self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None, rows: Tensor | None = None
+    ) -> Tensor:
         # each rank's weight gradient sums over its slice of the activation only: reduce it like x's
         weight = None if weight is None else reduce_grad(weight, self.group)
         return all_reduce(super().ffn(reduce_grad(x_sorted, self.group), group_sizes, weight, rows), self.group)
@@ -172,11 +180,13 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> None:
     tp = groups.config.tp
     for i, block in enumerate(model.layers):  # checked before anything changes
         if not isinstance(block.attn, Attention):
-            raise NotImplementedError(f"layer {i}: tensor parallelism supports softmax attention only, got "
-                                      f"{type(block.attn).__name__}")
+            raise NotImplementedError(
+                f"layer {i}: tensor parallelism supports softmax attention only, got {type(block.attn).__name__}"
+            )
         if block.attn.qk_norm == "full":
-            raise NotImplementedError(f"layer {i}: tensor parallelism with qk_norm='full' (one norm over all heads) "
-                                      "is not supported")
+            raise NotImplementedError(
+                f"layer {i}: tensor parallelism with qk_norm='full' (one norm over all heads) is not supported"
+            )
     if model.config.vocab_size % tp:
         raise ValueError(f"tp={tp} does not divide vocab_size={model.config.vocab_size}")
     for module in list(model.modules()):

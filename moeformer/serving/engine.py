@@ -71,10 +71,21 @@ class Engine:
 
     `stats()` reports blocks, prefix-cache hits, preemptions and the tokens prefilled."""
 
-    def __init__(self, model, *, max_batch: int = 64, block_size: int = 16, num_blocks: int | None = None,
-                 max_model_len: int | None = None, prefill_chunk: int = 512, prefix_caching: bool = True,
-                 compile: bool = False, eos_token_id: int | None = None, cache_memory: int | None = None,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 512,
+        prefix_caching: bool = True,
+        compile: bool = False,
+        eos_token_id: int | None = None,
+        cache_memory: int | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         config = model.config
         for name, value in (("max_batch", max_batch), ("block_size", block_size), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,8 +105,10 @@ class Engine:
         if num_blocks is None:
             num_blocks = self._default_blocks(cache_memory, per_token, blocks_per_request)
         if num_blocks - 1 < blocks_per_request:  # one block is the null block
-            raise ValueError(f"num_blocks={num_blocks} cannot hold one request of max_model_len={max_model_len} "
-                             f"tokens ({blocks_per_request} blocks of {block_size} + 1)")
+            raise ValueError(
+                f"num_blocks={num_blocks} cannot hold one request of max_model_len={max_model_len} "
+                f"tokens ({blocks_per_request} blocks of {block_size} + 1)"
+            )
         self.num_blocks = num_blocks
         self.pools = [layer_pool(b.attn, num_blocks * block_size, self.dtype, self.device) for b in model.layers]
         self.block_pool = BlockPool(num_blocks, prefix_caching)
@@ -118,8 +131,9 @@ class Engine:
         # decode attention reads the pools in place (paged kernel): its view width changes nothing, so one width
         # serves every step; without the kernel the gathered view's width is bucketed (powers of two blocks)
         self._max_blocks = blocks_per_request
-        self._in_place = triton_dispatch.runs_triton(param) and all(_kernel_serves(b.attn, block_size)
-                                                                    for b in model.layers)
+        self._in_place = triton_dispatch.runs_triton(param) and all(
+            _kernel_serves(b.attn, block_size) for b in model.layers
+        )
 
     def _default_blocks(self, cache_memory: int | None, per_token: int, blocks_per_request: int) -> int:
         per_block = per_token * self.block_size
@@ -153,8 +167,10 @@ class Engine:
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"prompt_ids must be in [0, vocab_size={self.vocab_size}), got ids from {low} to {high}")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context of {self.max_model_len} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context of {self.max_model_len} tokens"
+            )
         self._add(request_id, prompt_ids, params)
         if self.group is not None:
             self._plan.adds.append((request_id, prompt_ids, params))
@@ -209,7 +225,7 @@ class Engine:
                 self.scheduler.computed(request, n)
                 if request.uncomputed == 0:
                     sampled.append(request)
-                    logits.append(rows[i:i + 1])
+                    logits.append(rows[i : i + 1])
         if plan.decode:
             logits.append(self._decode(plan.decode))
             for request in plan.decode:
@@ -223,21 +239,30 @@ class Engine:
             if request.finish_reason is not None:
                 self.scheduler.remove(request)
                 del self.requests[request.id]
-            outputs.append(StepOutput(request.id, request.new_tokens, request.finish_reason is not None,
-                                      request.finish_reason))
+            outputs.append(
+                StepOutput(request.id, request.new_tokens, request.finish_reason is not None, request.finish_reason)
+            )
             request.new_tokens = []
         return outputs
 
     def _forward(self, rows: list[Request], counts: list[int]) -> torch.Tensor:
         """Eager forward of the next counts[b] uncomputed tokens of each row; logits (B, V) of the token after them."""
         seq = max(counts)
-        ids = torch.tensor([[0] * (seq - n) + r.tokens[r.computed:r.computed + n] for r, n in zip(rows, counts)],
-                           device=self.device)
+        ids = torch.tensor(
+            [[0] * (seq - n) + r.tokens[r.computed : r.computed + n] for r, n in zip(rows, counts)], device=self.device
+        )
         lengths = [r.computed + n for r, n in zip(rows, counts)]
         width = -(-max(length + seq - n for length, n in zip(lengths, counts)) // self.block_size)
         new = None if min(counts) == seq else self._tensor(counts)
-        batch = PagedBatch(self.pools, self.block_size, self._tables(rows, width), self._tensor(lengths), seq,
-                           width * self.block_size, new)
+        batch = PagedBatch(
+            self.pools,
+            self.block_size,
+            self._tables(rows, width),
+            self._tensor(lengths),
+            seq,
+            width * self.block_size,
+            new,
+        )
         with _compile_settings():
             out = self.model(ids, cache=batch, stats=False, logits_to_keep=1, layers=self._prefill_layers)
         return out.logits[:, -1]
@@ -249,7 +274,7 @@ class Engine:
         size = next(s for s in BATCH_SIZES if s >= len(rows)) if len(rows) <= BATCH_SIZES[-1] else len(rows)
         needed = -(-max(r.computed + 1 for r in rows) // self.block_size)
         width = self._max_blocks if self._in_place else min(1 << (needed - 1).bit_length(), self._max_blocks)
-        return self._graph(size, width)(rows)[:len(rows)]
+        return self._graph(size, width)(rows)[: len(rows)]
 
     def _graph(self, size: int, width: int) -> _DecodeGraph:
         graph = self._graphs.get((size, width))
@@ -263,10 +288,14 @@ class Engine:
         max_batch (at every view width too, without the paged kernel), and prompt forwards of a few shapes."""
         if not self.compile:
             return
-        sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [next((s for s in BATCH_SIZES if s >= self.max_batch),
-                                                                       self.max_batch)]
-        widths = [self._max_blocks] if self._in_place else sorted(
-            {min(1 << i, self._max_blocks) for i in range(self._max_blocks.bit_length() + 1)})
+        sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [
+            next((s for s in BATCH_SIZES if s >= self.max_batch), self.max_batch)
+        ]
+        widths = (
+            [self._max_blocks]
+            if self._in_place
+            else sorted({min(1 << i, self._max_blocks) for i in range(self._max_blocks.bit_length() + 1)})
+        )
         for size in sizes:
             for width in widths:
                 graph = self._graph(size, width)
@@ -294,8 +323,9 @@ class Engine:
             if request.generator is None:
                 unseeded.append(i)
                 continue
-            tokens[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k or None, p.top_p if p.top_p < 1 else None,
-                                    request.generator)[0]
+            tokens[i] = sample_next(
+                logits[i : i + 1], p.temperature, p.top_k or None, p.top_p if p.top_p < 1 else None, request.generator
+            )[0]
         if unseeded:
             params = [requests[i].params for i in unseeded]
             options = torch.tensor([[p.temperature, p.top_k, p.top_p] for p in params], dtype=torch.float64)
@@ -308,8 +338,9 @@ class Engine:
         return tokens
 
     # ---- running to completion, statistics ----------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[list[int]]:
         """Run `prompts` to completion; their output tokens, in order. Requests queued by `add_request` run along,
         but their step outputs are consumed here: use `step` to follow them."""
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -328,10 +359,16 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Cache and scheduler counters: free/total blocks, prefix-cache hit blocks, preemptions, prefilled tokens,
         running and waiting requests, steps."""
-        return dict(free_blocks=self.block_pool.num_free, total_blocks=self.block_pool.num_usable,
-                    prefix_hit_blocks=self.block_pool.hit_blocks, preemptions=self.scheduler.preemptions,
-                    prefilled_tokens=self.prefilled_tokens, running=len(self.scheduler.running),
-                    waiting=len(self.scheduler.waiting), steps=self.steps)
+        return dict(
+            free_blocks=self.block_pool.num_free,
+            total_blocks=self.block_pool.num_usable,
+            prefix_hit_blocks=self.block_pool.hit_blocks,
+            preemptions=self.scheduler.preemptions,
+            prefilled_tokens=self.prefilled_tokens,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            steps=self.steps,
+        )
 
     # ---- several ranks -------------------------------------------------------------------------
     def follow(self) -> None:

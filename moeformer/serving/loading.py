@@ -22,8 +22,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight-only quantization")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
     parser.add_argument("--compile", action="store_true", help="compiled decode (CUDA graph on GPU)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
-                        help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPE_NAMES), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 

@@ -159,8 +159,10 @@ def layer_pool(attn, slots: int, dtype: torch.dtype, device: torch.device) -> Pa
         return PagedLatent(slots, attn.kv_lora_rank + attn.rope_dim, dtype, device, in_place=attn.absorbs(1))
     if isinstance(attn, Attention):
         return PagedKV(slots, attn.n_kv_heads, attn.head_dim, dtype, device)
-    raise ValueError(f"the serving engine pages softmax and MLA attention caches; {type(attn).__name__} keeps a "
-                     "recurrent state per sequence, which has no pages (serve such models with model.generate)")
+    raise ValueError(
+        f"the serving engine pages softmax and MLA attention caches; {type(attn).__name__} keeps a "
+        "recurrent state per sequence, which has no pages (serve such models with model.generate)"
+    )
 
 
 class PagedBatch:
@@ -176,8 +178,17 @@ class PagedBatch:
     view_len None it builds no view at all (every layer must then read in place: the view of a long context costs
     B x max_model_len indices per step)."""
 
-    def __init__(self, pools: list, block_size: int, block_tables: torch.Tensor, lengths: torch.Tensor, seq: int,
-                 view_len: int | None, new: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        pools: list,
+        block_size: int,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        seq: int,
+        view_len: int | None,
+        new: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         self.pools, self.seq = pools, seq
         self.rows = batch = block_tables.shape[0]
         device = block_tables.device
@@ -202,10 +213,10 @@ class PagedBatch:
         if self.valid is not None:
             self.view = Pages(block_tables, lengths, block_size, slots.reshape(-1), view_len)
         self.pages = self.view if seq == 1 else None
-        self.write_slots = slots[:, view_len - seq:].reshape(-1)
-        self.positions = position[:, view_len - seq:]
+        self.write_slots = slots[:, view_len - seq :].reshape(-1)
+        self.positions = position[:, view_len - seq :]
         self.offset = torch.full((), view_len - seq, dtype=torch.long, device=device)
-        real = None if filler is None else ~filler[:, view_len - seq:]
+        real = None if filler is None else ~filler[:, view_len - seq :]
         if rows is not None:
             real = rows[:, None].expand(batch, seq) if real is None else real & rows[:, None]
         self.token_mask = real
@@ -218,11 +229,14 @@ class PagedBatch:
         pool.batch = self
         return pool
 
-    def begin(self, batch: int, seq: int, attention_mask: torch.Tensor | None
-              ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor | None]:
+    def begin(
+        self, batch: int, seq: int, attention_mask: torch.Tensor | None
+    ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor | None]:
         """The forward's attention mask, rope positions and MoE token mask (fillers and padded rows route nothing)."""
         if (batch, seq) != (self.rows, self.seq) or attention_mask is not None:
-            raise ValueError(f"a paged batch runs {self.rows} rows of {self.seq} tokens without an "
-                             f"attention_mask, got ({batch}, {seq})")
+            raise ValueError(
+                f"a paged batch runs {self.rows} rows of {self.seq} tokens without an "
+                f"attention_mask, got ({batch}, {seq})"
+            )
         mask = AttentionMask(q_offset=self.offset, key_padding=self.valid, pages=self.pages)
         return mask, self.positions, self.token_mask

@@ -85,7 +85,7 @@ class Request:
 
     @property
     def output(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
     @property
     def uncomputed(self) -> int:
@@ -102,8 +102,9 @@ class Request:
             self.finish_reason = "length"
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-                ) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """One token per row of `logits` (N, V), each row with its own temperature (> 0), top_k (0: off) and top_p
     (1: off), all (N,) tensors, in one draw from torch's global RNG: the distribution of `sample_next` per row
     (top-k, ties kept, then the smallest prefix of mass top_p), without a launch per row."""

@@ -74,7 +74,7 @@ class Scheduler:
         bs = self.block_size
         for i in range(len(request.hashes), length // bs):
             parent = request.hashes[i - 1] if i else ROOT_KEY
-            request.hashes.append(block_hash(parent, request.tokens[i * bs:(i + 1) * bs]))
+            request.hashes.append(block_hash(parent, request.tokens[i * bs : (i + 1) * bs]))
 
     def _admit(self) -> None:
         """FCFS admission while a batch slot is open and the request's uncomputed tokens fit the free blocks. The
@@ -86,7 +86,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting[0]
             self._extend_keys(request, len(request.tokens) - 1)
-            hit = self.pool.match(request.hashes[:(len(request.tokens) - 1) // bs])
+            hit = self.pool.match(request.hashes[: (len(request.tokens) - 1) // bs])
             needed = -(-len(request.tokens) // bs) - len(hit)
             held_hits = sum(1 for b in hit if self.pool.refs[b] > 0)  # hits outside the free count
             if needed + reserve > self.pool.num_free - (len(hit) - held_hits):

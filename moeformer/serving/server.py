@@ -74,14 +74,17 @@ class CompletionRequest(BaseModel):
 class APIError(Exception):
     """An error answered as OpenAI answers it: `status` and {"error": {"message", "type", "param"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": None}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}},
+            status_code=self.status,
+        )
 
 
 def validation_error(error: RequestValidationError) -> APIError:
@@ -111,8 +114,9 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str, api_key: str | 
     async def authorized(request: Request) -> None:
         given = request.headers.get("authorization", "")
         if api_key is not None and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "a valid API key is required (header Authorization: Bearer <key>)",
-                           kind="authentication_error")
+            raise APIError(
+                401, "a valid API key is required (header Authorization: Bearer <key>)", kind="authentication_error"
+            )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,18 +155,22 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str, api_key: str | 
     @v1.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_name:
-            raise APIError(404, f"model {name!r} is not served here (this server serves {model_name!r})", "model",
-                           kind="not_found_error")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here (this server serves {model_name!r})",
+                "model",
+                kind="not_found_error",
+            )
         return card
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model != model_name:
-            raise APIError(400, f"model {body.model!r} is not served here (this server serves {model_name!r})",
-                           "model")
+            raise APIError(400, f"model {body.model!r} is not served here (this server serves {model_name!r})", "model")
         prompts = _prompt_ids(body.prompt, tokenizer)
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed)
+        params = SamplingParams(
+            max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed
+        )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
@@ -192,8 +200,10 @@ def create_app(runner: EngineRunner, tokenizer, model_name: str, api_key: str | 
             results = collected.result()
         except Exception as e:  # the engine failed while running these requests
             raise APIError(500, f"the engine failed: {e}", kind="server_error") from None
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, reason, _) in enumerate(results)]
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason, _) in enumerate(results)
+        ]
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(count for *_, count in results))}
 
     app.include_router(v1)
@@ -242,8 +252,9 @@ async def _collect(pieces: AsyncIterator[tuple[str, str | None, int]]) -> tuple[
     return "".join(parts), last[1], last[2]
 
 
-async def _events(pieces: list[AsyncGenerator[tuple[str, str | None, int]]], head: dict, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    pieces: list[AsyncGenerator[tuple[str, str | None, int]]], head: dict, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
     """Server-sent events: one completion chunk per text piece of any choice, each choice's last with its finish
     reason (then a usage chunk if asked), then `[DONE]`. An engine error mid-stream ends it with an error event.
     Closed early (the client went away), it closes `pieces`, which aborts the requests."""
@@ -289,5 +300,8 @@ def _event(data: dict) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -40,19 +40,19 @@ class IncrementalDetokenizer:
         self.ids.extend(i for i in ids if 0 <= i < self.tokenizer.vocab_size)
         if len(self.ids) == self.read:
             return ""
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
         if len(text) <= len(done) or text.endswith(REPLACEMENT):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]
+        return text[len(done) :]
 
     def flush(self) -> str:
         """The text still held back (an incomplete character at the end of the stream decodes as U+FFFD)."""
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return text[len(done):]
+        return text[len(done) :]
 
 
 class StopMatcher:
@@ -76,10 +76,10 @@ class StopMatcher:
         self.pending += text
         found = [(i + len(s), i) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
         if found:  # the stop string completed first (the longest of those ending there) wins, however text is split
-            out, self.pending, self.stopped = self.pending[:min(found)[1]], "", True
+            out, self.pending, self.stopped = self.pending[: min(found)[1]], "", True
             return out
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out
 
     def flush(self) -> str:

@@ -17,8 +17,9 @@ from moeformer.training.config import ACTIVATION_CHECKPOINTING
 def transformer_blocks(model: nn.Module) -> list[tuple[int, Block]]:
     """(layer index, block) of every transformer block in `model`: a `CausalLM`, or the part of it that one
     pipeline stage holds (its blocks keep their `layers.<index>` names there)."""
-    return [(int(name.rsplit(".", 1)[1]), module) for name, module in model.named_modules()
-            if isinstance(module, Block)]
+    return [
+        (int(name.rsplit(".", 1)[1]), module) for name, module in model.named_modules() if isinstance(module, Block)
+    ]
 
 
 def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 2) -> list[nn.Module]:

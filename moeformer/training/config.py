@@ -124,14 +124,22 @@ class RunConfig:
             self._check_pipeline()
         if self.train.distill is not None:
             self._check_distill()
-        for key in ("train.steps", "train.grad_accum", "data.seq_len", "data.micro_batch_size", "train.log_every",
-                    "train.max_nonfinite", "train.activation_checkpointing_every"):
+        for key in (
+            "train.steps",
+            "train.grad_accum",
+            "data.seq_len",
+            "data.micro_batch_size",
+            "train.log_every",
+            "train.max_nonfinite",
+            "train.activation_checkpointing_every",
+        ):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
         if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, "
-                              f"{self.optim.lr}")
+            raise ConfigError(
+                f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, {self.optim.lr}"
+            )
         if not 0.0 < self.optim.decay_fraction <= 1.0:
             raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
         if self.checkpoint.keep_last < 1:
@@ -146,15 +154,19 @@ class RunConfig:
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
         if self.parallel.pp > 1:
-            raise ConfigError(f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
-                              f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false")
+            raise ConfigError(
+                f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
+                f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false"
+            )
 
     def _check_pipeline(self) -> None:
         """What DeepSpeed's pipeline engine and our pipeline stages support."""
         pp = self.parallel.pp
         if self.train.zero_stage > 1:
-            raise ConfigError(f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
-                              f"run ZeRO-{self.train.zero_stage})")
+            raise ConfigError(
+                f"parallel.pp={pp} needs train.zero_stage 0 or 1 (DeepSpeed's pipeline engine does not "
+                f"run ZeRO-{self.train.zero_stage})"
+            )
 
     def _check_distill(self) -> None:
         """train.distill reads the student's final hidden states and its whole LM head on every rank: not on
@@ -162,8 +174,10 @@ class RunConfig:
         DistillConfig.from_dict(self.train.distill)
         p = self.parallel
         if p.pp > 1 or p.tp > 1 or self.train.zero_stage == 3:
-            raise ConfigError(f"train.distill is not supported with parallel.pp={p.pp}, parallel.tp={p.tp}, "
-                              f"train.zero_stage={self.train.zero_stage}: it needs pp=1, tp=1 and ZeRO stage 0-2")
+            raise ConfigError(
+                f"train.distill is not supported with parallel.pp={p.pp}, parallel.tp={p.tp}, "
+                f"train.zero_stage={self.train.zero_stage}: it needs pp=1, tp=1 and ZeRO stage 0-2"
+            )
 
     @property
     def init_from(self) -> str | None:
@@ -199,10 +213,20 @@ class RunConfig:
 # ---- resuming ---------------------------------------------------------------------------------------------------
 # Keys that do not change what a run computes (where it writes, how it reports, how fast it runs): a resume may
 # change them without naming them. A section name covers all of its keys.
-RESUME_FREE_KEYS = ("out_dir", "checkpoint", "train.progress_bar", "train.log_every", "train.eval_every",
-                    "train.eval_batches", "train.peak_tflops", "train.max_nonfinite", "train.compile",
-                    "train.compile_backend", "train.activation_checkpointing",
-                    "train.activation_checkpointing_every")
+RESUME_FREE_KEYS = (
+    "out_dir",
+    "checkpoint",
+    "train.progress_bar",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.peak_tflops",
+    "train.max_nonfinite",
+    "train.compile",
+    "train.compile_backend",
+    "train.activation_checkpointing",
+    "train.activation_checkpointing_every",
+)
 
 
 def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -220,18 +244,23 @@ def run_identity(config: RunConfig, data_facts: dict[str, Any], world_size: int)
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], allowed: list[str]) -> dict[str, list]:
     """The keys whose values differ between `saved` and `current` run identities, as {key: [saved, current]}.
     Raises ResumeConfigError listing them unless `allowed` (dotted keys or section names) covers every one."""
-    unknown = [name for name in allowed if not _covered(name, RESUME_FREE_KEYS)
-               and not any(_covered(key, [name]) for key in {**saved, **current})]
+    unknown = [
+        name
+        for name in allowed
+        if not _covered(name, RESUME_FREE_KEYS) and not any(_covered(key, [name]) for key in {**saved, **current})
+    ]
     if unknown:
         raise ResumeConfigError(f"checkpoint.resume_allow names unknown keys: {', '.join(unknown)}")
-    changes = {k: [saved.get(k), current.get(k)] for k in sorted({**saved, **current})
-               if saved.get(k) != current.get(k)}
+    changes = {
+        k: [saved.get(k), current.get(k)] for k in sorted({**saved, **current}) if saved.get(k) != current.get(k)
+    }
     refused = [k for k in changes if not _covered(k, allowed)]
     if refused:
         listing = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
         raise ResumeConfigError(
             f"the checkpoint was written by a run with a different configuration ({listing}); resume with the "
-            f"original values, or name the changes as intended with --resume-allow {','.join(refused)}")
+            f"original values, or name the changes as intended with --resume-allow {','.join(refused)}"
+        )
     return changes
 
 
@@ -277,8 +306,9 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for name, value in d.items():
         sub = _section_type(cls, name)
-        kwargs[name] = _build(sub, value, f"{where}{name}.") if sub is not None else check_value(
-            where + name, value, hints[name])
+        kwargs[name] = (
+            _build(sub, value, f"{where}{name}.") if sub is not None else check_value(where + name, value, hints[name])
+        )
     return cls(**kwargs)
 
 

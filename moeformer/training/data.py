@@ -251,7 +251,11 @@ class TokenDataset:
     """
 
     def __init__(
-        self, path: str | Path, seq_len: int, dtype: str | np.dtype | None = None, eos_id: int | None = None,
+        self,
+        path: str | Path,
+        seq_len: int,
+        dtype: str | np.dtype | None = None,
+        eos_id: int | None = None,
         mask: str | Path | None = None,
     ) -> None:
         path = Path(path)

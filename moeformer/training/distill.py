@@ -97,18 +97,24 @@ def check_same_tokenizer(teacher_dir: str | Path, data_dir: str | Path) -> None:
         meta = json.loads((teacher_dir / META_FILE).read_text())
         for key in ("tokenizer", "vocab_size", "eos_id"):
             if meta.get(key) != data.get(key):
-                raise ValueError(f"the teacher {teacher_dir} was trained with another tokenizer than the data "
-                                 f"{data_dir}: {key} {meta.get(key)!r} vs {data.get(key)!r}")
+                raise ValueError(
+                    f"the teacher {teacher_dir} was trained with another tokenizer than the data "
+                    f"{data_dir}: {key} {meta.get(key)!r} vs {data.get(key)!r}"
+                )
     if data.get("tokenizer") == "byte":
         if (teacher_dir / TOKENIZER_FILE).is_file() and not (teacher_dir / META_FILE).is_file():
-            raise ValueError(f"the teacher {teacher_dir} has its own {TOKENIZER_FILE}, the data {data_dir} uses the "
-                             "byte tokenizer: teacher and student must share a tokenizer")
+            raise ValueError(
+                f"the teacher {teacher_dir} has its own {TOKENIZER_FILE}, the data {data_dir} uses the "
+                "byte tokenizer: teacher and student must share a tokenizer"
+            )
         return
     theirs, ours = _vocabulary(teacher_dir), _vocabulary(Path(data_dir))
     if theirs is not None and ours is not None and theirs != ours:
-        raise ValueError(f"the teacher's {teacher_dir / TOKENIZER_FILE} and the data's "
-                         f"{Path(data_dir) / TOKENIZER_FILE} are different tokenizers: teacher and student must share "
-                         "a tokenizer")
+        raise ValueError(
+            f"the teacher's {teacher_dir / TOKENIZER_FILE} and the data's "
+            f"{Path(data_dir) / TOKENIZER_FILE} are different tokenizers: teacher and student must share "
+            "a tokenizer"
+        )
 
 
 def load_teacher(path: str | Path, student: ModelConfig, data_dir: str | Path, device: torch.device) -> CausalLM:
@@ -118,17 +124,25 @@ def load_teacher(path: str | Path, student: ModelConfig, data_dir: str | Path, d
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = from_pretrained(path, dtype=dtype, device=device)
     if teacher.config.vocab_size != student.vocab_size:
-        raise ValueError(f"the teacher {path} has vocab_size {teacher.config.vocab_size}, the student "
-                         f"{student.vocab_size}: distillation compares their logits token by token, set "
-                         f"--model.vocab_size={teacher.config.vocab_size}")
+        raise ValueError(
+            f"the teacher {path} has vocab_size {teacher.config.vocab_size}, the student "
+            f"{student.vocab_size}: distillation compares their logits token by token, set "
+            f"--model.vocab_size={teacher.config.vocab_size}"
+        )
     return teacher.requires_grad_(False).eval()
 
 
 class Distiller:
     """Runs the teacher beside the student and mixes the losses; `forward` stands in for the trainer's forward."""
 
-    def __init__(self, config: DistillConfig, student: ModelConfig, data_dir: str | Path, device: torch.device,
-                 loss_chunk_size: int) -> None:
+    def __init__(
+        self,
+        config: DistillConfig,
+        student: ModelConfig,
+        data_dir: str | Path,
+        device: torch.device,
+        loss_chunk_size: int,
+    ) -> None:
         self.config, self.chunk_size = config, loss_chunk_size
         self.teacher = load_teacher(config.teacher, student, data_dir, device)
 
@@ -147,10 +161,18 @@ class Distiller:
         with capture_final_hidden(student) as captured:
             out = engine(batch["input_ids"], return_logits=False, **kwargs)
         a, t = self.config.alpha, self.config.temperature
-        ce, kl = linear_distill_loss(captured[-1], student.lm_head.weight, teacher_hidden,
-                                     self.teacher.lm_head.weight, batch["targets"], t, self.chunk_size)
+        ce, kl = linear_distill_loss(
+            captured[-1],
+            student.lm_head.weight,
+            teacher_hidden,
+            self.teacher.lm_head.weight,
+            batch["targets"],
+            t,
+            self.chunk_size,
+        )
         loss = (1 - a) * ce + a * t * t * kl
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
-        return DistillOutput(logits=None, loss=loss, ce_loss=ce, aux_loss=out.aux_loss, moe_stats=out.moe_stats,
-                             distill_kl=kl)
+        return DistillOutput(
+            logits=None, loss=loss, ce_loss=ce, aux_loss=out.aux_loss, moe_stats=out.moe_stats, distill_kl=kl
+        )

@@ -20,16 +20,23 @@ def load_weights(model: CausalLM, path: str | Path) -> None:
     lists the tensors whose shapes differ or that only one side has."""
     source = from_pretrained(path, dtype=torch.float32)
     if source.config.quantization:
-        raise CheckpointError(f"model.init_from {path} holds a quantized model ({source.config.quantization}); "
-                              "training starts from full-precision weights")
+        raise CheckpointError(
+            f"model.init_from {path} holds a quantized model ({source.config.quantization}); "
+            "training starts from full-precision weights"
+        )
     ours, theirs = model.state_dict(), source.state_dict()
-    problems = [f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}" for k, v in ours.items()
-                if k in theirs and theirs[k].shape != v.shape]
+    problems = [
+        f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in theirs and theirs[k].shape != v.shape
+    ]
     problems += [f"{k} missing from the checkpoint" for k in ours if k not in theirs]
     problems += [f"{k} not in the model" for k in theirs if k not in ours]
     if problems:
-        raise CheckpointError(f"model.init_from {path} does not fit the run's model section ({len(problems)} "
-                              f"tensor(s): {_listing(problems, 5)}); make the model section describe the checkpoint's "
-                              "architecture")
+        raise CheckpointError(
+            f"model.init_from {path} does not fit the run's model section ({len(problems)} "
+            f"tensor(s): {_listing(problems, 5)}); make the model section describe the checkpoint's "
+            "architecture"
+        )
     model.load_state_dict(theirs)
     model.reset_buffers()

@@ -41,8 +41,11 @@ def mixing_flops_per_token(config: ModelConfig, layer: int, seq_len: int) -> flo
         return 6.0 * heads * seq_len * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim)
     if kind in LINEAR_ATTENTION:
         options = config.linear_attention
-        features = (options.get("num_features") or config.head_dim) if options.get("feature_map") == "performer" \
+        features = (
+            (options.get("num_features") or config.head_dim)
+            if options.get("feature_map") == "performer"
             else config.head_dim
+        )
         state_products = 3 if kind == "deltanet" else 2
         return 3.0 * 2 * state_products * heads * features * config.head_dim
     keys = min(seq_len, config.sliding_window) if config.sliding_window else seq_len
@@ -98,8 +101,14 @@ def expert_load_summary(tokens_per_expert: torch.Tensor, dropped: torch.Tensor) 
 
 
 # summary lists with one value per MoE layer: TensorBoard scalars "<split>/<name>/layer<l>"
-PER_LAYER_METRICS = ("expert_tokens_max", "expert_tokens_mean", "expert_load_max_over_mean", "experts_without_tokens",
-                     "dropped_tokens", "dropped_share")
+PER_LAYER_METRICS = (
+    "expert_tokens_max",
+    "expert_tokens_mean",
+    "expert_load_max_over_mean",
+    "experts_without_tokens",
+    "dropped_tokens",
+    "dropped_share",
+)
 
 
 class HostSyncs(TorchDispatchMode):
@@ -110,8 +119,13 @@ class HostSyncs(TorchDispatchMode):
     the values (nonzero, masked_select, unique, repeat_interleave without output_size)."""
 
     CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-    SIZE_FROM_VALUES = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive",
-                        "aten::unique_dim")
+    SIZE_FROM_VALUES = (
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::_unique2",
+        "aten::unique_consecutive",
+        "aten::unique_dim",
+    )
 
     def __init__(self, cuda: bool | None = None) -> None:
         super().__init__()
@@ -148,8 +162,11 @@ class HostSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name == "aten::_local_scalar_dense" or name in self.SIZE_FROM_VALUES or (
-                func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+        if (
+            name == "aten::_local_scalar_dense"
+            or name in self.SIZE_FROM_VALUES
+            or (func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)
+        ):
             self.count += 1
         return func(*args, **kwargs)
 

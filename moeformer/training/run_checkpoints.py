@@ -70,8 +70,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -101,8 +106,14 @@ class CheckpointManager:
         self._verified: set[Path] = set()
 
     # ---- saving ----------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any], run_info: dict[str, Any] | None = None,
-             groups: ParallelGroups | None = None) -> Path:
+    def save(
+        self,
+        engine,
+        step: int,
+        trainer_state: dict[str, Any],
+        run_info: dict[str, Any] | None = None,
+        groups: ParallelGroups | None = None,
+    ) -> Path:
         """Save the engine, this rank's trainer state and `run_info` (rank 0's, as run.json) as `step_<step>`, mark
         it complete and latest, then prune. `groups`: those `moeformer.parallel.parallelize` returned for the model,
         if any (expert files and the shard layout are saved beside). Raises NonFiniteStateError, writing nothing,
@@ -113,8 +124,10 @@ class CheckpointManager:
         if _any_rank(bool(bad)):
             latest = self.latest()
             where = f" (rank {self.rank}: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
-            raise NonFiniteStateError(f"not saving checkpoint {tag}: the weights or optimizer state hold NaN/inf"
-                                      f"{where}; the newest good checkpoint stays {latest.name if latest else 'none'}")
+            raise NonFiniteStateError(
+                f"not saving checkpoint {tag}: the weights or optimizer state hold NaN/inf"
+                f"{where}; the newest good checkpoint stays {latest.name if latest else 'none'}"
+            )
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if staging.exists():  # a leftover of an interrupted save of the same step
@@ -122,8 +135,7 @@ class CheckpointManager:
         _barrier()
         try:
             with checkpoint_files(engine, staging):
-                engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step},
-                                       save_latest=False)
+                engine.save_checkpoint(str(self.root), tag=staging.name, client_state={"step": step}, save_latest=False)
                 if groups is not None:
                     save_parallel_extras(engine, groups, self.root, staging.name)
             state_file = staging / f"trainer_state_rank{self.rank}.pt"
@@ -139,10 +151,14 @@ class CheckpointManager:
             fsync_tree(staging)
         _barrier()
         if self.rank == 0:
-            files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "crc32": file_crc32(p)}
-                     for p in sorted(staging.rglob("*")) if p.is_file()}
-            write_atomic(staging / COMPLETE_FILE, json.dumps({"format": MARKER_FORMAT, "step": step, "files": files},
-                                                                indent=1))
+            files = {
+                str(p.relative_to(staging)): {"size": p.stat().st_size, "crc32": file_crc32(p)}
+                for p in sorted(staging.rglob("*"))
+                if p.is_file()
+            }
+            write_atomic(
+                staging / COMPLETE_FILE, json.dumps({"format": MARKER_FORMAT, "step": step, "files": files}, indent=1)
+            )
             publish(staging, path)
             write_atomic(self.root / LATEST_FILE, tag)
             self._prune(path)
@@ -156,8 +172,9 @@ class CheckpointManager:
         older = [p for p in self._step_dirs() if _step_of(p) < _step_of(saved)]
         complete = [p for p in older if (p / COMPLETE_FILE).is_file()]
         keep = set(complete[len(complete) - self.keep_last + 1 :])
-        leftovers = [p for p in self.root.iterdir() if p.name.startswith((STAGING_PREFIX, REPLACED_PREFIX,
-                                                                          TRASH_PREFIX))]
+        leftovers = [
+            p for p in self.root.iterdir() if p.name.startswith((STAGING_PREFIX, REPLACED_PREFIX, TRASH_PREFIX))
+        ]
         for path in [p for p in older if p not in keep] + leftovers:
             remove_dir(path)
 
@@ -281,8 +298,9 @@ class CheckpointManager:
         if not isinstance(state, dict) or not {"step", "rng"} <= state.keys():
             raise CheckpointError(f"{state_file} is not a trainer state (no step and RNG states)")
         if state["step"] != client_state.get("step"):
-            raise CheckpointError(f"{path}: trainer state is for step {state['step']}, engine state for "
-                                  f"step {client_state.get('step')}")
+            raise CheckpointError(
+                f"{path}: trainer state is for step {state['step']}, engine state for step {client_state.get('step')}"
+            )
         set_rng_state(state["rng"])
         return state
 
@@ -388,11 +406,14 @@ def verify(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path}: unreadable {COMPLETE_FILE} marker: {e}") from e
     if not isinstance(info, dict) or info.get("format") != MARKER_FORMAT:
-        raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker is not of format {MARKER_FORMAT} "
-                              "(written by another version of moeformer?)")
+        raise CheckpointError(
+            f"checkpoint {path}: its {COMPLETE_FILE} marker is not of format {MARKER_FORMAT} "
+            "(written by another version of moeformer?)"
+        )
     files = info.get("files")
-    if not isinstance(files, dict) or not all(isinstance(s, dict) and {"size", "crc32"} <= s.keys()
-                                              for s in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(s, dict) and {"size", "crc32"} <= s.keys() for s in files.values()
+    ):
         raise CheckpointError(f"checkpoint {path}: its {COMPLETE_FILE} marker has no valid file list")
     for name, saved in files.items():
         file = confined(path, name)

@@ -149,8 +149,9 @@ class PretrainedTokenizer(Tokenizer):
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no Hugging Face tokenizer at {path} (expected a {TOKENIZER_FILE} or a "
-                                    f"directory holding one)")
+            raise FileNotFoundError(
+                f"no Hugging Face tokenizer at {path} (expected a {TOKENIZER_FILE} or a directory holding one)"
+            )
         try:
             self._tokenizer = HFTokenizer.from_file(str(file))
         except Exception as error:  # the tokenizers library raises a bare Exception on a malformed file
@@ -159,8 +160,10 @@ class PretrainedTokenizer(Tokenizer):
         self.vocab_size = self._tokenizer.get_vocab_size()
         eos = eos_id if eos_id is not None else self._eos_of(file.parent, eos_token)
         if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
-            raise ValueError(f"no eos id for the tokenizer {file}: name it with an eos token (e.g. --eos-token "
-                             "'</s>'), or put eos_token_id in the directory's config.json")
+            raise ValueError(
+                f"no eos id for the tokenizer {file}: name it with an eos token (e.g. --eos-token "
+                "'</s>'), or put eos_token_id in the directory's config.json"
+            )
         self.eos_id = self.bos_id = eos
 
     def _eos_of(self, directory: Path, eos_token: str | None) -> int | None:
@@ -214,8 +217,10 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     if not meta_path.is_file() and (Path(data_dir) / TOKENIZER_FILE).is_file():
         return PretrainedTokenizer(data_dir)
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist (nor a Hugging Face {TOKENIZER_FILE}); run "
-                                f"scripts/prepare_data.py --out {data_dir} first")
+        raise FileNotFoundError(
+            f"{meta_path} does not exist (nor a Hugging Face {TOKENIZER_FILE}); run "
+            f"scripts/prepare_data.py --out {data_dir} first"
+        )
     meta = json.loads(meta_path.read_text())
     kind = meta.get("tokenizer")
     if kind == ByteTokenizer.kind:

@@ -113,8 +113,9 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # the trainer logs
     }
     if t.zero_stage >= 2:
-        built["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True,
-                                          overlap_comm=torch.cuda.is_available())
+        built["zero_optimization"].update(
+            contiguous_gradients=True, reduce_scatter=True, overlap_comm=torch.cuda.is_available()
+        )
     if t.zero_stage == 3:
         built["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if config.parallel.pp > 1:
@@ -127,8 +128,10 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     merged = _merge(built, json.loads(path.read_text()))
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         if merged[key] != built[key]:
-            raise ValueError(f"{path} sets {key}={merged[key]} but the training config implies {built[key]} "
-                             "(data.micro_batch_size, train.grad_accum, data-parallel size); remove it from the JSON")
+            raise ValueError(
+                f"{path} sets {key}={merged[key]} but the training config implies {built[key]} "
+                "(data.micro_batch_size, train.grad_accum, data-parallel size); remove it from the JSON"
+            )
     return merged
 
 
@@ -173,8 +176,9 @@ class Stepper(Protocol):
 
     router_group: dist.ProcessGroup | None
 
-    def step(self, batches: Iterator[dict[str, torch.Tensor]], sums: dict[str, torch.Tensor], step: int
-             ) -> tuple[int, float | None]:
+    def step(
+        self, batches: Iterator[dict[str, torch.Tensor]], sums: dict[str, torch.Tensor], step: int
+    ) -> tuple[int, float | None]:
         """Forward, backward and optimizer step over grad_accum micro-batches of `batches`, adding the metrics of
         the finite micro-batches to `sums`; returns their count and the gradient norm where DeepSpeed keeps none."""
 
@@ -303,13 +307,17 @@ class Trainer:
         self.model_config = config.model_config()
         meta = load_meta(config.data.dir)
         if meta["vocab_size"] > self.model_config.vocab_size:
-            raise ValueError(f"the data's tokenizer has {meta['vocab_size']} ids but model.vocab_size is "
-                             f"{self.model_config.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more")
+            raise ValueError(
+                f"the data's tokenizer has {meta['vocab_size']} ids but model.vocab_size is "
+                f"{self.model_config.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
+            )
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.checkpoint.keep_last)
         resume_from = self.checkpoints.resolve(config.checkpoint.resume)  # before the slow set-up: fail early
         if resume_from is None and self.checkpoints.complete_checkpoints():
-            raise FileExistsError(f"{self.out_dir} already holds checkpoints; pass --resume auto to continue that "
-                                  "run or choose another out_dir")
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints; pass --resume auto to continue that "
+                "run or choose another out_dir"
+            )
         self.identity = run_identity(config, dataset_facts(config.data.dir), dist.get_world_size())
         self.config_changes: dict[str, list] = {}
         if resume_from is not None:
@@ -324,8 +332,9 @@ class Trainer:
         if config.init_from is not None and resume_from is None:
             load_weights(model, config.init_from)
         model, self.parallel_groups = apply_parallelism(model, config)
-        checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing,
-                                                      config.train.activation_checkpointing_every)
+        checkpointed = apply_activation_checkpointing(
+            model, config.train.activation_checkpointing, config.train.activation_checkpointing_every
+        )
         mpu = self.parallel_groups.mpu if self.parallel_groups is not None else None
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(mpu)
         ds_config = deepspeed_config(config, self.dp_size)
@@ -344,18 +353,30 @@ class Trainer:
         if config.parallel.pp > 1:
             self.stepper: Stepper = PipelineStepper(self.engine, config, self.device)
         else:
-            self.stepper = MicroBatchStepper(self.engine, self.optimizer, lambda batch: self.forward(batch), config,
-                                             self.device)
+            self.stepper = MicroBatchStepper(
+                self.engine, self.optimizer, lambda batch: self.forward(batch), config, self.device
+            )
 
         d = config.data
-        self.train_batches = ShardedBatches(TokenDataset.from_dir(d.dir, "train", d.seq_len), d.micro_batch_size,
-                                            self.dp_rank, self.dp_size, seed=config.train.seed, shuffle=d.shuffle)
+        self.train_batches = ShardedBatches(
+            TokenDataset.from_dir(d.dir, "train", d.seq_len),
+            d.micro_batch_size,
+            self.dp_rank,
+            self.dp_size,
+            seed=config.train.seed,
+            shuffle=d.shuffle,
+        )
         self.val_set = TokenDataset.from_dir(d.dir, "val", d.seq_len)
         self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
         self.distiller = None
         if config.train.distill is not None:
-            self.distiller = Distiller(DistillConfig.from_dict(config.train.distill), self.model_config, d.dir,
-                                       self.device, self.model_config.loss_chunk_size)
+            self.distiller = Distiller(
+                DistillConfig.from_dict(config.train.distill),
+                self.model_config,
+                d.dir,
+                self.device,
+                self.model_config.loss_chunk_size,
+            )
         self.flops_per_token = flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops(config.train.peak_tflops)
 
@@ -365,8 +386,10 @@ class Trainer:
         if resume_from is None and config.checkpoint.resume == "auto":
             self._print(f"no complete checkpoint in {self.checkpoints.root}: starting from step 0")
         if resume_from is not None:
-            self._print(f"resuming from {resume_from}" + "".join(f"\n  {key}: {old!r} -> {new!r}" for key, (old, new)
-                                                                 in self.config_changes.items()))
+            self._print(
+                f"resuming from {resume_from}"
+                + "".join(f"\n  {key}: {old!r} -> {new!r}" for key, (old, new) in self.config_changes.items())
+            )
             hparams = [{k: g[k] for k in OPTIM_HPARAMS} for g in self.optimizer.param_groups]
             state = self.checkpoints.load(self.engine, resume_from)
             self._restore_optim_hparams(hparams)
@@ -380,12 +403,22 @@ class Trainer:
                 for name in ("metrics.jsonl", CONFIG_HISTORY_FILE):
                     (self.out_dir / name).unlink(missing_ok=True)
             with open(self.out_dir / CONFIG_HISTORY_FILE, "a") as f:  # every start of the run, and what it changed
-                f.write(json.dumps({"step": self.step, "resumed_from": str(resume_from) if resume_from else None,
-                                    "changes": self.config_changes, "config": config.to_dict()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "resumed_from": str(resume_from) if resume_from else None,
+                            "changes": self.config_changes,
+                            "config": config.to_dict(),
+                        }
+                    )
+                    + "\n"
+                )
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
         if resume_from is not None:
-            self.logger.log({"step": self.step, "split": "resume", "checkpoint": str(resume_from),
-                             "changes": self.config_changes})
+            self.logger.log(
+                {"step": self.step, "split": "resume", "checkpoint": str(resume_from), "changes": self.config_changes}
+            )
         self.resumed_from = resume_from
 
     def _restore_optim_hparams(self, hparams: list[dict[str, Any]]) -> None:
@@ -459,8 +492,9 @@ class Trainer:
     def _step_record(self, sums: dict[str, torch.Tensor], micro_batches: int, seconds: float) -> dict[str, Any]:
         """Averages of the step's sums over its finite micro-batches and all ranks, throughput and memory."""
         names = sorted(sums)
-        packed = torch.cat([sums[n].reshape(-1) for n in names] + [torch.ones(1, dtype=torch.float64,
-                                                                               device=self.device)])
+        packed = torch.cat(
+            [sums[n].reshape(-1) for n in names] + [torch.ones(1, dtype=torch.float64, device=self.device)]
+        )
         dist.all_reduce(packed)  # one collective for every metric of the step
         values = dict(zip(names, packed[:-1].cpu().split([sums[n].numel() for n in names])))
         record: dict[str, Any] = {"step": self.step + 1, "split": "train"}
@@ -486,8 +520,9 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean cross-entropy over the first `eval_batches` global batches of the val split (all ranks)."""
         self.engine.eval()
-        batches = ShardedBatches(self.val_set, self.config.data.micro_batch_size, self.dp_rank, self.dp_size,
-                                 shuffle=False, loop=False)
+        batches = ShardedBatches(
+            self.val_set, self.config.data.micro_batch_size, self.dp_rank, self.dp_size, shuffle=False, loop=False
+        )
         total = torch.zeros(2, dtype=torch.float64)
         for _, batch in zip(range(self.config.train.eval_batches), batches):
             ce = self.stepper.cross_entropy(batch)
@@ -501,10 +536,15 @@ class Trainer:
 
     # ---- checkpoints and export ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = {"data": self.train_batches.state_dict(), "tokens": self.tokens_seen,
-                 "nonfinite_in_row": self.guard.in_row, "nonfinite_total": self.guard.total}
-        return self.checkpoints.save(self.engine, self.step, state, run_info={"identity": self.identity},
-                                     groups=self.parallel_groups)
+        state = {
+            "data": self.train_batches.state_dict(),
+            "tokens": self.tokens_seen,
+            "nonfinite_in_row": self.guard.in_row,
+            "nonfinite_total": self.guard.total,
+        }
+        return self.checkpoints.save(
+            self.engine, self.step, state, run_info={"identity": self.identity}, groups=self.parallel_groups
+        )
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -512,8 +552,13 @@ class Trainer:
         t, ck = self.config.train, self.config.checkpoint
         batches = iter(self.train_batches)
         losses: dict[int, float] = {}
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar,
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not t.progress_bar,
+            dynamic_ncols=True,
+            desc="train",
+        )
         self.engine.train()
         val_loss = None
         saved_at = self.step if self.resumed_from is not None else None  # a finished run resumed: nothing to re-save
@@ -526,8 +571,11 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.logger.log(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record.get('loss', float('nan')):.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     val_loss = self.evaluate()
                 if ck.every and self.step % ck.every == 0:
@@ -540,8 +588,13 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
-        return {"step": self.step, "losses": losses, "val_loss": val_loss, "exported": exported,
-                "nonfinite_total": self.guard.total}
+        return {
+            "step": self.step,
+            "losses": losses,
+            "val_loss": val_loss,
+            "exported": exported,
+            "nonfinite_total": self.guard.total,
+        }
 
 
 def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Tensor, loss: torch.Tensor) -> None:

@@ -41,8 +41,9 @@ def expand_files(patterns: Sequence[str]) -> list[Path]:
     return list(files)
 
 
-def read_documents(path: Path, fmt: str, text_field: str = "text", prompt_field: str | None = None,
-                   response_field: str | None = None) -> Iterator[Document]:
+def read_documents(
+    path: Path, fmt: str, text_field: str = "text", prompt_field: str | None = None, response_field: str | None = None
+) -> Iterator[Document]:
     """The documents of one file: the whole file (text), one per line (jsonl) or one per row (parquet); with
     `prompt_field` and `response_field`, (prompt, response) pairs instead of `text_field`."""
     fields = (prompt_field, response_field) if prompt_field or response_field else (text_field,)
@@ -104,13 +105,21 @@ def _parquet_documents(path: Path, fields: tuple[str, ...]) -> Iterator[Document
 
 
 def document_split(seed: int, path: Path, index: int, val_fraction: float) -> str:
-    """"val" or "train" for document `index` of `path`, from a seeded hash (stable across runs and machines)."""
+    """ "val" or "train" for document `index` of `path`, from a seeded hash (stable across runs and machines)."""
     digest = hashlib.sha256(f"{seed}\0{path.as_posix()}\0{index}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def train_texts(files: Sequence[str], fmt: str, *, text_field: str = "text", prompt_field: str | None = None,
-                response_field: str | None = None, val_fraction: float = 0.02, seed: int = 0) -> Iterator[str]:
+def train_texts(
+    files: Sequence[str],
+    fmt: str,
+    *,
+    text_field: str = "text",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    val_fraction: float = 0.02,
+    seed: int = 0,
+) -> Iterator[str]:
     """The texts of the train split (a pair as prompt + response), streamed: what a BPE tokenizer is trained on."""
     for path in expand_files(files):
         for index, document in enumerate(read_documents(path, fmt, text_field, prompt_field, response_field)):
@@ -148,9 +157,20 @@ def _encode_in_worker(documents: list[Document]) -> list[tuple[np.ndarray, np.nd
     return encode_documents(_worker_tokenizer, documents)
 
 
-def prepare_user_data(out_dir: str | Path, files: Sequence[str], fmt: str, tokenizer: Tokenizer, *,
-                      text_field: str = "text", prompt_field: str | None = None, response_field: str | None = None,
-                      val_fraction: float = 0.02, seed: int = 0, workers: int = 1, progress: bool = True) -> dict:
+def prepare_user_data(
+    out_dir: str | Path,
+    files: Sequence[str],
+    fmt: str,
+    tokenizer: Tokenizer,
+    *,
+    text_field: str = "text",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    val_fraction: float = 0.02,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """Tokenize the documents of `files` (glob patterns) into `out_dir` (train/val .bin, .mask for instruction
     data, the tokenizer's files, meta.json last). Returns the metadata."""
     if fmt not in FORMATS:
@@ -181,10 +201,12 @@ def prepare_user_data(out_dir: str | Path, files: Sequence[str], fmt: str, token
     counts = {s: {"tokens": 0, "documents": 0, "loss_tokens": 0} for s in SPLITS}
     with ExitStack() as stack:
         outputs = {s: stack.enter_context(atomic_file(out_dir / f"{s}.bin")) for s in SPLITS}
-        masks = {s: stack.enter_context(atomic_file(out_dir / f"{s}.bin{MASK_SUFFIX}")) for s in SPLITS
-                 if instruction}
-        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))) \
-            if workers > 1 else None
+        masks = {s: stack.enter_context(atomic_file(out_dir / f"{s}.bin{MASK_SUFFIX}")) for s in SPLITS if instruction}
+        pool = (
+            stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)))
+            if workers > 1
+            else None
+        )
         bar = stack.enter_context(tqdm(desc="documents", unit="doc", disable=not progress))
         work = chunks()
         splits: list[str] = []
@@ -194,8 +216,11 @@ def prepare_user_data(out_dir: str | Path, files: Sequence[str], fmt: str, token
                 splits.append(split)
                 yield docs
 
-        results = pool.imap(_encode_in_worker, documents_only()) if pool else \
-            (encode_documents(tokenizer, docs) for docs in documents_only())
+        results = (
+            pool.imap(_encode_in_worker, documents_only())
+            if pool
+            else (encode_documents(tokenizer, docs) for docs in documents_only())
+        )
         for index, encoded in enumerate(results):
             split = splits[index]
             for ids, mask in encoded:
@@ -209,8 +234,9 @@ def prepare_user_data(out_dir: str | Path, files: Sequence[str], fmt: str, token
         empty = [s for s in SPLITS if counts[s]["documents"] == 0]
         if empty:
             total = sum(c["documents"] for c in counts.values())
-            raise ValueError(f"the {empty[0]} split got no document out of {total}; use more documents or another "
-                             "--val-fraction")
+            raise ValueError(
+                f"the {empty[0]} split got no document out of {total}; use more documents or another --val-fraction"
+            )
     listing = hashlib.sha256("\n".join(p.as_posix() for p in paths).encode()).hexdigest()
     meta = {
         "version": FORMAT_VERSION,
@@ -221,10 +247,18 @@ def prepare_user_data(out_dir: str | Path, files: Sequence[str], fmt: str, token
         "bos_id": tokenizer.bos_id,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
-        "source": {"kind": "files", "format": fmt, "files": len(paths), "file_list_sha256": listing, "seed": seed,
-                   "fields": [prompt_field, response_field] if instruction else [text_field]},
-        "splits": {s: {"file": f"{s}.bin", **({"mask": f"{s}.bin{MASK_SUFFIX}"} if instruction else {}), **counts[s]}
-                   for s in SPLITS},
+        "source": {
+            "kind": "files",
+            "format": fmt,
+            "files": len(paths),
+            "file_list_sha256": listing,
+            "seed": seed,
+            "fields": [prompt_field, response_field] if instruction else [text_field],
+        },
+        "splits": {
+            s: {"file": f"{s}.bin", **({"mask": f"{s}.bin{MASK_SUFFIX}"} if instruction else {}), **counts[s]}
+            for s in SPLITS
+        },
     }
     with atomic_file(out_dir / META_FILE) as f:
         f.write((json.dumps(meta, indent=1) + "\n").encode("utf-8"))

@@ -13,24 +13,33 @@ from moeformer.layers.attention.mask import AttentionMask
 class KVCache:
     """Keys and values of one attention layer, (batch, n_kv_heads, max_len, head_dim) each; `length` are filled."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor,
-               at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, Hkv, T, D). `at` None appends at `length` and returns views of everything stored so far; a
         0-d device tensor writes slots at..at+T-1 in place (index_copy_: no host sync, fixed addresses for a CUDA
         graph) and returns the whole buffers, whose unwritten slots the caller's mask hides; `length` is then left
         alone (the owner of `at` tracks the position)."""
         expected = (*self.k.shape[:2], k.shape[2], self.k.shape[3])
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise ValueError(f"KVCache.update expects k and v of shape {expected}, got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
+            raise ValueError(
+                f"KVCache.update expects k and v of shape {expected}, got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
         if at is not None:
             slots = at + torch.arange(k.shape[2], device=at.device)
             self.k.index_copy_(2, slots, k)
@@ -38,10 +47,11 @@ class KVCache:
             return self.k, self.v
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KVCache overflow: {self.length} cached + {k.shape[2]} new tokens > max_len "
-                             f"{self.max_len}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+            raise ValueError(
+                f"KVCache overflow: {self.length} cached + {k.shape[2]} new tokens > max_len {self.max_len}"
+            )
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 

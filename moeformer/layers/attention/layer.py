@@ -22,9 +22,19 @@ class Attention(nn.Module):
     (OLMoE); both run before rotary.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: str | None = None, norm_eps: float = 1e-6, sliding_window: int | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = False,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        sliding_window: int | None = None,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
@@ -44,8 +54,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: AttentionMask,
-                cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim); `rope` = (cos, sin) of the T new positions (None: no positional rotation)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -57,8 +73,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache_update(cache, mask, k, v)
-        out = attend(q, k, v, mask, window=self.sliding_window, scale=self.head_dim**-0.5,
-                     backend=backend or self.backend)
+        out = attend(
+            q, k, v, mask, window=self.sliding_window, scale=self.head_dim**-0.5, backend=backend or self.backend
+        )
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,5 +87,7 @@ class Attention(nn.Module):
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
     def extra_repr(self) -> str:
-        return (f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-                f"sliding_window={self.sliding_window}, backend={self.backend!r}")
+        return (
+            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+            f"sliding_window={self.sliding_window}, backend={self.backend!r}"
+        )

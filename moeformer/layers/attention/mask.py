@@ -48,8 +48,10 @@ class AttentionMask:
         """Raise ValueError unless this mask fits `q_len` queries over `k_len` keys for `batch` rows (a device
         q_offset is not read: its range is the static cache's owner's to keep)."""
         if not self.in_buffer and (self.q_offset < 0 or self.q_offset + q_len > k_len):
-            raise ValueError(f"queries occupy key positions [{self.q_offset}, {self.q_offset + q_len}) but only "
-                             f"{k_len} keys were given (q_offset={self.q_offset}, q_len={q_len})")
+            raise ValueError(
+                f"queries occupy key positions [{self.q_offset}, {self.q_offset + q_len}) but only "
+                f"{k_len} keys were given (q_offset={self.q_offset}, q_len={q_len})"
+            )
         for name in ("key_padding", "document_ids"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (batch, k_len):
@@ -99,8 +101,9 @@ class AttentionMask:
         if self.document_ids is not None:
             docs = self.document_ids
             q_docs = self.at_queries(docs, q_len)
-            (k_min, k_max), (q_min, q_max) = ((_per_block(d, block, torch.amin), _per_block(d, block, torch.amax))
-                                              for d in (docs, q_docs))
+            (k_min, k_max), (q_min, q_max) = (
+                (_per_block(d, block, torch.amin), _per_block(d, block, torch.amax)) for d in (docs, q_docs)
+            )
             some = some & (k_min[:, None] <= q_max[:, :, None]) & (k_max[:, None] >= q_min[:, :, None])
             one_doc = (q_min == q_max)[:, :, None] & (k_min == k_max)[:, None] & (q_min[:, :, None] == k_min[:, None])
             every = every & one_doc
@@ -111,14 +114,19 @@ class AttentionMask:
             order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)  # listed blocks first
             return blocks.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
-        return BlockMask.from_kv_blocks(*layout(partial), *layout(full), BLOCK_SIZE=block,
-                                        mask_mod=self.mask_mod(window, device), seq_lengths=(q_len, k_len))
+        return BlockMask.from_kv_blocks(
+            *layout(partial),
+            *layout(full),
+            BLOCK_SIZE=block,
+            mask_mod=self.mask_mod(window, device),
+            seq_lengths=(q_len, k_len),
+        )
 
     def at_queries(self, t: torch.Tensor, q_len: int) -> torch.Tensor:
         """The columns of a (B, Tk) per-key tensor (key_padding, document_ids) at the `q_len` query positions."""
         if self.in_buffer:
             return t.index_select(1, self.q_offset + torch.arange(q_len, device=t.device))
-        return t[:, self.q_offset:self.q_offset + q_len]
+        return t[:, self.q_offset : self.q_offset + q_len]
 
     def memoised(self, key: Hashable, build: Callable[[], T]) -> T:
         """Build a derived mask once per AttentionMask (all layers of a forward share it)."""

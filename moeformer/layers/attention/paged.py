@@ -44,22 +44,30 @@ KERNEL_MAX_GROUP = 16  # query heads per KV head a program holds
 
 def kernel_fits(group: int, head_dim: int, value_dim: int, block_size: int) -> bool:
     """Whether the kernel's tiles take `group` query heads per KV head, these head sizes and this block size."""
-    return (block_size & (block_size - 1) == 0 and max(head_dim, value_dim) <= KERNEL_MAX_HEAD_DIM
-            and group <= KERNEL_MAX_GROUP)
+    return (
+        block_size & (block_size - 1) == 0
+        and max(head_dim, value_dim) <= KERNEL_MAX_HEAD_DIM
+        and group <= KERNEL_MAX_GROUP
+    )
 
 
 def uses_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, backend: str) -> bool:
     """The Triton kernel serves one query per sequence on CUDA (or the interpreter in tests) where it fits;
     backend "eager" keeps the reference."""
-    return (q.shape[2] == 1 and backend != "eager" and _triton is not None and triton_dispatch.runs_triton(q)
-            and kernel_fits(q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1], pages.block_size))
+    return (
+        q.shape[2] == 1
+        and backend != "eager"
+        and _triton is not None
+        and triton_dispatch.runs_triton(q)
+        and kernel_fits(q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1], pages.block_size)
+    )
 
 
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, window: int | None,
-                 scale: float) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, window: int | None, scale: float
+) -> torch.Tensor:
     """q (B, Hq, 1, Dk) against the pools k (slots, Hkv, Dk), v (slots, Hkv, Dv) -> (B, Hq, 1, Dv): the custom op
     while torch.compile traces (one opaque call in the graph), the plain launcher in eager."""
     kernel = _triton.paged_decode_op if torch.compiler.is_compiling() else _triton.launch
-    out = kernel(q[:, :, 0].contiguous(), k, v, pages.block_tables, pages.lengths, pages.block_size, scale,
-                 window or 0)
+    out = kernel(q[:, :, 0].contiguous(), k, v, pages.block_tables, pages.lengths, pages.block_size, scale, window or 0)
     return out[:, :, None]

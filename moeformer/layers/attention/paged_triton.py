@@ -12,20 +12,45 @@ from torch import Tensor
 
 
 @triton.jit
-def _paged_decode_kernel(q, k, v, tables, lengths, out, scale, window,
-                         stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
-                         stride_ob, stride_oh,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
-                         DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr):
+def _paged_decode_kernel(
+    q,
+    k,
+    v,
+    tables,
+    lengths,
+    out,
+    scale,
+    window,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     heads = tl.arange(0, GROUP_PAD)
     dk = tl.arange(0, DK_PAD)
     dv = tl.arange(0, DV_PAD)
     head_ok = heads < GROUP
-    query = tl.load(q + b * stride_qb + (h * GROUP + heads)[:, None] * stride_qh + dk[None, :],
-                    mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0).to(tl.float32)
+    query = tl.load(
+        q + b * stride_qb + (h * GROUP + heads)[:, None] * stride_qh + dk[None, :],
+        mask=head_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    ).to(tl.float32)
     n = tl.load(lengths + b)
     first = 0
     if HAS_WINDOW:
@@ -39,8 +64,11 @@ def _paged_decode_kernel(q, k, v, tables, lengths, out, scale, window,
         slots = block * BLOCK + tokens
         pos = start + tokens
         real = (pos < n) & (pos >= first)
-        keys = tl.load(k + slots[:, None] * stride_ks + h * stride_kh + dk[None, :],
-                       mask=real[:, None] & (dk[None, :] < DK), other=0.0).to(tl.float32)
+        keys = tl.load(
+            k + slots[:, None] * stride_ks + h * stride_kh + dk[None, :],
+            mask=real[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        ).to(tl.float32)
         if USE_DOT:
             scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
         else:
@@ -49,8 +77,11 @@ def _paged_decode_kernel(q, k, v, tables, lengths, out, scale, window,
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        values = tl.load(v + slots[:, None] * stride_vs + h * stride_vh + dv[None, :],
-                         mask=real[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        values = tl.load(
+            v + slots[:, None] * stride_vs + h * stride_vh + dv[None, :],
+            mask=real[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        ).to(tl.float32)
         if USE_DOT:
             update = tl.dot(p, values, input_precision="ieee")
         else:
@@ -59,12 +90,16 @@ def _paged_decode_kernel(q, k, v, tables, lengths, out, scale, window,
         total = total * alpha + tl.sum(p, axis=1)
         m = m_new
     result = acc / total[:, None]
-    tl.store(out + b * stride_ob + (h * GROUP + heads)[:, None] * stride_oh + dv[None, :],
-             result.to(out.dtype.element_ty), mask=head_ok[:, None] & (dv[None, :] < DV))
+    tl.store(
+        out + b * stride_ob + (h * GROUP + heads)[:, None] * stride_oh + dv[None, :],
+        result.to(out.dtype.element_ty),
+        mask=head_ok[:, None] & (dv[None, :] < DV),
+    )
 
 
-def launch(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, block_size: int, scale: float,
-           window: int) -> Tensor:
+def launch(
+    q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, block_size: int, scale: float, window: int
+) -> Tensor:
     """q (B, Hq, Dk) one query per sequence; k (slots, Hkv, Dk), v (slots, Hkv, Dv) the pools (slot = block *
     block_size + offset; last dims contiguous); tables (B, W) block ids; lengths (B,) keys per sequence (>= 1);
     window: keys a query may see (0: all) -> (B, Hq, Dv)."""
@@ -75,11 +110,32 @@ def launch(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, blo
     group_pad = max(triton.next_power_of_2(group), 2)  # no size-1 tiles
     use_dot = group_pad >= 16 and block_size >= 16 and min(dk, dv) >= 16  # tl.dot needs 16 x 16 tiles
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k, v, tables, lengths, out, scale, window,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, DK=dk, DK_PAD=triton.next_power_of_2(dk), DV=dv,
-        DV_PAD=triton.next_power_of_2(dv), BLOCK=block_size, USE_DOT=use_dot, HAS_WINDOW=window > 0,
+        q,
+        k,
+        v,
+        tables,
+        lengths,
+        out,
+        scale,
+        window,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        DK=dk,
+        DK_PAD=triton.next_power_of_2(dk),
+        DV=dv,
+        DV_PAD=triton.next_power_of_2(dv),
+        BLOCK=block_size,
+        USE_DOT=use_dot,
+        HAS_WINDOW=window > 0,
     )
     return out
 
@@ -88,6 +144,7 @@ paged_decode_op = torch.library.custom_op("moeformer::paged_decode", launch, mut
 
 
 @paged_decode_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, block_size: int, scale: float,
-      window: int) -> Tensor:
+def _(
+    q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, block_size: int, scale: float, window: int
+) -> Tensor:
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

@@ -62,10 +62,11 @@ def prepare_inputs(
         raise ValueError(f"g must be (B, H, T) = {(batch, heads, seq_len)} or (H,) = ({heads},), got {tuple(g.shape)}")
     state_shape = (batch, heads, d_k, v.shape[-1] + int(normalize))
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must have shape {state_shape} (normalize={normalize}), "
-                         f"got {tuple(initial_state.shape)}")
+        raise ValueError(
+            f"initial_state must have shape {state_shape} (normalize={normalize}), got {tuple(initial_state.shape)}"
+        )
     segments = segment_ids(document_ids, cu_seqlens, batch, seq_len)
-    scale = d_k ** -0.5 if scale is None else scale
+    scale = d_k**-0.5 if scale is None else scale
     v = v.float()
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)

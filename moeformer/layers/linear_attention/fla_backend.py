@@ -42,8 +42,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: tor
     if not q.is_cuda:
         raise RuntimeError("the fla path needs CUDA tensors")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"fla path wants q, k (B, T, H, Dk) and v (B, T, H, Dv), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"fla path wants q, k (B, T, H, Dk) and v (B, T, H, Dv), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     state_shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[-1] + extra)
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must have shape {state_shape}, got {tuple(initial_state.shape)}")
@@ -67,17 +69,25 @@ def _run_packed(
         initial_state = initial_state.float()
     segments = segment_ids(document_ids, cu_seqlens, batch, seq_len)
     if segments is None:
-        o, final = kernel(q, k, v, **per_token, **options, initial_state=initial_state,
-                          output_final_state=output_final_state)
+        o, final = kernel(
+            q, k, v, **per_token, **options, initial_state=initial_state, output_final_state=output_final_state
+        )
         return o, final
     flat_cu_seqlens, first, last = varlen_layout(segments)
     if initial_state is not None:  # a row's state continues its first document; the others start from zero
         n_docs = flat_cu_seqlens.numel() - 1
         initial_state = initial_state.new_zeros(n_docs, *initial_state.shape[1:]).index_copy(0, first, initial_state)
     flatten = lambda x: None if x is None else x.reshape(1, batch * seq_len, *x.shape[2:])
-    o, final = kernel(flatten(q), flatten(k), flatten(v), **{name: flatten(x) for name, x in per_token.items()},
-                      **options, initial_state=initial_state, output_final_state=output_final_state,
-                      cu_seqlens=flat_cu_seqlens)
+    o, final = kernel(
+        flatten(q),
+        flatten(k),
+        flatten(v),
+        **{name: flatten(x) for name, x in per_token.items()},
+        **options,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=flat_cu_seqlens,
+    )
     return o.view(batch, seq_len, heads, -1), None if final is None else final[last]
 
 
@@ -109,8 +119,19 @@ def fla_chunk_bthd(
         raise ValueError(f"g must be (B, T, H) = {tuple(q.shape[:3])} or (H,) = ({heads},), got {tuple(g.shape)}")
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-    o, final = _run_packed(chunk_simple_gla, q, k, v, {"g": g}, initial_state, output_final_state, document_ids,
-                           cu_seqlens, g_gamma=g_gamma, scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    o, final = _run_packed(
+        chunk_simple_gla,
+        q,
+        k,
+        v,
+        {"g": g},
+        initial_state,
+        output_final_state,
+        document_ids,
+        cu_seqlens,
+        g_gamma=g_gamma,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+    )
     if normalize:  # the fp32 denominator promotes the division to fp32 without an fp32 copy of the numerator
         o = (o[..., :-1] / (o[..., -1:].float() + eps)).to(q.dtype)
     return o, final if output_final_state else None
@@ -136,6 +157,16 @@ def fla_delta_rule_bthd(
         raise ValueError(f"fla's delta-rule kernel supports fp16/bf16 only, got {q.dtype}")
     if beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be (B, T, H) = {tuple(q.shape[:3])}, got {tuple(beta.shape)}")
-    o, final = _run_packed(chunk_delta_rule, q, k, v, {"beta": beta}, initial_state, output_final_state,
-                           document_ids, cu_seqlens, scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    o, final = _run_packed(
+        chunk_delta_rule,
+        q,
+        k,
+        v,
+        {"beta": beta},
+        initial_state,
+        output_final_state,
+        document_ids,
+        cu_seqlens,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+    )
     return o, final if output_final_state else None

@@ -90,12 +90,13 @@ class LinearAttention(nn.Module):
         if normalize and kind == "deltanet":
             raise ValueError("normalize=True does not apply to the delta rule (kind='deltanet')")
         if normalize and not self.feature_map.non_negative:
-            raise ValueError(f"normalize=True needs a non-negative feature map (elu, relu, performer), "
-                             f"got {feature_map!r}")
+            raise ValueError(
+                f"normalize=True needs a non-negative feature map (elu, relu, performer), got {feature_map!r}"
+            )
         self.n_heads, self.head_dim, self.kind, self.backend = n_heads, head_dim, kind, backend
         self.normalize, self.eps, self.chunk_size = normalize, eps, chunk_size
         self.gate_logit_normalizer = gate_logit_normalizer
-        self.scale = self.feature_map.out_dim ** -0.5
+        self.scale = self.feature_map.out_dim**-0.5
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
@@ -147,11 +148,14 @@ class LinearAttention(nn.Module):
         """
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
-        q, k, v = (rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k = self.feature_map(q), self.feature_map(k)
-        options = dict(scale=self.scale, initial_state=state, output_final_state=state is not None,
-                       document_ids=document_ids)
+        options = dict(
+            scale=self.scale, initial_state=state, output_final_state=state is not None, document_ids=document_ids
+        )
         if self.kind == "deltanet":
             q, k = (F.normalize(t.float(), dim=-1).to(t.dtype) for t in (q, k))
             gate, forms = torch.sigmoid(self.beta_proj(x)), _DELTA_FORMS

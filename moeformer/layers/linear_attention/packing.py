@@ -24,8 +24,9 @@ def segment_ids(
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.long()
         if cu[0].item() != 0 or cu[-1].item() != seq_len or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to the sequence length {seq_len}, "
-                             f"got {cu.tolist()}")
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing from 0 to the sequence length {seq_len}, got {cu.tolist()}"
+            )
         positions = torch.arange(seq_len, device=cu.device)
         return torch.searchsorted(cu[1:], positions, right=True).unsqueeze(0)
     if document_ids is not None:

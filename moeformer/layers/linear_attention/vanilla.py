@@ -68,9 +68,9 @@ class PerformerFeatureMap(nn.Module):
             self.projection.copy_(orthogonal_gaussian(self.out_dim, self.dim, self.seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() * self.dim ** -0.25
+        xf = x.float() * self.dim**-0.25
         logits = xf @ self.projection.float().T - xf.pow(2).sum(-1, keepdim=True) / 2
-        return (logits.exp() * self.out_dim ** -0.5).to(x.dtype)
+        return (logits.exp() * self.out_dim**-0.5).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_features={self.out_dim}, seed={self.seed}"

@@ -68,16 +68,22 @@ class MoEConfig:
         """The one rule tying dispatcher, capacity_factor and router together."""
         if self.dispatcher == "capacity":
             if self.capacity_factor is None or self.capacity_factor <= 0:
-                raise ValueError(f"dispatcher='capacity' needs a positive capacity_factor (each expert keeps "
-                                 f"ceil(capacity_factor * tokens * top_k / num_experts) slots), got "
-                                 f"{self.capacity_factor}")
+                raise ValueError(
+                    f"dispatcher='capacity' needs a positive capacity_factor (each expert keeps "
+                    f"ceil(capacity_factor * tokens * top_k / num_experts) slots), got "
+                    f"{self.capacity_factor}"
+                )
         elif self.router == "expert_choice":
-            raise ValueError("router='expert_choice' gives each expert a fixed number of tokens: set "
-                             "dispatcher='capacity' and its capacity_factor")
+            raise ValueError(
+                "router='expert_choice' gives each expert a fixed number of tokens: set "
+                "dispatcher='capacity' and its capacity_factor"
+            )
         elif self.capacity_factor is not None:
-            raise ValueError(f"capacity_factor={self.capacity_factor} applies to dispatcher='capacity' only (token "
-                             "dropping): set dispatcher='capacity', or remove capacity_factor for the dropless "
-                             "dispatcher")
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} applies to dispatcher='capacity' only (token "
+                "dropping): set dispatcher='capacity', or remove capacity_factor for the dropless "
+                "dispatcher"
+            )
 
     @property
     def shared_hidden(self) -> int:

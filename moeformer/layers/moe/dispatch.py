@@ -136,8 +136,10 @@ class DroplessDispatcher(LocalDispatcher):
     def dispatch(self, x: Tensor, slots: Slots) -> Dispatched:
         k, e, s = slots.top_k, self.num_experts, slots.expert_idx.numel()
         if k is None or s != x.shape[0] * k:
-            raise ValueError(f"the dropless dispatcher needs token-major slots ({x.shape[0]} tokens x top_k), got "
-                             f"{s} slots with top_k={k}")
+            raise ValueError(
+                f"the dropless dispatcher needs token-major slots ({x.shape[0]} tokens x top_k), got "
+                f"{s} slots with top_k={k}"
+            )
         order = stable_argsort(slots.expert_idx, e)
         inverse = inverse_permutation(order)
         rows, weights = order // k, slots.weights
@@ -148,8 +150,12 @@ class DroplessDispatcher(LocalDispatcher):
             tokens_per_expert, group_sizes = counts[:e], counts[:e] + counts[e:]
             weights = torch.where(slots.valid, weights, 0.0)
         sorted_x = PermuteRows.apply(x.to(compute_dtype(x)), rows, inverse, k)
-        return Dispatched(ExpertRows(sorted_x, group_sizes, weights, order), tokens_per_expert,
-                          group_sizes.new_zeros(()), (rows, inverse, k, x.dtype))
+        return Dispatched(
+            ExpertRows(sorted_x, group_sizes, weights, order),
+            tokens_per_expert,
+            group_sizes.new_zeros(()),
+            (rows, inverse, k, x.dtype),
+        )
 
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
         """out[t] = sum of token t's k rows, accumulated in fp32."""
@@ -179,7 +185,12 @@ class CapacityDispatcher(LocalDispatcher):
         position = torch.empty_like(order).scatter_(0, order, rank_in_expert)
         kept = (key < e) & (position < c)
         tokens_per_expert = counts[:e]
-        return torch.where(kept, key * c + position, e * c), kept, tokens_per_expert, tokens_per_expert.sum() - kept.sum()
+        return (
+            torch.where(kept, key * c + position, e * c),
+            kept,
+            tokens_per_expert,
+            tokens_per_expert.sum() - kept.sum(),
+        )
 
     def keep(self, slots: Slots, num_tokens: int, count_load: bool) -> tuple[Tensor, Tensor, Tensor]:
         _, kept, tokens_per_expert, dropped = self.place(slots, num_tokens)

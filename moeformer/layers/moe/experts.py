@@ -83,8 +83,9 @@ class Experts(nn.Module):
         quantized = {}
         for name in ("w_in", "w_out"):
             w = getattr(self, name)
-            q = QuantizedWeight(tuple(w.shape), mode, group_size, w.dtype, w.device if empty else "meta",
-                                transposed=True)
+            q = QuantizedWeight(
+                tuple(w.shape), mode, group_size, w.dtype, w.device if empty else "meta", transposed=True
+            )
             quantized[name] = q if empty else q.quantize_(w.detach())
         for name, q in quantized.items():
             delattr(self, name)
@@ -103,8 +104,13 @@ class Experts(nn.Module):
         if self.quantized:
             return True
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad)
-        return (not self.training and not grad and x.shape[0] <= FUSED_MAX_TOKENS
-                and triton_serves(x) and self.w_in.dtype == compute_dtype(x))
+        return (
+            not self.training
+            and not grad
+            and x.shape[0] <= FUSED_MAX_TOKENS
+            and triton_serves(x)
+            and self.w_in.dtype == compute_dtype(x)
+        )
 
     def forward_fused(self, x: Tensor, slots: Slots, keep: Tensor | None) -> Tensor:
         """The MoE output for x (N, dim) through the fused kernels, slots where `keep` is False (padding, dropped;
@@ -115,8 +121,17 @@ class Experts(nn.Module):
         if expert_idx.numel() > MAX_SCAN_SLOTS:
             order, counts = stable_argsort(expert_idx, e), bincount(expert_idx, e)
         k = slots.top_k
-        y = fused_experts(x.to(compute_dtype(x)), None if k else slots.token_idx, expert_idx, weights, self.w_in,
-                          self.w_out, self.activation, order, counts)
+        y = fused_experts(
+            x.to(compute_dtype(x)),
+            None if k else slots.token_idx,
+            expert_idx,
+            weights,
+            self.w_in,
+            self.w_out,
+            self.activation,
+            order,
+            counts,
+        )
         if k is not None:  # token-major: each token's k slots are consecutive
             out = y.view(y.shape[0], x.shape[0], k, x.shape[1]).sum((0, 2))
         else:
@@ -129,8 +144,9 @@ class Experts(nn.Module):
             return grouped_mm_available(x, self.dim, self.ffn_dim)
         return self.backend == "grouped"
 
-    def ffn(self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None,
-            rows: Tensor | None = None) -> Tensor:
+    def ffn(
+        self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None, rows: Tensor | None = None
+    ) -> Tensor:
         """Expert e's FFN on its group of rows of the sorted buffer; rows past the groups are undefined. With
         `weight`, buffer row i's activation is scaled by weight[rows[i]] (`rows` a permutation of weight's indices,
         None: the identity): the output is then already weighted."""

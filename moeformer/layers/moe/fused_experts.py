@@ -23,18 +23,30 @@ except ImportError:  # no triton (CPU installs): the reference serves everywhere
 MAX_SCAN_SLOTS = 512
 
 
-def _expert_matrix(w: Tensor, scale: Tensor | None, offset: Tensor | None, mode: str, group_size: int,
-                   e: int) -> Tensor:
+def _expert_matrix(
+    w: Tensor, scale: Tensor | None, offset: Tensor | None, mode: str, group_size: int, e: int
+) -> Tensor:
     """Expert e's weight as an fp32 (K, N) matrix: full precision is stored so, codes are (N, K)."""
     if mode == "none":
         return w[e].float()
     return dequantize(w[e], scale[e], None if offset is None else offset[e], mode, group_size).t()
 
 
-def fused_experts_reference(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
-                            scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor,
-                            scale_out: Tensor | None, offset_out: Tensor | None, mode: str, group_size: int,
-                            activation: str) -> Tensor:
+def fused_experts_reference(
+    x: Tensor,
+    token_idx: Tensor | None,
+    expert_idx: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    scale_in: Tensor | None,
+    offset_in: Tensor | None,
+    w_out: Tensor,
+    scale_out: Tensor | None,
+    offset_out: Tensor | None,
+    mode: str,
+    group_size: int,
+    activation: str,
+) -> Tensor:
     """(1, S, D) fp32: each chosen expert's weights gathered (dequantised) in fp32, applied to its slots in fp32."""
     if token_idx is None:
         token_idx = torch.arange(x.shape[0], device=x.device).repeat_interleave(expert_idx.numel() // x.shape[0])
@@ -57,30 +69,88 @@ def triton_serves(x: Tensor) -> bool:
     return _triton is not None and runs_triton(x)
 
 
-def _fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
-                   scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None,
-                   offset_out: Tensor | None, mode: str, group_size: int, ffn_dim: int, activation: str,
-                   order: Tensor | None, counts: Tensor | None) -> Tensor:
+def _fused_experts(
+    x: Tensor,
+    token_idx: Tensor | None,
+    expert_idx: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    scale_in: Tensor | None,
+    offset_in: Tensor | None,
+    w_out: Tensor,
+    scale_out: Tensor | None,
+    offset_out: Tensor | None,
+    mode: str,
+    group_size: int,
+    ffn_dim: int,
+    activation: str,
+    order: Tensor | None,
+    counts: Tensor | None,
+) -> Tensor:
     if triton_serves(x):
-        return _triton.fused_experts(x, token_idx, expert_idx, weights, w_in, scale_in, offset_in, w_out, scale_out,
-                                     offset_out, QUANT_BITS[mode], group_size, ffn_dim, activation == "swiglu",
-                                     order, counts)
-    return fused_experts_reference(x, token_idx, expert_idx, weights, w_in, scale_in, offset_in, w_out, scale_out,
-                                   offset_out, mode, group_size, activation)
+        return _triton.fused_experts(
+            x,
+            token_idx,
+            expert_idx,
+            weights,
+            w_in,
+            scale_in,
+            offset_in,
+            w_out,
+            scale_out,
+            offset_out,
+            QUANT_BITS[mode],
+            group_size,
+            ffn_dim,
+            activation == "swiglu",
+            order,
+            counts,
+        )
+    return fused_experts_reference(
+        x,
+        token_idx,
+        expert_idx,
+        weights,
+        w_in,
+        scale_in,
+        offset_in,
+        w_out,
+        scale_out,
+        offset_out,
+        mode,
+        group_size,
+        activation,
+    )
 
 
 _fused_experts_op = torch.library.custom_op("moeformer::fused_experts", _fused_experts, mutates_args=())
 
 
 @_fused_experts_op.register_fake
-def _(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor, scale_in: Tensor | None,
-      offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None, offset_out: Tensor | None, mode: str,
-      group_size: int, ffn_dim: int, activation: str, order: Tensor | None, counts: Tensor | None) -> Tensor:
+def _(
+    x: Tensor,
+    token_idx: Tensor | None,
+    expert_idx: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    scale_in: Tensor | None,
+    offset_in: Tensor | None,
+    w_out: Tensor,
+    scale_out: Tensor | None,
+    offset_out: Tensor | None,
+    mode: str,
+    group_size: int,
+    ffn_dim: int,
+    activation: str,
+    order: Tensor | None,
+    counts: Tensor | None,
+) -> Tensor:
     split = 1
     if triton_serves(x):
         s, dim = expert_idx.shape[0], x.shape[1]
-        split = _triton.experts_config(x.shape[0], s, w_in.shape[0], dim, ffn_dim, QUANT_BITS[mode], group_size,
-                                       order is not None).split
+        split = _triton.experts_config(
+            x.shape[0], s, w_in.shape[0], dim, ffn_dim, QUANT_BITS[mode], group_size, order is not None
+        ).split
     return x.new_empty(split, expert_idx.shape[0], x.shape[1], dtype=torch.float32)
 
 
@@ -90,9 +160,17 @@ def _parts(w: Tensor | QuantizedWeight) -> tuple[Tensor, Tensor | None, Tensor |
     return w, None, None, "none", 0
 
 
-def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor,
-                  w_in: Tensor | QuantizedWeight, w_out: Tensor | QuantizedWeight, activation: str,
-                  order: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+def fused_experts(
+    x: Tensor,
+    token_idx: Tensor | None,
+    expert_idx: Tensor,
+    weights: Tensor,
+    w_in: Tensor | QuantizedWeight,
+    w_out: Tensor | QuantizedWeight,
+    activation: str,
+    order: Tensor | None = None,
+    counts: Tensor | None = None,
+) -> Tensor:
     """Per-slot expert outputs, fp32 (split, S, D): their sum over the first dimension (a K split of the second
     matmul, summed by the caller together with each token's slots) is weights[s] * expert_e(x[token_idx[s]]) for
     e = expert_idx[s]. token_idx None: token-major slots, k = S / N per token (slot s belongs to token s // k, and
@@ -107,8 +185,7 @@ def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weigh
         raise ValueError(f"w_in and w_out must be quantized alike, got {mode!r} and {mode2!r}")
     ffn_dim = w_out.shape[-2]
     args = (x, token_idx, expert_idx, weights, w1, s1, o1, w2, s2, o2, mode, group)
-    if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or w1.requires_grad
-                                    or w2.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or w1.requires_grad or w2.requires_grad):
         return fused_experts_reference(*args, activation)
     op = _fused_experts_op if torch.compiler.is_compiling() else _fused_experts
     return op(*args, ffn_dim, activation, order, counts)

@@ -43,8 +43,9 @@ def _slot_count(expert_idx, e, stop, SC: tl.constexpr):
 
 
 @triton.jit
-def _program_rows(expert_idx, counts, c, S, E, ROWS: tl.constexpr, BM: tl.constexpr, SC: tl.constexpr,
-                  E_POW2: tl.constexpr):
+def _program_rows(
+    expert_idx, counts, c, S, E, ROWS: tl.constexpr, BM: tl.constexpr, SC: tl.constexpr, E_POW2: tl.constexpr
+):
     """(expert, first row, end row, first sorted position of the expert) of program c's work: rows
     [first, end) of the expert's slots (empty when it has nothing to do)."""
     if ROWS == SORTED:
@@ -69,8 +70,7 @@ def _program_rows(expert_idx, counts, c, S, E, ROWS: tl.constexpr, BM: tl.conste
 
 
 @triton.jit
-def _tile_slots(expert_idx, order, e, first, end, base, S, ROWS: tl.constexpr, BM: tl.constexpr,
-                SC: tl.constexpr):
+def _tile_slots(expert_idx, order, e, first, end, base, S, ROWS: tl.constexpr, BM: tl.constexpr, SC: tl.constexpr):
     """Slot indices of the expert's rows first .. first + BM - 1 and their mask (rows < end)."""
     r = first + tl.arange(0, BM)
     row_mask = r < end
@@ -90,12 +90,42 @@ def _tile_slots(expert_idx, order, e, first, end, base, S, ROWS: tl.constexpr, B
 
 
 @triton.jit
-def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S, E, K, F, stride_xm,
-                     w, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg,
-                     ROWS: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, SWIGLU: tl.constexpr,
-                     QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr, E_POW2: tl.constexpr,
-                     STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def _fused_up_kernel(
+    x,
+    token_idx,
+    expert_idx,
+    slot_weight,
+    order,
+    counts,
+    h,
+    S,
+    E,
+    K,
+    F,
+    stride_xm,
+    w,
+    scale,
+    offset,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_sg,
+    ROWS: tl.constexpr,
+    SLOTS_PER_TOKEN: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SC: tl.constexpr,
+    E_POW2: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < F
@@ -108,24 +138,77 @@ def _fused_up_kernel(x, token_idx, expert_idx, slot_weight, order, counts, h, S,
             tokens = slots // SLOTS_PER_TOKEN
         else:
             tokens = tl.load(token_idx + slots, mask=row_mask, other=0).to(tl.int64)
-        gate, up = weight_product(x + tokens * stride_xm, row_mask, w_e, scale_e, offset_e, cols, col_mask,
-                                  F * stride_wn, F * stride_sn, stride_wk, stride_wn, stride_sn, stride_sg, 0, K,
-                                  QUANT, GROUP, SWIGLU, EVEN_K, BM, BN, BK, STAGES, UPCAST)
+        gate, up = weight_product(
+            x + tokens * stride_xm,
+            row_mask,
+            w_e,
+            scale_e,
+            offset_e,
+            cols,
+            col_mask,
+            F * stride_wn,
+            F * stride_sn,
+            stride_wk,
+            stride_wn,
+            stride_sn,
+            stride_sg,
+            0,
+            K,
+            QUANT,
+            GROUP,
+            SWIGLU,
+            EVEN_K,
+            BM,
+            BN,
+            BK,
+            STAGES,
+            UPCAST,
+        )
         if SWIGLU:
             act = gate * tl.sigmoid(gate) * up
         else:  # exact (erf) GELU
             act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
         act = act * tl.load(slot_weight + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(h + slots[:, None] * F + cols[None, :], act.to(h.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        tl.store(
+            h + slots[:, None] * F + cols[None, :],
+            act.to(h.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
 
 
 @triton.jit
-def _fused_down_kernel(h, expert_idx, order, counts, y, S, E, F, D, k_per_split,
-                       w, scale, offset, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_sg,
-                       ROWS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SC: tl.constexpr,
-                       E_POW2: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def _fused_down_kernel(
+    h,
+    expert_idx,
+    order,
+    counts,
+    y,
+    S,
+    E,
+    F,
+    D,
+    k_per_split,
+    w,
+    scale,
+    offset,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_sg,
+    ROWS: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SC: tl.constexpr,
+    E_POW2: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     e, first, end, base = _program_rows(expert_idx, counts, tl.program_id(0), S, E, ROWS, BM, SC, E_POW2)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < D
@@ -137,11 +220,37 @@ def _fused_down_kernel(h, expert_idx, order, counts, y, S, E, F, D, k_per_split,
     offset_e = offset + e.to(tl.int64) * stride_se
     for row in range(first, end, BM):
         slots, row_mask = _tile_slots(expert_idx, order, e, row, end, base, S, ROWS, BM, SC)
-        acc, _ = weight_product(h + slots * F, row_mask, w_e, scale_e, offset_e, cols, col_mask, 0, 0, stride_wk,
-                                stride_wn, stride_sn, stride_sg, k_start, k_stop, QUANT, GROUP, False, EVEN_K, BM, BN,
-                                BK, STAGES, UPCAST)
-        tl.store(y + part.to(tl.int64) * S * D + slots[:, None] * D + cols[None, :], acc,
-                 mask=row_mask[:, None] & col_mask[None, :])
+        acc, _ = weight_product(
+            h + slots * F,
+            row_mask,
+            w_e,
+            scale_e,
+            offset_e,
+            cols,
+            col_mask,
+            0,
+            0,
+            stride_wk,
+            stride_wn,
+            stride_sn,
+            stride_sg,
+            k_start,
+            k_stop,
+            QUANT,
+            GROUP,
+            False,
+            EVEN_K,
+            BM,
+            BN,
+            BK,
+            STAGES,
+            UPCAST,
+        )
+        tl.store(
+            y + part.to(tl.int64) * S * D + slots[:, None] * D + cols[None, :],
+            acc,
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
 
 
 @dataclass(frozen=True)
@@ -159,8 +268,9 @@ class ExpertsConfig:
     num_stages: int
 
 
-def experts_config(tokens: int, slots: int, experts: int, dim: int, ffn: int, quant: int, group: int,
-                   sorted_rows: bool) -> ExpertsConfig:
+def experts_config(
+    tokens: int, slots: int, experts: int, dim: int, ffn: int, quant: int, group: int, sorted_rows: bool
+) -> ExpertsConfig:
     """Decode (scanned rows): an expert has at most `tokens` rows, so up to GEMV_ROWS tokens one GEMV row tile holds
     them all; beyond, 16-row tensor-core tiles (an expert rarely has more rows at batch <= 64). Each step reads
     128-byte lines: full-precision weights (E, K, N) along N (column tiles of 64 bf16 or more), codes (E, N, K)
@@ -191,10 +301,24 @@ def _weight_args(w: Tensor, scale: Tensor | None, offset: Tensor | None, quant: 
     return w, scale, offset, w.stride(0), stride_wk, stride_wn, stride_se, stride_sn, stride_sg
 
 
-def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weights: Tensor, w_in: Tensor,
-                  scale_in: Tensor | None, offset_in: Tensor | None, w_out: Tensor, scale_out: Tensor | None,
-                  offset_out: Tensor | None, quant: int, group: int, ffn: int, swiglu: bool, order: Tensor | None,
-                  counts: Tensor | None) -> Tensor:
+def fused_experts(
+    x: Tensor,
+    token_idx: Tensor | None,
+    expert_idx: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    scale_in: Tensor | None,
+    offset_in: Tensor | None,
+    w_out: Tensor,
+    scale_out: Tensor | None,
+    offset_out: Tensor | None,
+    quant: int,
+    group: int,
+    ffn: int,
+    swiglu: bool,
+    order: Tensor | None,
+    counts: Tensor | None,
+) -> Tensor:
     """y (split, S, D) fp32 with y.sum(0)[s] = weights[s] * expert_{expert_idx[s]}(x[token_idx[s]]); see
     fused_experts.fused_experts for the arguments: with `order` and `counts` (slots sorted by expert, slots per
     expert) the rows come sorted, else the programs scan the routing."""
@@ -209,19 +333,55 @@ def fused_experts(x: Tensor, token_idx: Tensor | None, expert_idx: Tensor, weigh
         programs = s if cfg.rows == "by_slot" else e
     h = torch.empty(s, ffn, dtype=x.dtype, device=x.device)
     y = torch.empty(cfg.split, s, dim, dtype=torch.float32, device=x.device)
-    common = dict(ROWS=ROW_MODES.index(cfg.rows), QUANT=quant, GROUP=group, BM=cfg.bm,
-                  SC=min(SCAN_CHUNK, triton.next_power_of_2(s)), E_POW2=triton.next_power_of_2(e),
-                  STAGES=cfg.num_stages, UPCAST=INTERPRETER, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(
+        ROWS=ROW_MODES.index(cfg.rows),
+        QUANT=quant,
+        GROUP=group,
+        BM=cfg.bm,
+        SC=min(SCAN_CHUNK, triton.next_power_of_2(s)),
+        E_POW2=triton.next_power_of_2(e),
+        STAGES=cfg.num_stages,
+        UPCAST=INTERPRETER,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     _fused_up_kernel[(programs, triton.cdiv(ffn, cfg.bn_up))](
-        x, token_idx if token_idx is not None else expert_idx, expert_idx, weights, order, counts, h, s, e, dim, ffn,
-        x.stride(0), *_weight_args(w_in, scale_in, offset_in, quant),
-        SLOTS_PER_TOKEN=s // x.shape[0] if token_idx is None else 0, SWIGLU=swiglu, EVEN_K=dim % cfg.bk_up == 0,
-        BN=cfg.bn_up, BK=cfg.bk_up, **common,
+        x,
+        token_idx if token_idx is not None else expert_idx,
+        expert_idx,
+        weights,
+        order,
+        counts,
+        h,
+        s,
+        e,
+        dim,
+        ffn,
+        x.stride(0),
+        *_weight_args(w_in, scale_in, offset_in, quant),
+        SLOTS_PER_TOKEN=s // x.shape[0] if token_idx is None else 0,
+        SWIGLU=swiglu,
+        EVEN_K=dim % cfg.bk_up == 0,
+        BN=cfg.bn_up,
+        BK=cfg.bk_up,
+        **common,
     )
     k_per_split = triton.cdiv(triton.cdiv(ffn, cfg.split), cfg.bk_down) * cfg.bk_down
     _fused_down_kernel[(programs, triton.cdiv(dim, cfg.bn_down), cfg.split)](
-        h, expert_idx, order, counts, y, s, e, ffn, dim, k_per_split,
+        h,
+        expert_idx,
+        order,
+        counts,
+        y,
+        s,
+        e,
+        ffn,
+        dim,
+        k_per_split,
         *_weight_args(w_out, scale_out, offset_out, quant),
-        EVEN_K=ffn % cfg.bk_down == 0 and k_per_split % cfg.bk_down == 0, BN=cfg.bn_down, BK=cfg.bk_down, **common,
+        EVEN_K=ffn % cfg.bk_down == 0 and k_per_split % cfg.bk_down == 0,
+        BN=cfg.bn_down,
+        BK=cfg.bk_down,
+        **common,
     )
     return y

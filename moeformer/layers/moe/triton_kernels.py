@@ -39,8 +39,9 @@ def _swiglu_forward_kernel(h, weight, rows, out, F, HAS_WEIGHT: tl.constexpr, BL
 
 
 @triton.jit
-def _swiglu_backward_kernel(h, grad, weight, rows, grad_h, grad_w, F: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _swiglu_backward_kernel(
+    h, grad, weight, rows, grad_h, grad_w, F: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr
+):
     i = tl.program_id(0).to(tl.int64)  # one row per program: the weight's gradient sums over it (F: a model constant)
     if HAS_WEIGHT:
         slot = tl.load(rows + i).to(tl.int64)
@@ -97,16 +98,25 @@ def swiglu_backward(h: Tensor, grad: Tensor, weight: Tensor | None, rows: Tensor
     has_weight = weight is not None
     grad_w = torch.empty(weight.shape[0] if has_weight else 0, dtype=torch.float32, device=h.device)
     _swiglu_backward_kernel[(s,)](
-        h, grad, weight if has_weight else h, rows if has_weight else h, grad_h, grad_w if has_weight else h,
-        F=f, HAS_WEIGHT=has_weight, BLOCK=_block(f),
+        h,
+        grad,
+        weight if has_weight else h,
+        rows if has_weight else h,
+        grad_h,
+        grad_w if has_weight else h,
+        F=f,
+        HAS_WEIGHT=has_weight,
+        BLOCK=_block(f),
     )
     return grad_h, grad_w
 
 
-OPS = SimpleNamespace(**{
-    fn.__name__: torch.library.custom_op(f"moeformer::{fn.__name__}", fn, mutates_args=())
-    for fn in (gather_sum, swiglu_forward, swiglu_backward)
-})
+OPS = SimpleNamespace(
+    **{
+        fn.__name__: torch.library.custom_op(f"moeformer::{fn.__name__}", fn, mutates_args=())
+        for fn in (gather_sum, swiglu_forward, swiglu_backward)
+    }
+)
 
 
 @OPS.gather_sum.register_fake

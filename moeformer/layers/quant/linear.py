@@ -19,8 +19,9 @@ except ImportError:  # no triton (CPU installs): the reference serves everywhere
     _triton = None
 
 
-def quant_matmul_reference(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None,
-                           mode: str, group_size: int) -> Tensor:
+def quant_matmul_reference(
+    x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str, group_size: int
+) -> Tensor:
     """x (M, K) @ W^T (+ bias) with W dequantised in fp32, computed in fp32 and rounded once to x's dtype."""
     w = dequantize(codes, scale, offset, mode, group_size)
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
@@ -30,8 +31,9 @@ def _triton_serves(x: Tensor) -> bool:
     return _triton is not None and runs_triton(x)
 
 
-def _quant_matmul(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str,
-                  group_size: int) -> Tensor:
+def _quant_matmul(
+    x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str, group_size: int
+) -> Tensor:
     """(M, N) in x's dtype, or with a split K the Triton kernel's fp32 partial products (split, M, N), unbiased."""
     if _triton_serves(x):
         return _triton.quant_matmul(x, codes, scale, offset, bias, QUANT_BITS[mode], group_size)
@@ -42,8 +44,9 @@ _quant_matmul_op = torch.library.custom_op("moeformer::quant_matmul", _quant_mat
 
 
 @_quant_matmul_op.register_fake
-def _(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str,
-      group_size: int) -> Tensor:
+def _(
+    x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, mode: str, group_size: int
+) -> Tensor:
     m, k = x.shape
     n = codes.shape[0]
     if _triton_serves(x):
@@ -73,9 +76,16 @@ class QuantLinear(nn.Module):
     """y = x @ W^T + b with W held as int8/int4 codes (a `QuantizedWeight` named `weight`, so its state-dict keys
     are `weight.codes`, `weight.scale`, `weight.offset`). Inference only: the bias is frozen like the codes."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "int8",
-                 group_size: int = 128, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        mode: str = "int8",
+        group_size: int = 128,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = QuantizedWeight((out_features, in_features), mode, group_size, dtype, device)
@@ -88,8 +98,9 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = 128) -> QuantLinear:
         """Quantize an nn.Linear (same device; scales in its weight's dtype)."""
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, group_size, w.dtype,
-                     "meta")
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, mode, group_size, w.dtype, "meta"
+        )
         module.weight.quantize_(w.detach())
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -81,8 +81,9 @@ def _dense_step(acc, a, w_cols, kk, kmask, col_mask, stride_wk, BM: tl.constexpr
 
 
 @triton.jit
-def _int4_step(acc, a_lo, a_hi, w_cols, scale_cols, offset_cols, kb, col_mask, stride_wk, BM: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _int4_step(
+    acc, a_lo, a_hi, w_cols, scale_cols, offset_cols, kb, col_mask, stride_wk, BM: tl.constexpr, UPCAST: tl.constexpr
+):
     """acc + a @ W[step, cols] for one K-step inside one group of an int4 weight: bytes kb hold the codes of a_lo's
     inputs (low nibbles) and a_hi's (high nibbles); scale_cols/offset_cols point at the group's scales and
     offsets. Tensor cores take the weights dequantised (fp32 scale * q + offset, rounded once to the activations'
@@ -107,10 +108,32 @@ def _int4_step(acc, a_lo, a_hi, w_cols, scale_cols, offset_cols, kb, col_mask, s
 
 
 @triton.jit
-def weight_product(a_rows, row_mask, w, scale, offset, cols, col_mask, pair_w, pair_s, stride_wk, stride_wn,
-                   stride_sn, stride_sg, k_start, k_stop, QUANT: tl.constexpr, GROUP: tl.constexpr,
-                   PAIR: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def weight_product(
+    a_rows,
+    row_mask,
+    w,
+    scale,
+    offset,
+    cols,
+    col_mask,
+    pair_w,
+    pair_s,
+    stride_wk,
+    stride_wn,
+    stride_sn,
+    stride_sg,
+    k_start,
+    k_stop,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    PAIR: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """fp32 (BM, BN) products of activation rows with weight columns over inputs k in [k_start, k_stop).
 
     a_rows (BM,): pointers to each row's input 0 (inputs contiguous). The weight W[k, n] sits at
@@ -136,11 +159,23 @@ def weight_product(a_rows, row_mask, w, scale, offset, cols, col_mask, pair_w, p
             a_lo = tl.load(a_rows[:, None] + k_lo[None, :], mask=row_mask[:, None], other=0.0)
             a_hi = tl.load(a_rows[:, None] + (k_lo + GROUP // 2)[None, :], mask=row_mask[:, None], other=0.0)
             group = (k0 // GROUP) * stride_sg
-            acc = _int4_step(acc, a_lo, a_hi, w_cols, s_cols + group, o_cols + group, kb, col_mask, stride_wk, BM,
-                             UPCAST)
+            acc = _int4_step(
+                acc, a_lo, a_hi, w_cols, s_cols + group, o_cols + group, kb, col_mask, stride_wk, BM, UPCAST
+            )
             if PAIR:
-                acc2 = _int4_step(acc2, a_lo, a_hi, w_cols + pair_w, s_cols + pair_s + group,
-                                  o_cols + pair_s + group, kb, col_mask, stride_wk, BM, UPCAST)
+                acc2 = _int4_step(
+                    acc2,
+                    a_lo,
+                    a_hi,
+                    w_cols + pair_w,
+                    s_cols + pair_s + group,
+                    o_cols + pair_s + group,
+                    kb,
+                    col_mask,
+                    stride_wk,
+                    BM,
+                    UPCAST,
+                )
     else:
         k = tl.arange(0, BK)
         for k0 in tl.range(k_start, k_stop, BK, num_stages=STAGES):
@@ -161,19 +196,65 @@ def weight_product(a_rows, row_mask, w, scale, offset, cols, col_mask, pair_w, p
 
 
 @triton.jit
-def _quant_matmul_kernel(x, w, scale, offset, bias, out, M, N, K, stride_xm, stride_wn, stride_wk, stride_sn,
-                         stride_sg, k_per_split, QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def _quant_matmul_kernel(
+    x,
+    w,
+    scale,
+    offset,
+    bias,
+    out,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sg,
+    k_per_split,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     part = tl.program_id(2)
     row_mask, col_mask = rows < M, cols < N
     k_start = part * k_per_split
     k_stop = tl.minimum(K, k_start + k_per_split)
-    acc, _ = weight_product(x + rows.to(tl.int64) * stride_xm, row_mask, w, scale, offset, cols, col_mask, 0, 0,
-                            stride_wk, stride_wn, stride_sn, stride_sg, k_start, k_stop, QUANT, GROUP, False, EVEN_K,
-                            BM, BN, BK, STAGES, UPCAST)
+    acc, _ = weight_product(
+        x + rows.to(tl.int64) * stride_xm,
+        row_mask,
+        w,
+        scale,
+        offset,
+        cols,
+        col_mask,
+        0,
+        0,
+        stride_wk,
+        stride_wn,
+        stride_sn,
+        stride_sg,
+        k_start,
+        k_stop,
+        QUANT,
+        GROUP,
+        False,
+        EVEN_K,
+        BM,
+        BN,
+        BK,
+        STAGES,
+        UPCAST,
+    )
     where = rows[:, None].to(tl.int64) * N + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     if SPLIT == 1:
@@ -235,8 +316,9 @@ def scale_strides(scale: Tensor | None, quant: int) -> tuple[int, int]:
     return 0, 0
 
 
-def quant_matmul(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, quant: int,
-                 group: int) -> Tensor:
+def quant_matmul(
+    x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, bias: Tensor | None, quant: int, group: int
+) -> Tensor:
     """x (M, K) @ W^T for W (N, K) quantized as codes/scale/offset. Returns (M, N) in x's dtype with the bias
     added, or, when K is split, the fp32 partial products (split, M, N) for the caller to sum (then add the bias)."""
     m, k = x.shape
@@ -250,10 +332,32 @@ def quant_matmul(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None,
     stride_sn, stride_sg = scale_strides(scale, quant)
     grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), cfg.split)
     _quant_matmul_kernel[grid](
-        x, codes, scale, offset if offset is not None else scale, bias if bias is not None else scale, out, m, n, k,
-        x.stride(0), codes.stride(0), codes.stride(1), stride_sn, stride_sg, k_per_split, QUANT=quant, GROUP=group,
-        HAS_BIAS=bias is not None, SPLIT=cfg.split, EVEN_K=k % cfg.bk == 0 and k_per_split % cfg.bk == 0,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, STAGES=cfg.num_stages, UPCAST=INTERPRETER,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        codes,
+        scale,
+        offset if offset is not None else scale,
+        bias if bias is not None else scale,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        codes.stride(0),
+        codes.stride(1),
+        stride_sn,
+        stride_sg,
+        k_per_split,
+        QUANT=quant,
+        GROUP=group,
+        HAS_BIAS=bias is not None,
+        SPLIT=cfg.split,
+        EVEN_K=k % cfg.bk == 0 and k_per_split % cfg.bk == 0,
+        BM=cfg.bm,
+        BN=cfg.bn,
+        BK=cfg.bk,
+        STAGES=cfg.num_stages,
+        UPCAST=INTERPRETER,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out

@@ -17,8 +17,15 @@ class QuantizedWeight(nn.Module):
     Built empty (any device, meta included) from shapes alone; `quantize_` fills it from the full-precision tensor.
     """
 
-    def __init__(self, shape: tuple[int, ...], mode: str, group_size: int = 128, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, transposed: bool = False) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        mode: str,
+        group_size: int = 128,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        transposed: bool = False,
+    ) -> None:
         super().__init__()
         check_format(mode, group_size)
         if len(shape) < 2:
@@ -54,8 +61,14 @@ class QuantizedWeight(nn.Module):
         return self.matrix_shape[-2]
 
     @classmethod
-    def from_tensor(cls, weight: Tensor, mode: str, group_size: int = 128, transposed: bool = False,
-                    dtype: torch.dtype | None = None) -> QuantizedWeight:
+    def from_tensor(
+        cls,
+        weight: Tensor,
+        mode: str,
+        group_size: int = 128,
+        transposed: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> QuantizedWeight:
         """Quantize `weight`; scales in `dtype` (default the weight's), buffers on the weight's device."""
         module = cls(tuple(weight.shape), mode, group_size, dtype or weight.dtype, "meta", transposed)
         return module.quantize_(weight)
@@ -69,8 +82,9 @@ class QuantizedWeight(nn.Module):
         expected = self.shape if index is None else self.shape[1:]
         if tuple(weight.shape) != expected or (index is not None and not 0 <= index < self.shape[0]):
             where = "" if index is None else f" at index {index} of {self.shape[0]}"
-            raise ValueError(f"cannot quantize a tensor of shape {tuple(weight.shape)}{where} into a weight of "
-                             f"shape {self.shape}")
+            raise ValueError(
+                f"cannot quantize a tensor of shape {tuple(weight.shape)}{where} into a weight of shape {self.shape}"
+            )
         if not weight.is_floating_point():
             raise TypeError(f"expected a floating-point weight to quantize, got {weight.dtype}")
         device = weight.device if self.codes.is_meta else self.codes.device

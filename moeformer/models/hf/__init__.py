@@ -7,7 +7,8 @@ from moeformer.models.hf import deepseek_v3, llama, mixtral, olmoe, qwen2_moe, q
 from moeformer.models.hf.common import Family, Layout, TensorMap
 
 FAMILIES: dict[str, Family] = {
-    t: module.FAMILY for module in (llama, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
+    t: module.FAMILY
+    for module in (llama, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
     for t in module.FAMILY.model_types
 }
 

@@ -201,8 +201,17 @@ def base_config(hf: dict[str, Any]) -> dict[str, Any]:
 
 # Keys of an imported config.json that are dropped on export: derived from other fields, or alternative spellings
 # of the expert count that would shadow the one the family writes.
-STALE_KEYS = ("layer_types", "num_local_experts", "num_experts", "n_routed_experts", "transformers_version",
-              "_name_or_path", "dtype", "torch_dtype", "quantization_config")
+STALE_KEYS = (
+    "layer_types",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+)
 
 
 def base_to_hf(config: ModelConfig, family: Family, **fields: Any) -> dict[str, Any]:
@@ -297,14 +306,20 @@ def moe_maps(
     per_expert = lambda name: tuple(f"{hf}.experts.{e}.{name}.weight" for e in range(E))  # noqa: E731
     maps = [
         copy(f"{ours}.router.weight", *dict.fromkeys((f"{hf}.gate.weight", f"{fused_hf}.gate.weight"))),
-        TensorMap(f"{ours}.experts.w_in", (
-            Layout(per_expert(gate) + per_expert(up), "experts_in"),
-            Layout((f"{fused_hf}.experts.gate_up_proj",), "experts_in_fused"),
-        )),
-        TensorMap(f"{ours}.experts.w_out", (
-            Layout(per_expert(down), "experts_out"),
-            Layout((f"{fused_hf}.experts.down_proj",), "experts_out_fused"),
-        )),
+        TensorMap(
+            f"{ours}.experts.w_in",
+            (
+                Layout(per_expert(gate) + per_expert(up), "experts_in"),
+                Layout((f"{fused_hf}.experts.gate_up_proj",), "experts_in_fused"),
+            ),
+        ),
+        TensorMap(
+            f"{ours}.experts.w_out",
+            (
+                Layout(per_expert(down), "experts_out"),
+                Layout((f"{fused_hf}.experts.down_proj",), "experts_out_fused"),
+            ),
+        ),
     ]
     if moe.router_bias:
         maps.append(copy(f"{ours}.router.expert_bias", f"{hf}.gate.e_score_correction_bias"))
@@ -317,8 +332,11 @@ def moe_maps(
     return maps
 
 
-def llama_like_maps(config: ModelConfig, moe_kwargs: dict[str, Any] | None = None,
-                    attention: Callable[[ModelConfig, int], list[TensorMap]] = attention_maps) -> list[TensorMap]:
+def llama_like_maps(
+    config: ModelConfig,
+    moe_kwargs: dict[str, Any] | None = None,
+    attention: Callable[[ModelConfig, int], list[TensorMap]] = attention_maps,
+) -> list[TensorMap]:
     """Every tensor of a Llama-style decoder whose MoE blocks follow `moe_maps(**moe_kwargs)`."""
     maps = norm_maps(config)
     for i in range(config.n_layers):

@@ -53,8 +53,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
     base = base_config(hf)
     base.update(n_kv_heads=base["n_heads"], head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
-    return ModelConfig(**base, attention_types=["mla"], mla=mla, moe=moe,
-                       first_k_dense=hf.get("first_k_dense_replace") or 0)
+    return ModelConfig(
+        **base, attention_types=["mla"], mla=mla, moe=moe, first_k_dense=hf.get("first_k_dense_replace") or 0
+    )
 
 
 def rope_interleaved(config: ModelConfig) -> bool:
@@ -70,14 +71,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         raise ValueError("HF DeepSeek places MoE in every layer from first_k_dense on, without MLP bias")
     v3 = moe.router == "sigmoid"
     if v3 != moe.router_bias or (not v3 and moe.norm_topk_prob):
-        raise ValueError("HF DeepSeek-V3 is sigmoid routing with a selection bias; V2 softmax without bias or "
-                         "renormalised top-k weights")
+        raise ValueError(
+            "HF DeepSeek-V3 is sigmoid routing with a selection bias; V2 softmax without bias or "
+            "renormalised top-k weights"
+        )
     if moe.shared_expert_gate or (moe.num_shared_experts and moe.shared_hidden != moe.ffn_dim * moe.num_shared_experts):
         raise ValueError("HF DeepSeek shared experts are ungated and n_shared_experts * moe_intermediate_size wide")
     model_type = "deepseek_v3" if v3 else "deepseek_v2"
     grouped = moe.num_groups > 1
     return base_to_hf(
-        config, FAMILY,
+        config,
+        FAMILY,
         model_type=model_type,
         architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         num_key_value_heads=config.n_heads,
@@ -141,5 +145,6 @@ def ignore(name: str, config: ModelConfig) -> bool:
     return match is not None and int(match.group(1)) >= config.n_layers
 
 
-FAMILY = Family(("deepseek_v3", "deepseek_v2"), "DeepseekV3ForCausalLM", config_from_hf, config_to_hf, tensor_maps,
-                ignore)
+FAMILY = Family(
+    ("deepseek_v3", "deepseek_v2"), "DeepseekV3ForCausalLM", config_from_hf, config_to_hf, tensor_maps, ignore
+)

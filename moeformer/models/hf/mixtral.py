@@ -34,8 +34,13 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.qk_norm or config.attn_bias:
         raise ValueError("HF 'mixtral' has no qk-norm and no q/k/v bias")
     return base_to_hf(
-        config, FAMILY, intermediate_size=moe.ffn_dim, num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef, sliding_window=config.sliding_window,
+        config,
+        FAMILY,
+        intermediate_size=moe.ffn_dim,
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        router_aux_loss_coef=moe.aux_loss_coef,
+        sliding_window=config.sliding_window,
     )
 
 

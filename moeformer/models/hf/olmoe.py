@@ -34,8 +34,14 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.moe_layers is not None or config.first_k_dense or config.moe_every != 1:
         raise ValueError("HF 'olmoe' has a MoE in every layer")
     return base_to_hf(
-        config, FAMILY, intermediate_size=moe.ffn_dim, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-        norm_topk_prob=moe.norm_topk_prob, router_aux_loss_coef=moe.aux_loss_coef, clip_qkv=None,
+        config,
+        FAMILY,
+        intermediate_size=moe.ffn_dim,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.norm_topk_prob,
+        router_aux_loss_coef=moe.aux_loss_coef,
+        clip_qkv=None,
         attention_bias=False,
     )
 

@@ -40,10 +40,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         raise ValueError("HF 'qwen2_moe' has q/k/v bias and no qk-norm, sliding window or MLP bias")
     moe_layers = [i for i in range(config.n_layers) if config.is_moe_layer(i)]
     return base_to_hf(
-        config, FAMILY, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-        moe_intermediate_size=moe.ffn_dim, shared_expert_intermediate_size=moe.shared_hidden,
-        norm_topk_prob=moe.norm_topk_prob, router_aux_loss_coef=moe.aux_loss_coef, qkv_bias=True,
-        decoder_sparse_step=1, mlp_only_layers=[i for i in range(config.n_layers) if i not in moe_layers],
+        config,
+        FAMILY,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.ffn_dim,
+        shared_expert_intermediate_size=moe.shared_hidden,
+        norm_topk_prob=moe.norm_topk_prob,
+        router_aux_loss_coef=moe.aux_loss_coef,
+        qkv_bias=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(config.n_layers) if i not in moe_layers],
         use_sliding_window=False,
     )
 

@@ -22,8 +22,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError("Qwen3-MoE use_sliding_window=True (per-layer windows) is not supported")
     base = base_config(hf)
     moe_layers = moe_layers_from_hf(base["n_layers"], hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or [])
-    return ModelConfig(**base, attn_bias=bool(hf.get("attention_bias", False)), qk_norm="head", moe=moe,
-                       moe_layers=moe_layers)
+    return ModelConfig(
+        **base, attn_bias=bool(hf.get("attention_bias", False)), qk_norm="head", moe=moe, moe_layers=moe_layers
+    )
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -34,10 +35,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         raise ValueError("HF 'qwen3_moe' has per-head qk-norm and no sliding window or MLP bias")
     moe_layers = [i for i in range(config.n_layers) if config.is_moe_layer(i)]
     return base_to_hf(
-        config, FAMILY, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-        moe_intermediate_size=moe.ffn_dim, norm_topk_prob=moe.norm_topk_prob,
-        router_aux_loss_coef=moe.aux_loss_coef, attention_bias=config.attn_bias, decoder_sparse_step=1,
-        mlp_only_layers=[i for i in range(config.n_layers) if i not in moe_layers], use_sliding_window=False,
+        config,
+        FAMILY,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.ffn_dim,
+        norm_topk_prob=moe.norm_topk_prob,
+        router_aux_loss_coef=moe.aux_loss_coef,
+        attention_bias=config.attn_bias,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(config.n_layers) if i not in moe_layers],
+        use_sliding_window=False,
     )
 
 
