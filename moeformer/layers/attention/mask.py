@@ -128,8 +128,12 @@ class AttentionMask:
             return t.index_select(1, self.q_offset + torch.arange(q_len, device=t.device))
         return t[:, self.q_offset : self.q_offset + q_len]
 
-    def memoised(self, key: Hashable, build: Callable[[], T]) -> T:
-        """Build a derived mask once per AttentionMask (all layers of a forward share it)."""
+    def memoised(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
+        """Build a derived mask once per AttentionMask (all layers of a forward share it). A key holding symbolic
+        sizes (a graph compiled for dynamic shapes) is built at each use: torch.compile cannot look such a key up."""
+        sizes = [p for part in key for p in ((part.start, part.stop) if isinstance(part, range) else (part,))]
+        if any(isinstance(size, torch.SymInt) for size in sizes):
+            return build()
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
