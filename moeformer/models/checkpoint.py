@@ -31,7 +31,7 @@ from torch import nn
 from moeformer.errors import CheckpointError, CheckpointNotFoundError, ConfigError, write_error
 from moeformer.layers.quant import QuantizedWeight, check_format
 from moeformer.models.config import ModelConfig
-from moeformer.models.hf import family_for_config, get_family
+from moeformer.models.hf import Family, family_for_config, get_family
 from moeformer.models.hf.common import TensorMap, copy, fill_from_hf, source_shapes, to_hf
 from moeformer.models.quantize import build_quantized, quantized_weights
 from moeformer.safe_files import confined
@@ -291,10 +291,16 @@ def _native_maps(config: ModelConfig, keys: list[str]) -> list[TensorMap]:
     return [copy(k, k) for k in keys if not (config.tie_embeddings and k == "lm_head.weight")]
 
 
-def _read_config(
-    model_class: type[nn.Module], directory: Path, roots: tuple[Path, ...] = ()
-) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
-    """The model config, its tensor maps and the predicate of checkpoint tensors to skip."""
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint directory (Hugging Face config.json or native config.yaml), weights unread."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist")
+    return _config_and_family(directory, hub_blobs(directory))[0]
+
+
+def _config_and_family(directory: Path, roots: tuple[Path, ...] = ()) -> tuple[ModelConfig, Family | None]:
+    """The model config of a checkpoint directory and its Hugging Face family (None: a native checkpoint)."""
     hf_path, native_path = (confined(directory, name, roots) for name in (HF_CONFIG, NATIVE_CONFIG))
     if hf_path.is_file():
         try:
@@ -302,21 +308,29 @@ def _read_config(
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{hf_path} is not valid JSON: {e}") from e
         family = get_family(hf.get("model_type"))
-        config = family.config_from_hf(hf)
-        tied = config.tie_embeddings
-        skip = lambda n: family.ignore(n, config) or (tied and n == "lm_head.weight")  # noqa: E731
-        return config, family.tensor_maps(config), skip
+        return family.config_from_hf(hf), family
     if native_path.is_file():
         try:
-            config = ModelConfig.from_yaml(native_path)
+            return ModelConfig.from_yaml(native_path), None
         except yaml.YAMLError as e:
             raise CheckpointError(f"{native_path} is not valid YAML: {e}") from e
         except ConfigError as e:  # its message names the file
             raise CheckpointError(str(e)) from e
-        with torch.device("meta"):
-            keys = list(model_class(config).state_dict())
-        return config, _native_maps(config, keys), lambda n: False
     raise CheckpointNotFoundError(f"{directory} has neither {HF_CONFIG} (Hugging Face) nor {NATIVE_CONFIG} (moeformer)")
+
+
+def _read_config(
+    model_class: type[nn.Module], directory: Path, roots: tuple[Path, ...] = ()
+) -> tuple[ModelConfig, list[TensorMap], Callable[[str], bool]]:
+    """The model config, its tensor maps and the predicate of checkpoint tensors to skip."""
+    config, family = _config_and_family(directory, roots)
+    if family is not None:
+        tied = config.tie_embeddings
+        skip = lambda n: family.ignore(n, config) or (tied and n == "lm_head.weight")  # noqa: E731
+        return config, family.tensor_maps(config), skip
+    with torch.device("meta"):
+        keys = list(model_class(config).state_dict())
+    return config, _native_maps(config, keys), lambda n: False
 
 
 def _kind(dtype: torch.dtype) -> str:

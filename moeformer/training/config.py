@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from moeformer.errors import ConfigError, ResumeConfigError
+from moeformer.models.checkpoint import read_model_config
 from moeformer.models.config import ModelConfig, check_value
+from moeformer.models.model import CausalLM
 from moeformer.parallel.config import ParallelConfig
 from moeformer.safe_files import write_atomic
 from moeformer.training.distill import DistillConfig
@@ -185,17 +188,21 @@ class RunConfig:
         return self.model.get("init_from")
 
     def model_config(self) -> ModelConfig:
-        """The zoo model named by `model.name` with the other `model.*` keys applied as overrides."""
+        """The zoo model named by `model.name` with the other `model.*` keys applied as overrides; with
+        `model.init_from`, the checkpoint's own config instead (`name` is then not needed), where the overrides may
+        change nothing that shapes a tensor (backends, loss coefficients, max_seq_len...): a clear error otherwise."""
         overrides = dict(self.model)
         name = overrides.pop("name", None)
-        overrides.pop("init_from", None)
+        init_from = overrides.pop("init_from", None)
         valid = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(overrides) - valid)
         if unknown:
             raise KeyError(f"unknown config key 'model.{unknown[0]}'; valid keys in model: {', '.join(sorted(valid))}")
-        if not isinstance(name, str):
+        if init_from is None and not isinstance(name, str):
             raise KeyError("the model section needs `name`: a zoo model such as tiny-moe")
         try:
+            if init_from is not None:
+                return _checkpoint_config(init_from, overrides)
             return ModelConfig.from_name(name, **overrides)
         except ConfigError:
             raise
@@ -208,6 +215,24 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         """Write as YAML, atomically (a kill never leaves half a config)."""
         write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _checkpoint_config(path: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The config of checkpoint `path` with `overrides` applied, which must leave every tensor's shape as it is."""
+    base = read_model_config(path)
+    config = base.replace(**overrides)
+    with torch.device("meta"):
+        ours, theirs = CausalLM(config).state_dict(), CausalLM(base).state_dict()
+    changed = sorted(
+        k for k in ours.keys() | theirs.keys() if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
+    )
+    if changed:
+        raise ConfigError(
+            f"model.init_from {path}: the model section's overrides ({', '.join(sorted(overrides))}) "
+            f"change the checkpoint's tensors ({len(changed)}, e.g. {changed[0]}); with init_from the "
+            "checkpoint defines the architecture: override only what keeps its shapes"
+        )
+    return config
 
 
 # ---- resuming ---------------------------------------------------------------------------------------------------
