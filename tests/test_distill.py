@@ -19,8 +19,8 @@ from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
 from moeformer.training.config import load_config
-from moeformer.training.data import TokenDataset, prepare_corpus
-from moeformer.training.distill import DistillConfig, Distiller, check_same_tokenizer
+from moeformer.training.data import TokenDataset, check_same_tokenizer, prepare_corpus
+from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.metrics import read_metrics
 from tests.test_train_distributed import _free_port
 from tests.workers import REPO, worker_env
@@ -141,9 +141,9 @@ def test_teacher_checks_name_the_mismatch(corpus, tmp_path):
     meta = json.loads((corpus / "data" / "meta.json").read_text())
     (tmp_path / "t" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe", "vocab_size": 4096}))
     with pytest.raises(ValueError, match="trained with another tokenizer than the data .*: tokenizer 'bpe' vs 'byte'"):
-        check_same_tokenizer(tmp_path / "t", corpus / "data")
+        check_same_tokenizer(tmp_path / "t", corpus / "data", "teacher")
     (tmp_path / "t" / "meta.json").write_text(json.dumps(meta))
-    check_same_tokenizer(tmp_path / "t", corpus / "data")
+    check_same_tokenizer(tmp_path / "t", corpus / "data", "teacher")
     student = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4)
     with pytest.raises(ValueError, match="has vocab_size 258, the student 300"):
         Distiller(DistillConfig(str(tmp_path / "t")), student, corpus / "data", torch.device("cpu"), 64)

@@ -124,3 +124,68 @@ def test_first_loss_is_transformers_loss_on_the_same_batches(setup, tmp_path, np
     want = transformers_loss(hf, load_config(None, settings), nproc)
     # fp32, the same weights and tokens; the forwards differ in summation order only
     assert abs(first["ce_loss"] - want) <= 1e-4 * want
+
+
+def test_hf_tokenizer_data_trains_and_exports_a_directory_transformers_loads(setup, tmp_path):
+    """Data tokenized with the checkpoint's own tokenizer.json: the run starts, and its Hugging Face export holds the
+    tokenizer files, loads in transformers as it is and gives our logits; a byte corpus is refused in one line."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moeformer.models.model import from_pretrained
+    from moeformer.training.tokenizer import PretrainedTokenizer
+    from moeformer.training.user_data import prepare_user_data
+
+    hf, byte_data = setup
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    for file in hf.iterdir():
+        (model_dir / file.name).write_bytes(file.read_bytes())
+    texts = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=258,
+            special_tokens=["</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t[i : i + 400]}) + "\n" for t in texts for i in range(0, 4000, 400)))
+    prepare_user_data(
+        tmp_path / "data", [str(corpus)], "jsonl", PretrainedTokenizer(model_dir), val_fraction=0.3, progress=False
+    )
+
+    def train(data: Path, export: str) -> subprocess.CompletedProcess:
+        settings = overrides(tmp_path / f"run-{export}", model_dir, data, **{"checkpoint.export": export})
+        flags = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "train.py"), *flags],
+            capture_output=True,
+            text=True,
+            env=worker_env(OMP_NUM_THREADS="1"),
+            timeout=300,
+            check=False,
+        )
+
+    refused = train(byte_data, "none")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "has its own tokenizer.json, the data" in refused.stderr.strip().splitlines()[-1]
+
+    proc = train(tmp_path / "data", "hf")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    export = tmp_path / "run-hf" / "model"
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {p.name for p in export.iterdir()}
+    ids = transformers.AutoTokenizer.from_pretrained(export)("def f(x):\n    return x")["input_ids"]
+    assert ids == tok.encode("def f(x):\n    return x").ids
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager").eval()
+    ours = from_pretrained(export)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # fp32, summation order only

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from moeformer.layers.lm_head import IGNORE_INDEX
-from moeformer.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from moeformer.training.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -223,6 +223,41 @@ def load_meta(data_dir: str | Path) -> dict:
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta.get('version')}, this code reads version {FORMAT_VERSION}")
     return meta
+
+
+def check_same_tokenizer(model_dir: str | Path, data_dir: str | Path, what: str) -> None:
+    """Refuse a model directory (`what`: "teacher", "model.init_from checkpoint") whose recorded tokenizer (the
+    meta.json an export copies beside the model, or a Hugging Face tokenizer.json) differs from the data's; a
+    directory that records none is not checked."""
+    model_dir, data = Path(model_dir), load_meta(data_dir)
+    if (model_dir / META_FILE).is_file():
+        meta = json.loads((model_dir / META_FILE).read_text())
+        for key in ("tokenizer", "vocab_size", "eos_id"):
+            if meta.get(key) != data.get(key):
+                raise ValueError(
+                    f"the {what} {model_dir} was trained with another tokenizer than the data {data_dir}: "
+                    f"{key} {meta.get(key)!r} vs {data.get(key)!r}"
+                )
+    if not (model_dir / TOKENIZER_FILE).is_file():
+        return
+    if not (Path(data_dir) / TOKENIZER_FILE).is_file():
+        raise ValueError(
+            f"the {what} {model_dir} has its own {TOKENIZER_FILE}, the data {data_dir} uses the "
+            f"{data.get('tokenizer')} tokenizer: tokenize the data with the model's tokenizer "
+            f"(scripts/prepare_data.py --tokenizer {model_dir})"
+        )
+    if _vocabulary(model_dir) != _vocabulary(Path(data_dir)):
+        raise ValueError(
+            f"the {what}'s {model_dir / TOKENIZER_FILE} and the data's {Path(data_dir) / TOKENIZER_FILE} "
+            "are different tokenizers: the model and its data must share one"
+        )
+
+
+def _vocabulary(directory: Path) -> dict[str, int]:
+    """The token -> id map of the tokenizer.json in `directory`."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(directory / TOKENIZER_FILE)).get_vocab()
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -13,7 +13,6 @@ out of both."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,7 @@ from moeformer.errors import ConfigError
 from moeformer.layers.lm_head import linear_distill_loss
 from moeformer.models.config import ModelConfig, check_value
 from moeformer.models.model import CausalLM, CausalLMOutput, from_pretrained
-from moeformer.training.data import META_FILE, load_meta
-from moeformer.training.tokenizer import TOKENIZER_FILE
+from moeformer.training.data import check_same_tokenizer
 
 
 @dataclass
@@ -79,48 +77,10 @@ def capture_final_hidden(model: CausalLM):
         handle.remove()
 
 
-def _vocabulary(directory: Path) -> dict[str, int] | None:
-    """The token -> id map of the tokenizer.json in `directory`, None without one."""
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path)).get_vocab()
-
-
-def check_same_tokenizer(teacher_dir: str | Path, data_dir: str | Path) -> None:
-    """Refuse a teacher whose recorded tokenizer (the meta.json an export copies beside the model, or a Hugging Face
-    tokenizer.json) differs from the training data's; a teacher directory that records none is not checked."""
-    teacher_dir, data = Path(teacher_dir), load_meta(data_dir)
-    if (teacher_dir / META_FILE).is_file():
-        meta = json.loads((teacher_dir / META_FILE).read_text())
-        for key in ("tokenizer", "vocab_size", "eos_id"):
-            if meta.get(key) != data.get(key):
-                raise ValueError(
-                    f"the teacher {teacher_dir} was trained with another tokenizer than the data "
-                    f"{data_dir}: {key} {meta.get(key)!r} vs {data.get(key)!r}"
-                )
-    if data.get("tokenizer") == "byte":
-        if (teacher_dir / TOKENIZER_FILE).is_file() and not (teacher_dir / META_FILE).is_file():
-            raise ValueError(
-                f"the teacher {teacher_dir} has its own {TOKENIZER_FILE}, the data {data_dir} uses the "
-                "byte tokenizer: teacher and student must share a tokenizer"
-            )
-        return
-    theirs, ours = _vocabulary(teacher_dir), _vocabulary(Path(data_dir))
-    if theirs is not None and ours is not None and theirs != ours:
-        raise ValueError(
-            f"the teacher's {teacher_dir / TOKENIZER_FILE} and the data's "
-            f"{Path(data_dir) / TOKENIZER_FILE} are different tokenizers: teacher and student must share "
-            "a tokenizer"
-        )
-
-
 def load_teacher(path: str | Path, student: ModelConfig, data_dir: str | Path, device: torch.device) -> CausalLM:
     """The frozen teacher in eval mode (bf16 on CUDA, fp32 on CPU), checked against the student's vocabulary and the
     data's tokenizer."""
-    check_same_tokenizer(path, data_dir)
+    check_same_tokenizer(path, data_dir, "teacher")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = from_pretrained(path, dtype=dtype, device=device)
     if teacher.config.vocab_size != student.vocab_size:

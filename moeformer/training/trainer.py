@@ -43,7 +43,7 @@ from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, 
 from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.config import RunConfig, resume_changes, run_identity
-from moeformer.training.data import ShardedBatches, TokenDataset, dataset_facts, load_meta
+from moeformer.training.data import ShardedBatches, TokenDataset, check_same_tokenizer, dataset_facts, load_meta
 from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.init_from import load_weights
 from moeformer.training.metrics import (
@@ -311,6 +311,8 @@ class Trainer:
                 f"the data's tokenizer has {meta['vocab_size']} ids but model.vocab_size is "
                 f"{self.model_config.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
             )
+        if config.init_from is not None:
+            check_same_tokenizer(config.init_from, config.data.dir, "model.init_from checkpoint")
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.checkpoint.keep_last)
         resume_from = self.checkpoints.resolve(config.checkpoint.resume)  # before the slow set-up: fail early
         if resume_from is None and self.checkpoints.complete_checkpoints():
