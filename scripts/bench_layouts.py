@@ -19,13 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from moeformer.parallel.groups import free_port
 
 LAYOUTS = {  # name -> (processes, parallel overrides)
     "one": (1, {}),
@@ -60,12 +61,6 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
     if trainer.rank == 0:
         (Path(config.out_dir) / "host_syncs.json").write_text(json.dumps(counted))
     shutdown_distributed()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict | None:

@@ -18,11 +18,11 @@ from moeformer.layers.lm_head import IGNORE_INDEX, distill_loss_reference, linea
 from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
+from moeformer.parallel.groups import free_port
 from moeformer.training.config import load_config
 from moeformer.training.data import TokenDataset, check_same_tokenizer, prepare_corpus
 from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.metrics import read_metrics
-from tests.test_train_distributed import _free_port
 from tests.workers import REPO, worker_env
 
 
@@ -202,7 +202,7 @@ def test_trainer_runs_with_distillation_and_logs_the_kl(corpus, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     proc = subprocess.run(
         [*torchrun, str(REPO / "scripts" / "train.py"), *overrides],

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeformer.parallel.groups import free_port
 from tests.numerics import BF16_RTOL, FP32_RTOL, GRAD_RTOL, assert_curves_agree
 from tests.workers import REPO, worker_env
 
@@ -624,7 +625,7 @@ def launch(scenario: str, nproc: int, out: Path, gpus: bool = False) -> dict:
         "--nproc_per_node",
         str(nproc),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         __file__,
         scenario,
         str(out),
@@ -633,14 +634,6 @@ def launch(scenario: str, nproc: int, out: Path, gpus: bool = False) -> dict:
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"{scenario} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeformer.parallel.groups import free_port
 from tests.test_parallel import (
-    _free_port,
     assert_expert_layer,
     assert_expert_parallel_moe_layer,
     assert_layout,
@@ -88,7 +88,7 @@ def test_pipeline_lets_compiled_flex_attention_backpropagate_twice(monkeypatch):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }.items():
         monkeypatch.setenv(name, value)  # a world of one, without leaving it in this process's environment
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moeformer import ModelConfig, build_model
+from moeformer.parallel.groups import free_port
 from moeformer.serving import Engine, SamplingParams
 from tests.test_generation import VOCAB, gpu, needs_cuda, tiny
 
@@ -453,7 +454,6 @@ def rank_worker(out: Path) -> None:
 
 
 def launch_ranks(out: Path, gpus: bool) -> dict:
-    from tests.test_parallel import _free_port
     from tests.workers import REPO, worker_env
 
     env = worker_env(OMP_NUM_THREADS="1", **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""}))
@@ -464,7 +464,7 @@ def launch_ranks(out: Path, gpus: bool) -> dict:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         __file__,
         str(out),
     ]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeformer.parallel.groups import free_port
 from tests.numerics import BF16_RTOL, FP32_RTOL, assert_adamw_weights_agree, assert_curves_agree, trained_loss_bound
 from tests.workers import REPO, worker_env
 
@@ -463,20 +464,12 @@ def launch(scenario: str, work: Path, nproc: int) -> subprocess.Popen:
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             __file__,
             scenario,
             str(work),
         ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_tree(pid: int) -> None:

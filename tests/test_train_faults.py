@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from moeformer.parallel.groups import free_port
 from tests.workers import worker_env
 
 SEED, KILLS = 14, 20
@@ -152,9 +153,8 @@ def run_segment(
     work: Path, name: str, resume: bool, order: list[str], kill_at: int | None, kill_ranks: list[int], log: Path
 ) -> dict:
     """Fork the two ranks of a segment; when one dies, kill the other. Returns how each rank ended."""
-    from tests.test_train_distributed import _free_port
 
-    port = _free_port()
+    port = free_port()
     ranks = {}
     for rank in (0, 1):
         pid = os.fork()
