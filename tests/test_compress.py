@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from moeformer.training.data import TokenDataset, prepare_corpus
 from moeformer.training.init_from import load_weights
 from tests.test_hf_checkpoint import tiny_model as tiny
 from tests.test_scripts import script
-from tests.workers import REPO, worker_env
+from tests.workers import REPO, run_train
 
 
 def ids(vocab: int = 64, batch: int = 3, seq: int = 16, seed: int = 1) -> torch.Tensor:
@@ -368,14 +366,7 @@ def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(sour
         f"--model.init_from={tmp_path / 'pruned'}",
         *(f"--model.{k}={json.dumps(v)}" for k, v in model.items()),
     ]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *overrides],
-        capture_output=True,
-        text=True,
-        env=worker_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-        check=False,
-    )
+    proc = run_train(overrides)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     trained = from_pretrained(tmp_path / "run" / "model").state_dict()
     for name, value in pruned.state_dict().items():

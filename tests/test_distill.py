@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,12 +16,11 @@ from moeformer.layers.lm_head import IGNORE_INDEX, distill_loss_reference, linea
 from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM
-from moeformer.parallel.groups import free_port
 from moeformer.training.config import load_config
 from moeformer.training.data import TokenDataset, check_same_tokenizer, prepare_corpus
 from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.metrics import read_metrics
-from tests.workers import REPO, worker_env
+from tests.workers import run_train
 
 
 @pytest.mark.parametrize(
@@ -195,23 +192,7 @@ def test_trainer_runs_with_distillation_and_logs_the_kl(corpus, tmp_path):
         "--model.max_seq_len=64",
         f"--train.distill={{teacher: {tmp_path / 'teacher'}, alpha: 0.7, temperature: 2.0}}",
     ]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    proc = subprocess.run(
-        [*torchrun, str(REPO / "scripts" / "train.py"), *overrides],
-        capture_output=True,
-        text=True,
-        env=worker_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-        check=False,
-    )
+    proc = run_train(overrides, nproc=2)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert len(train) == 3

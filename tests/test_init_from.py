@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from moeformer.errors import ConfigError
 from moeformer.models.checkpoint import read_model_config
 from moeformer.training.config import load_config
 from moeformer.training.data import ShardedBatches, TokenDataset, prepare_corpus
-from tests.workers import REPO, worker_env
+from tests.workers import run_train
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,6 +66,11 @@ def overrides(run: Path, hf: Path, data: Path, **extra) -> dict:
     }
 
 
+def as_flags(settings: dict) -> list[str]:
+    """Dotted settings as scripts/train.py's command-line overrides (values as YAML, strings as they are)."""
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in settings.items()]
+
+
 def test_model_section_comes_from_the_checkpoint(setup, tmp_path):
     hf, data = setup
     config = load_config(None, overrides(tmp_path, hf, data, **{"model.moe.aux_loss_coef": 0.0}))
@@ -108,16 +112,7 @@ def transformers_loss(hf: Path, config, world: int) -> float:
 def test_first_loss_is_transformers_loss_on_the_same_batches(setup, tmp_path, nproc, layout):
     hf, data = setup
     settings = overrides(tmp_path / "run", hf, data, **layout)
-    flags = [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in settings.items()]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    proc = subprocess.run(
-        [*(launcher if nproc > 1 else [sys.executable]), str(REPO / "scripts" / "train.py"), *flags],
-        capture_output=True,
-        text=True,
-        env=worker_env(OMP_NUM_THREADS="1"),
-        timeout=300,
-        check=False,
-    )
+    proc = run_train(as_flags(settings), nproc)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if r.get("step") == 1 and r.get("split") == "train")
@@ -163,15 +158,7 @@ def test_hf_tokenizer_data_trains_and_exports_a_directory_transformers_loads(set
 
     def train(data: Path, export: str) -> subprocess.CompletedProcess:
         settings = overrides(tmp_path / f"run-{export}", model_dir, data, **{"checkpoint.export": export})
-        flags = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
-        return subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "train.py"), *flags],
-            capture_output=True,
-            text=True,
-            env=worker_env(OMP_NUM_THREADS="1"),
-            timeout=300,
-            check=False,
-        )
+        return run_train(as_flags(settings))
 
     refused = train(byte_data, "none")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
