@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,21 @@ def confined(directory: Path, name: str | os.PathLike, roots: Iterable[Path] = (
             f"{directory / name} resolves to {path}, outside the checkpoint directory; refusing to read it"
         )
     return path
+
+
+def copy_confined(src: Path, dst: Path, names: Iterable[str], roots: Iterable[Path] = ()) -> list[str]:
+    """Copy the files `names` of directory `src` that exist into `dst`, each only if it resolves inside `src` (or
+    `roots`): a name or symlink leading elsewhere is skipped, never read. Returns the names copied."""
+    copied = []
+    for name in names:
+        try:
+            path = confined(Path(src), name, roots)
+        except CheckpointError:
+            continue
+        if path.is_file():
+            shutil.copyfile(path, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def pickle_allow_list() -> list[type]:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moeformer.errors import CheckpointError, reported_errors
+from moeformer.errors import reported_errors
 from moeformer.models.checkpoint import HF_CONFIG, INDEX_FILE, NATIVE_CONFIG, hub_blobs, save_pretrained
 from moeformer.models.compress import CRITERIA, check_prunable, expert_usage, plan_pruning, prune_experts
 from moeformer.models.model import from_pretrained
-from moeformer.safe_files import confined
+from moeformer.safe_files import copy_confined
 from moeformer.training.data import TokenDataset
 
 PLAN_FILE = "pruning.json"
@@ -72,18 +71,8 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     into `dst`; returns their names. Symlinks are followed only within `src` (or a Hugging Face hub cache's blobs):
     one leading elsewhere is not copied."""
     owned = {HF_CONFIG, NATIVE_CONFIG, INDEX_FILE, PLAN_FILE}
-    copied = []
-    for entry in sorted(src.iterdir()):
-        if entry.name in owned or entry.suffix == ".safetensors":
-            continue
-        try:
-            path = confined(src, entry.name, hub_blobs(src))
-        except CheckpointError:
-            continue
-        if path.is_file():
-            shutil.copyfile(path, dst / entry.name)
-            copied.append(entry.name)
-    return copied
+    names = [e.name for e in sorted(src.iterdir()) if e.name not in owned and e.suffix != ".safetensors"]
+    return copy_confined(src, dst, names, hub_blobs(src))
 
 
 def main(argv: list[str] | None = None) -> dict:

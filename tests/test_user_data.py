@@ -202,3 +202,17 @@ def test_a_tokenizer_without_an_eos_asks_for_one(tmp_path, tokenizer_dir):
     assert (
         PretrainedTokenizer(tmp_path / "tokenizer.json", eos_token=EOS).eos_id == direct_tokens(tokenizer_dir, EOS)[0]
     )
+
+
+def test_tokenizer_files_travel_only_from_inside_their_directory(tmp_path, tokenizer_dir):
+    from moeformer.training.tokenizer import copy_tokenizer_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (tmp_path / "secret").write_text("not a tokenizer")
+    (src / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (src / "tokenizer_config.json").symlink_to(src / "tokenizer.json")  # inside: followed
+    (src / "meta.json").symlink_to(tmp_path / "secret")  # outside: never read
+    assert copy_tokenizer_files(src, dst) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]

@@ -6,12 +6,13 @@ Both reserve two special ids, `eos_id` (ends a document) and `bos_id` (free for 
 from __future__ import annotations
 
 import json
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from moeformer.safe_files import copy_confined
 
 TOKENIZER_FILE = "tokenizer.json"
 # what a model directory holds besides its weights for the tokenizer to be rebuilt (ours: meta.json + tokenizer.json;
@@ -202,12 +203,9 @@ class PretrainedTokenizer(Tokenizer):
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the `TOKENIZER_FILES` that `src` has into `dst` (a derived checkpoint keeps its tokenizer); returns
-    their names."""
-    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
-    for name in copied:
-        shutil.copyfile(Path(src) / name, Path(dst) / name)
-    return copied
+    """Copy the `TOKENIZER_FILES` that `src` has into `dst` (a derived checkpoint keeps its tokenizer), none that
+    leads outside `src`; returns their names."""
+    return copy_confined(Path(src), Path(dst), TOKENIZER_FILES)
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
