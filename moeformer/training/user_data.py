@@ -121,10 +121,19 @@ def train_texts(
     seed: int = 0,
 ) -> Iterator[str]:
     """The texts of the train split (a pair as prompt + response), streamed: what a BPE tokenizer is trained on."""
-    for path in expand_files(files):
-        for index, document in enumerate(read_documents(path, fmt, text_field, prompt_field, response_field)):
-            if document_split(seed, path, index, val_fraction) == "train":
-                yield document if isinstance(document, str) else document[0] + document[1]
+    fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
+    for split, document in split_documents(expand_files(files), fmt, val_fraction, seed, **fields):
+        if split == "train":
+            yield document if isinstance(document, str) else document[0] + document[1]
+
+
+def split_documents(
+    paths: Sequence[Path], fmt: str, val_fraction: float, seed: int, **fields: str | None
+) -> Iterator[tuple[str, Document]]:
+    """Every document of `paths` in order, with the split ("train" or "val") its seeded hash gives it."""
+    for path in paths:
+        for index, document in enumerate(read_documents(path, fmt, **fields)):
+            yield document_split(seed, path, index, val_fraction), document
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -153,8 +162,9 @@ def encode_documents(tokenizer: Tokenizer, documents: list[Document]) -> list[tu
     return out
 
 
-def _encode_in_worker(documents: list[Document]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    return encode_documents(_worker_tokenizer, documents)
+def _encode_in_worker(chunk: tuple[str, list[Document]]) -> tuple[str, list[tuple[np.ndarray, np.ndarray | None]]]:
+    split, documents = chunk
+    return split, encode_documents(_worker_tokenizer, documents)
 
 
 def prepare_user_data(
@@ -183,20 +193,21 @@ def prepare_user_data(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new meta.json lands
-    for name, content in tokenizer.artifacts().items():
+    artifacts = tokenizer.artifacts()
+    for name, content in artifacts.items():
         with atomic_file(out_dir / name) as f:
             f.write(content)
+    fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
 
     def chunks() -> Iterator[tuple[str, list[Document]]]:
-        for path in paths:
-            pending: dict[str, list[Document]] = {s: [] for s in SPLITS}
-            for index, document in enumerate(read_documents(path, fmt, text_field, prompt_field, response_field)):
-                split = document_split(seed, path, index, val_fraction)
-                pending[split].append(document)
-                if len(pending[split]) == CHUNK_DOCS:
-                    yield split, pending[split]
-                    pending[split] = []
-            yield from ((s, docs) for s, docs in pending.items() if docs)
+        """Runs of up to CHUNK_DOCS documents of one split, each split's documents in order."""
+        pending: dict[str, list[Document]] = {s: [] for s in SPLITS}
+        for split, document in split_documents(paths, fmt, val_fraction, seed, **fields):
+            pending[split].append(document)
+            if len(pending[split]) == CHUNK_DOCS:
+                yield split, pending[split]
+                pending[split] = []
+        yield from ((s, docs) for s, docs in pending.items() if docs)
 
     counts = {s: {"tokens": 0, "documents": 0, "loss_tokens": 0} for s in SPLITS}
     with ExitStack() as stack:
@@ -208,21 +219,12 @@ def prepare_user_data(
             else None
         )
         bar = stack.enter_context(tqdm(desc="documents", unit="doc", disable=not progress))
-        work = chunks()
-        splits: list[str] = []
-
-        def documents_only() -> Iterator[list[Document]]:
-            for split, docs in work:
-                splits.append(split)
-                yield docs
-
         results = (
-            pool.imap(_encode_in_worker, documents_only())
+            pool.imap(_encode_in_worker, chunks())
             if pool
-            else (encode_documents(tokenizer, docs) for docs in documents_only())
+            else ((split, encode_documents(tokenizer, docs)) for split, docs in chunks())
         )
-        for index, encoded in enumerate(results):
-            split = splits[index]
+        for split, encoded in results:
             for ids, mask in encoded:
                 outputs[split].write(ids.astype(dtype).tobytes())
                 if instruction:
@@ -241,7 +243,7 @@ def prepare_user_data(
     meta = {
         "version": FORMAT_VERSION,
         "tokenizer": tokenizer.kind,
-        "tokenizer_sha256": {name: hashlib.sha256(c).hexdigest() for name, c in tokenizer.artifacts().items()},
+        "tokenizer_sha256": {name: hashlib.sha256(c).hexdigest() for name, c in artifacts.items()},
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "bos_id": tokenizer.bos_id,
