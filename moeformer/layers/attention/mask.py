@@ -131,9 +131,10 @@ class AttentionMask:
     def memoised(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
         """Build a derived mask once per AttentionMask (all layers of a forward share it). A key holding symbolic
         sizes (a graph compiled for dynamic shapes) is built at each use: torch.compile cannot look such a key up."""
-        sizes = [p for part in key for p in ((part.start, part.stop) if isinstance(part, range) else (part,))]
-        if any(isinstance(size, torch.SymInt) for size in sizes):
-            return build()
+        if torch.compiler.is_compiling():  # sizes are symbolic only while tracing: eager calls skip the scan
+            sizes = [p for part in key for p in ((part.start, part.stop) if isinstance(part, range) else (part,))]
+            if any(isinstance(size, torch.SymInt) for size in sizes):
+                return build()
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
