@@ -15,6 +15,7 @@ from moeformer.errors import ConfigError
 from moeformer.models.checkpoint import read_model_config
 from moeformer.training.config import load_config
 from moeformer.training.data import ShardedBatches, TokenDataset, prepare_corpus
+from tests.test_hf_parity import build_hf
 from tests.workers import run_train
 
 transformers = pytest.importorskip("transformers")
@@ -26,23 +27,17 @@ SEQ, MICRO = 32, 2
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """(a tiny Mixtral written by transformers, with the byte tokenizer's vocabulary; a byte corpus)."""
     root = tmp_path_factory.mktemp("init_from")
-    config = transformers.MixtralConfig(
-        vocab_size=258,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
+    model = build_hf(
+        "mixtral",
+        dict(
+            vocab_size=258,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+        ),
     )
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config)
-    with torch.no_grad():  # norms away from one, so a misplaced tensor shows in the loss
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(root / "hf")
     prepare_corpus(root / "data", tokenizer="byte", max_files=10, val_fraction=0.3)
     return root / "hf", root / "data"

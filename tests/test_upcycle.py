@@ -14,6 +14,7 @@ from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.upcycle import upcycle, upcycled_config
 from tests.numerics import FP32_RTOL
+from tests.test_hf_parity import build_hf
 from tests.test_scripts import script
 
 transformers = pytest.importorskip("transformers")
@@ -86,21 +87,7 @@ def test_errors_name_the_problem():
 
 
 def hf_llama(tmp_path):
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = build_hf("llama", dict(vocab_size=64, num_hidden_layers=2))
     model.save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
     return model
