@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,13 +330,12 @@ def test_init_from_loads_matching_weights_and_names_mismatched_shapes(source, tm
         load_weights(tiny(vocab_size=258, moe={"num_experts": 6, "top_k": 2, "ffn_dim": 16}), source / "model")
 
 
-def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(source, tmp_path):
-    """scripts/train.py with model.init_from: one step at lr 1e-9 (AdamW moves each weight by about the lr) exports
-    the pruned checkpoint's weights."""
+def prune_to_six(source: Path, dst: Path) -> None:
+    """scripts/prune_experts.py: the trained tiny model of `source` to 6 experts, calibrated on one small batch."""
     script("prune_experts").main(
         [
             str(source / "model"),
-            str(tmp_path / "pruned"),
+            str(dst),
             "--keep",
             "6",
             "--calibration",
@@ -348,6 +348,12 @@ def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(sour
             "32",
         ]
     )
+
+
+def test_a_run_initialised_from_a_pruned_checkpoint_starts_from_its_weights(source, tmp_path):
+    """scripts/train.py with model.init_from: one step at lr 1e-9 (AdamW moves each weight by about the lr) exports
+    the pruned checkpoint's weights."""
+    prune_to_six(source, tmp_path / "pruned")
     pruned = from_pretrained(tmp_path / "pruned")
     model = {k: v for k, v in pruned.config.to_dict().items() if k not in ("name", "extra")}
     overrides = [
@@ -391,22 +397,7 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
             str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml"),
         ]
     )
-    script("prune_experts").main(
-        [
-            str(source / "model"),
-            str(tmp_path / "out" / "pruned-6"),
-            "--keep",
-            "6",
-            "--calibration",
-            str(source / "data"),
-            "--batches",
-            "1",
-            "--batch",
-            "2",
-            "--seq-len",
-            "32",
-        ]
-    )
+    prune_to_six(source, tmp_path / "out" / "pruned-6")
     config = load_config(table_script.Driver(args).heal_config(tmp_path / "out" / "pruned-6"))
     assert config.model_config() == from_pretrained(tmp_path / "out" / "pruned-6").config
     assert config.init_from == str(tmp_path / "out" / "pruned-6")
