@@ -199,12 +199,16 @@ def main() -> None:
         if torch.cuda.is_available():
             args.device = f"cuda:{torch.cuda.current_device()}"
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)  # every rank builds the same weights, then keeps its shard
-    model = build_model(config, device=device, dtype=DTYPE_NAMES[args.dtype]).eval()
-    if args.tp > 1 or args.ep > 1:
+    torch.manual_seed(args.seed)
+    if args.tp > 1 or args.ep > 1:  # each rank allocates only its shard, so a model larger than one GPU fits
+        model = build_model(config, device="meta").to(DTYPE_NAMES[args.dtype])
         model, _ = parallelize(model, ParallelConfig(tp=args.tp, ep=args.ep))
+        model.to_empty(device=device).eval()
+        model.init_weights()  # the same draws in the same order on every rank: replicated weights agree
         group = dist.new_group(backend="gloo")
         args.skip_static = True
+    else:
+        model = build_model(config, device=device, dtype=DTYPE_NAMES[args.dtype]).eval()
     vocab = model.config.vocab_size
     requests = workload(args, vocab)
     engine = Engine(

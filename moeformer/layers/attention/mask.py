@@ -129,12 +129,10 @@ class AttentionMask:
         return t[:, self.q_offset : self.q_offset + q_len]
 
     def memoised(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
-        """Build a derived mask once per AttentionMask (all layers of a forward share it). A key holding symbolic
-        sizes (a graph compiled for dynamic shapes) is built at each use: torch.compile cannot look such a key up."""
-        if torch.compiler.is_compiling():  # sizes are symbolic only while tracing: eager calls skip the scan
-            sizes = [p for part in key for p in ((part.start, part.stop) if isinstance(part, range) else (part,))]
-            if any(isinstance(size, torch.SymInt) for size in sizes):
-                return build()
+        """Build a derived mask once per AttentionMask (all layers of an eager forward share it). While compiling it
+        is built at each use: a traced key may hold symbolic sizes, which torch.compile can neither hash nor compare."""
+        if torch.compiler.is_compiling():
+            return build()
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
