@@ -63,9 +63,10 @@ class Engine:
     `cache_memory` bytes, itself by default half the free GPU memory, or on the CPU up to CPU_CACHE_BUDGET);
     enough for one request of max_model_len tokens is required. max_model_len: prompt + max_tokens limit (default
     and at most the model's max_seq_len). prefill_chunk: tokens of a step's prompt-chunk forward (rows x longest
-    chunk). prefix_caching: share full prompt blocks. compile: the blocks compiled, for prompt chunks with dynamic
-    shapes, for the decode step at each padded batch size (BATCH_SIZES; and view width, without the paged kernel),
-    captured as a CUDA graph on CUDA (`warmup` does it before traffic); compile=False runs eagerly (the reference).
+    chunk). prefix_caching: share full prompt blocks. compile: the decode step's blocks compiled at each padded batch
+    size (BATCH_SIZES; and view width, without the paged kernel), captured as a CUDA graph on CUDA (`warmup` does it
+    before traffic); prompt chunks run eagerly either way (their rows, lengths and views vary without end: compiled,
+    each new shape recompiled until dynamo's limit); compile=False runs everything eagerly (the reference).
     eos_token_id: stops every request. group: the process group of a multi-rank model (see the module docstring).
     Linear-attention layers keep a recurrent state, which has no pages: such models are refused.
 
@@ -121,10 +122,7 @@ class Engine:
         self.prefilled_tokens = 0  # tokens run through prefill forwards (a prefix-cache hit skips its share)
         self.steps = 0
         self._ids = itertools.count()
-        # prompt chunks vary in rows, length and view: their blocks compile with dynamic shapes (after the first
-        # recompile; graph breaks allowed), so a few compiles serve them all; the decode step's blocks are whole
-        # graphs at fixed shapes (each padded batch size is captured as a CUDA graph)
-        self._prefill_layers = _compiled_layers(model, fullgraph=False, dynamic=None) if compile else None
+        # the decode step's blocks are whole graphs at fixed shapes (each padded batch size a CUDA graph)
         self._step_layers = _compiled_layers(model, fullgraph=True) if compile else None
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool = None
@@ -263,8 +261,7 @@ class Engine:
             width * self.block_size,
             new,
         )
-        with _compile_settings():
-            out = self.model(ids, cache=batch, stats=False, logits_to_keep=1, layers=self._prefill_layers)
+        out = self.model(ids, cache=batch, stats=False, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
@@ -285,7 +282,7 @@ class Engine:
     @torch.no_grad()
     def warmup(self) -> None:
         """Compile and capture ahead of traffic (compile=True): the decode step at every padded batch size up to
-        max_batch (at every view width too, without the paged kernel), and prompt forwards of a few shapes."""
+        max_batch (at every view width too, without the paged kernel)."""
         if not self.compile:
             return
         sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [
