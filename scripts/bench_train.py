@@ -32,8 +32,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     if args.fp8:
-        done = enable_fp8(model)
-        print(f"{name}: fp8 linears {len(done.linears)}, expert groups {len(done.experts)}, bf16 {done.skipped}")
+        print(f"{name}: {enable_fp8(model).summary()}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = model
     if not args.no_compile and args.compile_scope == "model":

@@ -52,6 +52,15 @@ class Fp8Conversion:
     experts: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def summary(self, shown: int = 3) -> str:
+        """One line: how many linears and expert modules train in FP8, and the first `shown` left in bf16."""
+        line = f"fp8: {len(self.linears)} linears and {len(self.experts)} expert modules in FP8"
+        if not self.skipped:
+            return line
+        left = "; ".join(f"{name} ({why})" for name, why in list(self.skipped.items())[:shown])
+        more = f" and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"{line}; left in bf16: {left}{more}"
+
 
 def fp8_unsupported(device: torch.device | str) -> str | None:
     """Why FP8 training cannot run on `device` (None when it can): REQUIREMENT, and what the device is instead."""

@@ -340,7 +340,7 @@ class Trainer:
             load_weights(model, config.init_from)
         model, self.parallel_groups = apply_parallelism(model, config)
         if config.train.fp8:
-            self._print(_fp8_summary(enable_fp8(model)))
+            self._print(enable_fp8(model).summary())
         checkpointed = apply_activation_checkpointing(
             model, config.train.activation_checkpointing, config.train.activation_checkpointing_every
         )
@@ -604,16 +604,6 @@ class Trainer:
             "exported": exported,
             "nonfinite_total": self.guard.total,
         }
-
-
-def _fp8_summary(done) -> str:
-    """One line on what train.fp8 converted (`Fp8Conversion`), naming what it left in bf16."""
-    skipped = "; ".join(f"{name}: {why}" for name, why in list(done.skipped.items())[:3])
-    more = f" (+{len(done.skipped) - 3} more)" if len(done.skipped) > 3 else ""
-    return (
-        f"fp8: {len(done.linears)} linears and {len(done.experts)} expert groups in FP8"
-        + (f"; left in bf16: {skipped}{more}" if skipped else "")
-    )
 
 
 def _accumulate(sums: dict[str, torch.Tensor], out: CausalLMOutput, ce: torch.Tensor, loss: torch.Tensor) -> None:
