@@ -108,8 +108,9 @@ def _check_scaled_grouped_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Ten
 def scaled_grouped_mm(
     a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, offs: Tensor, use_fast_accum: bool = False
 ) -> Tensor:
-    """torch._scaled_grouped_mm (bf16 output) where its kernel runs, else its reference."""
-    if fp8_grouped_mm_available(a.device):
+    """torch._scaled_grouped_mm (bf16 output) on CUDA (`fp8_grouped_mm_available` says where it runs; no device
+    query here, inside compiled code), else its reference."""
+    if a.is_cuda:
         return torch._scaled_grouped_mm(
             a, b, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum
         )
