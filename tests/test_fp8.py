@@ -419,6 +419,33 @@ def test_fp8_moe_layer_on_gpu_eager_and_compiled_match_bf16():
 
 
 @pytest.mark.gpu
+@needs_fp8_gpu()
+def test_fp8_moe_layer_never_syncs_with_the_host():
+    """A forward+backward of the FP8 layer is captured in one CUDA graph (a capture fails on any device-to-host
+    copy): the aligned weight-gradient layout is computed on the device, like the bf16 path's."""
+    _, fp8 = moe_pair()
+    x = torch.randn(2, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        fp8.zero_grad(set_to_none=True)
+        fp8(x)[0].backward(grad)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(fp8.experts.w_in.grad).all()
+
+
+@pytest.mark.gpu
 @needs_fp8_gpu(grouped=False)
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fp8_linears_on_gpu_match_bf16(compiled):
