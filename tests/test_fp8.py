@@ -423,6 +423,8 @@ def test_fp8_moe_layer_on_gpu_eager_and_compiled_match_bf16():
 def test_fp8_moe_layer_never_syncs_with_the_host():
     """A forward+backward of the FP8 layer is captured in one CUDA graph (a capture fails on any device-to-host
     copy): the aligned weight-gradient layout is computed on the device, like the bf16 path's."""
+    from moeformer.models.generation import capture_graph
+
     _, fp8 = moe_pair()
     x = torch.randn(2, 512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
@@ -430,16 +432,9 @@ def test_fp8_moe_layer_never_syncs_with_the_host():
     def step():
         fp8.zero_grad(set_to_none=True)
         fp8(x)[0].backward(grad)
+        return x.grad
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(fp8.experts.w_in.grad).all()
