@@ -14,8 +14,12 @@ torchao's Float8Linear, eager and compiled, and a few training steps of a tiny M
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +42,7 @@ from moeformer.layers.moe.fp8_gemm import (
     to_e4m3,
 )
 from moeformer.training.config import load_config
-from tests.workers import run_train
+from tests.workers import run_train, worker_env
 
 U_E4M3 = 2.0**-4
 U_E5M2 = 2.0**-3
@@ -324,6 +328,67 @@ def test_train_fp8_refuses_what_it_does_not_support(overrides):
     load_config(None, {"train.fp8": True, "parallel.ep": 2})  # expert parallelism is supported
 
 
+def scenario_trainer_emulated(work: Path) -> dict:
+    """Worker: the trainer (DeepSpeed, bf16, one process) on a tiny MoE, bf16 with ZeRO-1, then train.fp8 emulated
+    (the device check passed, torchao's emulated matmuls, the experts' reference GEMM) with ZeRO-2 and the MoE
+    sublayers checkpointed: per-step losses and the exported weights' names."""
+    from safetensors.torch import load_file
+
+    from moeformer.training import trainer
+
+    trainer.fp8_unsupported = lambda device: None
+    trainer.enable_fp8 = functools.partial(enable_fp8, emulate=True)
+    out = {}
+    runs = {"bf16": {}, "fp8": {"train.fp8": True, "train.zero_stage": 2, "train.activation_checkpointing": "moe"}}
+    for name, overrides in runs.items():
+        config = load_config(
+            None,
+            {
+                "out_dir": str(work / name),
+                "data.dir": str(work / "data"),
+                "data.seq_len": 32,
+                "data.micro_batch_size": 2,
+                "train.steps": 4,
+                "train.eval_every": 0,
+                "train.eval_batches": 1,
+                "train.progress_bar": False,
+                "optim.warmup_steps": 1,
+                "optim.lr": 3e-3,
+                "model": {**tiny_fp8_config().to_dict(), "vocab_size": 258, "max_seq_len": 64},
+                **overrides,
+            },
+        )
+        summary = trainer.Trainer(config).train()
+        out[name] = {
+            "losses": [summary["losses"][step] for step in sorted(summary["losses"])],
+            "exported": sorted(load_file(work / name / "model" / "model.safetensors")),
+        }
+    return out
+
+
+def test_trainer_runs_fp8_under_deepspeed_zero2_with_checkpointing(tmp_path):
+    """train.fp8 through the trainer (emulated on CPU): the model converted after parallelism and before DeepSpeed,
+    ZeRO-2 and activation checkpointing composing with it; finite losses within 2% of bf16's, the same exported
+    names."""
+    from moeformer.training.data import prepare_corpus
+
+    prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
+    proc = subprocess.run(
+        [sys.executable, __file__, "trainer_emulated", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=worker_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "fp8: " in proc.stdout + proc.stderr and "linears and 1 expert modules in FP8" in proc.stdout + proc.stderr
+    runs = json.loads((tmp_path / "trainer_emulated.json").read_text())
+    assert runs["fp8"]["exported"] == runs["bf16"]["exported"]
+    assert len(runs["fp8"]["losses"]) == 4
+    for got, want in zip(runs["fp8"]["losses"], runs["bf16"]["losses"]):
+        assert math.isfinite(got) and abs(got - want) <= 0.02 * want, runs
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without an FP8 GPU")
 def test_train_script_refuses_fp8_without_an_fp8_gpu(tmp_path):
     proc = run_train(["--train.fp8=true", f"--out_dir={tmp_path}", f"--data.dir={tmp_path / 'none'}"], timeout=120)
@@ -523,3 +588,8 @@ def test_fp8_training_steps_on_gpu_are_finite_and_close_to_bf16(tmp_path):
     for name in ("fp8", "fp8_zero2_checkpointed"):
         assert abs(tail[name] - tail["bf16"]) <= 0.03 * tail["bf16"], (name, tail)
         assert abs(val[name] - val["bf16"]) <= 0.03 * val["bf16"], (name, val)
+
+
+if __name__ == "__main__":
+    scenario, workdir = sys.argv[1], Path(sys.argv[2])
+    (workdir / f"{scenario}.json").write_text(json.dumps(globals()[f"scenario_{scenario}"](workdir)))
