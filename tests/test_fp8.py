@@ -191,6 +191,36 @@ def test_weight_gradient_layout_aligns_every_group():
     assert (source[padded_ends[-1] :] == -1).all()  # rows past the groups are not gathered
 
 
+def test_the_three_gemms_pass_torchs_own_checks(monkeypatch):
+    """Every torch._scaled_grouped_mm call of a forward and backward, replayed on meta copies of its arguments
+    (same strides): torch's meta function, which mirrors the CUDA op's checks (dtypes, row-major first and
+    column-major second operand, 16-byte strides, scale shapes, offsets), accepts them and gives the shape used."""
+    from moeformer.layers.moe import fp8_gemm
+
+    calls = []
+
+    def checked(a, b, scale_a, scale_b, offs, use_fast_accum=False):
+        meta = [t.to("meta") for t in (a, b, scale_a, scale_b, offs)]
+        out = torch._scaled_grouped_mm(*meta[:4], offs=meta[4], out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
+        calls.append((b.dim(), tuple(out.shape)))
+        return reference(a, b, scale_a, scale_b, offs, use_fast_accum)
+
+    reference = fp8_gemm.scaled_grouped_mm_reference
+    monkeypatch.setattr(fp8_gemm, "scaled_grouped_mm_reference", checked)
+    x, w, grad, offs = grouped_case([30, 0, 50, 20], 64, 48)
+    x.requires_grad_(), w.requires_grad_()
+    fp8_grouped_mm(x, w, offs).backward(grad)
+    assert calls == [(3, (100, 48)), (3, (100, 64)), (2, (4, 64, 48))]  # forward, grad_input, grad_weight
+    with pytest.raises(RuntimeError, match="column major"):  # the oracle refuses a wrong layout
+        torch._scaled_grouped_mm(
+            *(t.to("meta") for t in (torch.zeros(32, 32).to(E4M3), torch.zeros(2, 32, 16).to(E4M3))),
+            torch.ones(32, device="meta"),
+            torch.ones(2, 16, device="meta"),
+            offs=torch.tensor([10, 32], dtype=torch.int32, device="meta"),
+            out_dtype=torch.bfloat16,
+        )
+
+
 def test_reference_refuses_what_the_kernel_refuses():
     """The CPU reference checks the kernel's layout rules, so a wrong layout fails here, not first on a GPU."""
     a = torch.zeros(32, 32).to(E4M3)

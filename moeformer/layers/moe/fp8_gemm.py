@@ -4,15 +4,15 @@ reference: the same fp8 operands and scales dequantised and multiplied in fp32 (
 
 Scaling recipe (all three GEMMs of a training step in float8_e4m3fn, dynamic scales recomputed every call, each a
 power of two, 2^floor(log2(448 / amax)), so that scaling is exact and the largest element lands in [224, 448]):
-- forward, out = x @ w[e]: x rowwise (one scale per row), w per output column of each expert (over K); fast
-  accumulation;
+- forward, out = x @ w[e]: x rowwise (one scale per row), w per output column of each expert (over K);
 - grad_input = grad @ w[e]^T: grad rowwise, w per row of each expert (over N);
 - grad_weight[e] = x_e^T @ grad_e: one 2d x 2d grouped GEMM whose groups run along the contraction (the rows);
   x and grad scaled per column (over all rows of all groups: one amax pass, no per-group reduction), each group's
   rows moved to a 16-aligned start (the kernel's TMA needs 16-byte aligned group starts along K) with zero rows
   between, and an empty group given 16 zero rows so that its gradient is exactly 0.
-The backward GEMMs accumulate in full precision (no fast accumulation), as torchao's float8 training does. Weights
-are quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
+The two GEMMs that contract over a layer width (forward, grad_input) use Hopper's fast FP8 accumulation; the weight
+gradient, which sums over every row of a group (thousands of tokens), accumulates in full precision. Weights are
+quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
 
 from __future__ import annotations
 
@@ -174,7 +174,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gq, g_factor = quantize_rows(grad)
             wq, w_factor = quantize_rows(w)  # (E, K, N): its transpose is the column-major second operand
-            grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs).to(x.dtype)
+            grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(x, grad, offs).to(w.dtype)
         return grad_x, grad_w, None
