@@ -366,6 +366,7 @@ def scenario_trainer_emulated(work: Path) -> dict:
     from safetensors.torch import load_file
 
     from moeformer.training import trainer
+    from tests.test_train_distributed import run_config
 
     refusal = load_config(None, {"train.fp8": True, "data.dir": str(work / "none")})
     out = {"refusal": None}
@@ -378,22 +379,9 @@ def scenario_trainer_emulated(work: Path) -> dict:
     fp8 = {"train.fp8": True, "train.zero_stage": 2, "train.activation_checkpointing": "moe"}
     runs = {"bf16": {"parallel.ep": 2}, "fp8": {"parallel.ep": 2, **fp8}}
     for name, overrides in runs.items():
-        config = load_config(
-            None,
-            {
-                "out_dir": str(work / name),
-                "data.dir": str(work / "data"),
-                "data.seq_len": 32,
-                "data.micro_batch_size": 2,
-                "train.steps": 4,
-                "train.eval_every": 0,
-                "train.eval_batches": 1,
-                "train.progress_bar": False,
-                "optim.warmup_steps": 1,
-                "optim.lr": 3e-3,
-                "model": {**tiny_fp8_config().to_dict(), "vocab_size": 258, "max_seq_len": 64},
-                **overrides,
-            },
+        shape = {"model.moe.num_shared_experts": 1, "model.moe.backend": "grouped", "model.first_k_dense": 1}
+        config = run_config(
+            work, name, **{"train.dtype": "bf16", "train.steps": 4, "checkpoint.export": "native", **shape, **overrides}
         )
         summary = trainer.Trainer(config).train()
         out[name] = {
