@@ -7,6 +7,7 @@ from moeformer.errors import (
     NonFiniteStateError,
     ResumeConfigError,
 )
+from moeformer.layers.fp8 import enable_fp8
 from moeformer.layers.lm_head import linear_cross_entropy, linear_distill_loss
 from moeformer.layers.moe import MoEConfig
 from moeformer.models import (
@@ -58,6 +59,7 @@ __all__ = [
     "build_quantized",
     "compile_blocks",
     "count_params",
+    "enable_fp8",
     "expert_usage",
     "from_pretrained",
     "linear_cross_entropy",

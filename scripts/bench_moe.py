@@ -7,6 +7,10 @@ row of one shape runs on the same input in one process. The CUDA-graph row doubl
 dropless path never synchronises with the host: capturing a stream fails on any device-to-host copy.
 
     python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md] [--profile]
+                                [--fp8]
+
+`--fp8` adds our layer with its expert GEMMs (and shared expert) in FP8 (`moeformer.layers.fp8.enable_fp8`), eager
+and compiled, beside the bf16 rows on the same input, and prints each FP8 row's fwd+bwd speed over its bf16 twin.
 
 Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks (all-to-all dispatcher)
 and times it, each rank with its own tokens at the shape's size, beside the unsharded layer alone on each rank:
@@ -19,6 +23,7 @@ with gloo too (fp32), e.g. `--shapes tiny` as a smoke test.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moeformer.layers.fp8 import enable_fp8
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEConfig
 
@@ -199,12 +205,18 @@ def layer_config(s: Shape) -> MoEConfig:
     )
 
 
-def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
+def candidates(s: Shape, skip: set[str], fp8: bool = False) -> dict[str, tuple[nn.Module, float]]:
     """label -> (module, its active forward FLOPs) for one shape."""
     ours, flops = MoE(s.dim, layer_config(s)), active_flops(s)
     rows = {"moeformer (eager)": (ours, flops)}
     if "compile" not in skip:
         rows["moeformer (compiled)"] = (torch.compile(ours), flops)
+    if fp8:
+        ours_fp8 = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+        enable_fp8(ours_fp8)
+        rows[f"{FP8} (eager)"] = (ours_fp8, flops)
+        if "compile" not in skip:
+            rows[f"{FP8} (compiled)"] = (torch.compile(ours_fp8), flops)
     if "graph" not in skip:
         rows[GRAPHED] = (ours, flops)
     rows["dense SwiGLU, equal FLOPs"] = (MLP(s.dim, (s.top_k + s.shared) * s.ffn), flops)
@@ -221,6 +233,7 @@ def candidates(s: Shape, skip: set[str]) -> dict[str, tuple[nn.Module, float]]:
 
 
 GRAPHED = "moeformer (eager, one CUDA graph)"
+FP8 = "moeformer FP8"
 
 
 def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
@@ -306,6 +319,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--fp8", action="store_true", help="also time our layer with FP8 expert GEMMs")
     args = parser.parse_args()
     if args.ep > 1:
         return expert_parallel(args)
@@ -316,6 +330,7 @@ def main() -> None:
     header = (
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}, bf16, command: python scripts/bench_moe.py --shapes {args.shapes}"
+        + (" --fp8" if args.fp8 else "")
     )
     lines = [
         header,
@@ -324,12 +339,13 @@ def main() -> None:
         "vs dense (fwd+bwd) | peak GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes = []  # FP8 over bf16, below the table
     for key in args.shapes.split(","):
         s = SHAPES[key]
         torch._dynamo.reset()  # fresh compile caches per shape: the layer's code would pass the recompile limit
         x = torch.randn(1, s.tokens, s.dim, device="cuda", dtype=torch.bfloat16)
         results = {}
-        for label, (module, flops) in candidates(s, skip).items():
+        for label, (module, flops) in candidates(s, skip, args.fp8).items():
             module = module.to("cuda", torch.bfloat16)
             if args.profile and label in ("moeformer (eager)", "moeformer (compiled)"):
                 print(f"{s.name}, {label}: top kernels of one forward+backward\n{profile(module, x)}", flush=True)
@@ -348,7 +364,13 @@ def main() -> None:
                 f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | {ratio:.2f} | {r['peak_gib']:.2f} |"
             )
         print("\n".join(lines[-len(results) :]), flush=True)
-    table = "\n".join(lines)
+        for mode in ("eager", "compiled"):
+            fp8, bf16 = results.get(f"{FP8} ({mode})"), results.get(f"moeformer ({mode})")
+            if fp8 and bf16:
+                ratio = fp8["fwdbwd_tflops"] / bf16["fwdbwd_tflops"]
+                notes.append(f"{s.name}: FP8 / bf16 fwd+bwd, {mode}: {ratio:.2f}x")
+                print(notes[-1], flush=True)
+    table = "\n".join(lines + ([""] + notes if notes else []))
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,13 +1,14 @@
 """Training throughput of zoo models on one device: tokens/s and MFU for a fixed number of steps.
 
     python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 16] [--steps 20]
-                                  [--compile-mode reduce-overhead] [--set n_heads=8 ...] [--profile]
+                                  [--compile-mode reduce-overhead] [--set n_heads=8 ...] [--profile] [--fp8]
 
 bf16 weights, fused AdamW, `torch.compile` of each transformer block and the LM head (unless --no-compile;
 `--compile-scope model` compiles the whole model as one graph; `--compile-mode reduce-overhead` also replays the
 compiled forward and backward as CUDA graphs), the `auto` attention backend, random token ids (throughput does not
 depend on the text). MFU counts active parameters only (moeformer.training.metrics). The graph-break count is
-dynamo's, over the compiled warm-up steps (forward and backward of the whole model).
+dynamo's, over the compiled warm-up steps (forward and backward of the whole model). `--fp8` trains the linears and
+expert GEMMs in FP8 (`moeformer.layers.fp8.enable_fp8`, applied before compiling, as the trainer does).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 from torch._dynamo.utils import counters
 
 from moeformer import ModelConfig, build_model, compile_blocks, count_params
+from moeformer.layers.fp8 import enable_fp8
 from moeformer.training.metrics import flops_per_token, peak_flops
 
 
@@ -29,6 +31,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     overrides["max_seq_len"] = max(args.seq_len, ModelConfig.from_name(name, **overrides).max_seq_len)
     config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if args.fp8:
+        print(f"{name}: {enable_fp8(model).summary()}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = model
     if not args.no_compile and args.compile_scope == "model":
@@ -129,6 +133,7 @@ def main() -> None:
         help="one graph per transformer block and the LM head (as the trainer compiles), or one for the whole model",
     )
     parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
+    parser.add_argument("--fp8", action="store_true", help="linears and expert GEMMs in FP8 (GPU of cc >= 8.9)")
     parser.add_argument(
         "--set",
         action="append",
@@ -143,7 +148,7 @@ def main() -> None:
     print(
         f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
-        f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}"
+        f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}{', fp8' if args.fp8 else ''}"
         + "".join(f", {k}={v}" for k, v in args.set)
     )
     print(

@@ -19,13 +19,14 @@ LEVELS = (
     "moeformer.training",
     "moeformer.serving",
 )
-# imported where used: optional extras (fla, tokenizers, pyarrow, tensorboard), parts of torch that cost seconds to
-# import (dynamo, FlexAttention, the profiler), Unix-only modules; DeepSpeed (whose import probes the accelerator) only
-# where a module must not pull it in (the checkpoint readers' allow-list, reached from `import moeformer`) or does once
-# per call
+# imported where used: optional extras (fla, tokenizers, pyarrow, tensorboard, torchao), parts of torch that cost
+# seconds to import (dynamo, FlexAttention, the profiler), Unix-only modules; DeepSpeed (whose import probes the
+# accelerator) only where a module must not pull it in (the checkpoint readers' allow-list, reached from
+# `import moeformer`) or does once per call
 LAZY_ALLOWED = (
     "fla",
     "tokenizers",
+    "torchao",
     "pyarrow",
     "torch.utils.tensorboard",
     "torch._dynamo",

@@ -1,6 +1,7 @@
 """Reusable transformer layers: norms, rotary embeddings, MLPs, softmax attention, MoE, the LM head and its loss."""
 
 from moeformer.layers.attention import BACKENDS, Attention, AttentionMask, KVCache, attend
+from moeformer.layers.fp8 import Fp8Conversion, enable_fp8
 from moeformer.layers.lm_head import LMHead, linear_cross_entropy
 from moeformer.layers.mlp import MLP
 from moeformer.layers.moe import MoE, MoEConfig, MoEStats
@@ -13,6 +14,7 @@ __all__ = [
     "MLP",
     "Attention",
     "AttentionMask",
+    "Fp8Conversion",
     "KVCache",
     "LMHead",
     "LayerNorm",
@@ -26,5 +28,6 @@ __all__ = [
     "apply_rotary",
     "attend",
     "build_norm",
+    "enable_fp8",
     "linear_cross_entropy",
 ]

@@ -73,6 +73,7 @@ class LoopConfig:
     activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
+    fp8: bool = False  # linears and expert GEMMs in FP8 (moeformer.layers.fp8; GPU of compute capability >= 8.9)
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 10
     log_every: int = 1
@@ -127,6 +128,8 @@ class RunConfig:
             self._check_pipeline()
         if self.train.distill is not None:
             self._check_distill()
+        if self.train.fp8:
+            self._check_fp8()
         for key in (
             "train.steps",
             "train.grad_accum",
@@ -180,6 +183,17 @@ class RunConfig:
             raise ConfigError(
                 f"train.distill is not supported with parallel.pp={p.pp}, parallel.tp={p.tp}, "
                 f"train.zero_stage={self.train.zero_stage}: it needs pp=1, tp=1 and ZeRO stage 0-2"
+            )
+
+    def _check_fp8(self) -> None:
+        """train.fp8 converts one bf16 model's modules in place: not pipeline stages, tensor-parallel linears or
+        ZeRO-3 partitions."""
+        p, t = self.parallel, self.train
+        if p.pp > 1 or p.tp > 1 or t.zero_stage == 3 or t.dtype != "bf16":
+            raise ConfigError(
+                f"train.fp8=true is not supported with parallel.pp={p.pp}, parallel.tp={p.tp}, "
+                f"train.zero_stage={t.zero_stage}, train.dtype={t.dtype}: it needs pp=1, tp=1, ZeRO stage 0-2 and "
+                "bf16 (expert parallelism is supported)"
             )
 
     @property

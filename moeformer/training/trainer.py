@@ -4,7 +4,8 @@
     summary = trainer.train()
 
 Order of construction: distributed init -> model (same seed on every rank) -> parallelism
-(`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> activation checkpointing (wraps the final modules)
+(`moeformer.parallel.parallelize`, when any of ep/tp/pp > 1) -> FP8 (train.fp8: `moeformer.layers.fp8.enable_fp8`)
+-> activation checkpointing (wraps the final modules)
 -> optimizer groups -> `deepspeed.initialize` -> `torch.compile` of each block and the LM head (train.compile) ->
 data (sharded over the data-parallel group) -> resume.
 
@@ -36,6 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from moeformer.errors import ConfigError
+from moeformer.layers.fp8 import enable_fp8, fp8_unsupported
 from moeformer.layers.moe import update_router_biases
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
@@ -303,6 +306,8 @@ class Trainer:
         self.rank = dist.get_rank()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if config.train.fp8 and fp8_unsupported(self.device):
+            raise ConfigError(f"train.fp8=true: {fp8_unsupported(self.device)}; set train.fp8=false")
         self.out_dir = Path(config.out_dir)
         self.model_config = config.model_config()
         meta = load_meta(config.data.dir)
@@ -334,6 +339,8 @@ class Trainer:
         if config.init_from is not None and resume_from is None:
             load_weights(model, config.init_from)
         model, self.parallel_groups = apply_parallelism(model, config)
+        if config.train.fp8:
+            self._print(enable_fp8(model).summary())
         checkpointed = apply_activation_checkpointing(
             model, config.train.activation_checkpointing, config.train.activation_checkpointing_every
         )

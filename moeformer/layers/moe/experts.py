@@ -17,6 +17,7 @@ from moeformer.layers.quant import QuantizedWeight
 
 from .config import BACKENDS
 from .dispatch import ExpertRows, Slots, bincount, compute_dtype, stable_argsort
+from .fp8_gemm import fp8_grouped_mm
 from .fused_experts import MAX_SCAN_SLOTS, fused_experts, triton_serves
 from .kernels import swiglu
 
@@ -66,6 +67,7 @@ class Experts(nn.Module):
             raise ValueError(f"expert activation must be 'swiglu' or 'gelu', got {activation!r}")
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.activation, self.backend = activation, backend
+        self.fp8 = False  # grouped GEMMs in FP8 (moeformer.layers.fp8.enable_fp8)
         in_width = 2 * ffn_dim if activation == "swiglu" else ffn_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -158,7 +160,8 @@ class Experts(nn.Module):
             rows = torch.arange(x_sorted.shape[0], device=x_sorted.device)
         if self.use_grouped_mm(x_sorted):
             # rows of group e (ending at offs[e]) times w[e] in one kernel; rows past the groups come back undefined
-            matmul = functools.partial(torch._grouped_mm, offs=torch.cumsum(group_sizes, 0, dtype=torch.int32))
+            grouped_mm = fp8_grouped_mm if self.fp8 else torch._grouped_mm
+            matmul = functools.partial(grouped_mm, offs=torch.cumsum(group_sizes, 0, dtype=torch.int32))
         else:
             matmul = functools.partial(_loop_matmul, group_sizes=group_sizes)
         h = matmul(x_sorted, self.w_in.to(x_sorted.dtype))

@@ -1,0 +1,187 @@
+"""FP8 training form of the experts' grouped GEMM (`fp8_grouped_mm`, a drop-in for torch._grouped_mm's 2d x 3d call
+over expert-sorted rows), on torch._scaled_grouped_mm (CUDA, compute capability 9.0 or 10.x) or, elsewhere, its
+reference: the same fp8 operands and scales dequantised and multiplied in fp32 (`scaled_grouped_mm_reference`).
+
+Scaling recipe (all three GEMMs of a training step in float8_e4m3fn, dynamic scales recomputed every call, each a
+power of two, 2^floor(log2(448 / amax)), so that scaling is exact and the largest element lands in [224, 448]):
+- forward, out = x @ w[e]: x rowwise (one scale per row), w per output column of each expert (over K);
+- grad_input = grad @ w[e]^T: grad rowwise, w per row of each expert (over N);
+- grad_weight[e] = x_e^T @ grad_e: one 2d x 2d grouped GEMM whose groups run along the contraction (the rows);
+  x and grad scaled per column (over all rows of all groups: one amax pass, no per-group reduction), each group's
+  rows moved to a 16-aligned start (the kernel's TMA needs 16-byte aligned group starts along K) with zero rows
+  between, and an empty group given 16 zero rows so that its gradient is exactly 0.
+The two GEMMs that contract over a layer width (forward, grad_input) use Hopper's fast FP8 accumulation; the weight
+gradient, which sums over every row of a group (thousands of tokens), accumulates in full precision. Weights are
+quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+AMAX_FLOOR = 1e-12  # an all-zero row or column gets a finite scale (its codes are zeros)
+ALIGN = 16  # rows, bytes of an e4m3 element: the alignment torch._scaled_grouped_mm needs of dims and group starts
+
+
+def fp8_grouped_mm_available(device: torch.device) -> bool:
+    """torch._scaled_grouped_mm's kernel: CUDA with compute capability 9.0 or 10.x (Hopper, Blackwell)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_scaled_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def fp8_scale(amax: Tensor) -> Tensor:
+    """The power-of-two multiplier that puts `amax` at most at E4M3_MAX (fp32; 0 for an infinite amax, so that its
+    non-finite values reach the output as NaN rather than being hidden)."""
+    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=AMAX_FLOOR))))
+
+
+def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
+    """t * scale rounded to float8_e4m3fn, saturating at +-E4M3_MAX (a plain cast turns overflow into NaN)."""
+    return (t.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t (..., K) as contiguous e4m3 codes with one scale per row (over the last dim), and the fp32 factors that
+    dequantise them (codes * factor ~ t), shaped t.shape[:-1]."""
+    scale = fp8_scale(t.abs().amax(dim=-1))
+    return to_e4m3(t, scale.unsqueeze(-1)).contiguous(), scale.reciprocal().contiguous()
+
+
+def scaled_grouped_mm_reference(
+    a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, offs: Tensor, use_fast_accum: bool = False
+) -> Tensor:
+    """torch._scaled_grouped_mm's result for its 2d x 3d and 2d x 2d forms, in fp32 on the dequantised operands (a
+    product of two e4m3 values is exact in fp32), rounded to bf16; with its argument checks, so that layouts that
+    would fail on the GPU fail here too. Rows past the groups (2d x 3d) are 0 here, undefined there."""
+    _check_scaled_grouped_mm(a, b, scale_a, scale_b, offs)
+    ends = offs.tolist()
+    starts = [0, *ends[:-1]]
+    af, bf = a.float(), b.float()
+    if b.dim() == 3:  # groups of rows: out[rows of e] = a[rows] @ b[e]
+        out = torch.zeros(a.shape[0], b.shape[-1], dtype=torch.float32, device=a.device)
+        for e, (start, end) in enumerate(zip(starts, ends)):
+            out[start:end] = af[start:end] @ bf[e] * scale_a[start:end, None] * scale_b[e]
+        return out.to(torch.bfloat16)
+    m, n = a.shape[0], b.shape[1]  # groups along the contraction: out[e] = a[:, cols of e] @ b[rows of e]
+    out = torch.empty(len(ends), m, n, dtype=torch.float32, device=a.device)
+    for e, (start, end) in enumerate(zip(starts, ends)):
+        out[e] = af[:, start:end] @ bf[start:end] * scale_a[e * m : (e + 1) * m, None] * scale_b[e * n : (e + 1) * n]
+    return out.to(torch.bfloat16)
+
+
+def _check_scaled_grouped_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, offs: Tensor) -> None:
+    """What torch._scaled_grouped_mm (and its kernel's device asserts) require of the 2d x 3d and 2d x 2d forms."""
+    if a.dtype != E4M3 or b.dtype != E4M3:
+        raise ValueError(f"operands must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() not in (2, 3):
+        raise ValueError(f"expected a 2-D first operand and a 2-D or 3-D second one, got {a.dim()}-D, {b.dim()}-D")
+    if not (a.stride(-1) == 1 and a.stride(-2) >= a.shape[-1]):
+        raise ValueError(f"the first operand must be row-major, got strides {a.stride()}")
+    if not (b.stride(-2) == 1 and b.stride(-1) >= b.shape[-2]):
+        raise ValueError(f"the second operand must be column-major, got strides {b.stride()}")
+    if a.shape[-1] % ALIGN or b.shape[-2] % ALIGN or b.shape[-1] % ALIGN:
+        raise ValueError(f"dims must be multiples of {ALIGN}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if offs.dtype != torch.int32 or offs.dim() != 1:
+        raise ValueError(f"offsets must be a 1-D int32 tensor, got {offs.dtype} {tuple(offs.shape)}")
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32 or not scale_a.is_contiguous():
+        raise ValueError("scales must be fp32, the first contiguous")
+    groups = offs.shape[0]
+    if b.dim() == 3:
+        expected = ((a.shape[0],), (groups, b.shape[-1]))
+        if b.shape[0] != groups or a.shape[1] != b.shape[1]:
+            raise ValueError(f"shapes {tuple(a.shape)} x {tuple(b.shape)} do not fit {groups} groups")
+    else:
+        expected = ((groups * a.shape[0],), (groups * b.shape[1],))
+        sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1)).tolist()
+        if any(size % ALIGN for size in sizes[:-1]):
+            raise ValueError(f"2d x 2d groups must start at multiples of {ALIGN} along the contraction, got {sizes}")
+    if (tuple(scale_a.shape), tuple(scale_b.shape)) != expected:
+        raise ValueError(f"scale shapes {tuple(scale_a.shape)}, {tuple(scale_b.shape)}; expected {expected}")
+    if offs.numel() and offs[-1].item() > (a.shape[0] if b.dim() == 3 else a.shape[1]):
+        raise ValueError("offsets run past the operand")
+
+
+def scaled_grouped_mm(
+    a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, offs: Tensor, use_fast_accum: bool = False
+) -> Tensor:
+    """torch._scaled_grouped_mm (bf16 output) on CUDA (`fp8_grouped_mm_available` says where it runs; no device
+    query here, inside compiled code), else its reference."""
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(
+            a, b, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum
+        )
+    return scaled_grouped_mm_reference(a, b, scale_a, scale_b, offs, use_fast_accum)
+
+
+def aligned_rows(offs: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """The layout of the weight-gradient GEMM: each group (ending at offs[e]) moved to start at a multiple of ALIGN,
+    at least ALIGN rows each, in a static buffer of round_up(num_rows + ALIGN * E, ALIGN) rows (room for any group
+    sizes: no host sync). Returns (source row of each buffer row, -1 for the zero rows; the groups' end offsets in
+    the buffer, int32)."""
+    groups = offs.shape[0]
+    ends = offs.long()
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (sizes.clamp(min=1) + ALIGN - 1) // ALIGN * ALIGN
+    padded_ends = torch.cumsum(padded, 0)
+    length = (num_rows + ALIGN * groups + ALIGN - 1) // ALIGN * ALIGN
+    pos = torch.arange(length, device=offs.device)
+    group = torch.searchsorted(padded_ends, pos, right=True)  # E past the last group
+    g = group.clamp(max=groups - 1)
+    within = pos - (padded_ends - padded).index_select(0, g)
+    inside = (group < groups) & (within < sizes.index_select(0, g))
+    source = torch.where(inside, (ends - sizes).index_select(0, g) + within, -1)
+    return source, padded_ends.to(torch.int32)
+
+
+def quantize_columns(t: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows `source` of t (N, C) (zeros where -1), transposed: contiguous e4m3 codes (C, len(source)) with one scale
+    per column of t, and the fp32 factors (C,) that dequantise them."""
+    rows = torch.where((source >= 0).unsqueeze(-1), t.index_select(0, source.clamp(min=0)), 0)
+    scale = fp8_scale(rows.abs().amax(dim=0))
+    return to_e4m3(rows.t(), scale.unsqueeze(-1)).contiguous(), scale.reciprocal()
+
+
+def weight_grad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
+    """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe)."""
+    groups = offs.shape[0]
+    source, padded_ends = aligned_rows(offs, x.shape[0])
+    xt, x_factor = quantize_columns(x, source)  # (K, P)
+    gt, g_factor = quantize_columns(grad, source)  # (N, P)
+    return scaled_grouped_mm(xt, gt.t(), x_factor.repeat(groups), g_factor.repeat(groups), padded_ends)
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """x (M, K) @ w[e] (E, K, N) over the row groups ending at offs (int32, as torch._grouped_mm), all three GEMMs in
+    e4m3 (the module docstring's recipe)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w, offs)
+        xq, x_factor = quantize_rows(x)
+        wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, one scale per output column
+        out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gq, g_factor = quantize_rows(grad)
+            wq, w_factor = quantize_rows(w)  # (E, K, N): its transpose is the column-major second operand
+            grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(x, grad, offs).to(w.dtype)
+        return grad_x, grad_w, None
+
+
+def fp8_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm(x, w, offs=offs) for x (M, K) and w (E, K, N), K and N multiples of 16, in FP8 (forward and
+    backward); rows past the last group come back undefined, as there."""
+    return _Fp8GroupedMM.apply(x, w, offs)
