@@ -50,7 +50,7 @@ def slot_loop(x, slots: Slots, w_in, w_out, activation: str, capacity: int | Non
 
 def run(dispatcher, experts: Experts, x: torch.Tensor, slots: Slots) -> torch.Tensor:
     dispatched = dispatcher.dispatch(x, slots)
-    return dispatcher.combine(experts(dispatcher.expert_rows(dispatched)), dispatched)
+    return dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
 
 
 def random_slots(n: int, e: int, k: int, padding: bool, device) -> Slots:

@@ -376,16 +376,18 @@ def check_expert_layer(results: dict) -> None:
     groups = init_parallel_groups(ParallelConfig(ep=2))
     rank = dist.get_rank(groups.expert)
     cases = {
-        "fp32": (24, 4, 2, torch.float32, None, False),
-        "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
-        "fp32_skewed": (9, 8, 2, torch.float32, None, True),
-        "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
-        "bf16": (40, 4, 2, torch.bfloat16, None, False),
-        "fp32_kernels": (13, 4, 2, torch.float32, None, False),
-        "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False),
+        # n, experts, k, dtype, capacity, skewed, blocks the all-to-alls are split in
+        "fp32": (24, 4, 2, torch.float32, None, False, 1),
+        "fp32_chunked": (24, 4, 2, torch.float32, None, False, 2),
+        "fp32_capacity": (24, 4, 2, torch.float32, 5, False, 2),
+        "fp32_skewed": (9, 8, 2, torch.float32, None, True, 4),
+        "fp32_idle": (6, 4, 2, torch.float32, None, "all", 2),
+        "bf16": (40, 4, 2, torch.bfloat16, None, False, 1),
+        "fp32_kernels": (13, 4, 2, torch.float32, None, False, 2),
+        "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False, 4),
     }
     errs = {}
-    for seed, (case, (n, num_experts, k, dtype, capacity, skewed)) in enumerate(cases.items()):
+    for seed, (case, (n, num_experts, k, dtype, capacity, skewed, chunks)) in enumerate(cases.items()):
         triton_dispatch.interpret_on_cpu = "kernels" in case and triton_dispatch.INTERPRETER
         torch.manual_seed(seed)  # same expert weights on every rank
         plain = Experts(num_experts, 16, 8, "swiglu", "grouped" if DEVICE.type == "cpu" else "auto").to(DEVICE, dtype)
@@ -395,7 +397,7 @@ def check_expert_layer(results: dict) -> None:
             if capacity is None
             else CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))
         )  # ceil(...) = capacity
-        dispatchers = (local, AllToAllDispatcher(local, groups.expert))
+        dispatchers = (local, AllToAllDispatcher(local, groups.expert, chunks=chunks))
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
         # skewed: rank 0 keeps to its own experts; "all": both ranks do, rank 1's experts receive no row at all
@@ -410,7 +412,7 @@ def check_expert_layer(results: dict) -> None:
             xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
             with HostSyncs() as counter:
                 dispatched = dispatcher.dispatch(xi, Slots(token_idx, expert_idx, wi, valid, k))
-                out = dispatcher.combine(experts(dispatcher.expert_rows(dispatched)), dispatched)
+                out = dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
                 (out.float() * dy).sum().backward()
             syncs.append(counter.count)
             outs.append((out, dispatched.tokens_per_expert, dispatched.dropped))
