@@ -73,6 +73,8 @@ def test_bench_moe_expert_parallel_tiny_form():
         "scripts/bench_moe.py",
         "--ep",
         "2",
+        "--ep-chunks",
+        "1,2",
         "--shapes",
         "tiny",
         "--skip",
@@ -88,4 +90,6 @@ def test_bench_moe_expert_parallel_tiny_form():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| one GPU, unsharded |" in proc.stdout and "| ep=2 (eager) |" in proc.stdout, proc.stdout
+    assert "| one GPU, unsharded |" in proc.stdout, proc.stdout
+    for chunks in (1, 2):  # tiny: 4 experts per rank
+        assert f"| ep=2, {chunks} block(s) (eager) |" in proc.stdout, proc.stdout

@@ -436,9 +436,12 @@ def save_expert_checkpoint(engine, save_dir: str | Path, tag: str | None = None)
     dist.barrier()
 
 
-def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> list[ExpertParallelExperts]:
+def apply_expert_parallel(
+    model: nn.Module, groups: ParallelGroups, chunks: int | None = None
+) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every MoE layer of `model` over the expert-parallel group and give the layer the
-    all-to-all dispatcher (in place); returns the new expert modules. No-op at ep=1."""
+    all-to-all dispatcher (in place), its transfers in `chunks` blocks (default: the config's `ep_chunks`); returns
+    the new expert modules. No-op at ep=1."""
     if groups.config.ep == 1:
         return []
     replaced = []
@@ -446,7 +449,7 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> list[Expe
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
             module.experts = ExpertParallelExperts(module.experts, groups)
             module.dispatcher = AllToAllDispatcher(
-                module.dispatcher, groups.expert, groups.tensor, groups.config.ep_chunks
+                module.dispatcher, groups.expert, groups.tensor, chunks or groups.config.ep_chunks
             )
             replaced.append(module.experts)
     if not replaced:
