@@ -39,9 +39,9 @@ def test_bench_layouts_tiny_form(tmp_path):
         "--layouts",
         "dp2,ep2",
         "--steps",
-        "3",
+        "4",
         "--warmup",
-        "1",
+        "2",
         "--out-dir",
         str(tmp_path / "runs"),
         f"--data.dir={tmp_path / 'data'}",
@@ -54,11 +54,14 @@ def test_bench_layouts_tiny_form(tmp_path):
     rows = {
         m[0]: m[1:]
         for m in re.findall(
-            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \|$", proc.stdout, re.MULTILINE
+            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 64 \|$",
+            proc.stdout,
+            re.MULTILINE,
         )
     }
     assert set(rows) == {"dp2", "ep2"}, proc.stdout
     assert rows["dp2"][1] == "1.00"
+    assert all(float(row[3]) > 0 for row in rows.values()), proc.stdout  # the optimizer step was timed
     # tiny-moe's 2 MoE layers: the expert-parallel step adds one split-size exchange each
     assert int(rows["ep2"][2]) == int(rows["dp2"][2]) + 2, proc.stdout
 

@@ -160,8 +160,8 @@ class _Start(torch.autograd.Function):
     def backward(ctx, _token: Tensor):
         ex: _Exchange = ctx.ex
         ex.return_gradients(force=True)
-        for c in range(len(ex.send)):
-            ex.wait(("grad", c))
+        for key in list(ex.pending):  # the gradients sent back, and any block's transfer no piece waited for
+            ex.wait(key)
         grad_x, grad_w, ex.grad_x, ex.grad_w = ex.grad_x, ex.grad_w, None, None
         return None, grad_x, grad_w, *(None for _ in ctx.needs_input_grad[3:])
 
