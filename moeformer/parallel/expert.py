@@ -246,21 +246,21 @@ class AllToAllDispatcher:
         self.num_experts, self.ep, self.rank = local.num_experts, dist.get_world_size(group), dist.get_rank(group)
         self.num_local = self.num_experts // self.ep
         self.chunks = _chunks(self.num_local, chunks)
-        self._orders: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._positions: dict[torch.device, Tensor] = {}
 
     def capacity(self, num_tokens: int) -> int | None:
         return self.local.capacity(num_tokens)
 
-    def send_order(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(position[e] of global expert e in the send order: block-major, then this rank, then the others in rank
-        order, then the expert within the block; slot[r] of rank r in that order), made once per device."""
-        if device not in self._orders:
+    def send_position(self, device: torch.device) -> Tensor:
+        """position[e] of global expert e in the send order: block-major, then this rank, then the others in rank
+        order, then the expert within the block (made once per device)."""
+        if device not in self._positions:
             per_block = self.num_local // self.chunks
-            e, r = torch.arange(self.num_experts, device=device), torch.arange(self.ep, device=device)
-            slot = torch.where(r == self.rank, 0, r + (r < self.rank).long())
+            e = torch.arange(self.num_experts, device=device)
             rank, block, j = e // self.num_local, e % self.num_local // per_block, e % per_block
-            self._orders[device] = ((block * self.ep + slot[rank]) * per_block + j, slot)
-        return self._orders[device]
+            slot = torch.where(rank == self.rank, 0, rank + (rank < self.rank).long())
+            self._positions[device] = (block * self.ep + slot) * per_block + j
+        return self._positions[device]
 
     @torch.compiler.disable  # communication and a host sync: eager between the compiled parts
     def dispatch(self, x: Tensor, slots: Slots) -> Dispatched:
@@ -268,12 +268,12 @@ class AllToAllDispatcher:
         share = None
         if self.tensor_group is not None:
             x, slots, share = self._tensor_share(x, slots)
-        position, slot = self.send_order(x.device)
-        local = dispatch_in_order(self.local, x, slots, position)
-        rows, ep, blocks = local.rows, self.ep, self.chunks
+        local = dispatch_in_order(self.local, x, slots, self.send_position(x.device))
+        rows, ep, blocks, rank = local.rows, self.ep, self.chunks, self.rank
         per_block = self.num_local // blocks
-        # (block, rank, expert within the block): the group sizes, sorted in send order, by rank
-        send_sizes = rows.group_sizes.view(blocks, ep, per_block).index_select(1, slot)
+        # the group sizes (block, this rank then the others, expert) -> (block, rank, expert within the block)
+        by_slot = rows.group_sizes.view(blocks, ep, per_block)
+        send_sizes = torch.cat([by_slot[:, 1 : rank + 1], by_slot[:, :1], by_slot[:, rank + 1 :]], dim=1)
         if rows.capacity is not None:  # static: every group holds `capacity` rows
             recv_sizes = send_sizes
             send_rows = recv_rows = [[per_block * rows.capacity] * ep] * blocks
