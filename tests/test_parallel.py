@@ -700,6 +700,7 @@ def test_parallel_config_resolves_data_parallel_size():
         ({"ep": 3, "tp": 2}, 4, "ep=3 does not divide dp \\* tp = 4"),
         ({"dp": 3, "tp": 2}, 4, "dp=3 \\* tp=2 \\* pp=1 = 6 != world size 4"),
         ({"ep": 0}, 4, "parallel.ep must be >= 1"),
+        ({"ep": 2, "ep_chunks": 0}, 4, "parallel.ep_chunks must be >= 1"),
         ({"expert_tp": True}, 4, "expert_tp needs tp > 1 and ep = 1"),
     ],
 )
