@@ -67,7 +67,7 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
             trainer.engine.step = timed_engine_step
             record = step(batches)
             del trainer.engine.step
-            counted["optimizer_ms"] = 1e3 * sum(optimizer_seconds)
+            counted["optimizer_ms"] = 1e3 * sum(optimizer_seconds) if optimizer_seconds else None  # pipeline: none
             return record
         if trainer.step + 1 != sync_step:
             return step(batches)
@@ -139,7 +139,7 @@ def read_layout(name: str, args: argparse.Namespace) -> dict | None:
         "peak_gib": max(r["peak_mem_gib"] for r in timed),
         "host_syncs": counted.get("host_syncs"),
         "optimizer_ms": counted.get("optimizer_ms"),
-        "tokens_per_gpu_step": records[0]["tokens"] / records[0]["step"] / LAYOUTS[name][0],
+        "tokens_per_step": records[0]["tokens"] / records[0]["step"],
         "compiled": compiled,
     }
 
@@ -178,7 +178,7 @@ def main() -> None:
     print(
         f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
         f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
-        "per step | step ms | optimizer step ms | tokens per GPU and step |\n|---|---|---|---|---|---|---|---|---|---|"
+        "per step | step ms | optimizer step ms | tokens per step |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for name, r in results.items():
         if r is None:
@@ -186,10 +186,10 @@ def main() -> None:
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
         optimizer = "n/a" if r["optimizer_ms"] is None else f"{r['optimizer_ms']:.1f}"  # pipeline: no engine.step
-        step_ms = 1e3 * r["tokens_per_gpu_step"] * r["gpus"] / r["tokens_per_s"]
+        step_ms = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]
         print(
             f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
-            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_gpu_step']:,.0f} |"
+            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_step']:,.0f} |"
         )
     if None in results.values():
         raise SystemExit(1)

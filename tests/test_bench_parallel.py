@@ -54,7 +54,7 @@ def test_bench_layouts_tiny_form(tmp_path):
     rows = {
         m[0]: m[1:]
         for m in re.findall(
-            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 64 \|$",
+            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 128 \|$",
             proc.stdout,
             re.MULTILINE,
         )
