@@ -9,8 +9,10 @@ Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, 
 with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
 <out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands). The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
-calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync). Other
-dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
+calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer
+step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per
+step: it grows with the parameters, not the tokens; n/a for the pipeline engine). Other dotted flags go to every
+run, e.g. `--train.compile=false` or `--model.n_layers=2`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from moeformer.parallel.groups import free_port
@@ -47,8 +51,24 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
     config = load_config(config_path, overrides)
     trainer = Trainer(config)
     step, counted = trainer.train_step, {}
+    engine_step, optimizer_seconds = trainer.engine.step, []
+
+    def timed_engine_step(*args, **kwargs):  # the optimizer's share of a step, device work included
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = engine_step(*args, **kwargs)
+        sync()
+        optimizer_seconds.append(time.perf_counter() - start)
+        return out
 
     def train_step(batches):
+        if trainer.step + 1 == sync_step - 1:  # the step before: the engine's (optimizer) steps timed
+            trainer.engine.step = timed_engine_step
+            record = step(batches)
+            del trainer.engine.step
+            counted["optimizer_ms"] = 1e3 * sum(optimizer_seconds) if optimizer_seconds else None  # pipeline: none
+            return record
         if trainer.step + 1 != sync_step:
             return step(batches)
         with HostSyncs() as syncs:
@@ -111,13 +131,15 @@ def read_layout(name: str, args: argparse.Namespace) -> dict | None:
         return None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
-    syncs = json.loads((out / "host_syncs.json").read_text()).get("host_syncs")
+    counted = json.loads((out / "host_syncs.json").read_text())
     compiled = yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"]  # as the run resolved it
     return {
         "gpus": LAYOUTS[name][0],
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "peak_gib": max(r["peak_mem_gib"] for r in timed),
-        "host_syncs": syncs,
+        "host_syncs": counted.get("host_syncs"),
+        "optimizer_ms": counted.get("optimizer_ms"),
+        "tokens_per_step": records[0]["tokens"] / records[0]["step"],
         "compiled": compiled,
     }
 
@@ -156,16 +178,18 @@ def main() -> None:
     print(
         f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
         f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
-        "per step |\n|---|---|---|---|---|---|---|"
+        "per step | step ms | optimizer step ms | tokens per step |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for name, r in results.items():
         if r is None:
-            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | |")
+            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
+        optimizer = "n/a" if r["optimizer_ms"] is None else f"{r['optimizer_ms']:.1f}"  # pipeline: no engine.step
+        step_ms = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]
         print(
             f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
-            f"{r['peak_gib']:.1f} | {r['host_syncs']} |"
+            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_step']:,.0f} |"
         )
     if None in results.values():
         raise SystemExit(1)

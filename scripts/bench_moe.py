@@ -14,10 +14,12 @@ and compiled, beside the bf16 rows on the same input, and prints each FP8 row's 
 
 Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks (all-to-all dispatcher)
 and times it, each rank with its own tokens at the shape's size, beside the unsharded layer alone on each rank:
-per-GPU TFLOP/s (the slowest rank's time) and their ratio, plus the host syncs of one forward+backward. Runs on CPU
-with gloo too (fp32), e.g. `--shapes tiny` as a smoke test.
+per-GPU TFLOP/s (the slowest rank's time) and their ratio, plus the host syncs of one forward+backward; one row per
+block count of `--ep-chunks` (1: the all-to-alls overlap only the shared expert and the rank's own rows; more:
+each block's transfer also overlaps the other blocks' GEMMs). Runs on CPU with gloo too (fp32), e.g.
+`--shapes tiny` as a smoke test.
 
-    torchrun --nproc_per_node 2 scripts/bench_moe.py --ep 2 --shapes olmoe
+    torchrun --nproc_per_node 2 scripts/bench_moe.py --ep 2 --ep-chunks 1,2,4 --shapes olmoe
 """
 
 from __future__ import annotations
@@ -269,7 +271,8 @@ def expert_parallel(args: argparse.Namespace) -> None:
     header = (
         f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
         f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
-        f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --shapes {args.shapes}"
+        f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --ep-chunks {args.ep_chunks} --shapes "
+        f"{args.shapes}"
     )
     columns = (
         "| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
@@ -281,13 +284,15 @@ def expert_parallel(args: argparse.Namespace) -> None:
         torch._dynamo.reset()
         torch.manual_seed(0)  # the same weights on every rank
         single = MoE(s.dim, layer_config(s)).to(device, dtype)
-        sharded = copy.deepcopy(single)
-        apply_expert_parallel(sharded, groups)
         torch.manual_seed(1 + rank)  # each rank its own tokens
         x = torch.randn(1, s.tokens, s.dim, device=device, dtype=dtype)
-        rows = {"one GPU, unsharded": single, f"ep={args.ep} (eager)": sharded}
-        if "compile" not in args.skip.split(","):
-            rows[f"ep={args.ep} (compiled)"] = torch.compile(sharded)
+        rows = {"one GPU, unsharded": single}
+        for chunks in map(int, args.ep_chunks.split(",")):
+            sharded = copy.deepcopy(single)
+            apply_expert_parallel(sharded, groups, chunks)
+            rows[f"ep={args.ep}, {chunks} block(s) (eager)"] = sharded
+            if "compile" not in args.skip.split(","):
+                rows[f"ep={args.ep}, {chunks} block(s) (compiled)"] = torch.compile(sharded)
         base = None
         for label, module in rows.items():
             r = measure(module, x, active_flops(s))
@@ -316,6 +321,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="olmoe,small,mixtral,deepseek")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
+    parser.add_argument(
+        "--ep-chunks", default="1,2,4", help="with --ep: the blocks the all-to-alls are split in (one row each)"
+    )
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")

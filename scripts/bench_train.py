@@ -8,7 +8,10 @@ bf16 weights, fused AdamW, `torch.compile` of each transformer block and the LM 
 compiled forward and backward as CUDA graphs), the `auto` attention backend, random token ids (throughput does not
 depend on the text). MFU counts active parameters only (moeformer.training.metrics). The graph-break count is
 dynamo's, over the compiled warm-up steps (forward and backward of the whole model). `--fp8` trains the linears and
-expert GEMMs in FP8 (`moeformer.layers.fp8.enable_fp8`, applied before compiling, as the trainer does).
+expert GEMMs in FP8 (`moeformer.layers.fp8.enable_fp8`, applied before compiling, as the trainer does). Step ms and
+optimizer step ms (one untimed step, device synchronised) are the columns scripts/bench_layouts.py reports for the
+trainer: with the same --seq-len and --batch as a run config's seq_len and micro_batch_size, the difference between
+the two is the trainer's own (DeepSpeed's bf16 master weights and ZeRO partitions, data, per-step metrics).
 """
 
 from __future__ import annotations
@@ -41,10 +44,19 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         compile_blocks(model, mode=args.compile_mode)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
 
-    def step() -> None:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(optimizer_seconds: list[float] | None = None) -> None:
+        """One training step; with `optimizer_seconds`, appends the optimizer step's time (device synchronised)."""
         loss = step_fn(ids, labels=ids, return_logits=False).loss
         loss.backward()
+        if optimizer_seconds is not None:
+            sync()
+            start = time.perf_counter()
         opt.step()
+        if optimizer_seconds is not None:
+            sync()
+            optimizer_seconds.append(time.perf_counter() - start)
         opt.zero_grad(set_to_none=True)
         model.update_router_biases()
 
@@ -52,7 +64,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     for _ in range(args.warmup):
         step()
     breaks = None if args.no_compile else dict(counters["graph_break"])  # compiling happens in the warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    optimizer_seconds: list[float] = []
+    step(optimizer_seconds)  # untimed: its synchronisations would slow the timed steps
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -72,6 +85,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "mfu": tokens_per_s * flops_per_token(config, args.seq_len) / peak if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
         "graph_breaks": breaks,
+        "step_ms": 1e3 * seconds / args.steps,
+        "optimizer_ms": 1e3 * optimizer_seconds[0],
     }
 
 
@@ -152,8 +167,8 @@ def main() -> None:
         + "".join(f", {k}={v}" for k, v in args.set)
     )
     print(
-        "| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks |\n"
-        "|---|---|---|---|---|---|---|"
+        "| model | total params | active params | tokens/s | MFU | peak GiB | graph breaks | step ms | "
+        "optimizer step ms |\n|---|---|---|---|---|---|---|---|---|"
     )
     for name in args.models.split(","):
         r = bench(name, args, device)
@@ -161,7 +176,7 @@ def main() -> None:
         breaks = "n/a" if r["graph_breaks"] is None else sum(r["graph_breaks"].values())
         print(
             f"| {r['model']} | {r['total'] / 1e6:,.1f}M | {r['active'] / 1e6:,.1f}M | {r['tokens_per_s']:,.0f} | "
-            f"{mfu} | {r['peak_gib']:.1f} | {breaks} |",
+            f"{mfu} | {r['peak_gib']:.1f} | {breaks} | {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} |",
             flush=True,
         )
         for reason, count in (r["graph_breaks"] or {}).items():

@@ -18,6 +18,7 @@ TINY = [
     "--model.n_kv_heads=2",
     "--model.ffn_dim=64",
     "--model.moe.ffn_dim=32",
+    "--model.moe.backend=grouped",  # torch._grouped_mm: no host sync (the per-expert loop syncs once per GEMM)
     "--data.seq_len=32",
     "--data.micro_batch_size=2",
     "--train.zero_stage=1",
@@ -38,9 +39,9 @@ def test_bench_layouts_tiny_form(tmp_path):
         "--layouts",
         "dp2,ep2",
         "--steps",
-        "3",
+        "4",
         "--warmup",
-        "1",
+        "2",
         "--out-dir",
         str(tmp_path / "runs"),
         f"--data.dir={tmp_path / 'data'}",
@@ -53,12 +54,15 @@ def test_bench_layouts_tiny_form(tmp_path):
     rows = {
         m[0]: m[1:]
         for m in re.findall(
-            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \|$", proc.stdout, re.MULTILINE
+            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 128 \|$",
+            proc.stdout,
+            re.MULTILINE,
         )
     }
     assert set(rows) == {"dp2", "ep2"}, proc.stdout
     assert rows["dp2"][1] == "1.00"
-    # tiny-moe's 2 MoE layers on CPU (per-expert loop): the expert-parallel step adds one split-size exchange each
+    assert all(float(row[3]) > 0 for row in rows.values()), proc.stdout  # the optimizer step was timed
+    # tiny-moe's 2 MoE layers: the expert-parallel step adds one split-size exchange each
     assert int(rows["ep2"][2]) == int(rows["dp2"][2]) + 2, proc.stdout
 
 
@@ -73,6 +77,8 @@ def test_bench_moe_expert_parallel_tiny_form():
         "scripts/bench_moe.py",
         "--ep",
         "2",
+        "--ep-chunks",
+        "1,2",
         "--shapes",
         "tiny",
         "--skip",
@@ -88,4 +94,6 @@ def test_bench_moe_expert_parallel_tiny_form():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| one GPU, unsharded |" in proc.stdout and "| ep=2 (eager) |" in proc.stdout, proc.stdout
+    assert "| one GPU, unsharded |" in proc.stdout, proc.stdout
+    for chunks in (1, 2):  # tiny: 4 experts per rank
+        assert f"| ep=2, {chunks} block(s) (eager) |" in proc.stdout, proc.stdout

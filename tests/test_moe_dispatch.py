@@ -1,6 +1,6 @@
 """The token dispatchers (dispatch -> grouped FFN -> combine) against a per-slot loop in fp32, on fresh random
 routings across shapes and dtypes, with the Triton kernels (the interpreter on CPU) and without; the capacity
-placement and the all-to-all regrouping permutation by hand; no host sync."""
+placement by hand; the expert order the all-to-all sends in; no host sync."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from moeformer.layers.moe import (
     DroplessDispatcher,
     Experts,
     Slots,
-    source_major_to_expert_major,
+    dispatch_in_order,
 )
 from moeformer.training.metrics import HostSyncs
 
@@ -50,7 +50,7 @@ def slot_loop(x, slots: Slots, w_in, w_out, activation: str, capacity: int | Non
 
 def run(dispatcher, experts: Experts, x: torch.Tensor, slots: Slots) -> torch.Tensor:
     dispatched = dispatcher.dispatch(x, slots)
-    return dispatcher.combine(experts(dispatcher.expert_rows(dispatched)), dispatched)
+    return dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
 
 
 def random_slots(n: int, e: int, k: int, padding: bool, device) -> Slots:
@@ -131,22 +131,33 @@ def test_capacity_placement_by_hand():
     assert tokens_per_expert.tolist() == [1, 3, 1] and dropped.item() == 1
 
 
-def test_regrouping_received_rows_by_local_expert_by_hand():
-    # rank 0 sent 1 row for local expert 0 and 2 for expert 1; rank 1 sent 3 for expert 0 and none for expert 1
-    dest, src = source_major_to_expert_major(torch.tensor([[1, 2], [3, 0]]), 6)
-    assert src.tolist() == [0, 3, 4, 5, 1, 2]  # expert 0: rank 0's row, rank 1's three; then expert 1
-    assert dest.tolist() == [0, 4, 5, 1, 2, 3]
+@pytest.mark.parametrize("dispatcher", [DroplessDispatcher(4), CapacityDispatcher(4, 2, 1.0)])
+def test_dispatch_in_order_groups_rows_in_the_given_expert_order(dispatcher):
+    """Rows grouped as if expert e were expert position[e] (the all-to-all's send order), the load per expert in
+    the experts' own order, and the output unchanged."""
+    experts = Experts(4, 8, 8, backend="grouped")
+    x, slots = torch.randn(10, 8), random_slots(10, 4, 2, True, "cpu")
+    position = torch.tensor([2, 0, 3, 1])
+    plain, ordered = dispatcher.dispatch(x, slots), dispatch_in_order(dispatcher, x, slots, position)
+    assert torch.equal(ordered.tokens_per_expert, plain.tokens_per_expert)
+    assert torch.equal(ordered.rows.group_sizes, plain.rows.group_sizes[torch.argsort(position)])
+    starts = torch.cumsum(plain.rows.group_sizes, 0) - plain.rows.group_sizes
+    for e in range(4):  # expert e's rows, now at its new position's group
+        new_start = int(ordered.rows.group_sizes[: position[e]].sum())
+        size = int(plain.rows.group_sizes[e])
+        want = plain.rows.x[starts[e] : starts[e] + size]
+        assert torch.equal(ordered.rows.x[new_start : new_start + size], want)
+    torch.testing.assert_close(run_ordered(dispatcher, experts, x, slots, position), run(dispatcher, experts, x, slots))
 
 
-@pytest.mark.parametrize("ranks,local", [(2, 4), (4, 3), (8, 8)])
-def test_regrouping_equals_the_stable_sort_it_replaces(ranks, local):
-    counts = torch.randint(0, 5, (ranks, local))
-    counts[0] = 0  # a rank that sends nothing
-    total = int(counts.sum())
-    expert_of_row = torch.arange(local).repeat(ranks).repeat_interleave(counts.flatten())
-    dest, src = source_major_to_expert_major(counts, total)
-    assert torch.equal(src, torch.argsort(expert_of_row, stable=True))
-    assert torch.equal(dest[src], torch.arange(total))
+def run_ordered(dispatcher, experts: Experts, x: torch.Tensor, slots: Slots, position: torch.Tensor) -> torch.Tensor:
+    """`run` with the experts' weights and rows in `position` order."""
+    moved = Experts(4, 8, 8, backend="grouped")
+    with torch.no_grad():
+        moved.w_in[position] = experts.w_in
+        moved.w_out[position] = experts.w_out
+    dispatched = dispatch_in_order(dispatcher, x, slots, position)
+    return dispatcher.combine(dispatcher.run_experts(moved, dispatched), dispatched)
 
 
 @pytest.mark.parametrize("dispatcher", [DroplessDispatcher(4), CapacityDispatcher(4, 2, 1.0)])

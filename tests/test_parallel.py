@@ -359,12 +359,13 @@ def check_pipeline(
     }
 
 
-def check_expert_layer(results: dict) -> None:
+def check_expert_layer(results: dict, ep: int = 2) -> None:
     """The all-to-all dispatcher with this rank's experts against the local dispatcher with all of them, on fresh
     random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
     other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every
     rank. Expert gradients are compared with the sum over ranks of the plain layer's gradients (each rank's tokens
-    reach every rank's experts). Also counts the host syncs of one forward and backward of each."""
+    reach every rank's experts). Also counts the host syncs of one forward and backward of each. With ep > 2 the
+    rows of one block come from several ranks (results["expert_layer_ep<ep>"])."""
     import torch.distributed as dist
 
     from moeformer.layers import triton_dispatch
@@ -373,19 +374,21 @@ def check_expert_layer(results: dict) -> None:
     from moeformer.parallel.expert import AllToAllDispatcher
     from moeformer.training.metrics import HostSyncs
 
-    groups = init_parallel_groups(ParallelConfig(ep=2))
+    groups = init_parallel_groups(ParallelConfig(ep=ep))
     rank = dist.get_rank(groups.expert)
     cases = {
-        "fp32": (24, 4, 2, torch.float32, None, False),
-        "fp32_capacity": (24, 4, 2, torch.float32, 5, False),
-        "fp32_skewed": (9, 8, 2, torch.float32, None, True),
-        "fp32_idle": (6, 4, 2, torch.float32, None, "all"),
-        "bf16": (40, 4, 2, torch.bfloat16, None, False),
-        "fp32_kernels": (13, 4, 2, torch.float32, None, False),
-        "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False),
+        # n, experts, k, dtype, capacity, skewed, blocks the all-to-alls are split in
+        "fp32": (24, 4, 2, torch.float32, None, False, 1),
+        "fp32_chunked": (24, 4, 2, torch.float32, None, False, 2),
+        "fp32_capacity": (24, 4, 2, torch.float32, 5, False, 2),
+        "fp32_skewed": (9, 8, 2, torch.float32, None, True, 4),
+        "fp32_idle": (6, 4, 2, torch.float32, None, "all", 2),
+        "bf16": (40, 4, 2, torch.bfloat16, None, False, 1),
+        "fp32_kernels": (13, 4, 2, torch.float32, None, False, 2),
+        "bf16_kernels": (16, 8, 3, torch.bfloat16, None, False, 4),
     }
     errs = {}
-    for seed, (case, (n, num_experts, k, dtype, capacity, skewed)) in enumerate(cases.items()):
+    for seed, (case, (n, num_experts, k, dtype, capacity, skewed, chunks)) in enumerate(cases.items()):
         triton_dispatch.interpret_on_cpu = "kernels" in case and triton_dispatch.INTERPRETER
         torch.manual_seed(seed)  # same expert weights on every rank
         plain = Experts(num_experts, 16, 8, "swiglu", "grouped" if DEVICE.type == "cpu" else "auto").to(DEVICE, dtype)
@@ -395,7 +398,7 @@ def check_expert_layer(results: dict) -> None:
             if capacity is None
             else CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))
         )  # ceil(...) = capacity
-        dispatchers = (local, AllToAllDispatcher(local, groups.expert))
+        dispatchers = (local, AllToAllDispatcher(local, groups.expert, chunks=chunks))
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
         # skewed: rank 0 keeps to its own experts; "all": both ranks do, rank 1's experts receive no row at all
@@ -410,7 +413,7 @@ def check_expert_layer(results: dict) -> None:
             xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
             with HostSyncs() as counter:
                 dispatched = dispatcher.dispatch(xi, Slots(token_idx, expert_idx, wi, valid, k))
-                out = dispatcher.combine(experts(dispatcher.expert_rows(dispatched)), dispatched)
+                out = dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
                 (out.float() * dy).sum().backward()
             syncs.append(counter.count)
             outs.append((out, dispatched.tokens_per_expert, dispatched.dropped))
@@ -419,7 +422,7 @@ def check_expert_layer(results: dict) -> None:
         for full in grads[0][2:]:
             full = full.float().clone()
             dist.all_reduce(full, group=groups.expert)
-            expert_grads.append(full.chunk(2)[rank])
+            expert_grads.append(full.chunk(ep)[rank])
         errs[case] = {
             "out": max_err(outs[0][0], outs[1][0]),
             "x_grad": max_err(grads[0][0], grads[1][0]),
@@ -434,14 +437,20 @@ def check_expert_layer(results: dict) -> None:
             "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
             "scale": x.abs().max().item(),
         }
+        # every rank's errors relative to its own scales (the rest of the record is rank 0's)
+        names = ("out", "x_grad", "weight_grad", "expert_grad")
+        worst = torch.tensor([errs[case][n] / max(errs[case][f"{n}_scale"], 1e-30) for n in names], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.expert)
+        errs[case]["worst_rank_ratio"] = dict(zip(names, worst.tolist()))
     triton_dispatch.interpret_on_cpu = False
-    results["expert_layer"] = errs
+    results["expert_layer" if ep == 2 else f"expert_layer_ep{ep}"] = errs
 
 
 def check_expert_parallel_moe_layer(results: dict) -> None:
-    """A whole MoE layer with a shared expert (its computation overlaps the all-to-all) under ep=2 against the
-    same layer on one process, each rank with its own tokens, the Triton kernels on every rank (on CPU the
-    interpreter): output, load, and the gradients of the input, the router, the shared expert and the experts."""
+    """A whole MoE layer with a shared expert (its computation overlaps the all-to-all) under ep=2, the transfers in
+    one or more blocks, against the same layer on one process, each rank with its own tokens, the Triton kernels on
+    every rank (on CPU the interpreter): output, load, and the gradients of the input, the router, the shared
+    expert and the experts. On GPUs also at sizes where the transfers run beside real GEMMs."""
     import torch.distributed as dist
 
     from moeformer.layers import triton_dispatch
@@ -453,23 +462,33 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
     triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
     backend = "grouped" if DEVICE.type == "cpu" else "auto"
     errs = {}
-    for seed, (case, dtype, dispatch) in enumerate(
-        [
-            ("fp32", torch.float32, {}),
-            ("bf16", torch.bfloat16, {}),
-            ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}),
+    cases = [  # name, dtype, dispatcher, (dim, experts, tokens per sequence, blocks of the all-to-alls)
+        ("fp32", torch.float32, {}, (16, 4, 9, 2)),
+        ("bf16", torch.bfloat16, {}, (16, 4, 9, 1)),
+        ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}, (16, 4, 9, 2)),
+    ]
+    if DEVICE.type == "cuda":  # sizes where the transfers overlap real GEMMs (a missing wait shows)
+        cases += [
+            ("fp32_large", torch.float32, {}, (256, 16, 2048, 4)),
+            ("bf16_large", torch.bfloat16, {}, (256, 16, 2048, 2)),
         ]
-    ):
+    for seed, (case, dtype, dispatch, (dim, num_experts, tokens, chunks)) in enumerate(cases):
         torch.manual_seed(seed)
         config = MoEConfig(
-            num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1, shared_ffn_dim=16, backend=backend, **dispatch
+            num_experts=num_experts,
+            top_k=2,
+            ffn_dim=dim,
+            num_shared_experts=1,
+            shared_ffn_dim=dim,
+            backend=backend,
+            **dispatch,
         )
-        single = MoE(16, config).to(DEVICE, dtype)
+        single = MoE(dim, config).to(DEVICE, dtype)
         sharded = copy.deepcopy(single)
-        apply_expert_parallel(sharded, groups)
+        apply_expert_parallel(sharded, groups, chunks)
         g = torch.Generator().manual_seed(10 * seed + rank)
-        x = torch.randn(2, 9, 16, generator=g).to(DEVICE, dtype)
-        dy = torch.randn(2, 9, 16, generator=g).to(DEVICE)
+        x = torch.randn(2, tokens, dim, generator=g).to(DEVICE, dtype)
+        dy = torch.randn(2, tokens, dim, generator=g).to(DEVICE)
         outs, grads = [], []
         for layer in (single, sharded):
             xi = x.clone().requires_grad_()
@@ -603,6 +622,7 @@ def run_scenario(name: str, out: Path) -> None:
         check_pipeline(tiny_config(tie_embeddings=True), results, "pp2_tp2_tied", tp=2)
         check_pipeline(tiny_config(), results, "pp2_ep2", ep=2)
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2", out.parent)
+        check_expert_layer(results, ep=4)
     else:
         raise ValueError(f"unknown scenario {name!r}")
     if dist.get_rank() == 0:
@@ -680,6 +700,7 @@ def test_parallel_config_resolves_data_parallel_size():
         ({"ep": 3, "tp": 2}, 4, "ep=3 does not divide dp \\* tp = 4"),
         ({"dp": 3, "tp": 2}, 4, "dp=3 \\* tp=2 \\* pp=1 = 6 != world size 4"),
         ({"ep": 0}, 4, "parallel.ep must be >= 1"),
+        ({"ep": 2, "ep_chunks": 0}, 4, "parallel.ep_chunks must be >= 1"),
         ({"expert_tp": True}, 4, "expert_tp needs tp > 1 and ep = 1"),
     ],
 )
@@ -766,6 +787,7 @@ def assert_expert_layer(errs: dict) -> None:
         assert (err["dropped"] > 0) == ("capacity" in case), (case, err)
         for name in ("out", "x_grad", "weight_grad", "expert_grad"):
             assert err[name] <= rtol * err[f"{name}_scale"], (case, name, err)
+            assert err["worst_rank_ratio"][name] <= rtol, (case, name, err)
         # forward and backward: the local dispatchers never wait for the device; the all-to-all one once, for the
         # split sizes of the dropless layout (the capacity layout's splits are static)
         assert err["host_syncs"] in (None, [0, 0 if "capacity" in case else 1]), (case, err)  # None: not on CPU
@@ -774,6 +796,12 @@ def assert_expert_layer(errs: dict) -> None:
 @pytest.mark.distributed
 def test_expert_parallel_layer_matches_plain_experts(two_ranks):
     assert_expert_layer(two_ranks["expert_layer"])
+
+
+@pytest.mark.distributed
+def test_expert_parallel_layer_on_four_ranks(four_ranks):
+    """ep=4: each block's rows come from three other ranks, in rank order around this rank's own."""
+    assert_expert_layer(four_ranks["expert_layer_ep4"])
 
 
 def assert_expert_parallel_moe_layer(errs: dict) -> None:

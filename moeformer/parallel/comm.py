@@ -1,4 +1,5 @@
-"""Differentiable collectives used by the parallel layers (forward op and its adjoint in backward)."""
+"""Collectives used by the parallel layers: differentiable ones (forward op and its adjoint in backward) and the
+expert-parallel all-to-all."""
 
 from __future__ import annotations
 
@@ -7,41 +8,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def _all_to_all(
-    x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None
-) -> Tensor:
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(
-        out, x.contiguous(), recv_splits, send_splits, group=group, async_op=pending is not None
-    )
-    if pending is not None:
-        pending.append(work)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows [sum(send_splits[:j]), ...) go to rank j; backward returns the gradients along the reversed splits."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None) -> Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        return _all_to_all(x, send_splits, recv_splits, group, pending)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None, None
-
-
-def all_to_all(x: Tensor, send_splits: list[int], recv_splits: list[int], group, pending: list | None = None) -> Tensor:
-    """Variable-size all-to-all of the rows of x over `group` (autograd-aware). With `pending` (a list) the forward
-    only starts it, appending its work handle: wait on that before reading the result."""
-    return _AllToAll.apply(x, send_splits, recv_splits, group, pending)
+def start_all_to_all(out: Tensor, x: Tensor, send_splits: list[int], recv_splits: list[int], group):
+    """Start the variable-size all-to-all of x's rows into `out` (rows [sum(send_splits[:j]), ...) go to rank j,
+    `out` holds rank j's rows in order) and return its work handle: wait on it before reading `out`. Not
+    differentiable: the expert-parallel dispatcher pairs each with its adjoint itself."""
+    return dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group, async_op=True)
 
 
 def exchange_counts(counts: Tensor, group) -> Tensor:
     """counts (G, ...) with row j meant for rank j of `group` -> rows received, row j from rank j."""
+    counts = counts.contiguous()
     out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    dist.all_to_all_single(out, counts, group=group)
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
@@ -13,18 +13,21 @@ class ParallelConfig:
     """Sizes of the four parallel dimensions. world = dp * tp * pp; expert parallelism splits the dp * tp ranks of
     a pipeline stage (ep divides dp * tp): each group of `ep` consecutive ranks shares one copy of every expert.
     `dp=None` means "whatever is left of the world" (see `resolve`). `expert_tp` splits each routed expert's hidden
-    units over the tensor group too (otherwise routed experts are replicated there and split the tokens). Also the
-    `parallel` section of the training config."""
+    units over the tensor group too (otherwise routed experts are replicated there and split the tokens).
+    `ep_chunks`: the all-to-alls of each MoE layer go in that many pieces (blocks of local experts), each one's
+    communication overlapping the others' expert GEMMs (see parallel/expert.py). Also the `parallel` section of
+    the training config."""
 
     dp: int | None = None
     ep: int = 1
     tp: int = 1
     pp: int = 1
     expert_tp: bool = False
+    ep_chunks: int = 2
 
     def __post_init__(self) -> None:
         """What can be checked without the world size (the training config's `parallel` section is this class)."""
-        for name in ("ep", "tp", "pp"):
+        for name in ("ep", "tp", "pp", "ep_chunks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.expert_tp and (self.tp == 1 or self.ep > 1):
@@ -45,7 +48,7 @@ class ParallelConfig:
                 f"ep={self.ep} does not divide dp * tp = {dp * self.tp} (world {world_size} / "
                 f"pp={self.pp}): expert parallelism splits the ranks of a pipeline stage"
             )
-        return ParallelConfig(dp=dp, ep=self.ep, tp=self.tp, pp=self.pp, expert_tp=self.expert_tp)
+        return replace(self, dp=dp)
 
     def validate_model(self, config: ModelConfig) -> None:
         """ValueError naming the model size that the parallel sizes do not divide (experts, heads, layers, vocab)."""

@@ -1,9 +1,13 @@
 """Expert parallelism: each rank of the expert-parallel group holds E / ep experts. `AllToAllDispatcher` wraps the
-layer's local dispatcher: its rows (sorted by global expert, so each destination rank's rows are contiguous) travel
-to the ranks holding their experts in one all-to-all, are regrouped there by local expert with a computed
-permutation (no sort), run through the grouped FFN and come back the same way to be combined by the local
-dispatcher on the rank that owns the token. Dropless: the split sizes are exchanged first, the one host sync per
-layer; capacity: the splits are static. The forward all-to-alls run while the shared expert computes.
+layer's local dispatcher, which groups this rank's rows by expert in the order they are sent: `chunks` blocks of
+local experts, each block's rows for this rank first, then those for the other ranks in rank order. The rows of
+each block travel in one all-to-all; the grouped FFN then runs piece by piece, each piece the rows of one block from
+one source rank (already grouped by expert, so nothing is regrouped), and each block's output rows travel back as
+soon as its pieces are done, straight into the rows the local dispatcher combines. Overlap, forward: the shared
+expert and this rank's own rows (which never travel) compute while the blocks arrive, and block c's return travels
+while block c + 1 computes; backward, the same in reverse, block by block. The parameter gradients of the pieces are
+summed by autograd (one extra add of the expert gradients per extra source rank: the price of not regrouping the
+rows). Dropless: the split sizes are exchanged first, the one host sync per layer; capacity: the splits are static.
 
 `ExpertParallelExperts` replaces `MoE.experts` in place, so the MoE layer (router, losses, shared expert) and every
 state-dict key are unchanged. It is also a `deepspeed.moe.layer.MoE`, which is how DeepSpeed's engine recognises an
@@ -14,7 +18,7 @@ whole data-parallel world, while the other parameters are averaged over the data
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,103 +27,310 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
-from moeformer.layers.moe import (
-    Dispatched,
-    Dispatcher,
-    ExpertRows,
-    Experts,
-    MoE,
-    Slots,
-    source_major_to_expert_major,
-)
-from moeformer.layers.moe.kernels import PermuteRows
-from moeformer.parallel.comm import all_reduce, all_to_all, exchange_counts, reduce_grad
+from moeformer.layers.moe import Dispatched, Dispatcher, Experts, MoE, Slots, dispatch_in_order
+from moeformer.parallel.comm import all_reduce, exchange_counts, reduce_grad, start_all_to_all
 from moeformer.parallel.groups import ParallelGroups
 from moeformer.parallel.reshard import sharded_parameter
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """The rows of expert block `chunk` from rank `source`: rows [start, start + size) of the send buffer (this
+    rank's own rows) or of block `chunk`'s receive buffer (another rank's)."""
+
+    chunk: int
+    source: int
+    start: int
+    size: int
+    group_sizes: Tensor  # (experts per block,) rows of each expert
+
+
 @dataclass
 class _Exchange:
-    """An all-to-all dispatch in flight (`Dispatched.state` of `AllToAllDispatcher`)."""
+    """One forward's all-to-all dispatch (`Dispatched.state` of `AllToAllDispatcher`) and, in backward, its
+    gradients. Send order: block c's rows start at `chunk_start[c]`, this rank's own first (`own[c]` rows), then
+    the other ranks' in rank order (`send[c][r]` rows for rank r, 0 for this rank); block c's receive buffer holds
+    the other ranks' rows in rank order (`recv[c][r]`, 0 for this rank). The row buffers live for the forward only
+    (`release`): backward allocates its own."""
 
     local: Dispatched  # the local dispatcher's result, for its combine
-    send_splits: list[int]
-    recv_splits: list[int]
-    recv_counts: Tensor | None  # [source rank, local expert] rows received (None: static capacity layout)
-    capacity: int | None
-    received: tuple[Tensor, Tensor] | None  # rows and their weights, valid once `pending` is done
-    pending: list
+    group: object
+    rank: int
+    x: Tensor | None  # (R, D) the rows in send order (detached)
+    w: Tensor | None  # (R,) their routing weights (detached)
+    own: list[int]
+    send: list[list[int]]
+    recv: list[list[int]]
+    chunk_start: list[int]
+    own_sizes: Tensor  # (C, L / C) this rank's rows per local expert
+    recv_sizes: Tensor  # (C, ep, L / C) rows received per source rank and local expert
     share: tuple[int, int, int] | None  # under tensor parallelism: this rank's tokens [lo, hi) of n
-    permutation: tuple[Tensor, Tensor] | None = None  # (dest, src) of the regrouping by local expert
+    pending: dict = field(default_factory=dict)  # key -> work handles to wait on
+    x_recv: list = field(default_factory=list)  # per block: the rows and weights received
+    w_recv: list = field(default_factory=list)
+    y: Tensor | None = None  # (R, D) the experts' output rows in send order
+    token: Tensor | None = None  # what the pieces depend on (`_Start`'s output)
+    grad_x: Tensor | None = None  # backward: gradients of x and w, filled block by block
+    grad_w: Tensor | None = None
+    grads: dict = field(default_factory=dict)  # backward: block -> [(source, (grad x, grad w))] to send back
+    next_return: int = -1  # backward: the next block whose gradients go back (blocks go in descending order)
+    x_meta: tuple | None = None  # (shape, x dtype, w dtype, device) once the row buffers are released
+
+    def remote(self, c: int) -> slice:
+        """Rows of block c sent to the other ranks."""
+        start = self.chunk_start[c] + self.own[c]
+        return slice(start, start + sum(self.send[c]))
+
+    def exchange(self, key, pairs: list[tuple[Tensor, Tensor]], send: list[int], recv: list[int]) -> None:
+        """Start the all-to-alls of (output, input) pairs; `wait(key)` before reading the outputs."""
+        self.pending[key] = [start_all_to_all(out, x, send, recv, self.group) for out, x in pairs]
+
+    def wait(self, key) -> None:
+        for work in self.pending.pop(key, ()):
+            work.wait()
+
+    def pieces(self, c: int) -> list[_Piece]:
+        """Block c's non-empty pieces from the other ranks, in rank order."""
+        out, start = [], 0
+        for source, size in enumerate(self.recv[c]):
+            if size:
+                out.append(_Piece(c, source, start, size, self.recv_sizes[c, source]))
+            start += size
+        return out
+
+    def own_piece(self, c: int) -> _Piece:
+        return _Piece(c, self.rank, self.chunk_start[c], self.own[c], self.own_sizes[c])
+
+    def release(self) -> Tensor:
+        """End of forward: wait for every transfer, drop the row buffers (what backward needs is saved by the
+        pieces' own graphs); returns the output rows."""
+        for key in list(self.pending):
+            self.wait(key)
+        y, self.y, self.token = self.y, None, None
+        self.x_meta = (self.x.shape, self.x.dtype, self.w.dtype, self.x.device)
+        self.x = self.w = None
+        self.x_recv, self.w_recv = [], []
+        return y
+
+    def start_backward(self) -> None:
+        shape, x_dtype, w_dtype, device = self.x_meta
+        self.grad_x = torch.empty(shape, dtype=x_dtype, device=device)
+        self.grad_w = torch.empty(shape[0], dtype=w_dtype, device=device)
+        self.next_return = len(self.send) - 1
+
+    def return_gradients(self, force: bool = False) -> None:
+        """Send back, in descending block order (the same on every rank), the input gradients of each block whose
+        pieces are all done (`force`: of every block left, at the end of backward)."""
+        while self.next_return >= 0:
+            c = self.next_return
+            done = sorted(self.grads.pop(c, []), key=lambda item: item[0])
+            if not force and len(done) < sum(1 for n in self.recv[c] if n):
+                self.grads[c] = done
+                return
+            gx = _rows([g for _, (g, _) in done], self.grad_x)
+            gw = _rows([g for _, (_, g) in done], self.grad_w)
+            rows = self.remote(c)
+            self.exchange(("grad", c), [(self.grad_x[rows], gx), (self.grad_w[rows], gw)], self.recv[c], self.send[c])
+            self.next_return -= 1
+
+
+def _rows(parts: list[Tensor], like: Tensor) -> Tensor:
+    """parts stacked along the rows (no copy for one part; empty like `like` for none)."""
+    if not parts:
+        return like.new_empty(0, *like.shape[1:])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Start(torch.autograd.Function):
+    """Starts every block's all-to-all of the rows and their weights; returns an empty token that the pieces
+    depend on. Backward: waits for the input gradients the pieces sent back and returns them."""
+
+    @staticmethod
+    def forward(ctx, ex: _Exchange, x: Tensor, w: Tensor, *anchor: Tensor) -> Tensor:
+        ctx.ex = ex
+        for c in range(len(ex.send)):
+            recv = sum(ex.recv[c])
+            ex.x_recv.append(ex.x.new_empty(recv, ex.x.shape[1]))
+            ex.w_recv.append(ex.w.new_empty(recv))
+            rows = ex.remote(c)
+            ex.exchange(("rows", c), [(ex.x_recv[c], ex.x[rows]), (ex.w_recv[c], ex.w[rows])], ex.send[c], ex.recv[c])
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token: Tensor):
+        ex: _Exchange = ctx.ex
+        ex.return_gradients(force=True)
+        for key in list(ex.pending):  # the gradients sent back, and any block's transfer no piece waited for
+            ex.wait(key)
+        grad_x, grad_w, ex.grad_x, ex.grad_w = ex.grad_x, ex.grad_w, None, None
+        return None, grad_x, grad_w, *(None for _ in ctx.needs_input_grad[3:])
+
+
+class _Take(torch.autograd.Function):
+    """A piece's rows and weights (once arrived, where they travel). Backward: this rank's own rows' gradients go
+    into place; another rank's wait for the rest of their block, then go back to it."""
+
+    @staticmethod
+    def forward(ctx, ex: _Exchange, piece: _Piece, token: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.ex, ctx.piece = ex, piece
+        rows = slice(piece.start, piece.start + piece.size)
+        if piece.source == ex.rank:
+            return ex.x[rows], ex.w[rows]
+        ex.wait(("rows", piece.chunk))
+        return ex.x_recv[piece.chunk][rows], ex.w_recv[piece.chunk][rows]
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor, grad_w: Tensor):
+        ex, piece = ctx.ex, ctx.piece
+        grad_w = grad_w.to(ex.grad_w.dtype)
+        if piece.source == ex.rank:
+            rows = slice(piece.start, piece.start + piece.size)
+            ex.grad_x[rows].copy_(grad_x)
+            ex.grad_w[rows].copy_(grad_w)
+        else:
+            ex.grads.setdefault(piece.chunk, []).append((piece.source, (grad_x, grad_w)))
+            ex.return_gradients()
+        return None, None, grad_x.new_zeros(0)
+
+
+class _Arrived(torch.autograd.Function):
+    """Identity on the output rows of another rank's piece; backward: waits for their gradient to arrive."""
+
+    @staticmethod
+    def forward(ctx, ex: _Exchange, chunk: int, y: Tensor) -> Tensor:
+        ctx.ex, ctx.chunk = ex, chunk
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.ex.wait(("out", ctx.chunk))
+        return None, None, grad
+
+
+class _Gather(torch.autograd.Function):
+    """The experts' output rows in send order, once the returns have arrived (the pieces' outputs are its inputs,
+    in the order computed). Backward: starts every block's all-to-all of the output gradients (last block first,
+    as backward reaches it first) and hands each piece its rows (`_Arrived` waits where they travel)."""
+
+    @staticmethod
+    def forward(ctx, ex: _Exchange, pieces: list[_Piece], *ys: Tensor) -> Tensor:
+        ctx.ex, ctx.pieces = ex, pieces
+        return ex.release()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ex: _Exchange = ctx.ex
+        grad = grad.contiguous()
+        ex.start_backward()
+        received = {}
+        for c in reversed(range(len(ex.send))):
+            received[c] = grad.new_empty(sum(ex.recv[c]), grad.shape[1])
+            ex.exchange(("out", c), [(received[c], grad[ex.remote(c)])], ex.send[c], ex.recv[c])
+        rows = [(grad if p.source == ex.rank else received[p.chunk])[p.start : p.start + p.size] for p in ctx.pieces]
+        return None, None, *rows
+
+
+def _chunks(num_local: int, chunks: int) -> int:
+    """The largest divisor of num_local that is at most `chunks`: blocks hold equally many experts."""
+    return max(c for c in range(1, min(chunks, num_local) + 1) if num_local % c == 0)
 
 
 class AllToAllDispatcher:
     """`local` (a dispatcher over all E experts) across the expert-parallel `group`; rank r holds experts
-    [r * L, (r + 1) * L). Under tensor parallelism the ranks of `tensor_group` hold the same tokens: each
-    dispatches its 1/tp of them and the outputs are summed. A capacity applies per sending rank."""
+    [r * L, (r + 1) * L), exchanged in `chunks` blocks of consecutive local experts (fewer when `chunks` does not
+    divide L). Under tensor parallelism the ranks of `tensor_group` hold the same tokens: each dispatches its 1/tp
+    of them and the outputs are summed. A capacity applies per sending rank."""
 
-    def __init__(self, local: Dispatcher, group, tensor_group=None) -> None:
+    def __init__(self, local: Dispatcher, group, tensor_group=None, chunks: int = 1) -> None:
         self.local, self.group, self.tensor_group = local, group, tensor_group
-        self.num_experts, self.ep = local.num_experts, dist.get_world_size(group)
+        self.num_experts, self.ep, self.rank = local.num_experts, dist.get_world_size(group), dist.get_rank(group)
         self.num_local = self.num_experts // self.ep
+        self.chunks = _chunks(self.num_local, chunks)
+        self._positions: dict[torch.device, Tensor] = {}
 
     def capacity(self, num_tokens: int) -> int | None:
         return self.local.capacity(num_tokens)
 
+    def send_position(self, device: torch.device) -> Tensor:
+        """position[e] of global expert e in the send order: block-major, then this rank, then the others in rank
+        order, then the expert within the block (made once per device)."""
+        if device not in self._positions:
+            per_block = self.num_local // self.chunks
+            e = torch.arange(self.num_experts, device=device)
+            rank, block, j = e // self.num_local, e % self.num_local // per_block, e % per_block
+            slot = torch.where(rank == self.rank, 0, rank + (rank < self.rank).long())
+            self._positions[device] = (block * self.ep + slot) * per_block + j
+        return self._positions[device]
+
     @torch.compiler.disable  # communication and a host sync: eager between the compiled parts
     def dispatch(self, x: Tensor, slots: Slots) -> Dispatched:
-        """Start the all-to-all of this rank's rows; `expert_rows` waits for it."""
+        """Group this rank's rows in send order and start their all-to-alls; `run_experts` computes them."""
         share = None
         if self.tensor_group is not None:
             x, slots, share = self._tensor_share(x, slots)
-        local = self.local.dispatch(x, slots)
-        rows, ep, pending = local.rows, self.ep, []
-        if rows.capacity is not None:  # static: L groups of `capacity` rows for each rank
-            send_splits = recv_splits = [self.num_local * rows.capacity] * ep
-            recv_counts = None
+        local = dispatch_in_order(self.local, x, slots, self.send_position(x.device))
+        rows, ep, blocks, rank = local.rows, self.ep, self.chunks, self.rank
+        per_block = self.num_local // blocks
+        # the group sizes (block, this rank then the others, expert) -> (block, rank, expert within the block)
+        by_slot = rows.group_sizes.view(blocks, ep, per_block)
+        send_sizes = torch.cat([by_slot[:, 1 : rank + 1], by_slot[:, :1], by_slot[:, rank + 1 :]], dim=1)
+        if rows.capacity is not None:  # static: every group holds `capacity` rows
+            recv_sizes = send_sizes
+            send_rows = recv_rows = [[per_block * rows.capacity] * ep] * blocks
         else:
-            send_counts = rows.group_sizes.view(ep, self.num_local)
-            recv_counts = exchange_counts(send_counts, self.group)  # [source rank, local expert]
-            send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # host sync
-        x_recv = all_to_all(rows.x, send_splits, recv_splits, self.group, pending)
-        w_recv = all_to_all(rows.row_weights(), send_splits, recv_splits, self.group, pending)
+            recv_sizes = exchange_counts(send_sizes.transpose(0, 1), self.group).transpose(0, 1)
+            send_rows, recv_rows = torch.stack([send_sizes.sum(-1), recv_sizes.sum(-1)]).tolist()  # host sync
+        own = [send_rows[c][self.rank] for c in range(blocks)]
+        send = [[0 if r == self.rank else n for r, n in enumerate(row)] for row in send_rows]
+        recv = [[0 if r == self.rank else n for r, n in enumerate(row)] for row in recv_rows]
+        chunk_start = [sum(sum(row) for row in send_rows[:c]) for c in range(blocks)]
+        w = rows.row_weights()
+        ex = _Exchange(
+            local, self.group, self.rank, rows.x.detach(), w.detach(), own, send, recv, chunk_start,
+            send_sizes[:, self.rank], recv_sizes, share,
+        )  # fmt: skip
+        anchor = [x.new_empty(0, requires_grad=True)] if torch.is_grad_enabled() else []
+        ex.token = _Start.apply(ex, rows.x, w, *anchor)
         tokens_per_expert, dropped = local.tokens_per_expert, local.dropped
         if self.tensor_group is not None:
             counts = torch.cat([tokens_per_expert, dropped.view(1)])
             dist.all_reduce(counts, group=self.tensor_group)
             tokens_per_expert, dropped = counts[:-1], counts[-1]
-        exchange = _Exchange(
-            local, send_splits, recv_splits, recv_counts, rows.capacity, (x_recv, w_recv), pending, share
-        )
-        return Dispatched(None, tokens_per_expert, dropped, exchange)
+        return Dispatched(rows, tokens_per_expert, dropped, ex)
 
     @torch.compiler.disable
-    def expert_rows(self, dispatched: Dispatched) -> ExpertRows:
-        """The received rows grouped by local expert, once they have arrived."""
+    def run_experts(self, experts: Experts, dispatched: Dispatched) -> Tensor:
+        """The experts' output rows in send order: this rank's own rows first (they do not travel), then each block's
+        rows from the other ranks as they arrive, each block's output sent back as soon as it is done."""
         ex: _Exchange = dispatched.state
-        for work in ex.pending:
-            work.wait()
-        (x_recv, w_recv), ex.received, ex.pending = ex.received, None, []
-        if ex.capacity is not None:  # (source, expert, row) -> (expert, source, row): a transpose
-            c, ep, local = ex.capacity, self.ep, self.num_local
-            group_sizes = torch.full((local,), ep * c, dtype=torch.long, device=x_recv.device)
-            x_sorted = x_recv.view(ep, local, c, -1).transpose(0, 1).reshape(x_recv.shape)
-            return ExpertRows(
-                x_sorted, group_sizes, w_recv.view(ep, local, c).transpose(0, 1).flatten(), capacity=ep * c
-            )
-        ex.permutation = dest, src = source_major_to_expert_major(ex.recv_counts, sum(ex.recv_splits))
-        return ExpertRows(PermuteRows.apply(x_recv, src, dest, 1), ex.recv_counts.sum(0), w_recv, src)
+        blocks = self.chunks
+        weights = list(zip(experts.w_in.chunk(blocks), experts.w_out.chunk(blocks))) if blocks > 1 else None
+        ex.y = ex.x.new_empty(ex.x.shape)
+        pieces, ys = [], []
+
+        def compute(piece: _Piece) -> Tensor:
+            x, w = _Take.apply(ex, piece, ex.token)
+            y = experts.ffn(x, piece.group_sizes, w, experts=weights[piece.chunk] if weights else None)
+            pieces.append(piece)
+            ys.append(y)
+            return y
+
+        for c in range(blocks):
+            if ex.own[c] or (c == 0 and not any(ex.own) and not any(map(sum, ex.recv))):  # idle: still join backward
+                y = compute(ex.own_piece(c))
+                ex.y[ex.chunk_start[c] : ex.chunk_start[c] + ex.own[c]] = y.detach()
+        for c in range(blocks):
+            done = [_Arrived.apply(ex, c, compute(piece)) for piece in ex.pieces(c)]
+            ys[len(ys) - len(done) :] = done
+            out = _rows([y.detach() for y in done], ex.x)
+            ex.exchange(("y", c), [(ex.y[ex.remote(c)], out)], ex.recv[c], ex.send[c])
+        return _Gather.apply(ex, pieces, *ys)
 
     @torch.compiler.disable
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
-        """The rows back to their source ranks (in the order they were sent), then the local combine."""
+        """The local combine of the returned rows (and the tensor-parallel sum)."""
         ex: _Exchange = dispatched.state
-        if ex.capacity is not None:
-            y = y.view(self.num_local, self.ep, ex.capacity, -1).transpose(0, 1).reshape(y.shape)
-        else:
-            dest, src = ex.permutation
-            y = PermuteRows.apply(y, dest, src, 1)
-        out = self.local.combine(all_to_all(y, ex.recv_splits, ex.send_splits, self.group), ex.local)
+        out = self.local.combine(y, ex.local)
         if self.tensor_group is None:
             return out
         if ex.share is not None:  # this rank's tokens [lo, hi) of n, zero elsewhere
@@ -225,16 +436,21 @@ def save_expert_checkpoint(engine, save_dir: str | Path, tag: str | None = None)
     dist.barrier()
 
 
-def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> list[ExpertParallelExperts]:
+def apply_expert_parallel(
+    model: nn.Module, groups: ParallelGroups, chunks: int | None = None
+) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every MoE layer of `model` over the expert-parallel group and give the layer the
-    all-to-all dispatcher (in place); returns the new expert modules. No-op at ep=1."""
+    all-to-all dispatcher (in place), its transfers in `chunks` blocks (default: the config's `ep_chunks`); returns
+    the new expert modules. No-op at ep=1."""
     if groups.config.ep == 1:
         return []
     replaced = []
     for module in list(model.modules()):
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
             module.experts = ExpertParallelExperts(module.experts, groups)
-            module.dispatcher = AllToAllDispatcher(module.dispatcher, groups.expert, groups.tensor)
+            module.dispatcher = AllToAllDispatcher(
+                module.dispatcher, groups.expert, groups.tensor, chunks or groups.config.ep_chunks
+            )
             replaced.append(module.experts)
     if not replaced:
         raise ValueError(f"ep={groups.config.ep} but the model has no MoE layer to shard")

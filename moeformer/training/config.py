@@ -265,6 +265,7 @@ RESUME_FREE_KEYS = (
     "train.compile_backend",
     "train.activation_checkpointing",
     "train.activation_checkpointing_every",
+    "parallel.ep_chunks",  # how the all-to-alls are pipelined, not what they compute
 )
 
 

@@ -11,8 +11,8 @@ from .dispatch import (
     DroplessDispatcher,
     ExpertRows,
     Slots,
+    dispatch_in_order,
     make_dispatcher,
-    source_major_to_expert_major,
 )
 from .experts import FUSED_MAX_TOKENS, Experts, grouped_mm_available
 from .fused_experts import fused_experts, fused_experts_reference
@@ -49,6 +49,7 @@ __all__ = [
     "expert_choice_routing",
     "fused_experts",
     "fused_experts_reference",
+    "dispatch_in_order",
     "grouped_mm_available",
     "limit_to_groups",
     "load_balancing_loss",
@@ -56,7 +57,6 @@ __all__ = [
     "moe_reference",
     "router_z_loss",
     "sequence_aux_loss",
-    "source_major_to_expert_major",
     "topk_routing",
     "update_router_biases",
     "validate_moe_config",

@@ -9,13 +9,14 @@ are applied inside the activation). Two local dispatchers, chosen by `MoEConfig.
   slot order and takes rows [e * capacity, (e + 1) * capacity) of a static (E * capacity)-row buffer (unfilled rows
   are zero with weight 0). Static shapes: no host sync, and expert parallelism needs no split-size exchange.
 
-Expert parallelism wraps either in an all-to-all dispatcher (moeformer.parallel.expert); the fused decode path
+Expert parallelism wraps either in an all-to-all dispatcher (moeformer.parallel.expert), which groups the rows in
+the order it sends them (`dispatch_in_order`) and runs the grouped FFN itself (`run_experts`); the fused decode path
 (fused_experts.py) skips the sorted rows altogether and asks the dispatcher only which slots it keeps (`keep`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from torch import Tensor
 from .config import DISPATCHERS
 from .kernels import Combine, PermuteRows
 from .router import expert_capacity
+
+if TYPE_CHECKING:
+    from .experts import Experts
 
 
 @dataclass
@@ -57,10 +61,11 @@ class ExpertRows:
 
 @dataclass
 class Dispatched:
-    """What `dispatch` returns: the expert rows (None while communication is under way: ask the dispatcher's
-    `expert_rows`), the load of this forward's slots over all experts, and what the dispatcher's `combine` needs."""
+    """What `dispatch` returns: this rank's rows sorted by expert (under expert parallelism: in the order they are
+    sent), the load of this forward's slots over all experts, and what the dispatcher's `run_experts` and
+    `combine` need."""
 
-    rows: ExpertRows | None
+    rows: ExpertRows
     tokens_per_expert: Tensor  # (E,) long, real-token slots routed to each expert (before any capacity drop)
     dropped: Tensor  # () long, real-token slots dropped by the capacity limit
     state: Any
@@ -91,18 +96,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def source_major_to_expert_major(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """Rows arriving grouped by (source rank s, local expert l), counts[s, l] rows each and `total` in all, regrouped
-    by (l, s) keeping their order: returns (dest, src), dest[r] the new position of row r and src its inverse. A
-    computed permutation (block offsets from the count matrix), not a sort."""
-    ranks, local = counts.shape
-    flat = counts.flatten()
-    source_start = torch.cumsum(flat, 0) - flat
-    by_expert = counts.t().flatten()
-    expert_start = (torch.cumsum(by_expert, 0) - by_expert).view(local, ranks).t().flatten()
-    block = torch.repeat_interleave(torch.arange(ranks * local, device=counts.device), flat, output_size=total)
-    dest = torch.arange(total, device=counts.device) + (expert_start - source_start).index_select(0, block)
-    return dest, inverse_permutation(dest)
+def dispatch_in_order(dispatcher: Dispatcher, x: Tensor, slots: Slots, position: Tensor) -> Dispatched:
+    """`dispatcher.dispatch` with the rows grouped as if expert e were expert position[e] (a permutation of the
+    experts: the order an all-to-all sends them in); the load counts stay in the experts' own order."""
+    dispatched = dispatcher.dispatch(x, replace(slots, expert_idx=position.index_select(0, slots.expert_idx)))
+    return replace(dispatched, tokens_per_expert=dispatched.tokens_per_expert.index_select(0, position))
 
 
 class LocalDispatcher:
@@ -110,8 +108,9 @@ class LocalDispatcher:
 
     num_experts: int
 
-    def expert_rows(self, dispatched: Dispatched) -> ExpertRows:
-        return dispatched.rows
+    def run_experts(self, experts: Experts, dispatched: Dispatched) -> Tensor:
+        """The experts' output rows, in the order `combine` reads them."""
+        return experts(dispatched.rows)
 
 
 class DroplessDispatcher(LocalDispatcher):

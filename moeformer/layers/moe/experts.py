@@ -147,13 +147,20 @@ class Experts(nn.Module):
         return self.backend == "grouped"
 
     def ffn(
-        self, x_sorted: Tensor, group_sizes: Tensor, weight: Tensor | None = None, rows: Tensor | None = None
+        self,
+        x_sorted: Tensor,
+        group_sizes: Tensor,
+        weight: Tensor | None = None,
+        rows: Tensor | None = None,
+        experts: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Expert e's FFN on its group of rows of the sorted buffer; rows past the groups are undefined. With
         `weight`, buffer row i's activation is scaled by weight[rows[i]] (`rows` a permutation of weight's indices,
-        None: the identity): the output is then already weighted."""
+        None: the identity): the output is then already weighted. `experts`: (w_in, w_out) of a block of
+        consecutive experts to use instead of all of them (one group each)."""
+        w_in, w_out = experts or (self.w_in, self.w_out)
         if x_sorted.shape[0] == 0:  # a rank whose experts received no row: gradients (zero) still reach everything
-            touch = x_sorted.sum() + self.w_in.sum() + self.w_out.sum()  # ... so every rank joins the backward
+            touch = x_sorted.sum() + w_in.sum() + w_out.sum()  # ... so every rank joins the backward
             touch = touch if weight is None else touch + weight.sum()
             return x_sorted.new_zeros(0, self.dim) + 0.0 * touch.to(x_sorted.dtype)
         if weight is not None and rows is None:
@@ -164,14 +171,14 @@ class Experts(nn.Module):
             matmul = functools.partial(grouped_mm, offs=torch.cumsum(group_sizes, 0, dtype=torch.int32))
         else:
             matmul = functools.partial(_loop_matmul, group_sizes=group_sizes)
-        h = matmul(x_sorted, self.w_in.to(x_sorted.dtype))
+        h = matmul(x_sorted, w_in.to(x_sorted.dtype))
         if self.activation == "swiglu":
             h = swiglu(h, weight, rows)
         else:
             h = F.gelu(h)
             if weight is not None:
                 h = (h.float() * weight.index_select(0, rows).unsqueeze(-1)).to(x_sorted.dtype)
-        return matmul(h, self.w_out.to(x_sorted.dtype))
+        return matmul(h, w_out.to(x_sorted.dtype))
 
     def forward(self, rows: ExpertRows) -> Tensor:
         """Each row through its group's expert, the activation scaled by the row's routing weight: (R, dim)."""

@@ -106,7 +106,7 @@ class MoE(nn.Module):
         else:
             dispatched = self.dispatcher.dispatch(flat, slots)
             shared = self.shared(flat)  # overlaps the dispatcher's communication, if any
-            out = self.dispatcher.combine(self.experts(self.dispatcher.expert_rows(dispatched)), dispatched)
+            out = self.dispatcher.combine(self.dispatcher.run_experts(self.experts, dispatched), dispatched)
             tokens_per_expert, dropped = dispatched.tokens_per_expert, dispatched.dropped
         if shared is not None:
             out = out + shared
