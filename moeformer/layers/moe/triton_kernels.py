@@ -69,8 +69,15 @@ def _block(width: int) -> int:
     return min(1024, triton.next_power_of_2(width))
 
 
+def _dense(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The kernels index rows as contiguous: inside a compiled graph a custom op's inputs keep only their stride
+    order (inductor may pad a row), so every launcher makes its inputs dense first (free when they already are)."""
+    return [t if t is None else t.contiguous() for t in tensors]
+
+
 def gather_sum(src: Tensor, index: Tensor, k: int) -> Tensor:
     """out[t] = sum_j src[index[t*k + j]]; (S, D) -> (S // k, D)."""
+    src, index = _dense(src, index)
     n, d = index.shape[0] // k, src.shape[1]
     out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     block = _block(d)
@@ -80,6 +87,7 @@ def gather_sum(src: Tensor, index: Tensor, k: int) -> Tensor:
 
 def swiglu_forward(h: Tensor, weight: Tensor | None, rows: Tensor | None) -> Tensor:
     """silu(h[:, :F]) * h[:, F:] for h (S, 2F), row i times weight[rows[i]] when weight is given."""
+    h, weight, rows = _dense(h, weight, rows)
     s, f = h.shape[0], h.shape[1] // 2
     out = torch.empty(s, f, dtype=h.dtype, device=h.device)
     block = _block(f)
@@ -93,8 +101,9 @@ def swiglu_forward(h: Tensor, weight: Tensor | None, rows: Tensor | None) -> Ten
 def swiglu_backward(h: Tensor, grad: Tensor, weight: Tensor | None, rows: Tensor | None) -> tuple[Tensor, Tensor]:
     """Gradients of swiglu_forward with respect to h (S, 2F) and weight (fp32, like weight; empty without one).
     `rows` must be a permutation of weight's indices: each slot's gradient is written once."""
+    h, grad, weight, rows = _dense(h, grad, weight, rows)
     s, f = grad.shape
-    grad_h = torch.empty_like(h)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     has_weight = weight is not None
     grad_w = torch.empty(weight.shape[0] if has_weight else 0, dtype=torch.float32, device=h.device)
     _swiglu_backward_kernel[(s,)](
