@@ -121,6 +121,10 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
     assert load_config(None, ["--parallel.pp=2"]).parallel.pp == 2  # pipeline parallelism alone is accepted
     with pytest.raises(ValueError, match="train.compile_backend must be one of .*'inductor'.*got 'inductr'"):
         load_config(None, ["--train.compile=true", "--train.compile_backend=inductr"])
+    flex = ["--train.compile=true", "--model.attn_backend=flex"]
+    with pytest.raises(ConfigError, match="model.attn_backend=flex trains on wrong gradients"):
+        load_config(None, flex)
+    assert load_config(None, [*flex, "--train.compile_backend=aot_eager"]).train.compile is True
 
 
 def test_pipeline_refuses_zero_stages_its_engine_cannot_run():

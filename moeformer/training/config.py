@@ -159,6 +159,12 @@ class RunConfig:
         from torch._dynamo import list_backends  # only when compiling: importing dynamo takes a second
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
+        if self.train.compile_backend == "inductor" and self.model_config().attn_backend == "flex":
+            raise ConfigError(
+                "train.compile=true with model.attn_backend=flex trains on wrong gradients (flex attention over "
+                "packed documents inside inductor-compiled blocks); use model.attn_backend=auto or sdpa, or "
+                "train.compile_backend=aot_eager"
+            )
         if self.parallel.pp > 1:
             raise ConfigError(
                 f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
