@@ -63,7 +63,11 @@ def find_stdlib_sources(root: str | Path | None = None) -> list[str]:
 
 def read_source(path: str | Path) -> str:
     """Text of a Python source file, decoded per its coding cookie (PEP 263); undecodable bytes become U+FFFD."""
-    raw = Path(path).read_bytes()
+    return decode_source(Path(path).read_bytes())
+
+
+def decode_source(raw: bytes) -> str:
+    """`raw` Python source decoded per its coding cookie (PEP 263); undecodable bytes become U+FFFD."""
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
     except SyntaxError:  # a deliberately broken cookie (the stdlib's own tests have some)
