@@ -279,6 +279,14 @@ def dataset_facts(data_dir: str | Path) -> dict[str, Any]:
     return facts
 
 
+def epoch_steps(data_dir: str | Path, seq_len: int, micro_batch_size: int, grad_accum: int, dp_size: int) -> int:
+    """Optimizer steps in one pass over the train split: each step takes grad_accum global batches of
+    micro_batch_size * dp_size windows of seq_len tokens (as `ShardedBatches` deals them), so a run of at most
+    this many steps sees no train token twice."""
+    windows = (dataset_facts(data_dir)["train_tokens"] - 1) // seq_len
+    return windows // (micro_batch_size * dp_size) // grad_accum
+
+
 class TokenDataset:
     """Packed windows over a token file: window i covers tokens [i*seq_len, i*seq_len + seq_len + 1).
 
