@@ -5,6 +5,7 @@ parts each fit one upload."""
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from moeformer.training.config import load_config
 from moeformer.training.corpus_recipe import MIB, load_recipe, prepare_recipe
 from moeformer.training.data import ShardedBatches, TokenDataset, epoch_steps, load_meta
 from moeformer.training.tokenizer import ByteTokenizer, load_tokenizer
@@ -184,3 +186,37 @@ def test_epoch_steps_see_no_train_window_twice(tmp_path, recipe, world_size, mic
     seen = [w for r in ranks for i in range(steps * grad_accum) for w in r.batch_indices(0, i).tolist()]
     assert len(seen) == len(set(seen)) == steps * grad_accum * micro_batch * world_size
     assert (steps + 1) * grad_accum > ranks[0].batches_per_epoch  # one more step would start a second epoch
+
+
+def fake_run(run_dir: Path, name: str, data_dir: Path, steps: int, val_loss: float) -> None:
+    """A finished run's config.yaml and metrics.jsonl as the trainer writes them (32 tokens a step)."""
+    run_dir.mkdir(parents=True)
+    config = REPO / f"configs/train/{name}-gpu.yaml"
+    load_config(config, [f"--data.dir={data_dir}", f"--train.steps={steps}"]).save(run_dir / "config.yaml")
+    train = [
+        {"split": "train", "step": s, "tokens": 32 * s, "ce_loss": 5.0, "tokens_per_s": 1e5, "peak_mem_gib": 1.0}
+        for s in range(10, steps + 1, 10)
+    ]
+    val = [{"split": "val", "step": steps, "loss": val_loss}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train + val))
+
+
+def test_moe_vs_dense_report_combines_runs_made_apart(tmp_path, recipe, monkeypatch):
+    """The report step reads the two runs (trained in separate processes) and states steps, tokens and epochs; runs
+    that differ in steps are refused."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # as when the script runs: its plot_run beside it
+    data = tmp_path / "data"
+    meta = prepare_recipe(data, recipe, [tmp_path / "wheels"], ByteTokenizer(), progress=False)
+    fake_run(tmp_path / "runs/small-moe", "small-moe", data, 100, 2.5)
+    fake_run(tmp_path / "runs/small-dense", "small-dense", data, 100, 2.6)
+    results = script("moe_vs_dense").report(tmp_path / "runs")
+    assert [r["final_val_loss"] for r in results] == [2.5, 2.6]
+    assert results[0]["steps"] == 100 and results[0]["epochs"] == 3200 / meta["splits"]["train"]["tokens"]
+    table = (tmp_path / "runs/results.md").read_text()
+    assert "100 steps" in table and f"{meta['splits']['train']['tokens']:,} train tokens; 3,200 seen" in table
+    assert (tmp_path / "runs/loss.png").is_file()
+
+    fake_run(tmp_path / "other/small-moe", "small-moe", data, 100, 2.5)
+    fake_run(tmp_path / "other/small-dense", "small-dense", data, 90, 2.6)
+    with pytest.raises(SystemExit, match="differ in corpus, steps or tokens"):
+        script("moe_vs_dense").report(tmp_path / "other")
