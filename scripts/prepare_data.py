@@ -11,9 +11,10 @@ python scripts/prepare_data.py --recipe configs/data/code-100m.yaml --download .
 python scripts/prepare_data.py --recipe configs/data/code-100m.yaml --wheels .corpus --out data/code-100m
 
 A --recipe (configs/data/) pins the wheels whose Python sources make a code corpus; --wheels names directories
-holding them (or their part subdirectories), each checked against its sha256. --tokenizer is "byte" (the default,
-except for a recipe), "bpe" (trained on the train split; for a recipe, the default, on a seeded sample of it at the
-recipe's vocabulary size) or a Hugging Face tokenizer.json / a checkpoint directory holding one.
+holding them (or their part subdirectories), each checked against its sha256; the recipe fixes its own seed and
+val fraction. --tokenizer is "byte" (the default, except for a recipe), "bpe" (trained on the train split; for a
+recipe, the default, on a seeded sample of it at the recipe's vocabulary size) or a Hugging Face tokenizer.json / a
+checkpoint directory holding one.
 An error is reported in one line with exit status 1 (`--debug` shows its traceback).
 """
 
