@@ -86,12 +86,13 @@ def markdown(results: list[dict]) -> str:
 
 
 def run_steps(spec: str, config) -> int:
-    """`spec` steps, or with "epoch" those of one pass over the train split for this run's batch layout."""
-    if spec != "epoch":
-        return int(spec)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """`spec` steps, or with "epoch" those of one pass over the train split for this run's batch layout; says how
+    many epochs of the train split the steps make."""
     d, t = config.data, config.train
-    return epoch_steps(d.dir, d.seq_len, d.micro_batch_size, t.grad_accum, world)
+    epoch = epoch_steps(d.dir, d.seq_len, d.micro_batch_size, t.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))
+    steps = epoch if spec == "epoch" else int(spec)
+    print(f"{steps} steps: {steps / epoch:.2f} epochs of {d.dir}'s train split ({epoch} steps each)", flush=True)
+    return steps
 
 
 def report(out: Path) -> list[dict]:
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
             continue
         config = load_config(path, overrides + [f"--out_dir={out / name}"])
         steps = run_steps(args.steps, config)
-        print(f"{name}: {steps} steps", flush=True)
         trainer = Trainer(load_config(path, overrides + [f"--train.steps={steps}", f"--out_dir={out / name}"]))
         trainer.train()
         del trainer
