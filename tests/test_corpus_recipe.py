@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 from moeformer.training.config import load_config
-from moeformer.training.corpus_recipe import MIB, load_recipe, prepare_recipe
+from moeformer.training.corpus_recipe import (
+    MIB,
+    corpus_order,
+    load_recipe,
+    locate_wheels,
+    prepare_recipe,
+    select_files,
+)
 from moeformer.training.data import ShardedBatches, TokenDataset, epoch_steps, load_meta
 from moeformer.training.tokenizer import ByteTokenizer, load_tokenizer
 from moeformer.training.user_data import document_split
@@ -96,10 +103,15 @@ def read_split(out: Path, split: str) -> np.ndarray:
 
 
 def test_recipe_gives_the_named_documents_in_order(tmp_path, recipe):
+    """The kept files (too large, blank, duplicate and non-source members left out), each split in the recipe's
+    seeded order, byte for byte."""
     meta = prepare_recipe(tmp_path / "out", recipe, [tmp_path / "wheels"], ByteTokenizer(), progress=False)
     text = {f"{w}/{m}": content for w, members in MEMBERS.items() for m, content in members.items()}
+    spec = load_recipe(recipe)
+    order = corpus_order(spec, select_files(spec, locate_wheels(spec, [tmp_path / "wheels"])))
+    assert sorted(order) == KEPT
     expected = {"train": b"", "val": b""}
-    for name in KEPT:
+    for name in order:
         expected[document_split(SEED, Path(name), 0, 0.4)] += text[name].encode() + b"\x00"
     assert expected["train"] and expected["val"], "the test's seed must give both splits a document"
     eos = ByteTokenizer.eos_id
@@ -130,11 +142,11 @@ def test_bpe_build_is_deterministic_from_wheels_in_their_parts(tmp_path, recipe)
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     tokenizer = load_tokenizer(tmp_path / "one")  # the tokens decode back to the documents
-    train = read_split(tmp_path / "one", "train").tolist()
-    first = train[: train.index(tokenizer.eos_id)]
-    name = next(n for n in KEPT if document_split(SEED, Path(n), 0, 0.4) == "train")
-    wheel, member = name.split("/", 1)
-    assert tokenizer.decode(first) == MEMBERS[wheel][member]
+    ids = read_split(tmp_path / "one", "train")
+    ends = np.flatnonzero(ids == tokenizer.eos_id)
+    decoded = [tokenizer.decode(doc.tolist()) for doc in np.split(ids, ends + 1)[:-1]]
+    names = [n.split("/", 1) for n in KEPT if document_split(SEED, Path(n), 0, 0.4) == "train"]
+    assert sorted(decoded) == sorted(MEMBERS[wheel][member] for wheel, member in names)
 
 
 def test_missing_or_altered_wheel_is_one_clear_error(tmp_path, recipe, capsys):

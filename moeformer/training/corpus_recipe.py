@@ -1,10 +1,11 @@
 """A pinned code corpus: the Python sources inside a list of wheels, each pinned by file name and sha256.
 
 The `.py` members are read straight out of the wheel archives (nothing is installed, so the corpus does not depend
-on the interpreter that builds it), in a sorted order: wheels by file name, members by path. Files larger than the
+on the interpreter that builds it), listed in a sorted order: wheels by file name, members by path. Files larger than the
 recipe's `max_file_bytes` (generated tables), blank files and exact duplicates of an earlier file (vendored copies)
-are left out. Each document is named `<wheel>/<member>`, goes to train or val by a seeded hash of that name, and
-the meta records hashes of the recipe, the wheels, the file list and the contents.
+are left out. Each document is named `<wheel>/<member>`, goes to train or val by a seeded hash of that name and is
+written in an order shuffled by another; the meta records hashes of the recipe, the wheels, the file list and the
+contents.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,11 +195,20 @@ def select_files(recipe: Recipe, paths: dict[str, Path]) -> Selection:
     return selection
 
 
+def corpus_order(recipe: Recipe, selection: Selection) -> list[str]:
+    """The kept files in the order they are written: shuffled by a seeded hash of their names, so that any stretch
+    of a split (the first batches an evaluation reads) samples every wheel."""
+    return sorted(selection.kept, key=lambda name: hashlib.sha256(f"order\0{recipe.seed}\0{name}".encode()).digest())
+
+
 def recipe_documents(recipe: Recipe, paths: dict[str, Path], selection: Selection) -> Iterator[tuple[str, str]]:
-    """(split, text) of each kept file, in corpus order."""
-    for name, raw in _members(recipe, paths):
-        if name in selection.kept:
-            yield document_split(recipe.seed, Path(name), 0, recipe.val_fraction), decode_source(raw)
+    """(split, text) of each kept file, in `corpus_order`."""
+    with ExitStack() as stack:
+        archives = {w.file: stack.enter_context(zipfile.ZipFile(paths[w.file])) for w in recipe.wheels}
+        for name in corpus_order(recipe, selection):
+            wheel, member = name.split("/", 1)
+            split = document_split(recipe.seed, Path(name), 0, recipe.val_fraction)
+            yield split, decode_source(archives[wheel].read(member))
 
 
 def tokenizer_sample(recipe: Recipe, paths: dict[str, Path], selection: Selection) -> Iterator[str]:
@@ -225,6 +236,7 @@ def recipe_source(recipe: Recipe, selection: Selection) -> dict:
         "seed": recipe.seed,
         "max_file_bytes": recipe.max_file_bytes,
         "suffixes": list(recipe.suffixes),
+        "order": "sha256 of (seed, name)",
         **selection.summary(),
     }
 
