@@ -1,11 +1,11 @@
 """A pinned code corpus: the Python sources inside a list of wheels, each pinned by file name and sha256.
 
 The `.py` members are read straight out of the wheel archives (nothing is installed, so the corpus does not depend
-on the interpreter that builds it), listed in a sorted order: wheels by file name, members by path. Files larger than the
-recipe's `max_file_bytes` (generated tables), blank files and exact duplicates of an earlier file (vendored copies)
-are left out. Each document is named `<wheel>/<member>`, goes to train or val by a seeded hash of that name and is
-written in an order shuffled by another; the meta records hashes of the recipe, the wheels, the file list and the
-contents.
+on the interpreter that builds it) and listed in a sorted order: wheels by file name, members by path. Files larger
+than the recipe's `max_file_bytes` (generated tables), blank files and exact duplicates of an earlier file (vendored
+copies) are left out. Each document is named `<wheel>/<member>`, goes to train or val by a seeded hash of that name
+and is written in an order shuffled by another; the meta records hashes of the recipe, the wheels, the file list
+and the contents.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class Wheel:
+    """One pinned wheel: its file name, the sha256 and size of the file, and the part it travels in."""
+
     file: str
     sha256: str
     bytes: int
@@ -111,6 +113,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(MIB):
