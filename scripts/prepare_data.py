@@ -7,9 +7,15 @@ python scripts/prepare_data.py --files 'corpus/**/*.jsonl' --format jsonl --text
     --tokenizer path/to/hf-checkpoint --out data/mine
 python scripts/prepare_data.py --files chats.jsonl --format jsonl --prompt-field prompt --response-field response \\
     --tokenizer path/to/tokenizer.json --eos-token '</s>' --out data/sft     # loss on the responses only
+python scripts/prepare_data.py --recipe configs/data/code-100m.yaml --download .corpus  # the pinned wheels, by part
+python scripts/prepare_data.py --recipe configs/data/code-100m.yaml --wheels .corpus --out data/code-100m
 
---tokenizer is "byte", "bpe" (trained on the train split) or a Hugging Face tokenizer.json / a checkpoint directory
-holding one. An error is reported in one line with exit status 1 (`--debug` shows its traceback).
+A --recipe (configs/data/) pins the wheels whose Python sources make a code corpus; --wheels names directories
+holding them (or their part subdirectories), each checked against its sha256; the recipe fixes its own seed and
+val fraction. --tokenizer is "byte" (the default, except for a recipe), "bpe" (trained on the train split; for a
+recipe, the default, on a seeded sample of it at the recipe's vocabulary size) or a Hugging Face tokenizer.json / a
+checkpoint directory holding one.
+An error is reported in one line with exit status 1 (`--debug` shows its traceback).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import time
 
 from moeformer.errors import reported_errors
+from moeformer.training.corpus_recipe import download_wheels, load_recipe, prepare_recipe
 from moeformer.training.data import DEFAULT_BPE_VOCAB, TOKENIZERS, prepare_corpus
 from moeformer.training.tokenizer import BPETokenizer, ByteTokenizer, PretrainedTokenizer, Tokenizer
 from moeformer.training.user_data import FORMATS, prepare_user_data, train_texts
@@ -26,8 +33,8 @@ from moeformer.training.user_data import FORMATS, prepare_user_data, train_texts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
-    parser.add_argument("--tokenizer", default="byte", help="byte, bpe, or a tokenizer.json / HF checkpoint dir")
+    parser.add_argument("--out", help="output directory (train.bin, val.bin, meta.json)")
+    parser.add_argument("--tokenizer", help="byte, bpe, or a tokenizer.json / HF checkpoint dir")
     parser.add_argument(
         "--vocab-size",
         type=int,
@@ -37,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.02, help="share of files/documents held out")
     parser.add_argument("--max-files", type=int, default=None, help="stdlib: only the first N sorted files")
     parser.add_argument("--files", action="append", help="glob of your files (repeatable; '**' recurses)")
+    parser.add_argument("--recipe", help="a pinned corpus recipe (configs/data/*.yaml)")
+    parser.add_argument(
+        "--wheels", action="append", default=[], help="directory holding a recipe's wheels (repeatable)"
+    )
+    parser.add_argument("--download", metavar="DIR", help="fetch a recipe's wheels with pip into DIR/<part>/ and stop")
     parser.add_argument("--format", choices=FORMATS, default="text", help="how --files hold documents")
     parser.add_argument("--text-field", default="text", help="jsonl/parquet field holding a document")
     parser.add_argument("--prompt-field", help="instruction data: the prompt's field (loss on the response only)")
@@ -45,7 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split of documents")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.tokenizer = args.tokenizer or ("bpe" if args.recipe else "byte")
+    if not args.out and not args.download:
+        parser.error("--out is required")
+    if (args.wheels or args.download) and not args.recipe:
+        parser.error("--wheels and --download go with --recipe")
+    if args.recipe and args.files:
+        parser.error("--recipe and --files are two different sources; give one")
+    return args
 
 
 def user_tokenizer(args: argparse.Namespace, fields: dict) -> Tokenizer:
@@ -57,11 +77,18 @@ def user_tokenizer(args: argparse.Namespace, fields: dict) -> Tokenizer:
     return PretrainedTokenizer(args.tokenizer, eos_token=args.eos_token)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     start = time.perf_counter()
     with reported_errors(args.debug):
-        if args.files:
+        if args.download:
+            download_wheels(load_recipe(args.recipe), args.download)
+            print(f"the wheels of {args.recipe} are in {args.download}/<part>/, their hashes checked")
+            return None
+        if args.recipe:
+            tokenizer = None if args.tokenizer == "bpe" else user_tokenizer(args, {})
+            meta = prepare_recipe(args.out, args.recipe, args.wheels, tokenizer, args.vocab_size, args.workers)
+        elif args.files:
             fields = dict(
                 text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field
             )

@@ -63,7 +63,11 @@ def find_stdlib_sources(root: str | Path | None = None) -> list[str]:
 
 def read_source(path: str | Path) -> str:
     """Text of a Python source file, decoded per its coding cookie (PEP 263); undecodable bytes become U+FFFD."""
-    raw = Path(path).read_bytes()
+    return decode_source(Path(path).read_bytes())
+
+
+def decode_source(raw: bytes) -> str:
+    """`raw` Python source decoded per its coding cookie (PEP 263); undecodable bytes become U+FFFD."""
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
     except SyntaxError:  # a deliberately broken cookie (the stdlib's own tests have some)
@@ -273,6 +277,14 @@ def dataset_facts(data_dir: str | Path) -> dict[str, Any]:
         file = Path(data_dir) / meta["splits"][split]["file"]
         facts[f"{split}_tokens"] = file.stat().st_size // itemsize if file.is_file() else None
     return facts
+
+
+def epoch_steps(data_dir: str | Path, seq_len: int, micro_batch_size: int, grad_accum: int, dp_size: int) -> int:
+    """Optimizer steps in one pass over the train split: each step takes grad_accum global batches of
+    micro_batch_size * dp_size windows of seq_len tokens (as `ShardedBatches` deals them), so a run of at most
+    this many steps sees no train token twice."""
+    windows = (dataset_facts(data_dir)["train_tokens"] - 1) // seq_len
+    return windows // (micro_batch_size * dp_size) // grad_accum
 
 
 class TokenDataset:

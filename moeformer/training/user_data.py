@@ -13,7 +13,7 @@ import glob
 import hashlib
 import json
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -189,6 +189,34 @@ def prepare_user_data(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     paths = expand_files(files)
     instruction = bool(prompt_field or response_field)
+    fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
+    source = {
+        "kind": "files",
+        "format": fmt,
+        "files": len(paths),
+        "file_list_sha256": hashlib.sha256("\n".join(p.as_posix() for p in paths).encode()).hexdigest(),
+        "seed": seed,
+        "fields": [prompt_field, response_field] if instruction else [text_field],
+    }
+    documents = split_documents(paths, fmt, val_fraction, seed, **fields)
+    return write_corpus(
+        out_dir, tokenizer, documents, source, val_fraction, instruction=instruction, workers=workers, progress=progress
+    )
+
+
+def write_corpus(
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    documents: Iterable[tuple[str, Document]],
+    source: dict,
+    val_fraction: float,
+    *,
+    instruction: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Tokenize (split, document) pairs in worker processes into `out_dir`: the tokenizer's files, train/val .bin
+    (and .mask for instruction data), then meta.json (recording `source`) last. Returns the metadata."""
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,12 +225,11 @@ def prepare_user_data(
     for name, content in artifacts.items():
         with atomic_file(out_dir / name) as f:
             f.write(content)
-    fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
 
     def chunks() -> Iterator[tuple[str, list[Document]]]:
         """Runs of up to CHUNK_DOCS documents of one split, each split's documents in order."""
         pending: dict[str, list[Document]] = {s: [] for s in SPLITS}
-        for split, document in split_documents(paths, fmt, val_fraction, seed, **fields):
+        for split, document in documents:
             pending[split].append(document)
             if len(pending[split]) == CHUNK_DOCS:
                 yield split, pending[split]
@@ -239,7 +266,6 @@ def prepare_user_data(
             raise ValueError(
                 f"the {empty[0]} split got no document out of {total}; use more documents or another --val-fraction"
             )
-    listing = hashlib.sha256("\n".join(p.as_posix() for p in paths).encode()).hexdigest()
     meta = {
         "version": FORMAT_VERSION,
         "tokenizer": tokenizer.kind,
@@ -249,14 +275,7 @@ def prepare_user_data(
         "bos_id": tokenizer.bos_id,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
-        "source": {
-            "kind": "files",
-            "format": fmt,
-            "files": len(paths),
-            "file_list_sha256": listing,
-            "seed": seed,
-            "fields": [prompt_field, response_field] if instruction else [text_field],
-        },
+        "source": source,
         "splits": {
             s: {"file": f"{s}.bin", **({"mask": f"{s}.bin{MASK_SUFFIX}"} if instruction else {}), **counts[s]}
             for s in SPLITS
