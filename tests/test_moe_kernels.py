@@ -142,7 +142,9 @@ def test_triton_launchers_read_rows_with_padded_strides(dtype):
     _, inverse = routing(s, k, device)
     assert not h.is_contiguous() and not grad.is_contiguous()
     dense = [t.contiguous() for t in (h, grad, y)]
-    torch.testing.assert_close(triton_kernels.gather_sum(y, inverse, k), triton_kernels.gather_sum(dense[2], inverse, k))
+    torch.testing.assert_close(
+        triton_kernels.gather_sum(y, inverse, k), triton_kernels.gather_sum(dense[2], inverse, k)
+    )
     torch.testing.assert_close(
         triton_kernels.swiglu_forward(h, weight, rows), triton_kernels.swiglu_forward(dense[0], weight, rows)
     )

@@ -191,9 +191,9 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: AttentionMask, k_len: i
     """Validate `backend`; "auto" picks flash_attn (importable, CUDA, fp16/bf16, expressible mask), else flex on CUDA
     for packed documents (block-sparse: it skips other documents' key blocks, which sdpa computes and masks) in eager
     mode, else sdpa: inside an inductor-compiled block, flex attention over a document mask gave wrong gradients
-    (small-moe on an H200, torch 2.11: gradient norms 1e4-1e7 where eager and sdpa gave 2-9). Over a static buffer (compiled decoding) "flash_attn" and "flex" take sdpa too: flash-attn cannot read a
-    padded buffer, flex would rebuild its block mask every step for one query block, and a model trained with either
-    must still generate."""
+    (small-moe on an H200, torch 2.11: gradient norms 1e4-1e7 where eager and sdpa gave 2-9). Over a static buffer
+    (compiled decoding) "flash_attn" and "flex" take sdpa too: flash-attn cannot read a padded buffer, flex would
+    rebuild its block mask every step for one query block, and a model trained with either must still generate."""
     check_backend(backend)
     if mask.in_buffer and backend in ("flash_attn", "flex"):
         return "sdpa"
