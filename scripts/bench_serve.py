@@ -70,9 +70,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_engine(engine: Engine, requests) -> dict:
-    """Feed `requests` at their arrival times; tokens/s, TTFT and ITL percentiles (seconds)."""
+    """Feed `requests` at their arrival times; tokens/s, TTFT and ITL percentiles (seconds), and tokens/s over the
+    steps that began with a full batch (max_batch requests running: the steady state of a saturated engine, without
+    the ramp-up and the drain into a finite run's long tail)."""
     arrival, last, ttft, itl = {}, {}, [], []
     tokens, pending, start = 0, list(enumerate(requests)), time.perf_counter()
+    full, steps = dict(steps=0, tokens=0, seconds=0.0), 0
     while pending or engine.has_unfinished():
         now = time.perf_counter() - start
         while pending and pending[0][1][0] <= now:
@@ -82,8 +85,13 @@ def run_engine(engine: Engine, requests) -> dict:
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(0.01, pending[0][1][0] - now)))
             continue
+        saturated, began = len(engine.scheduler.running) == engine.max_batch, time.perf_counter()
         outputs = engine.step()
-        done = time.perf_counter()
+        done, steps = time.perf_counter(), steps + 1
+        if saturated:
+            full["steps"] += 1
+            full["seconds"] += done - began
+            full["tokens"] += sum(len(out.new_token_ids) for out in outputs)
         for out in outputs:
             if out.new_token_ids:
                 tokens += len(out.new_token_ids)
@@ -93,7 +101,17 @@ def run_engine(engine: Engine, requests) -> dict:
                     ttft.append(done - arrival[out.request_id])
                 last[out.request_id] = done
     elapsed = time.perf_counter() - start
-    return dict(tps=tokens / elapsed, ttft=ttft, itl=itl, seconds=elapsed, tokens=tokens)
+    full_tps = full["tokens"] / full["seconds"] if full["steps"] else float("nan")
+    return dict(
+        tps=tokens / elapsed,
+        ttft=ttft,
+        itl=itl,
+        seconds=elapsed,
+        tokens=tokens,
+        steps=steps,
+        full=full,
+        full_tps=full_tps,
+    )
 
 
 @torch.no_grad()
@@ -250,6 +268,15 @@ def report(args, model, engine: Engine, requests, device) -> None:
 
     served = run_engine(engine, requests)
     rows = [("engine (continuous batching)", served["tps"], served["ttft"], served["itl"])]
+    full = served["full"]
+    rows.append(
+        (
+            f"engine, steps begun at a full batch ({full['steps']} of {served['steps']} steps)",
+            served["full_tps"],
+            [],
+            [],
+        )
+    )
     if not args.skip_static:
         compile = not args.no_compile
         run_static(model, requests, args.concurrency, device, compile)  # compiles every batch's shapes

@@ -363,6 +363,7 @@ def test_bench_serve_runs_on_a_cpu(monkeypatch, capsys):
     out = capsys.readouterr().out
     for row in (
         "| engine (continuous batching) |",
+        "| engine, steps begun at a full batch (",
         "| static batching (eager generate) |",
         "| single request, eager generate |",
         "| single request, engine |",
