@@ -427,12 +427,32 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
             str(tmp_path / "out"),
             "--heal-config",
             str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml"),
+            "--heal-distill-alpha",
+            "0,0.5",
+            "--heal-lr",
+            "3e-4",
+            "--heal-warmup",
+            "5",
         ]
     )
-    prune_to_six(source, tmp_path / "out" / "pruned-6")
-    config = load_config(table_script.Driver(args).heal_config(tmp_path / "out" / "pruned-6"))
-    assert config.model_config() == from_pretrained(tmp_path / "out" / "pruned-6").config
-    assert config.init_from == str(tmp_path / "out" / "pruned-6")
+    pruned = tmp_path / "out" / "pruned-6"
+    prune_to_six(source, pruned)
+    driver = table_script.Driver(args)
+    heal_config = driver.heal_config(pruned)
+    config = load_config(heal_config)
+    assert config.model_config() == from_pretrained(pruned).config
+    assert config.init_from == str(pruned)
+    (plain, plain_overrides), (distilled, distilled_overrides) = driver.heal_runs(pruned, "pruned to 6")
+    assert plain.label == "pruned to 6 + 200-step heal (cross-entropy, lr 0.0003)"
+    assert distilled.label == "pruned to 6 + 200-step heal (distilled, alpha 0.5, lr 0.0003)"
+    assert plain.key != distilled.key and distilled.model == tmp_path / "out" / "runs" / distilled.key / "model"
+    for overrides, distill in (
+        (plain_overrides, None),
+        (distilled_overrides, {"teacher": str(source / "model"), "alpha": 0.5, "temperature": 1.0}),
+    ):
+        config = load_config(heal_config, overrides)
+        assert config.train.distill == distill  # the original model teaches the pruned one
+        assert (config.train.steps, config.optim.lr, config.optim.warmup_steps) == (200, 3e-4, 5)
     row = {
         "experts": 8,
         "total_params": 3e6,
