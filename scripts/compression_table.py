@@ -4,16 +4,17 @@ trained from scratch for the same steps; for each, total / active parameters, we
 at batch 1 and the held-out loss.
 
     python scripts/compression_table.py --teacher runs/small-moe/model --data data/stdlib-bpe --out runs/compress \
-        [--keep 6,4] [--heal-steps 200] [--heal-lr 5e-4] [--heal-distill-alpha 1] [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] \
-        [--set train.grad_accum=1 ...] [--nproc 1]
+        [--keep 6,4] [--heal-steps 200] [--heal-lr 5e-4] [--heal-warmup 10] [--heal-distill-alpha 1] \
+        [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] [--set train.grad_accum=1 ...] [--nproc 1]
 
 Every step runs as its own process: scripts/prune_experts.py (calibration on the train split), scripts/train.py under
-torchrun for the healing runs (`model.init_from` the pruned checkpoint, the model section taken from its config) and
-the two students (`--student-config`, with and without `train.distill`), and this script's `--measure` mode (held-out
-loss as scripts/eval_loss.py computes it, decode speed as scripts/bench_generate.py measures ours, compiled on
-CUDA). Outputs stay under --out (checkpoints, runs/, logs/, results/<row>.json), and a rerun skips what is done
-(`--redo` recomputes), so an interrupted table continues where it stopped. Prints the markdown table and writes it
-to <out>/table.md. The teacher must be a native export of a zoo model (as scripts/train.py writes it).
+torchrun for the healing runs (`model.init_from` the pruned checkpoint, the model section taken from its config,
+distilled from the original model by `train.distill` unless --heal-distill-alpha is 0) and the two students
+(`--student-config`, with and without `train.distill`), and this script's `--measure` mode (held-out loss as
+scripts/eval_loss.py computes it, decode speed as scripts/bench_generate.py measures ours, compiled on CUDA). Outputs
+stay under --out (checkpoints, runs/, logs/, results/<row>.json), and a rerun skips what is done (`--redo`
+recomputes), so an interrupted table continues where it stopped. Prints the markdown table and writes it to
+<out>/table.md. The teacher must be a native export of a zoo model (as scripts/train.py writes it).
 """
 
 from __future__ import annotations
