@@ -4,7 +4,7 @@ trained from scratch for the same steps; for each, total / active parameters, we
 at batch 1 and the held-out loss.
 
     python scripts/compression_table.py --teacher runs/small-moe/model --data data/stdlib-bpe --out runs/compress \
-        [--keep 6,4] [--heal-steps 200] [--heal-lr 5e-4] [--heal-warmup 10] [--heal-distill-alpha 1] \
+        [--keep 6,4] [--criterion router_mass|load] [--heal-steps 200] [--heal-lr 5e-4] [--heal-warmup 10] [--heal-distill-alpha 1] \
         [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] [--set train.grad_accum=1 ...] [--nproc 1]
 
 Every step runs as its own process: scripts/prune_experts.py (calibration on the train split), scripts/train.py under
@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="directory for every checkpoint, run, log and result")
     parser.add_argument("--keep", default="6,4", help="experts per MoE layer of the pruned rows")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches of 8 windows for pruning")
+    parser.add_argument(
+        "--criterion",
+        default="router_mass",
+        choices=("load", "router_mass"),
+        help="pruning keeps the experts with the most routed weight (router_mass) or routed tokens (load)",
+    )
     parser.add_argument("--heal-steps", type=int, default=200, help="fine-tuning steps of the healed rows (0: none)")
     parser.add_argument(
         "--heal-lr",
@@ -181,7 +187,8 @@ class Driver:
         return text
 
     def prune(self, keep: int, merge: bool) -> Path:
-        dst = self.out / f"pruned-{keep}{'-merged' if merge else ''}"
+        criterion = "" if self.args.criterion == "load" else f"-{self.args.criterion}"
+        dst = self.out / f"pruned-{keep}{'-merged' if merge else ''}{criterion}"
         if self.args.redo or not (dst / "pruning.json").is_file():
             self.run(
                 dst.name,
@@ -196,6 +203,8 @@ class Driver:
                     self.args.data,
                     "--batches",
                     str(self.args.calibration_batches),
+                    "--criterion",
+                    self.args.criterion,
                     *(["--merge"] if merge else []),
                 ],
             )
@@ -366,7 +375,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         )
     by_key = {r["key"]: r for r in results}
     notes = [
-        f"\nheld-out loss: every {args.eval_seq_len}-token window of the val split; decode: greedy, batch 1, "
+        f"\npruning criterion: {args.criterion}; held-out loss: every {args.eval_seq_len}-token window of the val "
+        "split; decode: greedy, batch 1, "
         f"{args.decode_new} tokens after a {args.decode_prompt}-token prompt, {results[0]['decode_mode']}."
     ]
     for key in [k for k in by_key if k.startswith("healed-")]:

@@ -470,4 +470,5 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
     text = table_script.table(results, args)
     assert "| pruned to 6 + heal | 6 | 3.0M | 1.0M | 1.0 MiB | 100 | 2.0300 | +1.50% |" in text
     assert "pruned to 6 + heal: +1.50% of the original's loss" in text
+    assert "pruning criterion: router_mass;" in text
     assert "distilled vs from scratch: +0.1000 nats better" in text
