@@ -5,7 +5,8 @@ at batch 1 and the held-out loss.
 
     python scripts/compression_table.py --teacher runs/small-moe/model --data data/stdlib-bpe --out runs/compress \
         [--keep 6,4] [--criterion router_mass|load] [--heal-steps 200] [--heal-lr 5e-4] [--heal-warmup 10] \
-        [--heal-distill-alpha 1] [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] [--set train.grad_accum=1 ...] [--nproc 1]
+        [--heal-distill-alpha 1] [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] \
+        [--set train.grad_accum=1 ...] [--nproc 1]
 
 Every step runs as its own process: scripts/prune_experts.py (calibration on the train split), scripts/train.py under
 torchrun for the healing runs (`model.init_from` the pruned checkpoint, the model section taken from its config,
