@@ -34,8 +34,10 @@ import yaml
 from moeformer.errors import reported_errors
 
 SCRIPTS = Path(__file__).resolve().parent
-# Healing recipe: distillation from the original model (the KL to its logits carries far more of what pruning
-# removed than the data's next tokens do), a short warmup and a higher lr than the teacher's final one.
+# Healing recipe: distillation from the original model alone (the KL to its logits says what pruning changed; the
+# data's next tokens also pull the model away from what it had learned), a short warmup and a peak lr of half the
+# teacher run's peak (small-moe-gpu: 1e-3). On a CPU-sized MoE pruned 8 -> 6 (+6.8% loss), 100 steps healed it to
+# +1.35% with cross-entropy at this lr (+1.67% at 2e-4) and to +0.15% with alpha 1 (+0.57% with alpha 0.5).
 HEAL_ALPHA, HEAL_LR, HEAL_WARMUP = 1.0, 5e-4, 10
 
 
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heal-lr",
         type=float,
         default=HEAL_LR,
-        help="peak lr of healing (cosine down to a tenth; the teacher run peaked at 1e-3 and ended at 1e-4)",
+        help="peak lr of healing, cosine down to a tenth (the teacher run peaked at 1e-3 and ended at 1e-4)",
     )
     parser.add_argument(
         "--heal-warmup", type=int, default=HEAL_WARMUP, help="warmup steps of healing (the optimizer starts fresh)"
