@@ -36,8 +36,9 @@ from moeformer.errors import reported_errors
 SCRIPTS = Path(__file__).resolve().parent
 # Healing recipe: distillation from the original model alone (the KL to its logits says what pruning changed; the
 # data's next tokens also pull the model away from what it had learned), a short warmup and a peak lr of half the
-# teacher run's peak (small-moe-gpu: 1e-3). On a CPU-sized MoE pruned 8 -> 6 (+6.8% loss), 100 steps healed it to
-# +1.35% with cross-entropy at this lr (+1.67% at 2e-4) and to +0.15% with alpha 1 (+0.57% with alpha 0.5).
+# teacher run's peak (small-moe-gpu: 1e-3). A CPU-sized MoE trained at peak lr 2e-3, pruned 8 -> 6 (+6.75% loss),
+# after 100 steps: cross-entropy +1.67% at lr 2e-4, +1.35% at 5e-4; alpha 1: +0.85% at 2e-4, +0.15% at 5e-4, +0.03%
+# at 1e-3, +0.23% at 2e-3; alpha 0.5 at 5e-4: +0.57%.
 HEAL_ALPHA, HEAL_LR, HEAL_WARMUP = 1.0, 5e-4, 10
 
 
