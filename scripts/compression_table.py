@@ -4,16 +4,18 @@ trained from scratch for the same steps; for each, total / active parameters, we
 at batch 1 and the held-out loss.
 
     python scripts/compression_table.py --teacher runs/small-moe/model --data data/stdlib-bpe --out runs/compress \
-        [--keep 6,4] [--heal-steps 200] [--heal-lr 2e-4] [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] \
+        [--keep 6,4] [--criterion router_mass|load] [--heal-steps 200] [--heal-lr 5e-4] [--heal-warmup 10] \
+        [--heal-distill-alpha 1] [--student-steps 2000] [--alpha 0.5,0.9] [--temperature 1.0] \
         [--set train.grad_accum=1 ...] [--nproc 1]
 
 Every step runs as its own process: scripts/prune_experts.py (calibration on the train split), scripts/train.py under
-torchrun for the healing runs (`model.init_from` the pruned checkpoint, the model section taken from its config) and
-the two students (`--student-config`, with and without `train.distill`), and this script's `--measure` mode (held-out
-loss as scripts/eval_loss.py computes it, decode speed as scripts/bench_generate.py measures ours, compiled on
-CUDA). Outputs stay under --out (checkpoints, runs/, logs/, results/<row>.json), and a rerun skips what is done
-(`--redo` recomputes), so an interrupted table continues where it stopped. Prints the markdown table and writes it
-to <out>/table.md. The teacher must be a native export of a zoo model (as scripts/train.py writes it).
+torchrun for the healing runs (`model.init_from` the pruned checkpoint, the model section taken from its config,
+distilled from the original model by `train.distill` unless --heal-distill-alpha is 0) and the two students
+(`--student-config`, with and without `train.distill`), and this script's `--measure` mode (held-out loss as
+scripts/eval_loss.py computes it, decode speed as scripts/bench_generate.py measures ours, compiled on CUDA). Outputs
+stay under --out (checkpoints, runs/, logs/, results/<row>.json), and a rerun skips what is done (`--redo`
+recomputes), so an interrupted table continues where it stopped. Prints the markdown table and writes it to
+<out>/table.md. The teacher must be a native export of a zoo model (as scripts/train.py writes it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ import yaml
 from moeformer.errors import reported_errors
 
 SCRIPTS = Path(__file__).resolve().parent
+# Healing recipe: distillation from the original model alone (the KL to its logits says what pruning changed; the
+# data's next tokens also pull the model away from what it had learned), a short warmup and a peak lr of half the
+# teacher run's peak (small-moe-gpu: 1e-3). A CPU-sized MoE trained at peak lr 2e-3, pruned 8 -> 6 (+6.75% loss),
+# after 100 steps: cross-entropy +1.67% at lr 2e-4, +1.35% at 5e-4; alpha 1: +0.85% at 2e-4, +0.15% at 5e-4, +0.03%
+# at 1e-3, +0.23% at 2e-3; alpha 0.5 at 5e-4: +0.57%.
+HEAL_ALPHA, HEAL_LR, HEAL_WARMUP = 1.0, 5e-4, 10
 
 
 class Row(NamedTuple):
@@ -48,13 +56,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="directory for every checkpoint, run, log and result")
     parser.add_argument("--keep", default="6,4", help="experts per MoE layer of the pruned rows")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches of 8 windows for pruning")
+    parser.add_argument(
+        "--criterion",
+        default="router_mass",
+        choices=("load", "router_mass"),
+        help="pruning keeps the experts with the most routed weight (router_mass) or routed tokens (load)",
+    )
     parser.add_argument("--heal-steps", type=int, default=200, help="fine-tuning steps of the healed rows (0: none)")
     parser.add_argument(
         "--heal-lr",
         type=float,
-        default=2e-4,
-        help="peak lr of healing: twice the teacher run's final lr (1e-3 x 0.1), a fifth of its "
-        "peak, so the kept experts and routers adapt without leaving the trained weights",
+        default=HEAL_LR,
+        help="peak lr of healing, cosine down to a tenth (the teacher run peaked at 1e-3 and ended at 1e-4)",
+    )
+    parser.add_argument(
+        "--heal-warmup", type=int, default=HEAL_WARMUP, help="warmup steps of healing (the optimizer starts fresh)"
+    )
+    parser.add_argument(
+        "--heal-distill-alpha",
+        default=str(HEAL_ALPHA),
+        help="train.distill.alpha of healing, the original model as teacher (0: cross-entropy only); a list "
+        "(0,1) heals once per value",
     )
     parser.add_argument(
         "--heal-config",
@@ -169,7 +191,8 @@ class Driver:
         return text
 
     def prune(self, keep: int, merge: bool) -> Path:
-        dst = self.out / f"pruned-{keep}{'-merged' if merge else ''}"
+        criterion = "" if self.args.criterion == "load" else f"-{self.args.criterion}"
+        dst = self.out / f"pruned-{keep}{'-merged' if merge else ''}{criterion}"
         if self.args.redo or not (dst / "pruning.json").is_file():
             self.run(
                 dst.name,
@@ -184,6 +207,8 @@ class Driver:
                     self.args.data,
                     "--batches",
                     str(self.args.calibration_batches),
+                    "--criterion",
+                    self.args.criterion,
                     *(["--merge"] if merge else []),
                 ],
             )
@@ -231,29 +256,41 @@ class Driver:
         config.write_text(yaml.safe_dump(base, sort_keys=False))
         return config
 
-    def heal(self, pruned: Path) -> Path:
-        """Fine-tune a pruned checkpoint from its weights for --heal-steps at --heal-lr (warmup: a tenth)."""
-        steps = self.args.heal_steps
-        return self.train(
-            f"healed-{pruned.name}",
-            self.heal_config(pruned),
-            [
-                f"--train.steps={steps}",
-                f"--optim.lr={self.args.heal_lr}",
-                f"--optim.warmup_steps={max(1, steps // 10)}",
+    def heal_runs(self, pruned: Path, how: str) -> list[tuple[Row, list[str]]]:
+        """The healing runs of a pruned checkpoint, one per --heal-distill-alpha (distilled from the original model
+        when alpha > 0): each row, whose label says the recipe, with the run's config overrides."""
+        a = self.args
+        runs = []
+        for alpha in [float(x) for x in a.heal_distill_alpha.split(",") if x]:
+            recipe = f"{f'kd{alpha:g}' if alpha else 'ce'}-lr{a.heal_lr:g}-w{a.heal_warmup}"
+            key = f"healed-{pruned.name}-{a.heal_steps}-{recipe}"
+            loss = f"distilled, alpha {alpha:g}" if alpha else "cross-entropy"
+            label = f"{how} + {a.heal_steps}-step heal ({loss}, lr {a.heal_lr:g})"
+            overrides = [
+                f"--train.steps={a.heal_steps}",
+                f"--optim.lr={a.heal_lr}",
+                f"--optim.warmup_steps={a.heal_warmup}",
                 "--train.eval_every=0",
-            ],
-        )
+                *([distill_override(a.teacher, alpha, a.temperature)] if alpha else []),
+            ]
+            runs.append((Row(key, label, self.out / "runs" / key / "model"), overrides))
+        return runs
+
+    def heals(self, pruned: Path, how: str) -> list[Row]:
+        """Fine-tune a pruned checkpoint from its weights (`heal_runs`); the healed rows."""
+        return [
+            row._replace(model=self.train(row.key, self.heal_config(pruned), overrides))
+            for row, overrides in self.heal_runs(pruned, how)
+        ]
 
     def students(self) -> list[Row]:
         """The dense student trained from scratch and distilled (one per --alpha) for --student-steps each."""
         a = self.args
         common = [f"--train.steps={a.student_steps}", *(f"--{kv}" for kv in a.student_set)]
-        teacher = json.dumps(a.teacher)  # a YAML string, whatever the path holds
         rows = []
         for alpha in [float(x) for x in a.alpha.split(",") if x]:
             key = f"student-distilled-a{alpha:g}-t{a.temperature:g}"
-            distill = f"--train.distill={{teacher: {teacher}, alpha: {alpha}, temperature: {a.temperature}}}"
+            distill = distill_override(a.teacher, alpha, a.temperature)
             rows.append(
                 Row(
                     key,
@@ -305,16 +342,19 @@ class Driver:
         for keep in [int(k) for k in a.keep.split(",") if k]:
             for merge in (False, True):
                 pruned = self.prune(keep, merge)
-                how = "merged" if merge else "pruned"
-                rows.append(Row(pruned.name, f"{how} to {keep} experts", pruned))
+                how = f"{'merged' if merge else 'pruned'} to {keep}"
+                rows.append(Row(pruned.name, f"{how} experts", pruned))
                 if a.heal_steps:
-                    rows.append(
-                        Row(f"healed-{pruned.name}", f"{how} to {keep} + {a.heal_steps}-step heal", self.heal(pruned))
-                    )
+                    rows += self.heals(pruned, how)
         rows += [Row(mode, f"{mode} weights", teacher, mode) for mode in a.quantize.split(",") if mode]
         if a.student_steps:
             rows += self.students()
         return rows
+
+
+def distill_override(teacher: str, alpha: float, temperature: float) -> str:
+    """The `train.distill` override of a run distilled from `teacher` (a YAML string, whatever the path holds)."""
+    return f"--train.distill={{teacher: {json.dumps(teacher)}, alpha: {alpha}, temperature: {temperature}}}"
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
@@ -339,7 +379,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         )
     by_key = {r["key"]: r for r in results}
     notes = [
-        f"\nheld-out loss: every {args.eval_seq_len}-token window of the val split; decode: greedy, batch 1, "
+        f"\npruning criterion: {args.criterion}; held-out loss: every {args.eval_seq_len}-token window of the val "
+        "split; decode: greedy, batch 1, "
         f"{args.decode_new} tokens after a {args.decode_prompt}-token prompt, {results[0]['decode_mode']}."
     ]
     for key in [k for k in by_key if k.startswith("healed-")]:

@@ -107,6 +107,38 @@ def test_pruning_experts_that_are_never_chosen_keeps_the_logits():
     torch.testing.assert_close(logits(pruned, ids(seed=7)), logits(model, ids(seed=7)), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {"router": "softmax", "norm_topk_prob": True},
+        {"router": "sigmoid", "router_bias": True, "num_shared_experts": 1},
+        {"router": "sigmoid", "norm_topk_prob": False},
+    ],
+    ids=["softmax-renormalised", "sigmoid-bias-shared", "sigmoid-raw"],
+)
+def test_tokens_whose_experts_are_all_kept_get_the_same_moe_output(moe):
+    """Routers whose combine weights do not depend on the other experts' scores (softmax renormalised over the
+    top-k: p_i / (p_i + p_j) is exp(l_i) / (exp(l_i) + exp(l_j)) whatever the other experts; sigmoid scores) route
+    a token whose top-k experts are all kept to the same experts with the same weights after pruning: its MoE
+    output is unchanged, up to fp32 rounding of the softmax. The other tokens take a kept expert instead (changed).
+    (A softmax router without norm_topk_prob changes every token: its weights are probabilities over all experts.)"""
+    model = tiny(moe={"num_experts": 8, "top_k": 2, "ffn_dim": 16, **moe})
+    if moe.get("router_bias"):
+        for block in model.layers:
+            block.mlp.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    kept = [0, 2, 3, 5, 6, 7]
+    pruned = prune_experts(model, {i: kept for i in range(len(model.layers))})
+    before, after = model.layers[1].mlp, pruned.layers[1].mlp
+    h = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        chosen = before.router(h.view(-1, 32)).expert_idx.view(-1, 2)
+        whole = torch.isin(chosen, torch.tensor(kept)).all(dim=-1)
+        out, out_pruned = before(h)[0].view(-1, 32), after(h)[0].view(-1, 32)
+    assert whole.sum() >= 16 and (~whole).sum() >= 16  # both kinds of token are there
+    torch.testing.assert_close(out_pruned[whole], out[whole], rtol=1e-5, atol=1e-6)
+    assert ((out_pruned[~whole] - out[~whole]).abs().amax(dim=-1) > 1e-4).all()
+
+
 def hand_routed_model() -> tuple[CausalLM, list[float]]:
     """One MoE layer (top-1, weights = softmax probabilities) whose input is the normed embedding: token t's
     embedding is a positive multiple of basis vector t % 4 (attention output is zeroed) and router row e is a_e times
@@ -395,12 +427,32 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
             str(tmp_path / "out"),
             "--heal-config",
             str(REPO / "configs" / "train" / "tiny-moe-cpu.yaml"),
+            "--heal-distill-alpha",
+            "0,0.5",
+            "--heal-lr",
+            "3e-4",
+            "--heal-warmup",
+            "5",
         ]
     )
-    prune_to_six(source, tmp_path / "out" / "pruned-6")
-    config = load_config(table_script.Driver(args).heal_config(tmp_path / "out" / "pruned-6"))
-    assert config.model_config() == from_pretrained(tmp_path / "out" / "pruned-6").config
-    assert config.init_from == str(tmp_path / "out" / "pruned-6")
+    pruned = tmp_path / "out" / "pruned-6"
+    prune_to_six(source, pruned)
+    driver = table_script.Driver(args)
+    heal_config = driver.heal_config(pruned)
+    config = load_config(heal_config)
+    assert config.model_config() == from_pretrained(pruned).config
+    assert config.init_from == str(pruned)
+    (plain, plain_overrides), (distilled, distilled_overrides) = driver.heal_runs(pruned, "pruned to 6")
+    assert plain.label == "pruned to 6 + 200-step heal (cross-entropy, lr 0.0003)"
+    assert distilled.label == "pruned to 6 + 200-step heal (distilled, alpha 0.5, lr 0.0003)"
+    assert plain.key != distilled.key and distilled.model == tmp_path / "out" / "runs" / distilled.key / "model"
+    for overrides, distill in (
+        (plain_overrides, None),
+        (distilled_overrides, {"teacher": str(source / "model"), "alpha": 0.5, "temperature": 1.0}),
+    ):
+        config = load_config(heal_config, overrides)
+        assert config.train.distill == distill  # the original model teaches the pruned one
+        assert (config.train.steps, config.optim.lr, config.optim.warmup_steps) == (200, 3e-4, 5)
     row = {
         "experts": 8,
         "total_params": 3e6,
@@ -418,4 +470,5 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
     text = table_script.table(results, args)
     assert "| pruned to 6 + heal | 6 | 3.0M | 1.0M | 1.0 MiB | 100 | 2.0300 | +1.50% |" in text
     assert "pruned to 6 + heal: +1.50% of the original's loss" in text
+    assert "pruning criterion: router_mass;" in text
     assert "distilled vs from scratch: +0.1000 nats better" in text

@@ -200,7 +200,10 @@ def prune_experts(
     indices} chosen by the caller (layers left out keep all); keep_total: a budget over all MoE layers instead.
     Router rows (and aux-loss-free router biases) and expert weights are sliced; shared experts stay. With `merge`
     each removed expert is folded into a kept one (`merge_experts`). The new config records the expert count, so
-    `top_k` must not exceed it; quantized models are refused (prune the full-precision model, then quantize)."""
+    `top_k` must not exceed it; quantized models are refused (prune the full-precision model, then quantize).
+    A token whose top-k experts are all kept is routed as before when its combine weights ignore the other experts
+    (softmax with norm_topk_prob, sigmoid scores); a softmax router without norm_topk_prob gives every token larger
+    weights (its probabilities are over the kept experts only)."""
     plan = plan_pruning(model, keep, keep_total, criterion, usage)
     if merge and usage is None:
         raise ValueError("merging weights experts by their routed mass: pass usage=expert_usage(...)")
