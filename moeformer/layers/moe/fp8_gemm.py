@@ -10,19 +10,39 @@ power of two, 2^floor(log2(448 / amax)), so that scaling is exact and the larges
   x and grad scaled per column (over all rows of all groups: one amax pass, no per-group reduction), each group's
   rows moved to a 16-aligned start (the kernel's TMA needs 16-byte aligned group starts along K) with zero rows
   between, and an empty group given 16 zero rows so that its gradient is exactly 0.
+The quantisers run as Triton kernels (moe/fp8_triton.py: amax, scale and cast in one pass; the weight gradient's
+gather into the aligned layout fused into its cast) where Triton serves the tensor, else as the PyTorch references
+here, which they match bit for bit. With `fp8_wgrad=False` the weight gradient is one bf16 grouped GEMM instead
+(torchao's "rowwise_with_gw_hp" recipe: no columnwise quantisation, no aligned copy).
 The two GEMMs that contract over a layer width (forward, grad_input) use Hopper's fast FP8 accumulation; the weight
 gradient, which sums over every row of a group (thousands of tokens), accumulates in full precision. Weights are
 quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
 
 from __future__ import annotations
 
+from types import ModuleType, SimpleNamespace
+
 import torch
 from torch import Tensor
+
+from moeformer.layers.triton_dispatch import runs_triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 AMAX_FLOOR = 1e-12  # an all-zero row or column gets a finite scale (its codes are zeros)
 ALIGN = 16  # rows, bytes of an e4m3 element: the alignment torch._scaled_grouped_mm needs of dims and group starts
+
+try:  # at import, not per call: torch.compile cannot trace a lazy import (after the constants, which it imports)
+    from moeformer.layers.moe import fp8_triton as _triton
+except ImportError:  # no triton: the references serve everywhere
+    _triton = None
+
+
+def _kernels(t: Tensor) -> ModuleType | SimpleNamespace | None:
+    """The Triton quantisers for t where they serve its device (custom ops while torch.compile traces), else None."""
+    if _triton is None or not runs_triton(t):
+        return None
+    return _triton.OPS if torch.compiler.is_compiling() else _triton
 
 
 def fp8_grouped_mm_available(device: torch.device) -> bool:
@@ -45,6 +65,12 @@ def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows_reference` by the Triton kernel where it serves t (at most 3-D, any strides)."""
+    kernels = _kernels(t)
+    return kernels.quantize_rows(t) if kernels is not None else quantize_rows_reference(t)
+
+
+def quantize_rows_reference(t: Tensor) -> tuple[Tensor, Tensor]:
     """t (..., K) as contiguous e4m3 codes with one scale per row (over the last dim), and the fp32 factors that
     dequantise them (codes * factor ~ t), shaped t.shape[:-1]."""
     scale = fp8_scale(t.abs().amax(dim=-1))
@@ -137,7 +163,13 @@ def aligned_rows(offs: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     return source, padded_ends.to(torch.int32)
 
 
-def quantize_columns(t: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_columns_reference` (source from `aligned_rows(offs, ...)`) by the Triton kernels where they serve t."""
+    kernels = _kernels(t)
+    return kernels.quantize_columns(t, source, offs) if kernels is not None else quantize_columns_reference(t, source)
+
+
+def quantize_columns_reference(t: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
     """Rows `source` of t (N, C) (zeros where -1), transposed: contiguous e4m3 codes (C, len(source)) with one scale
     per column of t, and the fp32 factors (C,) that dequantise them."""
     rows = torch.where((source >= 0).unsqueeze(-1), t.index_select(0, source.clamp(min=0)), 0)
@@ -149,25 +181,26 @@ def weight_grad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
     """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe)."""
     groups = offs.shape[0]
     source, padded_ends = aligned_rows(offs, x.shape[0])
-    xt, x_factor = quantize_columns(x, source)  # (K, P)
-    gt, g_factor = quantize_columns(grad, source)  # (N, P)
+    xt, x_factor = quantize_columns(x, source, offs)  # (K, P)
+    gt, g_factor = quantize_columns(grad, source, offs)  # (N, P)
     return scaled_grouped_mm(xt, gt.t(), x_factor.repeat(groups), g_factor.repeat(groups), padded_ends)
 
 
 class _Fp8GroupedMM(torch.autograd.Function):
-    """x (M, K) @ w[e] (E, K, N) over the row groups ending at offs (int32, as torch._grouped_mm), all three GEMMs in
-    e4m3 (the module docstring's recipe)."""
+    """x (M, K) @ w[e] (E, K, N) over the row groups ending at offs (int32, as torch._grouped_mm), the GEMMs in e4m3
+    (the module docstring's recipe; the weight gradient in bf16 unless fp8_wgrad)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, fp8_wgrad: bool) -> Tensor:
         ctx.save_for_backward(x, w, offs)
+        ctx.fp8_wgrad = fp8_wgrad
         xq, x_factor = quantize_rows(x)
         wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, one scale per output column
         out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
         return out.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, w, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = None
@@ -177,11 +210,16 @@ class _Fp8GroupedMM(torch.autograd.Function):
             grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x, grad, offs).to(w.dtype)
-        return grad_x, grad_w, None
+            if ctx.fp8_wgrad:
+                grad_w = weight_grad(x, grad, offs)
+            else:  # what torch._grouped_mm's own backward computes
+                grad_w = torch._grouped_mm(x.transpose(-2, -1), grad.to(x.dtype), offs=offs)
+            grad_w = grad_w.to(w.dtype)
+        return grad_x, grad_w, None, None
 
 
-def fp8_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+def fp8_grouped_mm(x: Tensor, w: Tensor, offs: Tensor, fp8_wgrad: bool = True) -> Tensor:
     """torch._grouped_mm(x, w, offs=offs) for x (M, K) and w (E, K, N), K and N multiples of 16, in FP8 (forward and
-    backward); rows past the last group come back undefined, as there."""
-    return _Fp8GroupedMM.apply(x, w, offs)
+    backward; `fp8_wgrad=False`: the weight gradient in x's precision); rows past the last group come back undefined,
+    as there."""
+    return _Fp8GroupedMM.apply(x, w, offs, fp8_wgrad)

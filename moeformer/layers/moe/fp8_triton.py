@@ -1,0 +1,183 @@
+"""Triton kernels of the FP8 grouped GEMM's quantisation (imported only where triton is installed): each computes an
+amax, the power-of-two scale and the e4m3 codes of moe/fp8_gemm.py's PyTorch quantisers (`quantize_rows_reference`,
+`quantize_columns_reference`) in one pass over the data (two for a column reduction), bit for bit the same codes and
+factors. The codes are written as their uint8 bit patterns, rounded to nearest even by integer arithmetic, so that
+they do not depend on a backend's fp32 -> fp8 conversion (the Triton interpreter's rounds ties away from zero and
+turns NaN into 384). As in triton_kernels.py, `OPS` holds the launchers registered as torch custom ops for
+torch.compile."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moeformer.layers.moe.fp8_gemm import AMAX_FLOOR, E4M3_MAX
+
+_MAX = tl.constexpr(E4M3_MAX)
+_FLOOR = tl.constexpr(AMAX_FLOOR)
+
+CHUNK_ROWS = 1024  # rows per program of the column-amax pass (its partial maxima are reduced by the cast pass)
+COLUMN_BLOCK_P = 64  # aligned-layout rows per program of the column cast pass
+
+
+@triton.jit
+def _abs_max(v, axis: tl.constexpr):
+    """max |v| along axis, NaN when any element is NaN (as torch.amax)."""
+    nan = tl.max((v != v).to(tl.int32), axis=axis) > 0
+    return tl.where(nan, float("nan"), tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=axis))
+
+
+@triton.jit
+def _max_nan(a, b):
+    """Elementwise maximum, NaN where either is NaN (a GPU's max.f32 would return the other operand)."""
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def _scale(amax):
+    """2^floor(log2(448 / max(amax, 1e-12))) in fp32 (0 for an infinite amax, NaN for a NaN one): the exponent bits
+    of the correctly rounded quotient."""
+    q = tl.math.div_rn(tl.full(amax.shape, _MAX, tl.float32), tl.where(amax < _FLOOR, _FLOOR, amax))
+    power = (q.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(q != q, q, power)
+
+
+@triton.jit
+def _e4m3_bits(p):
+    """The float8_e4m3fn bit pattern (int32 in [0, 255]) of fp32 p clamped to +-448, rounded to nearest even."""
+    bits = p.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    y = tl.minimum(tl.abs(p), _MAX)
+    a = y.to(tl.int32, bitcast=True)
+    biased = tl.maximum((a >> 23) & 0xFF, 1)  # an fp32 subnormal has exponent field 0 and value m * 2^-149
+    m = (a & 0x7FFFFF) | tl.where(((a >> 23) & 0xFF) > 0, 0x800000, 0)
+    quantum = tl.maximum(biased - 127, -6) - 3  # e4m3's spacing at y: 2^quantum (2^-9 below its normal range)
+    shift = tl.minimum(150 + quantum - biased, 30)  # y = m * 2^(biased - 150); n = round(y / 2^quantum)
+    n = (m + (1 << (shift - 1)) - 1 + ((m >> shift) & 1)) >> shift
+    code = ((quantum + 10) << 3) + n - 8  # exponent field quantum + 10 (1 for subnormals, whose n < 8) and mantissa
+    return tl.where(p != p, 0x7F, code) | sign
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    src, codes, factors, M, K, s_b, s_m, s_k, o_b, o_m, o_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Rows m of batch b of src (B, M, K) (any strides): amax over K, scale, codes at o_* strides, factor (B, M)."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    base = src + b * s_b + rows.to(tl.int64)[:, None] * s_m
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        v = tl.load(base + cols.to(tl.int64)[None, :] * s_k, mask=mask, other=0.0).to(tl.float32)
+        amax = _max_nan(amax, _abs_max(v, 1))
+    scale = _scale(amax)
+    out = codes + b * o_b + rows.to(tl.int64)[:, None] * o_m
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        v = tl.load(base + cols.to(tl.int64)[None, :] * s_k, mask=mask, other=0.0).to(tl.float32)
+        bits = _e4m3_bits(v * scale[:, None])
+        tl.store(out + cols.to(tl.int64)[None, :] * o_k, bits.to(tl.uint8), mask=mask)
+    tl.store(factors + b * M + rows, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale), mask=row_ok)
+
+
+@triton.jit
+def _column_amax_kernel(src, offs, partial, C, G, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partial[chunk, c] = max |src[r, c]| over the chunk's rows r < offs[G - 1] (src (R, C) contiguous)."""
+    chunk = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    end = tl.load(offs + G - 1)
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < end)[:, None] & col_ok[None, :]
+        v = tl.load(src + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = _max_nan(amax, _abs_max(v, 0))
+    tl.store(partial + chunk * C + cols, amax, mask=col_ok)
+
+
+@triton.jit
+def _column_cast_kernel(
+    src, source, partial, codes, factors, C, P, CHUNKS, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """codes[c, p] = e4m3(src[source[p], c] * scale[c]) (0 where source[p] < 0): the rows gathered into the aligned
+    layout and transposed as they are cast; scale from the column amax (the partial maxima reduced here)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for chunk in range(0, CHUNKS):
+        part = tl.load(partial + chunk * C + cols, mask=col_ok, other=0.0)
+        amax = _max_nan(amax, part)
+    scale = _scale(amax)
+    pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = tl.load(source + pos, mask=pos < P, other=-1)
+    mask = (row >= 0)[:, None] & col_ok[None, :]
+    v = tl.load(src + row.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    bits = _e4m3_bits(v * scale[None, :])
+    out = codes + cols.to(tl.int64)[None, :] * P + pos[:, None]
+    tl.store(out, bits.to(tl.uint8), mask=(pos < P)[:, None] & col_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(factors + cols, tl.math.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), scale), mask=col_ok)
+
+
+def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`fp8_gemm.quantize_rows_reference` (t (..., K) of any strides, at most 3-D): contiguous e4m3 codes and the
+    fp32 factors shaped t.shape[:-1]."""
+    t3 = t.reshape(1, *t.shape) if t.dim() == 2 else t
+    batch, m, k = t3.shape
+    codes = torch.empty(t3.shape, dtype=torch.float8_e4m3fn, device=t.device)
+    factors = torch.empty(batch, m, dtype=torch.float32, device=t.device)
+    if codes.numel():
+        block_m, block_k = 16, min(256, triton.next_power_of_2(k))
+        _quantize_rows_kernel[(triton.cdiv(m, block_m), batch)](
+            t3, codes.view(torch.uint8), factors, m, k, *t3.stride(), *codes.stride(), BLOCK_M=block_m, BLOCK_K=block_k
+        )
+    return codes.view(t.shape), factors.view(t.shape[:-1])
+
+
+def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    """`fp8_gemm.quantize_columns_reference` for t (R, C) whose gathered rows (source >= 0) are the rows before
+    offs[-1]: codes (C, len(source)) and factors (C,)."""
+    t, source = t.contiguous(), source.contiguous()
+    r, c = t.shape
+    p = source.shape[0]
+    codes = torch.empty(c, p, dtype=torch.float8_e4m3fn, device=t.device)
+    factors = torch.empty(c, dtype=torch.float32, device=t.device)
+    chunks = max(1, triton.cdiv(r, CHUNK_ROWS))
+    partial = torch.empty(chunks, c, dtype=torch.float32, device=t.device)
+    block_c = min(64, triton.next_power_of_2(max(c, 1)))
+    if c and p and offs.numel():
+        _column_amax_kernel[(triton.cdiv(c, block_c), chunks)](
+            t, offs, partial, c, offs.shape[0], CHUNK=CHUNK_ROWS, BLOCK_R=32, BLOCK_C=block_c
+        )
+        _column_cast_kernel[(triton.cdiv(c, block_c), triton.cdiv(p, COLUMN_BLOCK_P))](
+            t, source, partial, codes.view(torch.uint8), factors, c, p, chunks, BLOCK_P=COLUMN_BLOCK_P, BLOCK_C=block_c
+        )
+    return codes, factors
+
+
+OPS = SimpleNamespace(
+    **{
+        fn.__name__: torch.library.custom_op(f"moeformer::fp8_{fn.__name__}", fn, mutates_args=())
+        for fn in (quantize_rows, quantize_columns)
+    }
+)
+
+
+@OPS.quantize_rows.register_fake
+def _(t: Tensor) -> tuple[Tensor, Tensor]:
+    return t.new_empty(t.shape, dtype=torch.float8_e4m3fn), t.new_empty(t.shape[:-1], dtype=torch.float32)
+
+
+@OPS.quantize_columns.register_fake
+def _(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    c = t.shape[1]
+    return t.new_empty(c, source.shape[0], dtype=torch.float8_e4m3fn), t.new_empty(c, dtype=torch.float32)
