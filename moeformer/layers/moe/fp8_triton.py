@@ -20,7 +20,7 @@ from moeformer.layers.moe.fp8_gemm import AMAX_FLOOR, E4M3_MAX
 _MAX = tl.constexpr(E4M3_MAX)
 _FLOOR = tl.constexpr(AMAX_FLOOR)
 
-CHUNK_ROWS = 1024  # rows per program of the column-amax pass (its partial maxima are reduced by the cast pass)
+CHUNK_ROWS = 1024  # rows per program of the column-amax pass (one partial maximum per column each)
 COLUMN_BLOCK_P = 64  # aligned-layout rows per program of the column cast pass
 
 
@@ -105,18 +105,12 @@ def _column_amax_kernel(src, offs, partial, C, G, CHUNK: tl.constexpr, BLOCK_R: 
 
 
 @triton.jit
-def _column_cast_kernel(
-    src, source, partial, codes, factors, C, P, CHUNKS, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
-):
+def _column_cast_kernel(src, source, amax, codes, factors, C, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """codes[c, p] = e4m3(src[source[p], c] * scale[c]) (0 where source[p] < 0): the rows gathered into the aligned
-    layout and transposed as they are cast; scale from the column amax (the partial maxima reduced here)."""
+    layout and transposed as they are cast; scale from the column amax."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for chunk in range(0, CHUNKS):
-        part = tl.load(partial + chunk * C + cols, mask=col_ok, other=0.0)
-        amax = _max_nan(amax, part)
-    scale = _scale(amax)
+    scale = _scale(tl.load(amax + cols, mask=col_ok, other=0.0))
     pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = tl.load(source + pos, mask=pos < P, other=-1)
     mask = (row >= 0)[:, None] & col_ok[None, :]
@@ -136,7 +130,9 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     codes = torch.empty(t3.shape, dtype=torch.float8_e4m3fn, device=t.device)
     factors = torch.empty(batch, m, dtype=torch.float32, device=t.device)
     if codes.numel():
-        block_m, block_k = 16, min(256, triton.next_power_of_2(k))
+        # a tile of rows x K: rows that are strided columns (a transposed weight) read 64 consecutive elements each
+        block_m, block_k = (64, 64) if t3.stride(1) == 1 else (16, 256)
+        block_k = min(block_k, triton.next_power_of_2(k))
         _quantize_rows_kernel[(triton.cdiv(m, block_m), batch)](
             t3, codes.view(torch.uint8), factors, m, k, *t3.stride(), *codes.stride(), BLOCK_M=block_m, BLOCK_K=block_k
         )
@@ -158,8 +154,9 @@ def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, T
         _column_amax_kernel[(triton.cdiv(c, block_c), chunks)](
             t, offs, partial, c, offs.shape[0], CHUNK=CHUNK_ROWS, BLOCK_R=32, BLOCK_C=block_c
         )
+        amax = partial.amax(0)  # NaN where any partial is (as the reference's amax)
         _column_cast_kernel[(triton.cdiv(c, block_c), triton.cdiv(p, COLUMN_BLOCK_P))](
-            t, source, partial, codes.view(torch.uint8), factors, c, p, chunks, BLOCK_P=COLUMN_BLOCK_P, BLOCK_C=block_c
+            t, source, amax, codes.view(torch.uint8), factors, c, p, BLOCK_P=COLUMN_BLOCK_P, BLOCK_C=block_c
         )
     return codes, factors
 

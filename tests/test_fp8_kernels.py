@@ -1,0 +1,171 @@
+"""The FP8 grouped GEMM's Triton quantisers (moe/fp8_triton.py) against its PyTorch ones (moe/fp8_gemm.py), bit for
+bit: the same power-of-two factors and the same e4m3 codes (the codes' bytes compared; NaN codes compared as NaN,
+whatever their sign bit), on CPU through the Triton interpreter and, @pytest.mark.gpu, on CUDA. The PyTorch cast
+(torch's fp32 -> float8_e4m3fn, round to nearest even) is the independent oracle of the kernels' integer rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeformer.layers import triton_dispatch
+from moeformer.layers.moe import fp8_gemm
+from moeformer.layers.moe.fp8_gemm import (
+    E4M3,
+    E4M3_MAX,
+    aligned_rows,
+    fp8_grouped_mm,
+    quantize_columns_reference,
+    quantize_rows_reference,
+)
+
+fp8_triton = pytest.importorskip("moeformer.layers.moe.fp8_triton", reason="needs triton")
+pytestmark = pytest.mark.filterwarnings(  # numpy, under the interpreter, on the NaN/inf rows
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
+)
+
+
+def assert_same_codes(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype == E4M3 and got.shape == want.shape and got.is_contiguous()
+    nan_got, nan_want = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(nan_got, nan_want)
+    diff = (got.view(torch.uint8) != want.view(torch.uint8)) & ~nan_got
+    assert not diff.any(), f"{int(diff.sum())} codes differ, e.g. {got.float()[diff][:4]} vs {want.float()[diff][:4]}"
+
+
+def assert_same_factors(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+def varied(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows whose magnitudes span 1e-6..1e6, one all-zero row, a NaN and an inf in other rows."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g) * torch.exp(6 * torch.randn(*shape[:-1], 1, generator=g))
+    flat = t.view(-1, shape[-1])
+    if flat.shape[0] >= 4 and shape[-1]:
+        flat[1] = 0
+        flat[2, shape[-1] // 2] = float("nan")
+        flat[3, -1] = -float("inf")
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape, transposed",
+    [((37, 45), False), ((3, 19, 50), False), ((2, 48, 33), True), ((1, 1), False), ((0, 16), False)],
+)
+def test_rowwise_kernel_matches_the_reference_bit_for_bit(shape, transposed, dtype):
+    """Odd widths, an empty tensor, a 3-D weight and its transposed view (the forward's layout: rows strided)."""
+    t = varied(shape, dtype, seed=len(shape) + shape[-1])
+    if transposed:
+        t = t.transpose(-2, -1)
+    codes, factors = fp8_triton.quantize_rows(t)
+    want_codes, want_factors = quantize_rows_reference(t)
+    assert_same_codes(codes, want_codes)
+    assert_same_factors(factors, want_factors)
+
+
+def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step():
+    """Rows anchored at 448 (scale 1): every finite e4m3 value, every midpoint between neighbours (ties: to the even
+    code), the fp32 values either side of each midpoint, the subnormal range and fp32 subnormals, the top of the
+    range rounding up to 448 (saturation's edge), and random fp32 values over the whole range."""
+    grid = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    grid = grid[torch.isfinite(grid)].unique()  # -448..448
+    mids = (grid[1:] + grid[:-1]) / 2
+    eps = torch.finfo(torch.float32).eps
+    near = torch.cat([mids * (1 - eps), mids * (1 + eps), mids.nextafter(torch.tensor(float("inf")))])
+    tiny = torch.tensor([2.0**-10, 2.0**-11, 3 * 2.0**-11, 1e-40, -1e-40, 2.0**-9 * 1.5, 447.9, 440.0, 432.0, -432.0])
+    rand = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 2.6, 1000)
+    values = torch.cat([grid, mids, near, tiny, rand.clamp(-E4M3_MAX, E4M3_MAX)])
+    width = 64
+    rows = torch.nn.functional.pad(values, (0, -len(values) % (width - 1))).view(-1, width - 1)
+    t = torch.cat([rows, torch.full((rows.shape[0], 1), E4M3_MAX)], 1)
+    codes, factors = fp8_triton.quantize_rows(t)
+    assert (factors == 1).all()
+    assert_same_codes(codes, t.to(E4M3))  # torch's own cast
+    assert_same_codes(codes, quantize_rows_reference(t)[0])
+
+
+@pytest.mark.parametrize(
+    "sizes, past, width",
+    [([37, 0, 16, 1, 50], 3, 40), ([0, 0, 5], 0, 17), ([2000], 11, 16)],  # 2000 rows: two partial-amax chunks
+)
+def test_columnwise_kernel_matches_the_reference_bit_for_bit(sizes, past, width):
+    """The weight gradient's operand: rows gathered into the aligned layout, transposed and cast per column; rows
+    past the groups (NaN here) are not read, a NaN inside a group reaches its column."""
+    offs = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
+    rows = sum(sizes)
+    t = varied((rows + past, width), torch.bfloat16, seed=rows)
+    t[rows:] = float("nan")
+    source, _ = aligned_rows(offs, rows + past)
+    codes, factors = fp8_triton.quantize_columns(t, source, offs)
+    want_codes, want_factors = quantize_columns_reference(t, source)
+    assert_same_codes(codes, want_codes)
+    assert_same_factors(factors, want_factors)
+    assert torch.isnan(factors).any() == (rows >= 4)  # varied() put a NaN in row 2 when there are 4 rows
+
+
+def grouped_case(sizes: list[int], k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    m = sum(sizes)
+    x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))).bfloat16()
+    w = (torch.randn(len(sizes), k, n, generator=g) / k**0.5).bfloat16()
+    grad = torch.randn(m, n, generator=g).bfloat16()
+    return x, w, grad, torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
+
+
+def grouped_mm_results(x, w, grad, offs, **kwargs):
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = fp8_grouped_mm(xg, wg, offs, **kwargs)
+    out.backward(grad)
+    return out, xg.grad, wg.grad
+
+
+def test_fp8_grouped_mm_through_the_kernels_equals_the_reference_path(monkeypatch):
+    """The whole forward and backward with every quantisation by the kernels (interpreted) gives the bits of the
+    PyTorch path: the kernels are a drop-in."""
+    case = grouped_case([21, 0, 40, 3], 32, 48)
+    reference = grouped_mm_results(*case)
+    calls = []
+    for name in ("quantize_rows", "quantize_columns"):
+        kernel = getattr(fp8_triton, name)
+        monkeypatch.setattr(fp8_triton, name, lambda *a, kernel=kernel: calls.append(kernel.__name__) or kernel(*a))
+    monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
+    kernels = grouped_mm_results(*case)
+    assert calls.count("quantize_rows") == 4 and calls.count("quantize_columns") == 2
+    for got, want in zip(kernels, reference):
+        assert torch.equal(got[:64], want[:64])
+
+
+def test_bf16_weight_gradient_recipe():
+    """fp8_wgrad=False: the output and input gradient of the FP8 recipe, the weight gradient of torch._grouped_mm's
+    own backward (the bf16 layer's), bit for bit."""
+    x, w, grad, offs = grouped_case([21, 0, 40, 3], 32, 48, seed=1)
+    out8, grad_x8, _ = grouped_mm_results(x, w, grad, offs)
+    out, grad_x, grad_w = grouped_mm_results(x, w, grad, offs, fp8_wgrad=False)
+    wg = w.clone().requires_grad_()
+    torch._grouped_mm(x, wg, offs=offs).backward(grad)
+    assert torch.equal(out, out8) and torch.equal(grad_x, grad_x8)
+    assert grad_w.dtype == torch.bfloat16 and torch.equal(grad_w, wg.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_on_gpu_match_the_reference_bit_for_bit():
+    """On CUDA (fp8_gemm's dispatch picks the kernels there): rowwise (both weight layouts) and columnwise, against
+    the PyTorch quantisers on the same device, at a size with many programs per launch."""
+    x = varied((3000, 272), torch.bfloat16, seed=0).cuda()
+    w = varied((4, 272, 96), torch.bfloat16, seed=1).cuda()
+    for t in (x, w, w.transpose(-2, -1)):
+        codes, factors = fp8_gemm.quantize_rows(t)
+        want_codes, want_factors = quantize_rows_reference(t)
+        assert_same_codes(codes, want_codes)
+        assert_same_factors(factors, want_factors)
+    offs = torch.tensor([1000, 1000, 2500, 2990], dtype=torch.int32, device="cuda")
+    source, _ = aligned_rows(offs, 3000)
+    codes, factors = fp8_gemm.quantize_columns(x, source, offs)
+    want_codes, want_factors = quantize_columns_reference(x, source)
+    assert_same_codes(codes, want_codes)
+    assert_same_factors(factors, want_factors)
