@@ -14,6 +14,7 @@ from moeformer.layers.moe.fp8_gemm import (
     E4M3,
     E4M3_MAX,
     aligned_rows,
+    column_amax_reference,
     fp8_grouped_mm,
     quantize_columns_reference,
     quantize_rows_reference,
@@ -93,18 +94,27 @@ def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step():
     [([37, 0, 16, 1, 50], 3, 40), ([0, 0, 5], 0, 17), ([2000], 11, 16)],  # 2000 rows: two partial-amax chunks
 )
 def test_columnwise_kernel_matches_the_reference_bit_for_bit(sizes, past, width):
-    """The weight gradient's operand: rows gathered into the aligned layout, transposed and cast per column; rows
-    past the groups (NaN here) are not read, a NaN inside a group reaches its column."""
+    """The weight gradient's operand: rows gathered into the aligned layout, transposed and cast per column, its
+    column amax computed by the column pass or by the rowwise kernel (the forward's and grad_input's quantisation);
+    rows past the groups (NaN here) do not count, a NaN inside a group reaches its column."""
     offs = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
     rows = sum(sizes)
     t = varied((rows + past, width), torch.bfloat16, seed=rows)
     t[rows:] = float("nan")
     source, _ = aligned_rows(offs, rows + past)
-    codes, factors = fp8_triton.quantize_columns(t, source, offs)
+    codes, factors = fp8_triton.quantize_columns(t, source, offs, None)
     want_codes, want_factors = quantize_columns_reference(t, source)
     assert_same_codes(codes, want_codes)
     assert_same_factors(factors, want_factors)
     assert torch.isnan(factors).any() == (rows >= 4)  # varied() put a NaN in row 2 when there are 4 rows
+    row_codes, row_factors, amax = fp8_triton.quantize_rows_and_column_amax(t, offs)
+    want_amax = column_amax_reference(t, offs)
+    assert_same_factors(amax, want_amax.float())
+    assert_same_codes(row_codes, quantize_rows_reference(t)[0])
+    assert_same_factors(row_factors, quantize_rows_reference(t)[1])
+    codes, factors = fp8_triton.quantize_columns(t, source, offs, amax)
+    assert_same_codes(codes, want_codes)
+    assert_same_factors(factors, want_factors)
 
 
 def grouped_case(sizes: list[int], k: int, n: int, seed: int = 0):
@@ -129,12 +139,12 @@ def test_fp8_grouped_mm_through_the_kernels_equals_the_reference_path(monkeypatc
     case = grouped_case([21, 0, 40, 3], 32, 48)
     reference = grouped_mm_results(*case)
     calls = []
-    for name in ("quantize_rows", "quantize_columns"):
+    for name in ("quantize_rows", "quantize_rows_and_column_amax", "quantize_columns"):
         kernel = getattr(fp8_triton, name)
         monkeypatch.setattr(fp8_triton, name, lambda *a, kernel=kernel: calls.append(kernel.__name__) or kernel(*a))
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
     kernels = grouped_mm_results(*case)
-    assert calls.count("quantize_rows") == 4 and calls.count("quantize_columns") == 2
+    assert calls == ["quantize_rows_and_column_amax", "quantize_rows"] * 2 + ["quantize_columns"] * 2
     for got, want in zip(kernels, reference):
         assert torch.equal(got[:64], want[:64])
 

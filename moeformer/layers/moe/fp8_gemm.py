@@ -70,6 +70,20 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return kernels.quantize_rows(t) if kernels is not None else quantize_rows_reference(t)
 
 
+def quantize_rows_and_column_amax(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`quantize_rows` of t (R, C) and `column_amax_reference(t, offs)`, from one read of t by the Triton kernel."""
+    kernels = _kernels(t)
+    if kernels is not None:
+        return kernels.quantize_rows_and_column_amax(t, offs)
+    return *quantize_rows_reference(t), column_amax_reference(t, offs)
+
+
+def column_amax_reference(t: Tensor, offs: Tensor) -> Tensor:
+    """max |t[r, c]| over the rows r before offs[-1] (the grouped rows), per column: the weight gradient's amax."""
+    grouped = torch.arange(t.shape[0], device=t.device) < offs[-1]
+    return torch.where(grouped.unsqueeze(-1), t.abs(), 0).amax(dim=0)
+
+
 def quantize_rows_reference(t: Tensor) -> tuple[Tensor, Tensor]:
     """t (..., K) as contiguous e4m3 codes with one scale per row (over the last dim), and the fp32 factors that
     dequantise them (codes * factor ~ t), shaped t.shape[:-1]."""
@@ -163,26 +177,32 @@ def aligned_rows(offs: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     return source, padded_ends.to(torch.int32)
 
 
-def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_columns(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_columns_reference` (source from `aligned_rows(offs, ...)`) by the Triton kernels where they serve t."""
     kernels = _kernels(t)
-    return kernels.quantize_columns(t, source, offs) if kernels is not None else quantize_columns_reference(t, source)
+    if kernels is not None:
+        return kernels.quantize_columns(t, source, offs, amax)
+    return quantize_columns_reference(t, source, amax)
 
 
-def quantize_columns_reference(t: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_columns_reference(t: Tensor, source: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rows `source` of t (N, C) (zeros where -1), transposed: contiguous e4m3 codes (C, len(source)) with one scale
-    per column of t, and the fp32 factors (C,) that dequantise them."""
+    per column of t, and the fp32 factors (C,) that dequantise them. `amax`: the gathered rows' column amax, when
+    known (`column_amax_reference`)."""
     rows = torch.where((source >= 0).unsqueeze(-1), t.index_select(0, source.clamp(min=0)), 0)
-    scale = fp8_scale(rows.abs().amax(dim=0))
+    scale = fp8_scale(rows.abs().amax(dim=0) if amax is None else amax)
     return to_e4m3(rows.t(), scale.unsqueeze(-1)).contiguous(), scale.reciprocal()
 
 
-def weight_grad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
-    """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe)."""
+def weight_grad(
+    x: Tensor, grad: Tensor, offs: Tensor, x_amax: Tensor | None = None, grad_amax: Tensor | None = None
+) -> Tensor:
+    """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe);
+    the operands' column amax (`column_amax_reference`) where already computed."""
     groups = offs.shape[0]
     source, padded_ends = aligned_rows(offs, x.shape[0])
-    xt, x_factor = quantize_columns(x, source, offs)  # (K, P)
-    gt, g_factor = quantize_columns(grad, source, offs)  # (N, P)
+    xt, x_factor = quantize_columns(x, source, offs, x_amax)  # (K, P)
+    gt, g_factor = quantize_columns(grad, source, offs, grad_amax)  # (N, P)
     return scaled_grouped_mm(xt, gt.t(), x_factor.repeat(groups), g_factor.repeat(groups), padded_ends)
 
 
@@ -192,26 +212,33 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, fp8_wgrad: bool) -> Tensor:
-        ctx.save_for_backward(x, w, offs)
-        ctx.fp8_wgrad = fp8_wgrad
-        xq, x_factor = quantize_rows(x)
+        ctx.fp8_wgrad = fp8_wgrad and ctx.needs_input_grad[1]
+        x_amax = None
+        if ctx.fp8_wgrad:  # the weight gradient's column amax of x, from the read that quantises its rows
+            xq, x_factor, x_amax = quantize_rows_and_column_amax(x, offs)
+        else:
+            xq, x_factor = quantize_rows(x)
+        ctx.save_for_backward(x, w, offs, x_amax)
         wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, one scale per output column
         out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, w, offs = ctx.saved_tensors
+        x, w, offs, x_amax = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = grad_w = None
+        grad_x = grad_w = g_amax = None
         if ctx.needs_input_grad[0]:
-            gq, g_factor = quantize_rows(grad)
+            if ctx.fp8_wgrad:
+                gq, g_factor, g_amax = quantize_rows_and_column_amax(grad, offs)
+            else:
+                gq, g_factor = quantize_rows(grad)
             wq, w_factor = quantize_rows(w)  # (E, K, N): its transpose is the column-major second operand
             grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             if ctx.fp8_wgrad:
-                grad_w = weight_grad(x, grad, offs)
+                grad_w = weight_grad(x, grad, offs, x_amax, g_amax)
             else:  # what torch._grouped_mm's own backward computes
                 grad_w = torch._grouped_mm(x.transpose(-2, -1), grad.to(x.dtype), offs=offs)
             grad_w = grad_w.to(w.dtype)

@@ -64,19 +64,41 @@ def _e4m3_bits(p):
 
 @triton.jit
 def _quantize_rows_kernel(
-    src, codes, factors, M, K, s_b, s_m, s_k, o_b, o_m, o_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+    src,
+    codes,
+    factors,
+    col_partial,
+    offs,
+    G,
+    M,
+    K,
+    s_b,
+    s_m,
+    s_k,
+    o_b,
+    o_m,
+    o_k,
+    COL_AMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Rows m of batch b of src (B, M, K) (any strides): amax over K, scale, codes at o_* strides, factor (B, M)."""
+    """Rows m of batch b of src (B, M, K) (any strides): amax over K, scale, codes at o_* strides, factor (B, M).
+    COL_AMAX (2-D src): also col_partial[program, k] = max |src[m, k]| over the program's rows before offs[G - 1]."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     base = src + b * s_b + rows.to(tl.int64)[:, None] * s_m
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if COL_AMAX:
+        grouped = rows < tl.load(offs + G - 1)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
         v = tl.load(base + cols.to(tl.int64)[None, :] * s_k, mask=mask, other=0.0).to(tl.float32)
         amax = _max_nan(amax, _abs_max(v, 1))
+        if COL_AMAX:
+            column = _abs_max(tl.where(grouped[:, None], v, 0.0), 0)
+            tl.store(col_partial + tl.program_id(0) * K + cols, column, mask=cols < K)
     scale = _scale(amax)
     out = codes + b * o_b + rows.to(tl.int64)[:, None] * o_m
     for start in range(0, K, BLOCK_K):
@@ -122,39 +144,55 @@ def _column_cast_kernel(src, source, amax, codes, factors, C, P, BLOCK_P: tl.con
         tl.store(factors + cols, tl.math.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), scale), mask=col_ok)
 
 
-def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
-    """`fp8_gemm.quantize_rows_reference` (t (..., K) of any strides, at most 3-D): contiguous e4m3 codes and the
-    fp32 factors shaped t.shape[:-1]."""
+def _rows(t: Tensor, offs: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     t3 = t.reshape(1, *t.shape) if t.dim() == 2 else t
     batch, m, k = t3.shape
     codes = torch.empty(t3.shape, dtype=torch.float8_e4m3fn, device=t.device)
     factors = torch.empty(batch, m, dtype=torch.float32, device=t.device)
+    # a tile of rows x K: rows that are strided columns (a transposed weight) read 64 consecutive elements each;
+    # 64 rows when the tile also reduces its columns (fewer partial maxima)
+    block_m, block_k = (64, 64) if t3.stride(1) == 1 or offs is not None else (16, 256)
+    block_k = min(block_k, triton.next_power_of_2(max(k, 1)))
+    partial = factors if offs is None else torch.empty(triton.cdiv(m, block_m), k, dtype=torch.float32, device=t.device)
     if codes.numel():
-        # a tile of rows x K: rows that are strided columns (a transposed weight) read 64 consecutive elements each
-        block_m, block_k = (64, 64) if t3.stride(1) == 1 else (16, 256)
-        block_k = min(block_k, triton.next_power_of_2(k))
         _quantize_rows_kernel[(triton.cdiv(m, block_m), batch)](
-            t3, codes.view(torch.uint8), factors, m, k, *t3.stride(), *codes.stride(), BLOCK_M=block_m, BLOCK_K=block_k
-        )
-    return codes.view(t.shape), factors.view(t.shape[:-1])
+            t3, codes.view(torch.uint8), factors, partial, factors if offs is None else offs,
+            0 if offs is None else offs.shape[0], m, k, *t3.stride(), *codes.stride(),
+            COL_AMAX=offs is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+        )  # fmt: skip
+    column_amax = None if offs is None else partial.amax(0) if m else partial.new_zeros(k)
+    return codes.view(t.shape), factors.view(t.shape[:-1]), column_amax
 
 
-def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`fp8_gemm.quantize_rows_reference` (t (..., K) of any strides, at most 3-D): contiguous e4m3 codes and the
+    fp32 factors shaped t.shape[:-1]."""
+    codes, factors, _ = _rows(t, None)
+    return codes, factors
+
+
+def quantize_rows_and_column_amax(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`quantize_rows` of t (R, C) and, from the same read, `fp8_gemm.column_amax_reference(t, offs)`."""
+    return _rows(t, offs)
+
+
+def quantize_columns(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | None) -> tuple[Tensor, Tensor]:
     """`fp8_gemm.quantize_columns_reference` for t (R, C) whose gathered rows (source >= 0) are the rows before
-    offs[-1]: codes (C, len(source)) and factors (C,)."""
+    offs[-1]: codes (C, len(source)) and factors (C,); `amax`: their column amax if known (one pass fewer)."""
     t, source = t.contiguous(), source.contiguous()
     r, c = t.shape
     p = source.shape[0]
     codes = torch.empty(c, p, dtype=torch.float8_e4m3fn, device=t.device)
     factors = torch.empty(c, dtype=torch.float32, device=t.device)
-    chunks = max(1, triton.cdiv(r, CHUNK_ROWS))
-    partial = torch.empty(chunks, c, dtype=torch.float32, device=t.device)
     block_c = min(64, triton.next_power_of_2(max(c, 1)))
     if c and p and offs.numel():
-        _column_amax_kernel[(triton.cdiv(c, block_c), chunks)](
-            t, offs, partial, c, offs.shape[0], CHUNK=CHUNK_ROWS, BLOCK_R=32, BLOCK_C=block_c
-        )
-        amax = partial.amax(0)  # NaN where any partial is (as the reference's amax)
+        if amax is None:
+            chunks = max(1, triton.cdiv(r, CHUNK_ROWS))
+            partial = torch.empty(chunks, c, dtype=torch.float32, device=t.device)
+            _column_amax_kernel[(triton.cdiv(c, block_c), chunks)](
+                t, offs, partial, c, offs.shape[0], CHUNK=CHUNK_ROWS, BLOCK_R=32, BLOCK_C=block_c
+            )
+            amax = partial.amax(0)  # NaN where any partial is (as the reference's amax)
         _column_cast_kernel[(triton.cdiv(c, block_c), triton.cdiv(p, COLUMN_BLOCK_P))](
             t, source, amax, codes.view(torch.uint8), factors, c, p, BLOCK_P=COLUMN_BLOCK_P, BLOCK_C=block_c
         )
@@ -164,7 +202,7 @@ def quantize_columns(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, T
 OPS = SimpleNamespace(
     **{
         fn.__name__: torch.library.custom_op(f"moeformer::fp8_{fn.__name__}", fn, mutates_args=())
-        for fn in (quantize_rows, quantize_columns)
+        for fn in (quantize_rows, quantize_rows_and_column_amax, quantize_columns)
     }
 )
 
@@ -174,7 +212,17 @@ def _(t: Tensor) -> tuple[Tensor, Tensor]:
     return t.new_empty(t.shape, dtype=torch.float8_e4m3fn), t.new_empty(t.shape[:-1], dtype=torch.float32)
 
 
+@OPS.quantize_rows_and_column_amax.register_fake
+def _(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    f32 = torch.float32
+    return (
+        t.new_empty(t.shape, dtype=torch.float8_e4m3fn),
+        t.new_empty(t.shape[0], dtype=f32),
+        t.new_empty(t.shape[1], dtype=f32),
+    )
+
+
 @OPS.quantize_columns.register_fake
-def _(t: Tensor, source: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def _(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | None) -> tuple[Tensor, Tensor]:
     c = t.shape[1]
     return t.new_empty(c, source.shape[0], dtype=torch.float8_e4m3fn), t.new_empty(c, dtype=torch.float32)
