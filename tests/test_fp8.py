@@ -293,6 +293,35 @@ def test_fp8_moe_layer_matches_full_precision():
         assert relative(grads8[name], grads[name]) <= 2 * RELATIVE_FP8_GEMM + U_E5M2, name
 
 
+def test_fp8_moe_layer_with_bf16_weight_gradients():
+    """enable_fp8(fp8_wgrad=False): the same output and input gradient as the FP8 recipe (its forward and grad_input
+    GEMMs are unchanged), the experts' weight gradients from the unquantised operands: within one FP8 GEMM's error
+    of fp32 (the output gradient reaching w_in went through FP8 GEMMs), and not the FP8 weight gradient."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=4, top_k=2, ffn_dim=48, backend="grouped")
+    layers = [MoE(64, config) for _ in range(3)]
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    layers[0].experts.backend = "loop"
+    enable_fp8(layers[1], emulate=True)
+    assert enable_fp8(layers[2], emulate=True, fp8_wgrad=False).experts == ["experts"]
+    assert layers[1].experts.fp8_wgrad and not layers[2].experts.fp8_wgrad
+    x = torch.randn(2, 40, 64)
+    grad = torch.randn(2, 40, 64)
+    results = []
+    for layer in layers:
+        xg = x.clone().requires_grad_()
+        out, _ = layer(xg)
+        out.backward(grad)
+        results.append((out, xg.grad, layer.experts.w_out.grad, layer.experts.w_in.grad))
+    exact, fp8, bf16_wgrad = results
+    assert torch.equal(bf16_wgrad[0], fp8[0]) and torch.equal(bf16_wgrad[1], fp8[1])
+    for i in (2, 3):
+        assert relative(bf16_wgrad[i], exact[i]) <= RELATIVE_FP8_GEMM
+        assert not torch.equal(bf16_wgrad[i], fp8[i])
+    assert relative(bf16_wgrad[2], exact[2]) < relative(fp8[2], exact[2])  # w_out: only its input h was FP8
+
+
 def test_fp8_training_steps_follow_full_precision():
     """A few AdamW steps of a tiny MoE model with FP8 (emulated) and in fp32 from the same start on the same batch:
     finite, and each step's loss within 2% of the fp32 one (FP8's per-GEMM errors are zero-mean: the loss averages

@@ -117,6 +117,21 @@ def test_columnwise_kernel_matches_the_reference_bit_for_bit(sizes, past, width)
     assert_same_factors(factors, want_factors)
 
 
+def test_custom_ops_pass_torchs_op_checks():
+    """The kernels as torch custom ops (what torch.compile sees): schema, fake tensors (shapes, dtypes, strides of
+    the real outputs, weight layout included) and AOT dispatch agree with the launchers."""
+    x, w = torch.randn(37, 48, dtype=torch.bfloat16), torch.randn(2, 32, 48, dtype=torch.bfloat16)  # finite: NaN != NaN
+    offs = torch.tensor([10, 30], dtype=torch.int32)
+    source, _ = aligned_rows(offs, 37)
+    ops = fp8_triton.OPS
+    for op, args in (
+        (ops.quantize_rows, (w.transpose(-2, -1),)),
+        (ops.quantize_rows_and_column_amax, (x, offs)),
+        (ops.quantize_columns, (x, source, offs, None)),
+    ):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def grouped_case(sizes: list[int], k: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     m = sum(sizes)
