@@ -176,6 +176,43 @@ def test_bf16_weight_gradient_recipe():
     assert grad_w.dtype == torch.bfloat16 and torch.equal(grad_w, wg.grad)
 
 
+@torch.library.custom_op("moeformer_tests::scaled_grouped_mm_reference", mutates_args=())
+def opaque_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    offs: torch.Tensor,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """The CPU reference of torch._scaled_grouped_mm (host syncs: untraceable) as one opaque op, as the CUDA op is."""
+    return fp8_gemm.scaled_grouped_mm_reference(a, b, scale_a, scale_b, offs).clone()
+
+
+@opaque_reference.register_fake
+def _(a, b, scale_a, scale_b, offs, use_fast_accum=False):
+    shape = (a.shape[0], b.shape[-1]) if b.dim() == 3 else (offs.shape[0], a.shape[0], b.shape[1])
+    return a.new_empty(shape, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("fp8_wgrad", [True, False])
+def test_fp8_grouped_mm_compiles_as_one_graph_with_the_kernels(monkeypatch, fp8_wgrad):
+    """torch.compile(fullgraph=True) traces the autograd function with the quantisers as custom ops (no graph break,
+    no host sync; the scaled GEMM stood in by an opaque op on CPU) and computes the eager bits."""
+    monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
+    monkeypatch.setattr(fp8_gemm, "scaled_grouped_mm", opaque_reference)
+    case = grouped_case([30, 0, 50, 20], 32, 48, seed=2)
+    eager = grouped_mm_results(*case, fp8_wgrad=fp8_wgrad)
+    torch._dynamo.reset()
+    compiled = torch.compile(fp8_grouped_mm, backend="aot_eager", fullgraph=True)
+    x, w, grad, offs = case
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = compiled(xg, wg, offs, fp8_wgrad=fp8_wgrad)
+    out.backward(grad)
+    for got, want in zip((out, xg.grad, wg.grad), eager):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_on_gpu_match_the_reference_bit_for_bit():
