@@ -78,6 +78,12 @@ def main() -> None:
             lambda: compiled["quantize_rows_reference"](w),
             w.numel() * 3,
         ),
+        "w in both layouts from one read (forward)": (
+            lambda: kernels.quantize_weight(w),
+            None,
+            None,
+            w.numel() * 4,
+        ),
         "x columnwise into the aligned layout (wgrad, amax known)": (
             lambda: kernels.quantize_columns(x, source, offs, x.abs().amax(0).float()),
             None,

@@ -18,6 +18,7 @@ from moeformer.layers.moe.fp8_gemm import (
     fp8_grouped_mm,
     quantize_columns_reference,
     quantize_rows_reference,
+    quantize_weight_reference,
 )
 
 fp8_triton = pytest.importorskip("moeformer.layers.moe.fp8_triton", reason="needs triton")
@@ -89,6 +90,18 @@ def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step():
     assert_same_codes(codes, quantize_rows_reference(t)[0])
 
 
+@pytest.mark.parametrize("shape", [(3, 48, 80), (2, 70, 33), (1, 1, 1)])
+def test_weight_kernel_gives_both_layouts_of_the_reference_bit_for_bit(shape):
+    """Expert weights (E, K, N), read once for the forward's layout (per output column, codes (E, N, K)) and
+    grad_input's (per row, codes (E, K, N)); odd sizes span partial tiles."""
+    w = varied(shape, torch.bfloat16, seed=shape[1])
+    got, want = fp8_triton.quantize_weight(w), quantize_weight_reference(w)
+    for codes, want_codes in zip(got[::2], want[::2]):
+        assert_same_codes(codes, want_codes)
+    for factors, want_factors in zip(got[1::2], want[1::2]):
+        assert_same_factors(factors, want_factors)
+
+
 @pytest.mark.parametrize(
     "sizes, past, width",
     [([37, 0, 16, 1, 50], 3, 40), ([0, 0, 5], 0, 17), ([2000], 11, 16)],  # 2000 rows: two partial-amax chunks
@@ -128,6 +141,7 @@ def test_custom_ops_pass_torchs_op_checks():
         (ops.quantize_rows, (w.transpose(-2, -1),)),
         (ops.quantize_rows_and_column_amax, (x, offs)),
         (ops.quantize_columns, (x, source, offs, None)),
+        (ops.quantize_weight, (w,)),
     ):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -154,12 +168,15 @@ def test_fp8_grouped_mm_through_the_kernels_equals_the_reference_path(monkeypatc
     case = grouped_case([21, 0, 40, 3], 32, 48)
     reference = grouped_mm_results(*case)
     calls = []
-    for name in ("quantize_rows", "quantize_rows_and_column_amax", "quantize_columns"):
+    for name in ("quantize_rows", "quantize_rows_and_column_amax", "quantize_columns", "quantize_weight"):
         kernel = getattr(fp8_triton, name)
         monkeypatch.setattr(fp8_triton, name, lambda *a, kernel=kernel: calls.append(kernel.__name__) or kernel(*a))
     monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
     kernels = grouped_mm_results(*case)
-    assert calls == ["quantize_rows_and_column_amax", "quantize_rows"] * 2 + ["quantize_columns"] * 2
+    # forward: x (with its column amax for the weight gradient), w in both layouts; backward: the output gradient
+    # (and its column amax), then the weight gradient's two operands; w is not read again
+    forward, backward = ["quantize_rows_and_column_amax", "quantize_weight"], ["quantize_rows_and_column_amax"]
+    assert calls == forward + backward + ["quantize_columns"] * 2
     for got, want in zip(kernels, reference):
         assert torch.equal(got[:64], want[:64])
 
@@ -216,8 +233,9 @@ def test_fp8_grouped_mm_compiles_as_one_graph_with_the_kernels(monkeypatch, fp8_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_on_gpu_match_the_reference_bit_for_bit():
-    """On CUDA (fp8_gemm's dispatch picks the kernels there): rowwise (both weight layouts) and columnwise, against
-    the PyTorch quantisers on the same device, at a size with many programs per launch."""
+    """On CUDA (fp8_gemm's dispatch picks the kernels there): rowwise (both weight layouts, and both from one read)
+    and columnwise (with and without a known amax), against the PyTorch quantisers on the same device, at a size
+    with many programs per launch."""
     x = varied((3000, 272), torch.bfloat16, seed=0).cuda()
     w = varied((4, 272, 96), torch.bfloat16, seed=1).cuda()
     for t in (x, w, w.transpose(-2, -1)):
@@ -225,9 +243,13 @@ def test_kernels_on_gpu_match_the_reference_bit_for_bit():
         want_codes, want_factors = quantize_rows_reference(t)
         assert_same_codes(codes, want_codes)
         assert_same_factors(factors, want_factors)
+    got, want = fp8_gemm.quantize_weight(w), quantize_weight_reference(w)
+    for i, (a, b) in enumerate(zip(got, want)):
+        (assert_same_factors if i % 2 else assert_same_codes)(a, b)
     offs = torch.tensor([1000, 1000, 2500, 2990], dtype=torch.int32, device="cuda")
     source, _ = aligned_rows(offs, 3000)
-    codes, factors = fp8_gemm.quantize_columns(x, source, offs)
     want_codes, want_factors = quantize_columns_reference(x, source)
-    assert_same_codes(codes, want_codes)
-    assert_same_factors(factors, want_factors)
+    for amax in (None, fp8_gemm.quantize_rows_and_column_amax(x, offs)[2]):
+        codes, factors = fp8_gemm.quantize_columns(x, source, offs, amax)
+        assert_same_codes(codes, want_codes)
+        assert_same_factors(factors, want_factors)

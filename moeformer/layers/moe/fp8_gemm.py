@@ -11,12 +11,14 @@ power of two, 2^floor(log2(448 / amax)), so that scaling is exact and the larges
   rows moved to a 16-aligned start (the kernel's TMA needs 16-byte aligned group starts along K) with zero rows
   between, and an empty group given 16 zero rows so that its gradient is exactly 0.
 The quantisers run as Triton kernels (moe/fp8_triton.py: amax, scale and cast in one pass; the weight gradient's
-gather into the aligned layout fused into its cast) where Triton serves the tensor, else as the PyTorch references
-here, which they match bit for bit. With `fp8_wgrad=False` the weight gradient is one bf16 grouped GEMM instead
+gather into the aligned layout fused into its cast; the column amax it needs computed by the rowwise kernels that
+read x and the output gradient anyway) where Triton serves the tensor, else as the PyTorch references here, which
+they match bit for bit. The forward quantises w in both its layouts (one read) and keeps grad_input's (E*K*N bytes,
+half the bf16 weight's) for the backward. With `fp8_wgrad=False` the weight gradient is one bf16 grouped GEMM instead
 (torchao's "rowwise_with_gw_hp" recipe: no columnwise quantisation, no aligned copy).
 The two GEMMs that contract over a layer width (forward, grad_input) use Hopper's fast FP8 accumulation; the weight
 gradient, which sums over every row of a group (thousands of tokens), accumulates in full precision. Weights are
-quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
+quantised from their bf16 values in every step (nothing fp8 is kept between steps)."""
 
 from __future__ import annotations
 
@@ -68,6 +70,18 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """`quantize_rows_reference` by the Triton kernel where it serves t (at most 3-D, any strides)."""
     kernels = _kernels(t)
     return kernels.quantize_rows(t) if kernels is not None else quantize_rows_reference(t)
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`quantize_weight_reference` by the Triton kernels (one read of w for both layouts) where they serve w."""
+    kernels = _kernels(w)
+    return kernels.quantize_weight(w) if kernels is not None else quantize_weight_reference(w)
+
+
+def quantize_weight_reference(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """w (E, K, N) for the forward (codes (E, N, K), one scale per output column) and for grad_input (codes (E, K, N),
+    one scale per row), each with its factors: `quantize_rows_reference` of w^T and of w."""
+    return *quantize_rows_reference(w.transpose(-2, -1)), *quantize_rows_reference(w)
 
 
 def quantize_rows_and_column_amax(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,14 +232,18 @@ class _Fp8GroupedMM(torch.autograd.Function):
             xq, x_factor, x_amax = quantize_rows_and_column_amax(x, offs)
         else:
             xq, x_factor = quantize_rows(x)
-        ctx.save_for_backward(x, w, offs, x_amax)
-        wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, one scale per output column
+        wq_t = wt_factor = None
+        if ctx.needs_input_grad[0]:  # grad_input's layout of w too, from the same reads (kept for the backward)
+            wq, w_factor, wq_t, wt_factor = quantize_weight(w)
+        else:
+            wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, a scale per output column
+        ctx.save_for_backward(x, w, offs, x_amax, wq_t, wt_factor)
         out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, w, offs, x_amax = ctx.saved_tensors
+        x, w, offs, x_amax, wq_t, wt_factor = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = g_amax = None
         if ctx.needs_input_grad[0]:
@@ -233,8 +251,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
                 gq, g_factor, g_amax = quantize_rows_and_column_amax(grad, offs)
             else:
                 gq, g_factor = quantize_rows(grad)
-            wq, w_factor = quantize_rows(w)  # (E, K, N): its transpose is the column-major second operand
-            grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
+            # wq_t (E, K, N), one scale per row: its transpose is the column-major second operand
+            grad_x = scaled_grouped_mm(gq, wq_t.transpose(-2, -1), g_factor, wt_factor, offs, use_fast_accum=True)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             if ctx.fp8_wgrad:

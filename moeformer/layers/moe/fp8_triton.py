@@ -144,6 +144,64 @@ def _column_cast_kernel(src, source, amax, codes, factors, C, P, BLOCK_P: tl.con
         tl.store(factors + cols, tl.math.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), scale), mask=col_ok)
 
 
+@triton.jit
+def _weight_amax_kernel(w, row_part, col_part, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile (i, j) of expert e of w (E, K, N) contiguous: its rows' amax into row_part[e, k, j] and its columns'
+    into col_part[e, i, n]."""
+    i, j, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < K)[:, None] & (cols < N)[None, :]
+    v = tl.load(w + e * K * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(row_part + (e * K + rows) * tl.num_programs(1) + j, _abs_max(v, 1), mask=rows < K)
+    tl.store(col_part + (e * tl.num_programs(0) + i) * N + cols, _abs_max(v, 0), mask=cols < N)
+
+
+@triton.jit
+def _weight_cast_kernel(
+    w, row_amax, col_amax, codes, factors, codes_t, factors_t, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Tile (i, j) of expert e of w (E, K, N), read once, cast twice: per column (codes (E, N, K), factors (E, N))
+    and per row (codes_t (E, K, N), factors_t (E, K))."""
+    i, j, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < K, cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    v = tl.load(w + e * K * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    col_scale = _scale(tl.load(col_amax + e * N + cols, mask=col_ok, other=0.0))
+    row_scale = _scale(tl.load(row_amax + e * K + rows, mask=row_ok, other=0.0))
+    bits = _e4m3_bits(v * col_scale[None, :])
+    tl.store(codes + e * N * K + cols[None, :] * K + rows[:, None], bits.to(tl.uint8), mask=mask)
+    bits = _e4m3_bits(v * row_scale[:, None])
+    tl.store(codes_t + e * K * N + rows[:, None] * N + cols[None, :], bits.to(tl.uint8), mask=mask)
+    if i == 0:
+        tl.store(factors + e * N + cols, tl.math.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), col_scale), mask=col_ok)
+    if j == 0:
+        tl.store(factors_t + e * K + rows, tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), row_scale), mask=row_ok)
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`fp8_gemm.quantize_weight_reference`: w (E, K, N) in both layouts from two reads (amax, cast)."""
+    w = w.contiguous()
+    e, k, n = w.shape
+    codes = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    codes_t = torch.empty(e, k, n, dtype=torch.float8_e4m3fn, device=w.device)
+    factors = torch.empty(e, n, dtype=torch.float32, device=w.device)
+    factors_t = torch.empty(e, k, dtype=torch.float32, device=w.device)
+    if w.numel():
+        block_k, block_n = min(64, triton.next_power_of_2(k)), min(64, triton.next_power_of_2(n))
+        grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n), e)
+        row_part = torch.empty(e, k, grid[1], dtype=torch.float32, device=w.device)
+        col_part = torch.empty(e, grid[0], n, dtype=torch.float32, device=w.device)
+        _weight_amax_kernel[grid](w, row_part, col_part, k, n, BLOCK_K=block_k, BLOCK_N=block_n)
+        _weight_cast_kernel[grid](
+            w, row_part.amax(-1), col_part.amax(1), codes.view(torch.uint8), factors, codes_t.view(torch.uint8),
+            factors_t, k, n, BLOCK_K=block_k, BLOCK_N=block_n,
+        )  # fmt: skip
+    return codes, factors, codes_t, factors_t
+
+
 def _rows(t: Tensor, offs: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     t3 = t.reshape(1, *t.shape) if t.dim() == 2 else t
     batch, m, k = t3.shape
@@ -202,7 +260,7 @@ def quantize_columns(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | Non
 OPS = SimpleNamespace(
     **{
         fn.__name__: torch.library.custom_op(f"moeformer::fp8_{fn.__name__}", fn, mutates_args=())
-        for fn in (quantize_rows, quantize_rows_and_column_amax, quantize_columns)
+        for fn in (quantize_rows, quantize_rows_and_column_amax, quantize_columns, quantize_weight)
     }
 )
 
@@ -226,3 +284,15 @@ def _(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | None) -> tuple[Tensor, Tensor]:
     c = t.shape[1]
     return t.new_empty(c, source.shape[0], dtype=torch.float8_e4m3fn), t.new_empty(c, dtype=torch.float32)
+
+
+@OPS.quantize_weight.register_fake
+def _(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    e, k, n = w.shape
+    e4m3, f32 = torch.float8_e4m3fn, torch.float32
+    return (
+        w.new_empty(e, n, k, dtype=e4m3),
+        w.new_empty(e, n, dtype=f32),
+        w.new_empty(w.shape, dtype=e4m3),
+        w.new_empty(e, k, dtype=f32),
+    )
