@@ -67,7 +67,9 @@ def tiny_fp8_config(**overrides) -> ModelConfig:
 
 # ---- the quantizer -----------------------------------------------------------------------------------------------
 def test_scales_are_powers_of_two_that_put_amax_in_the_top_binade():
-    amax = torch.cat([torch.logspace(-8, 8, 97), torch.tensor([1.0, 448.0, 224.0, 3e-3])])
+    # amax whose quotient 448 / amax lies just below a power of two (where a rounded log2 would round it up)
+    edge = E4M3_MAX / (2.0 ** torch.arange(-20.0, 40.0) * (1 - 2.0**-24))
+    amax = torch.cat([torch.logspace(-8, 8, 97), torch.tensor([1.0, 448.0, 224.0, 3e-3]), edge])
     scale = fp8_scale(amax)
     assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # exact: scaling adds no rounding
     scaled = amax * scale

@@ -57,8 +57,11 @@ def fp8_grouped_mm_available(device: torch.device) -> bool:
 
 def fp8_scale(amax: Tensor) -> Tensor:
     """The power-of-two multiplier that puts `amax` at most at E4M3_MAX (fp32; 0 for an infinite amax, so that its
-    non-finite values reach the output as NaN rather than being hidden)."""
-    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=AMAX_FLOOR))))
+    non-finite values reach the output as NaN rather than being hidden): 2^floor(log2(E4M3_MAX / amax)), exactly, as
+    the exponent bits of the quotient (a rounded log2 can round a quotient just below 2^(k+1) up)."""
+    quotient = E4M3_MAX / amax.float().clamp(min=AMAX_FLOOR)
+    power = (quotient.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return torch.where(torch.isnan(quotient), quotient, power)
 
 
 def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:

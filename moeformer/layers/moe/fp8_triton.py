@@ -1,10 +1,11 @@
 """Triton kernels of the FP8 grouped GEMM's quantisation (imported only where triton is installed): each computes an
 amax, the power-of-two scale and the e4m3 codes of moe/fp8_gemm.py's PyTorch quantisers (`quantize_rows_reference`,
-`quantize_columns_reference`) in one pass over the data (two for a column reduction), bit for bit the same codes and
-factors. The codes are written as their uint8 bit patterns, rounded to nearest even by integer arithmetic, so that
-they do not depend on a backend's fp32 -> fp8 conversion (the Triton interpreter's rounds ties away from zero and
-turns NaN into 384). As in triton_kernels.py, `OPS` holds the launchers registered as torch custom ops for
-torch.compile."""
+with `column_amax_reference` from the same read; `quantize_weight_reference`: both layouts of a weight;
+`quantize_columns_reference`, the gather into the aligned layout included) in one pass over the data (two where a
+column reduction comes first), bit for bit the same codes and factors. The codes are written as their uint8 bit
+patterns, rounded to nearest even by integer arithmetic, so that they do not depend on a backend's fp32 -> fp8
+conversion (the Triton interpreter's rounds ties away from zero and turns NaN into 384). As in triton_kernels.py,
+`OPS` holds the launchers registered as torch custom ops for torch.compile."""
 
 from __future__ import annotations
 
