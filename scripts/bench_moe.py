@@ -7,10 +7,11 @@ row of one shape runs on the same input in one process. The CUDA-graph row doubl
 dropless path never synchronises with the host: capturing a stream fails on any device-to-host copy.
 
     python scripts/bench_moe.py [--shapes olmoe,small,mixtral,deepseek,medium] [--out benchmarks/moe.md] [--profile]
-                                [--fp8]
+                                [--fp8 [--bf16-wgrad]]
 
 `--fp8` adds our layer with its expert GEMMs (and shared expert) in FP8 (`moeformer.layers.fp8.enable_fp8`), eager
-and compiled, beside the bf16 rows on the same input, and prints each FP8 row's fwd+bwd speed over its bf16 twin.
+and compiled, beside the bf16 rows on the same input, and prints each FP8 row's fwd+bwd speed over its bf16 twin;
+`--bf16-wgrad` also adds the compiled FP8 layer with its experts' weight gradients in bf16 (`fp8_wgrad=False`).
 
 Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks (all-to-all dispatcher)
 and times it, each rank with its own tokens at the shape's size, beside the unsharded layer alone on each rank:
@@ -207,7 +208,9 @@ def layer_config(s: Shape) -> MoEConfig:
     )
 
 
-def candidates(s: Shape, skip: set[str], fp8: bool = False) -> dict[str, tuple[nn.Module, float]]:
+def candidates(
+    s: Shape, skip: set[str], fp8: bool = False, bf16_wgrad: bool = False
+) -> dict[str, tuple[nn.Module, float]]:
     """label -> (module, its active forward FLOPs) for one shape."""
     ours, flops = MoE(s.dim, layer_config(s)), active_flops(s)
     rows = {"moeformer (eager)": (ours, flops)}
@@ -219,6 +222,10 @@ def candidates(s: Shape, skip: set[str], fp8: bool = False) -> dict[str, tuple[n
         rows[f"{FP8} (eager)"] = (ours_fp8, flops)
         if "compile" not in skip:
             rows[f"{FP8} (compiled)"] = (torch.compile(ours_fp8), flops)
+        if bf16_wgrad and "compile" not in skip:
+            ours_gw = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+            enable_fp8(ours_gw, fp8_wgrad=False)
+            rows[f"{FP8} (compiled, bf16 wgrad)"] = (torch.compile(ours_gw), flops)
     if "graph" not in skip:
         rows[GRAPHED] = (ours, flops)
     rows["dense SwiGLU, equal FLOPs"] = (MLP(s.dim, (s.top_k + s.shared) * s.ffn), flops)
@@ -328,6 +335,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--fp8", action="store_true", help="also time our layer with FP8 expert GEMMs")
+    parser.add_argument("--bf16-wgrad", action="store_true", help="with --fp8: also FP8 with bf16 weight gradients")
     args = parser.parse_args()
     if args.ep > 1:
         return expert_parallel(args)
@@ -339,6 +347,7 @@ def main() -> None:
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}, bf16, command: python scripts/bench_moe.py --shapes {args.shapes}"
         + (" --fp8" if args.fp8 else "")
+        + (" --bf16-wgrad" if args.bf16_wgrad else "")
     )
     lines = [
         header,
@@ -353,7 +362,7 @@ def main() -> None:
         torch._dynamo.reset()  # fresh compile caches per shape: the layer's code would pass the recompile limit
         x = torch.randn(1, s.tokens, s.dim, device="cuda", dtype=torch.bfloat16)
         results = {}
-        for label, (module, flops) in candidates(s, skip, args.fp8).items():
+        for label, (module, flops) in candidates(s, skip, args.fp8, args.bf16_wgrad).items():
             module = module.to("cuda", torch.bfloat16)
             if args.profile and label in ("moeformer (eager)", "moeformer (compiled)"):
                 print(f"{s.name}, {label}: top kernels of one forward+backward\n{profile(module, x)}", flush=True)
@@ -372,8 +381,8 @@ def main() -> None:
                 f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | {ratio:.2f} | {r['peak_gib']:.2f} |"
             )
         print("\n".join(lines[-len(results) :]), flush=True)
-        for mode in ("eager", "compiled"):
-            fp8, bf16 = results.get(f"{FP8} ({mode})"), results.get(f"moeformer ({mode})")
+        for mode in ("eager", "compiled", "compiled, bf16 wgrad"):
+            fp8, bf16 = results.get(f"{FP8} ({mode})"), results.get(f"moeformer ({mode.split(',')[0]})")
             if fp8 and bf16:
                 ratio = fp8["fwdbwd_tflops"] / bf16["fwdbwd_tflops"]
                 notes.append(f"{s.name}: FP8 / bf16 fwd+bwd, {mode}: {ratio:.2f}x")

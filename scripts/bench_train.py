@@ -2,13 +2,15 @@
 
     python scripts/bench_train.py [--models medium-moe,medium-dense] [--seq-len 4096] [--batch 16] [--steps 20]
                                   [--compile-mode reduce-overhead] [--set n_heads=8 ...] [--profile] [--fp8]
+                                  [--bf16-wgrad]
 
 bf16 weights, fused AdamW, `torch.compile` of each transformer block and the LM head (unless --no-compile;
 `--compile-scope model` compiles the whole model as one graph; `--compile-mode reduce-overhead` also replays the
 compiled forward and backward as CUDA graphs), the `auto` attention backend, random token ids (throughput does not
 depend on the text). MFU counts active parameters only (moeformer.training.metrics). The graph-break count is
 dynamo's, over the compiled warm-up steps (forward and backward of the whole model). `--fp8` trains the linears and
-expert GEMMs in FP8 (`moeformer.layers.fp8.enable_fp8`, applied before compiling, as the trainer does). Step ms and
+expert GEMMs in FP8 (`moeformer.layers.fp8.enable_fp8`, applied before compiling, as the trainer does; with
+`--bf16-wgrad` the experts' weight gradients stay bf16, as train.fp8_wgrad=false). Step ms and
 optimizer step ms (one untimed step, device synchronised) are the columns scripts/bench_layouts.py reports for the
 trainer: with the same --seq-len and --batch as a run config's seq_len and micro_batch_size, the difference between
 the two is the trainer's own (DeepSpeed's bf16 master weights and ZeRO partitions, data, per-step metrics).
@@ -35,7 +37,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = ModelConfig.from_name(name, **overrides)
     model = build_model(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     if args.fp8:
-        print(f"{name}: {enable_fp8(model).summary()}", flush=True)
+        print(f"{name}: {enable_fp8(model, fp8_wgrad=not args.bf16_wgrad).summary()}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = model
     if not args.no_compile and args.compile_scope == "model":
@@ -149,6 +151,7 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print where one step's device time goes")
     parser.add_argument("--fp8", action="store_true", help="linears and expert GEMMs in FP8 (GPU of cc >= 8.9)")
+    parser.add_argument("--bf16-wgrad", action="store_true", help="with --fp8: the experts' weight gradients in bf16")
     parser.add_argument(
         "--set",
         action="append",
@@ -164,6 +167,7 @@ def main() -> None:
         f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}, seq {args.seq_len}, batch {args.batch}, steps {args.steps}, "
         f"{'eager' if args.no_compile else f'compiled ({args.compile_mode})'}{', fp8' if args.fp8 else ''}"
+        + (" (bf16 wgrad)" if args.bf16_wgrad else "")
         + "".join(f", {k}={v}" for k, v in args.set)
     )
     print(

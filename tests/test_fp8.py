@@ -67,7 +67,9 @@ def tiny_fp8_config(**overrides) -> ModelConfig:
 
 # ---- the quantizer -----------------------------------------------------------------------------------------------
 def test_scales_are_powers_of_two_that_put_amax_in_the_top_binade():
-    amax = torch.cat([torch.logspace(-8, 8, 97), torch.tensor([1.0, 448.0, 224.0, 3e-3])])
+    # amax whose quotient 448 / amax lies just below a power of two (where a rounded log2 would round it up)
+    edge = E4M3_MAX / (2.0 ** torch.arange(-20.0, 40.0) * (1 - 2.0**-24))
+    amax = torch.cat([torch.logspace(-8, 8, 97), torch.tensor([1.0, 448.0, 224.0, 3e-3]), edge])
     scale = fp8_scale(amax)
     assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # exact: scaling adds no rounding
     scaled = amax * scale
@@ -291,6 +293,35 @@ def test_fp8_moe_layer_matches_full_precision():
     for name in ("experts.w_in", "experts.w_out", "shared_expert.down_proj.weight"):
         # the linears' output gradients are e5m2
         assert relative(grads8[name], grads[name]) <= 2 * RELATIVE_FP8_GEMM + U_E5M2, name
+
+
+def test_fp8_moe_layer_with_bf16_weight_gradients():
+    """enable_fp8(fp8_wgrad=False): the same output and input gradient as the FP8 recipe (its forward and grad_input
+    GEMMs are unchanged), the experts' weight gradients from the unquantised operands: within one FP8 GEMM's error
+    of fp32 (the output gradient reaching w_in went through FP8 GEMMs), and not the FP8 weight gradient."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=4, top_k=2, ffn_dim=48, backend="grouped")
+    layers = [MoE(64, config) for _ in range(3)]
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    layers[0].experts.backend = "loop"
+    enable_fp8(layers[1], emulate=True)
+    assert enable_fp8(layers[2], emulate=True, fp8_wgrad=False).experts == ["experts"]
+    assert layers[1].experts.fp8_wgrad and not layers[2].experts.fp8_wgrad
+    x = torch.randn(2, 40, 64)
+    grad = torch.randn(2, 40, 64)
+    results = []
+    for layer in layers:
+        xg = x.clone().requires_grad_()
+        out, _ = layer(xg)
+        out.backward(grad)
+        results.append((out, xg.grad, layer.experts.w_out.grad, layer.experts.w_in.grad))
+    exact, fp8, bf16_wgrad = results
+    assert torch.equal(bf16_wgrad[0], fp8[0]) and torch.equal(bf16_wgrad[1], fp8[1])
+    for i in (2, 3):
+        assert relative(bf16_wgrad[i], exact[i]) <= RELATIVE_FP8_GEMM
+        assert not torch.equal(bf16_wgrad[i], fp8[i])
+    assert relative(bf16_wgrad[2], exact[2]) < relative(fp8[2], exact[2])  # w_out: only its input h was FP8
 
 
 def test_fp8_training_steps_follow_full_precision():

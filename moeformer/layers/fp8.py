@@ -5,7 +5,8 @@
   dynamic scale per tensor, e4m3 inputs and weights, e5m2 output gradients. Tensorwise because it measured 1.36x a
   bf16 linear on an H200 (16384 x 4096 x 4096, compiled), where rowwise scaling gave 1.02x.
 - Routed experts run their grouped GEMMs through `fp8_grouped_mm` (moe/fp8_gemm.py: rowwise e4m3 on
-  torch._scaled_grouped_mm); dispatch, the routing-weighted SwiGLU and combine are unchanged.
+  torch._scaled_grouped_mm); dispatch, the routing-weighted SwiGLU and combine are unchanged. `fp8_wgrad=False`
+  keeps their weight gradients in bf16 (torchao's "rowwise_with_gw_hp" choice): less quantisation work per step.
 - The router, norms, embeddings, LM head and the attention core stay in bf16, as does any linear or expert whose
   widths are not multiples of 16 (what the FP8 GEMMs need).
 
@@ -97,10 +98,11 @@ def _experts_blocker(experts: Experts, device: torch.device, emulate: bool) -> s
     return None
 
 
-def enable_fp8(model: nn.Module, emulate: bool = False) -> Fp8Conversion:
+def enable_fp8(model: nn.Module, emulate: bool = False, fp8_wgrad: bool = True) -> Fp8Conversion:
     """Convert `model` in place for FP8 training (module docstring) and say what was converted. `emulate`: on any
     device (CPU tests), torchao's emulated float8 matmuls for the linears, and the experts' grouped GEMM through its
-    reference wherever torch._scaled_grouped_mm does not run. Raises ConfigError on a device without FP8 unless
+    reference wherever torch._scaled_grouped_mm does not run. `fp8_wgrad`: the experts' weight gradients in FP8
+    (else bf16). Raises ConfigError on a device without FP8 unless
     emulating, ImportError without torchao."""
     device = next(model.parameters()).device
     problem = None if emulate else fp8_unsupported(device)
@@ -113,7 +115,7 @@ def enable_fp8(model: nn.Module, emulate: bool = False) -> Fp8Conversion:
         if isinstance(module, Experts):
             blocker = _experts_blocker(module, device, emulate)
             if blocker is None:
-                module.fp8 = True
+                module.fp8, module.fp8_wgrad = True, fp8_wgrad
                 done.experts.append(name)
             else:
                 done.skipped[name] = blocker

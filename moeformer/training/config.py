@@ -74,6 +74,7 @@ class LoopConfig:
     compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
     fp8: bool = False  # linears and expert GEMMs in FP8 (moeformer.layers.fp8; GPU of compute capability >= 8.9)
+    fp8_wgrad: bool = True  # with fp8: the experts' weight gradients in FP8 too (false: bf16)
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 10
     log_every: int = 1

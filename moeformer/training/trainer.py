@@ -340,7 +340,7 @@ class Trainer:
             load_weights(model, config.init_from)
         model, self.parallel_groups = apply_parallelism(model, config)
         if config.train.fp8:
-            self._print(enable_fp8(model).summary())
+            self._print(enable_fp8(model, fp8_wgrad=config.train.fp8_wgrad).summary())
         checkpointed = apply_activation_checkpointing(
             model, config.train.activation_checkpointing, config.train.activation_checkpointing_every
         )

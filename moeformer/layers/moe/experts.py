@@ -68,6 +68,7 @@ class Experts(nn.Module):
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.activation, self.backend = activation, backend
         self.fp8 = False  # grouped GEMMs in FP8 (moeformer.layers.fp8.enable_fp8)
+        self.fp8_wgrad = True  # with fp8: the weight gradients in FP8 too (False: in bf16)
         in_width = 2 * ffn_dim if activation == "swiglu" else ffn_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -167,8 +168,11 @@ class Experts(nn.Module):
             rows = torch.arange(x_sorted.shape[0], device=x_sorted.device)
         if self.use_grouped_mm(x_sorted):
             # rows of group e (ending at offs[e]) times w[e] in one kernel; rows past the groups come back undefined
-            grouped_mm = fp8_grouped_mm if self.fp8 else torch._grouped_mm
-            matmul = functools.partial(grouped_mm, offs=torch.cumsum(group_sizes, 0, dtype=torch.int32))
+            offs = torch.cumsum(group_sizes, 0, dtype=torch.int32)
+            if self.fp8:
+                matmul = functools.partial(fp8_grouped_mm, offs=offs, fp8_wgrad=self.fp8_wgrad)
+            else:
+                matmul = functools.partial(torch._grouped_mm, offs=offs)
         else:
             matmul = functools.partial(_loop_matmul, group_sizes=group_sizes)
         h = matmul(x_sorted, w_in.to(x_sorted.dtype))

@@ -10,19 +10,41 @@ power of two, 2^floor(log2(448 / amax)), so that scaling is exact and the larges
   x and grad scaled per column (over all rows of all groups: one amax pass, no per-group reduction), each group's
   rows moved to a 16-aligned start (the kernel's TMA needs 16-byte aligned group starts along K) with zero rows
   between, and an empty group given 16 zero rows so that its gradient is exactly 0.
+The quantisers run as Triton kernels (moe/fp8_triton.py: amax, scale and cast in one pass; the weight gradient's
+gather into the aligned layout fused into its cast; the column amax it needs computed by the rowwise kernels that
+read x and the output gradient anyway) where Triton serves the tensor, else as the PyTorch references here, which
+they match bit for bit. The forward quantises w in both its layouts (one read) and keeps grad_input's (E*K*N bytes,
+half the bf16 weight's) for the backward. With `fp8_wgrad=False` the weight gradient is one bf16 grouped GEMM instead
+(torchao's "rowwise_with_gw_hp" recipe: no columnwise quantisation, no aligned copy).
 The two GEMMs that contract over a layer width (forward, grad_input) use Hopper's fast FP8 accumulation; the weight
 gradient, which sums over every row of a group (thousands of tokens), accumulates in full precision. Weights are
-quantised from their bf16 values in every call (nothing fp8 is kept between steps)."""
+quantised from their bf16 values in every step (nothing fp8 is kept between steps)."""
 
 from __future__ import annotations
 
+from types import ModuleType, SimpleNamespace
+
 import torch
 from torch import Tensor
+
+from moeformer.layers.triton_dispatch import runs_triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 AMAX_FLOOR = 1e-12  # an all-zero row or column gets a finite scale (its codes are zeros)
 ALIGN = 16  # rows, bytes of an e4m3 element: the alignment torch._scaled_grouped_mm needs of dims and group starts
+
+try:  # at import, not per call: torch.compile cannot trace a lazy import (after the constants, which it imports)
+    from moeformer.layers.moe import fp8_triton as _triton
+except ImportError:  # no triton: the references serve everywhere
+    _triton = None
+
+
+def _kernels(t: Tensor) -> ModuleType | SimpleNamespace | None:
+    """The Triton quantisers for t where they serve its device (custom ops while torch.compile traces), else None."""
+    if _triton is None or not runs_triton(t):
+        return None
+    return _triton.OPS if torch.compiler.is_compiling() else _triton
 
 
 def fp8_grouped_mm_available(device: torch.device) -> bool:
@@ -35,8 +57,11 @@ def fp8_grouped_mm_available(device: torch.device) -> bool:
 
 def fp8_scale(amax: Tensor) -> Tensor:
     """The power-of-two multiplier that puts `amax` at most at E4M3_MAX (fp32; 0 for an infinite amax, so that its
-    non-finite values reach the output as NaN rather than being hidden)."""
-    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=AMAX_FLOOR))))
+    non-finite values reach the output as NaN rather than being hidden): 2^floor(log2(E4M3_MAX / amax)), exactly, as
+    the exponent bits of the quotient (a rounded log2 can round a quotient just below 2^(k+1) up)."""
+    quotient = E4M3_MAX / amax.float().clamp(min=AMAX_FLOOR)
+    power = (quotient.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return torch.where(torch.isnan(quotient), quotient, power)
 
 
 def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
@@ -45,6 +70,38 @@ def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows_reference` by the Triton kernel where it serves t (at most 3-D, any strides)."""
+    kernels = _kernels(t)
+    return kernels.quantize_rows(t) if kernels is not None else quantize_rows_reference(t)
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`quantize_weight_reference` by the Triton kernels (one read of w for both layouts) where they serve w."""
+    kernels = _kernels(w)
+    return kernels.quantize_weight(w) if kernels is not None else quantize_weight_reference(w)
+
+
+def quantize_weight_reference(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """w (E, K, N) for the forward (codes (E, N, K), one scale per output column) and for grad_input (codes (E, K, N),
+    one scale per row), each with its factors: `quantize_rows_reference` of w^T and of w."""
+    return *quantize_rows_reference(w.transpose(-2, -1)), *quantize_rows_reference(w)
+
+
+def quantize_rows_and_column_amax(t: Tensor, offs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`quantize_rows` of t (R, C) and `column_amax_reference(t, offs)`, from one read of t by the Triton kernel."""
+    kernels = _kernels(t)
+    if kernels is not None:
+        return kernels.quantize_rows_and_column_amax(t, offs)
+    return *quantize_rows_reference(t), column_amax_reference(t, offs)
+
+
+def column_amax_reference(t: Tensor, offs: Tensor) -> Tensor:
+    """max |t[r, c]| over the rows r before offs[-1] (the grouped rows), per column: the weight gradient's amax."""
+    grouped = torch.arange(t.shape[0], device=t.device) < offs[-1]
+    return torch.where(grouped.unsqueeze(-1), t.abs(), 0).amax(dim=0)
+
+
+def quantize_rows_reference(t: Tensor) -> tuple[Tensor, Tensor]:
     """t (..., K) as contiguous e4m3 codes with one scale per row (over the last dim), and the fp32 factors that
     dequantise them (codes * factor ~ t), shaped t.shape[:-1]."""
     scale = fp8_scale(t.abs().amax(dim=-1))
@@ -137,51 +194,80 @@ def aligned_rows(offs: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     return source, padded_ends.to(torch.int32)
 
 
-def quantize_columns(t: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_columns(t: Tensor, source: Tensor, offs: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`quantize_columns_reference` (source from `aligned_rows(offs, ...)`) by the Triton kernels where they serve t."""
+    kernels = _kernels(t)
+    if kernels is not None:
+        return kernels.quantize_columns(t, source, offs, amax)
+    return quantize_columns_reference(t, source, amax)
+
+
+def quantize_columns_reference(t: Tensor, source: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rows `source` of t (N, C) (zeros where -1), transposed: contiguous e4m3 codes (C, len(source)) with one scale
-    per column of t, and the fp32 factors (C,) that dequantise them."""
+    per column of t, and the fp32 factors (C,) that dequantise them. `amax`: the gathered rows' column amax, when
+    known (`column_amax_reference`)."""
     rows = torch.where((source >= 0).unsqueeze(-1), t.index_select(0, source.clamp(min=0)), 0)
-    scale = fp8_scale(rows.abs().amax(dim=0))
+    scale = fp8_scale(rows.abs().amax(dim=0) if amax is None else amax)
     return to_e4m3(rows.t(), scale.unsqueeze(-1)).contiguous(), scale.reciprocal()
 
 
-def weight_grad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
-    """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe)."""
+def weight_grad(
+    x: Tensor, grad: Tensor, offs: Tensor, x_amax: Tensor | None = None, grad_amax: Tensor | None = None
+) -> Tensor:
+    """grad_w[e] = x[rows of e]^T @ grad[rows of e] (E, K, N) as one fp8 2d x 2d grouped GEMM (see the recipe);
+    the operands' column amax (`column_amax_reference`) where already computed."""
     groups = offs.shape[0]
     source, padded_ends = aligned_rows(offs, x.shape[0])
-    xt, x_factor = quantize_columns(x, source)  # (K, P)
-    gt, g_factor = quantize_columns(grad, source)  # (N, P)
+    xt, x_factor = quantize_columns(x, source, offs, x_amax)  # (K, P)
+    gt, g_factor = quantize_columns(grad, source, offs, grad_amax)  # (N, P)
     return scaled_grouped_mm(xt, gt.t(), x_factor.repeat(groups), g_factor.repeat(groups), padded_ends)
 
 
 class _Fp8GroupedMM(torch.autograd.Function):
-    """x (M, K) @ w[e] (E, K, N) over the row groups ending at offs (int32, as torch._grouped_mm), all three GEMMs in
-    e4m3 (the module docstring's recipe)."""
+    """x (M, K) @ w[e] (E, K, N) over the row groups ending at offs (int32, as torch._grouped_mm), the GEMMs in e4m3
+    (the module docstring's recipe; the weight gradient in bf16 unless fp8_wgrad)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-        ctx.save_for_backward(x, w, offs)
-        xq, x_factor = quantize_rows(x)
-        wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, one scale per output column
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, fp8_wgrad: bool) -> Tensor:
+        ctx.fp8_wgrad = fp8_wgrad and ctx.needs_input_grad[1]
+        x_amax = None
+        if ctx.fp8_wgrad:  # the weight gradient's column amax of x, from the read that quantises its rows
+            xq, x_factor, x_amax = quantize_rows_and_column_amax(x, offs)
+        else:
+            xq, x_factor = quantize_rows(x)
+        wq_t = wt_factor = None
+        if ctx.needs_input_grad[0]:  # grad_input's layout of w too, from the same reads (kept for the backward)
+            wq, w_factor, wq_t, wt_factor = quantize_weight(w)
+        else:
+            wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, a scale per output column
+        ctx.save_for_backward(x, w, offs, x_amax, wq_t, wt_factor)
         out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
         return out.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, w, offs = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, w, offs, x_amax, wq_t, wt_factor = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = grad_w = None
+        grad_x = grad_w = g_amax = None
         if ctx.needs_input_grad[0]:
-            gq, g_factor = quantize_rows(grad)
-            wq, w_factor = quantize_rows(w)  # (E, K, N): its transpose is the column-major second operand
-            grad_x = scaled_grouped_mm(gq, wq.transpose(-2, -1), g_factor, w_factor, offs, use_fast_accum=True)
+            if ctx.fp8_wgrad:
+                gq, g_factor, g_amax = quantize_rows_and_column_amax(grad, offs)
+            else:
+                gq, g_factor = quantize_rows(grad)
+            # wq_t (E, K, N), one scale per row: its transpose is the column-major second operand
+            grad_x = scaled_grouped_mm(gq, wq_t.transpose(-2, -1), g_factor, wt_factor, offs, use_fast_accum=True)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x, grad, offs).to(w.dtype)
-        return grad_x, grad_w, None
+            if ctx.fp8_wgrad:
+                grad_w = weight_grad(x, grad, offs, x_amax, g_amax)
+            else:  # what torch._grouped_mm's own backward computes
+                grad_w = torch._grouped_mm(x.transpose(-2, -1), grad.to(x.dtype), offs=offs)
+            grad_w = grad_w.to(w.dtype)
+        return grad_x, grad_w, None, None
 
 
-def fp8_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+def fp8_grouped_mm(x: Tensor, w: Tensor, offs: Tensor, fp8_wgrad: bool = True) -> Tensor:
     """torch._grouped_mm(x, w, offs=offs) for x (M, K) and w (E, K, N), K and N multiples of 16, in FP8 (forward and
-    backward); rows past the last group come back undefined, as there."""
-    return _Fp8GroupedMM.apply(x, w, offs)
+    backward; `fp8_wgrad=False`: the weight gradient in x's precision); rows past the last group come back undefined,
+    as there."""
+    return _Fp8GroupedMM.apply(x, w, offs, fp8_wgrad)
