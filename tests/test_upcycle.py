@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.upcycle import upcycle, upcycled_config
 from moeformer.training.config import load_config
-from moeformer.training.data import prepare_corpus
+from moeformer.training.data import ShardedBatches, TokenDataset, prepare_corpus
+from moeformer.training.metrics import read_metrics
 from tests.numerics import FP32_RTOL
 from tests.test_hf_parity import build_hf
 from tests.test_scripts import script
@@ -187,6 +189,16 @@ def test_upcycle_vs_dense_experiment_runs_end_to_end(tmp_path, monkeypatch):
     # the upcycled model computes the dense function: sums in another order only (tests/numerics.py)
     assert abs(start["moe_val_loss"] - start["dense_val_loss"]) <= FP32_RTOL * start["dense_val_loss"]
     assert table[-1]["moe_val_loss"] != table[-1]["dense_val_loss"]  # they trained apart
+
+    # step 1 of both continuations: the pretrained function on global batches 8 and 9 (the weights change after both)
+    model = from_pretrained(out / "pretrain" / "model").eval()
+    batches = ShardedBatches(TokenDataset.from_dir(data, "train", 32), 2, seed=0)
+    batches.seek(8)
+    with torch.no_grad():
+        want = sum(model(**batch, return_logits=False).ce_loss.item() for batch in islice(batches, 2)) / 2
+    for phase in ("dense", "moe"):
+        first = next(r for r in read_metrics(out / phase) if r["split"] == "train" and r["step"] == 1)
+        assert abs(first["ce_loss"] - want) <= FP32_RTOL * want
 
     md = (out / "results.md").read_text()
     assert "| step | tokens | tokens since init | dense val loss | upcycled val loss | upcycled ahead (nats) |" in md
