@@ -7,7 +7,9 @@ Phase 1 (`pretrain`) trains small-dense (configs/train/small-dense-gpu.yaml) for
 Phase 2 continues it twice for --steps: `dense` from its own export, `moe` from its upcycled copy (every MLP becomes
 --num-experts experts, top --top-k; with --noise 0 the copy computes the dense function at step 0). Both start with
 `model.init_from`, a fresh optimizer and the same lr schedule, and both continue the data stream where phase 1
-stopped (`data.start_batch`), so they see the same batches, none of which phase 1 saw (before a second epoch).
+stopped (`data.start_batch`), so they see the same batches, none of which phase 1 saw (before a second epoch):
+"the dense model trained N more steps" on new data, as pretraining goes on; restarting the stream instead would
+replay phase 1's batches in phase 1's order, which rewards memorising them.
 Both log the validation loss at step 0 and every `train.eval_every` steps. Phase 2 on two GPUs, then the report:
 
     CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node 1 scripts/upcycle_vs_dense.py --only pretrain --out runs/upcycle
@@ -65,6 +67,24 @@ def continuation(config: Path, overrides: list[str], out: Path, phase: str, init
             f"--out_dir={out / phase}",
         ],
     )
+
+
+def continue_pretrained(args: argparse.Namespace, overrides: list[str], out: Path) -> None:
+    """Phase 2: the dense and the upcycled continuation (or the one --only names), each logging step-0 validation."""
+    from moeformer.parallel import init_distributed
+
+    dense = out / "pretrain" / "model"
+    if not dense.is_dir():
+        raise SystemExit(f"no exported pretrain run under {out}; train it first (--only pretrain)")
+    if args.only in (None, "dense"):
+        train_run(continuation(args.config, overrides, out, "dense", dense, args.steps), evaluate_first=True)
+    if args.only in (None, "moe"):
+        init_distributed()
+        if dist.get_rank() == 0:
+            upcycle_checkpoint(dense, out / "upcycled", args.num_experts, args.top_k, args.noise)
+        dist.barrier()
+        moe = continuation(args.config, overrides, out, "moe", out / "upcycled", args.steps)
+        train_run(moe, evaluate_first=True)
 
 
 def report(out: Path) -> dict:
@@ -149,28 +169,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.report:
         return report(out)
 
-    from moeformer.parallel import init_distributed, shutdown_distributed
+    from moeformer.parallel import shutdown_distributed
 
     if args.only in (None, "pretrain"):
-        train_run(
-            load_config(
-                args.config, overrides + [f"--train.steps={args.pretrain_steps}", f"--out_dir={out / 'pretrain'}"]
-            )
-        )
-    if args.only == "pretrain":
-        return shutdown_distributed()
-    dense = out / "pretrain" / "model"
-    if not dense.is_dir():
-        raise SystemExit(f"no exported pretrain run under {out}; train it first (--only pretrain)")
-    if args.only in (None, "dense"):
-        train_run(continuation(args.config, overrides, out, "dense", dense, args.steps), evaluate_first=True)
-    if args.only in (None, "moe"):
-        init_distributed()
-        if dist.get_rank() == 0:
-            upcycle_checkpoint(dense, out / "upcycled", args.num_experts, args.top_k, args.noise)
-        dist.barrier()
-        moe = continuation(args.config, overrides, out, "moe", out / "upcycled", args.steps)
-        train_run(moe, evaluate_first=True)
+        steps = [f"--train.steps={args.pretrain_steps}", f"--out_dir={out / 'pretrain'}"]
+        train_run(load_config(args.config, overrides + steps))
+    if args.only != "pretrain":
+        continue_pretrained(args, overrides, out)
     shutdown_distributed()
     if int(os.environ.get("RANK", "0")) != 0 or args.only:
         return None
