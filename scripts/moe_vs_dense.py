@@ -23,7 +23,9 @@ import gc
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +112,16 @@ def train_run(config, evaluate_first: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def finish(out: Path, only: str | None, report: Callable[[Path], Any]) -> Any:
+    """Leave the process group; then rank 0 of a process that trained every run reports them (None elsewhere)."""
+    from moeformer.parallel import shutdown_distributed
+
+    shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) != 0 or only:
+        return None
+    return report(out)
+
+
 def report(out: Path) -> list[dict]:
     """Combine the finished runs under `out` into results.json, results.md and loss.png."""
     import matplotlib
@@ -142,18 +154,13 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.report:
         return report(out)
 
-    from moeformer.parallel import shutdown_distributed
-
     for name, path in RUNS.items():
         if args.only not in (None, name):
             continue
         config = load_config(path, overrides + [f"--out_dir={out / name}"])
         steps = run_steps(args.steps, config)
         train_run(load_config(path, overrides + [f"--train.steps={steps}", f"--out_dir={out / name}"]))
-    shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) != 0 or args.only:
-        return None
-    return report(out)
+    return finish(out, args.only, report)
 
 
 if __name__ == "__main__":

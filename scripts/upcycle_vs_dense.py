@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from moe_vs_dense import summarize, train_run  # scripts/ is on sys.path when this file runs as a script
+from moe_vs_dense import finish, summarize, train_run  # scripts/ is on sys.path when this file runs as a script
 
 from moeformer.models.checkpoint import save_pretrained
 from moeformer.models.model import from_pretrained
@@ -169,17 +168,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.report:
         return report(out)
 
-    from moeformer.parallel import shutdown_distributed
-
     if args.only in (None, "pretrain"):
         steps = [f"--train.steps={args.pretrain_steps}", f"--out_dir={out / 'pretrain'}"]
         train_run(load_config(args.config, overrides + steps))
     if args.only != "pretrain":
         continue_pretrained(args, overrides, out)
-    shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) != 0 or args.only:
-        return None
-    return report(out)
+    return finish(out, args.only, report)
 
 
 if __name__ == "__main__":
