@@ -131,7 +131,6 @@ def test_script_reports_a_moe_source_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.distributed
 def test_upcycle_vs_dense_experiment_runs_end_to_end(tmp_path, monkeypatch):
     """scripts/upcycle_vs_dense.py with a tiny dense model, 4 + 4 steps on one process: both continuations start
     where the pretraining's data stopped, the upcycled model's step-0 validation loss is the dense checkpoint's
