@@ -117,7 +117,8 @@ def report(out: Path) -> dict:
         for step, loss in dense["val_curve"]
         if step in moe_val
     ]
-    results = {**runs, "table": rows}
+    experts = load_config(out / "moe" / "config.yaml").model_config().moe
+    results = {**runs, "num_experts": experts.num_experts, "top_k": experts.top_k, "table": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (out / "results.md").write_text(table)
@@ -131,8 +132,10 @@ def markdown(results: dict) -> str:
     lines = [
         f"{pre['params_total'] / 1e6:.1f}M-parameter dense model trained {pre['steps']} steps ({pre['tokens']:,} "
         f"tokens of {pre['corpus']}, val loss {pre['final_val_loss']:.4f}), then {dense['steps']} more steps on the "
-        f"same next batches as it is (dense) and upcycled (moe: {moe['params_total'] / 1e6:.1f}M parameters, "
-        f"{moe['params_active'] / 1e6:.1f}M active); fresh optimizer and lr schedule for both:",
+        f"same next batches as it is (dense) and upcycled ({results['num_experts']} experts, top-{results['top_k']}: "
+        f"{moe['params_total'] / 1e6:.1f}M parameters, {moe['params_active'] / 1e6:.1f}M active); fresh optimizer "
+        f"and lr schedule for both; {(pre['tokens'] + dense['tokens']) / pre['train_tokens']:.2f} epochs of the "
+        f"{pre['train_tokens']:,}-token train split in all:",
         "",
         "| step | tokens | tokens since init | dense val loss | upcycled val loss | upcycled ahead (nats) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",

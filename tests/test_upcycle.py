@@ -173,7 +173,7 @@ def test_upcycle_vs_dense_experiment_runs_end_to_end(tmp_path, monkeypatch):
         assert load_config(out / phase / "config.yaml").data.start_batch == 8
     assert moe["params_total"] > dense["params_total"] == pre["params_total"]
     moe_config = read_model_config(out / "upcycled")
-    assert (moe_config.moe.num_experts, moe_config.moe.top_k) == (8, 2)
+    assert (moe_config.moe.num_experts, moe_config.moe.top_k) == (8, 2) == (results["num_experts"], results["top_k"])
 
     table = results["table"]
     tokens_per_step = 2 * 2 * 32
@@ -202,6 +202,7 @@ def test_upcycle_vs_dense_experiment_runs_end_to_end(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| step | tokens | tokens since init | dense val loss | upcycled val loss | upcycled ahead (nats) |" in md
     assert f"| 4 | {4 * tokens_per_step:,} | {8 * tokens_per_step:,} |" in md
+    assert f"{8 * tokens_per_step / pre['train_tokens']:.2f} epochs of the {pre['train_tokens']:,}-token train" in md
     assert (out / "loss.png").is_file()
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
