@@ -23,7 +23,9 @@ import gc
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,6 +97,31 @@ def run_steps(spec: str, config) -> int:
     return steps
 
 
+def train_run(config, evaluate_first: bool = False) -> None:
+    """Train the run of `config` to its end (with `evaluate_first`, its step-0 validation loss logged first), then
+    free its memory for the next run of this process."""
+    from moeformer.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    if evaluate_first:
+        trainer.evaluate()
+    trainer.train()
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def finish(out: Path, only: str | None, report: Callable[[Path], Any]) -> Any:
+    """Leave the process group; then rank 0 of a process that trained every run reports them (None elsewhere)."""
+    from moeformer.parallel import shutdown_distributed
+
+    shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) != 0 or only:
+        return None
+    return report(out)
+
+
 def report(out: Path) -> list[dict]:
     """Combine the finished runs under `out` into results.json, results.md and loss.png."""
     import matplotlib
@@ -127,24 +154,13 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.report:
         return report(out)
 
-    from moeformer.parallel import shutdown_distributed
-    from moeformer.training.trainer import Trainer
-
     for name, path in RUNS.items():
         if args.only not in (None, name):
             continue
         config = load_config(path, overrides + [f"--out_dir={out / name}"])
         steps = run_steps(args.steps, config)
-        trainer = Trainer(load_config(path, overrides + [f"--train.steps={steps}", f"--out_dir={out / name}"]))
-        trainer.train()
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) != 0 or args.only:
-        return None
-    return report(out)
+        train_run(load_config(path, overrides + [f"--train.steps={steps}", f"--out_dir={out / name}"]))
+    return finish(out, args.only, report)
 
 
 if __name__ == "__main__":

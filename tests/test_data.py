@@ -287,6 +287,16 @@ def test_resume_is_exact(counting_dataset, k, state):
     assert DataLoaderState.from_dict(saved) == DataLoaderState(*state)
 
 
+@pytest.mark.parametrize("k", [0, 5, 16, 21])  # 16 batches/epoch: the second epoch's order is another permutation
+def test_seek_continues_the_stream_where_k_batches_left_it(counting_dataset, k):
+    """`seek(k)` (data.start_batch) gives the batches that follow the first k, e.g. those a run that drew k did not."""
+    stream = take(ShardedBatches(counting_dataset, 3, rank=1, world_size=2, seed=7), k + 6)
+    sought = ShardedBatches(counting_dataset, 3, rank=1, world_size=2, seed=7)
+    sought.seek(k)
+    for want, got in zip(stream[k:], take(sought, 6), strict=True):
+        assert all(torch.equal(want[key], got[key]) for key in want)
+
+
 def test_eval_pass_is_one_ordered_epoch(counting_dataset):
     batches = list(ShardedBatches(counting_dataset, 8, rank=1, world_size=2, shuffle=False, loop=False))
     assert len(batches) == 100 // 16

@@ -146,6 +146,8 @@ def test_unknown_key_in_file_and_bad_values(tmp_path):
         load_config(None, ["--train.zero_stage=4"])
     with pytest.raises(ValueError, match="optim.schedule"):
         load_config(None, ["--optim.schedule=linear"])
+    with pytest.raises(ValueError, match="data.start_batch must be >= 0"):
+        load_config(None, ["--data.start_batch=-1"])
     with pytest.raises(TypeError, match="train.steps"):
         load_config(None, ["--train.steps=many"])
     with pytest.raises(TypeError, match="'model' must be a mapping"):
@@ -185,6 +187,7 @@ def test_resume_refuses_configuration_changes_unless_named(tmp_path):
             "checkpoint.every": 7,
             "train.compile": True,
             "parallel.ep_chunks": 4,
+            "data.start_batch": 9,  # a fresh run's data position: a resume takes its checkpoint's
             "out_dir": str(tmp_path),
         },
     )
@@ -201,7 +204,14 @@ def test_resume_refuses_configuration_changes_unless_named(tmp_path):
         "--resume-allow data.micro_batch_size,data.seq_len,data.train_tokens,optim.lr,train.seed,world_size",
     ):
         assert change in message
-    free = ("train.log_every", "checkpoint.every", "train.compile", "parallel.ep_chunks", "out_dir:")
+    free = (
+        "train.log_every",
+        "checkpoint.every",
+        "train.compile",
+        "parallel.ep_chunks",
+        "data.start_batch",
+        "out_dir:",
+    )
     assert not any(key in message for key in free)
     # the model section compares resolved fields: spelling out a zoo value is no change, changing one is
     spelled = load_config(None, {"model": {**TINY, "moe": {**TINY["moe"], "router": "softmax"}}})

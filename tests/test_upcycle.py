@@ -4,22 +4,31 @@ HF export, in transformers' Mixtral / Qwen2-MoE against transformers' own Llama.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
 
 from moeformer.errors import ConfigError
-from moeformer.models.checkpoint import save_pretrained
+from moeformer.models.checkpoint import read_model_config, save_pretrained
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, from_pretrained
 from moeformer.models.upcycle import upcycle, upcycled_config
+from moeformer.training.config import load_config
+from moeformer.training.data import ShardedBatches, TokenDataset, prepare_corpus
+from moeformer.training.metrics import read_metrics
 from tests.numerics import FP32_RTOL
 from tests.test_hf_parity import build_hf
 from tests.test_scripts import script
+from tests.workers import worker_env
 
 transformers = pytest.importorskip("transformers")
 
 
+REPO = Path(__file__).resolve().parents[1]
 upcycle_script = script("upcycle")
 
 
@@ -120,3 +129,83 @@ def test_script_reports_a_moe_source_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "already a mixture of experts" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_upcycle_vs_dense_experiment_runs_end_to_end(tmp_path, monkeypatch):
+    """scripts/upcycle_vs_dense.py with a tiny dense model, 4 + 4 steps on one process: both continuations start
+    where the pretraining's data stopped, the upcycled model's step-0 validation loss is the dense checkpoint's
+    (fp32, noise 0), and the report holds both validation curves at equal tokens with their difference."""
+    data, out = tmp_path / "data", tmp_path / "runs"
+    prepare_corpus(data, tokenizer="byte", max_files=6, val_fraction=0.3)
+    flags = [
+        "--pretrain-steps=4",
+        "--steps=4",
+        f"--out={out}",
+        "--model.name=tiny-dense",
+        "--model.n_layers=2",
+        "--model.vocab_size=258",
+        f"--data.dir={data}",
+        "--data.seq_len=32",
+        "--data.micro_batch_size=2",
+        "--train.grad_accum=2",
+        "--train.dtype=fp32",
+        "--train.zero_stage=0",
+        "--train.eval_every=2",
+        "--train.eval_batches=2",
+        "--train.log_every=1",
+        "--train.progress_bar=false",
+        "--optim.warmup_steps=1",
+        "--checkpoint.every=0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts/upcycle_vs_dense.py"), *flags],
+        capture_output=True,
+        text=True,
+        env=worker_env(OMP_NUM_THREADS="1"),
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    pre, dense, moe = results["pretrain"], results["dense"], results["moe"]
+    for phase in ("dense", "moe"):  # 4 steps x 2 global batches drawn by the pretraining
+        assert load_config(out / phase / "config.yaml").data.start_batch == 8
+    assert moe["params_total"] > dense["params_total"] == pre["params_total"]
+    moe_config = read_model_config(out / "upcycled")
+    assert (moe_config.moe.num_experts, moe_config.moe.top_k) == (8, 2) == (results["num_experts"], results["top_k"])
+
+    table = results["table"]
+    tokens_per_step = 2 * 2 * 32
+    assert [r["step"] for r in table] == [0, 2, 4]
+    assert [r["tokens"] for r in table] == [0, 2 * tokens_per_step, 4 * tokens_per_step]
+    assert [r["tokens_since_init"] for r in table] == [4 * tokens_per_step + r["tokens"] for r in table]
+    for r in table:
+        assert r["moe_ahead_nats"] == pytest.approx(r["dense_val_loss"] - r["moe_val_loss"], abs=1e-12)
+    start = table[0]
+    # the dense continuation evaluates the exported weights the pretraining ended with: the same computation
+    assert start["dense_val_loss"] == pytest.approx(pre["final_val_loss"], rel=1e-6)
+    # the upcycled model computes the dense function: sums in another order only (tests/numerics.py)
+    assert abs(start["moe_val_loss"] - start["dense_val_loss"]) <= FP32_RTOL * start["dense_val_loss"]
+    assert table[-1]["moe_val_loss"] != table[-1]["dense_val_loss"]  # they trained apart
+
+    # step 1 of both continuations: the pretrained function on global batches 8 and 9 (the weights change after both)
+    model = from_pretrained(out / "pretrain" / "model").eval()
+    batches = ShardedBatches(TokenDataset.from_dir(data, "train", 32), 2, seed=0)
+    batches.seek(8)
+    with torch.no_grad():
+        want = sum(model(**batch, return_logits=False).ce_loss.item() for batch in islice(batches, 2)) / 2
+    for phase in ("dense", "moe"):
+        first = next(r for r in read_metrics(out / phase) if r["split"] == "train" and r["step"] == 1)
+        assert abs(first["ce_loss"] - want) <= FP32_RTOL * want
+
+    md = (out / "results.md").read_text()
+    assert "| step | tokens | tokens since init | dense val loss | upcycled val loss | upcycled ahead (nats) |" in md
+    assert f"| 4 | {4 * tokens_per_step:,} | {8 * tokens_per_step:,} |" in md
+    assert f"{8 * tokens_per_step / pre['train_tokens']:.2f} epochs of the {pre['train_tokens']:,}-token train" in md
+    assert (out / "loss.png").is_file()
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    (out / "moe" / "metrics.jsonl").unlink()
+    with pytest.raises(SystemExit, match="no finished moe run"):
+        script("upcycle_vs_dense").report(out)

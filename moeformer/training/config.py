@@ -42,6 +42,9 @@ class DataConfig:
     micro_batch_size: int = 8  # sequences per rank per micro-step
     shuffle: bool = True
     packed_documents: bool = True  # attend only within documents (document_ids + restarting positions)
+    # global batches of the train stream a fresh run skips (a resume continues from its checkpoint instead): e.g.
+    # continue the data where the run that wrote `model.init_from` stopped (its steps x train.grad_accum)
+    start_batch: int = 0
 
 
 @dataclass
@@ -143,6 +146,8 @@ class RunConfig:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
+        if self.data.start_batch < 0:
+            raise ConfigError(f"data.start_batch must be >= 0, got {self.data.start_batch}")
         if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
             raise ConfigError(
                 f"optim.warmup_steps must be >= 0 and optim.lr > 0, got {self.optim.warmup_steps}, {self.optim.lr}"
@@ -273,6 +278,7 @@ RESUME_FREE_KEYS = (
     "train.activation_checkpointing",
     "train.activation_checkpointing_every",
     "parallel.ep_chunks",  # how the all-to-alls are pipelined, not what they compute
+    "data.start_batch",  # where a fresh run starts in the data; a resume takes its checkpoint's position
 )
 
 

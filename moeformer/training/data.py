@@ -451,6 +451,10 @@ class ShardedBatches:
             self.state = DataLoaderState(self.state.epoch, self.state.index + 1)
             yield self.dataset.get_batch(indices)
 
+    def seek(self, batch: int) -> None:
+        """Continue from global batch `batch` of the stream (epoch after epoch), as if `batch` had been produced."""
+        self.state = DataLoaderState(*divmod(batch, self.batches_per_epoch))
+
     def state_dict(self) -> dict[str, int]:
         """The position after the last batch produced, as a plain dict."""
         return self.state.to_dict()

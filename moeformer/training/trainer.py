@@ -375,6 +375,7 @@ class Trainer:
             seed=config.train.seed,
             shuffle=d.shuffle,
         )
+        self.train_batches.seek(d.start_batch)  # a resume replaces the position with its checkpoint's
         self.val_set = TokenDataset.from_dir(d.dir, "val", d.seq_len)
         self.tokens_per_step = d.micro_batch_size * d.seq_len * config.train.grad_accum * self.dp_size
         self.distiller = None
