@@ -156,7 +156,13 @@ class RunConfig:
             raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
-        self.model_config()  # validates the model section now rather than after start-up
+        model = self.model_config()  # validates the model section now rather than after start-up
+        if self.train.compile and self.train.compile_backend == "inductor" and model.attn_backend == "flex":
+            raise ConfigError(
+                "train.compile=true with model.attn_backend=flex trains on wrong gradients (flex attention over "
+                "packed documents inside inductor-compiled blocks); use model.attn_backend=auto or sdpa, or "
+                "train.compile_backend=aot_eager"
+            )
         check_value("model.init_from", self.init_from, str | None)
 
     def _check_compile(self) -> None:
@@ -165,12 +171,6 @@ class RunConfig:
         from torch._dynamo import list_backends  # only when compiling: importing dynamo takes a second
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
-        if self.train.compile_backend == "inductor" and self.model_config().attn_backend == "flex":
-            raise ConfigError(
-                "train.compile=true with model.attn_backend=flex trains on wrong gradients (flex attention over "
-                "packed documents inside inductor-compiled blocks); use model.attn_backend=auto or sdpa, or "
-                "train.compile_backend=aot_eager"
-            )
         if self.parallel.pp > 1:
             raise ConfigError(
                 f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
