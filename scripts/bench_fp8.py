@@ -50,34 +50,29 @@ def main() -> None:
     source, _ = aligned_rows(offs, m)
     kernels = fp8_triton
     compiled = {f.__name__: torch.compile(f) for f in (quantize_rows_reference, quantize_columns_reference)}
+
+    def rowwise(t: torch.Tensor) -> tuple:
+        """The rowwise quantiser's three forms on t, and the bytes it reads and writes."""
+        return (
+            lambda: kernels.quantize_rows(t),
+            lambda: quantize_rows_reference(t),
+            lambda: compiled["quantize_rows_reference"](t),
+            t.numel() * 3,
+        )
+
     compiled_amax = torch.compile(lambda t, o: (*quantize_rows_reference(t), column_amax_reference(t, o)))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, M={m}, K={k}, N={n}, E={e}")
     print("| what | ms | bandwidth |\n|---|---|---|")
     cases = {  # name: (triton, reference, compiled reference, bytes read + written)
-        "x rowwise (forward)": (
-            lambda: kernels.quantize_rows(x),
-            lambda: quantize_rows_reference(x),
-            lambda: compiled["quantize_rows_reference"](x),
-            x.numel() * 3,
-        ),
+        "x rowwise (forward)": rowwise(x),
         "x rowwise + column amax (forward, fp8 wgrad)": (
             lambda: kernels.quantize_rows_and_column_amax(x, offs),
             None,
             lambda: compiled_amax(x, offs),
             x.numel() * 3,
         ),
-        "w per output column, (E, N, K) codes (forward)": (
-            lambda: kernels.quantize_rows(w.transpose(-2, -1)),
-            lambda: quantize_rows_reference(w.transpose(-2, -1)),
-            lambda: compiled["quantize_rows_reference"](w.transpose(-2, -1)),
-            w.numel() * 3,
-        ),
-        "w per row, (E, K, N) codes (grad_input)": (
-            lambda: kernels.quantize_rows(w),
-            lambda: quantize_rows_reference(w),
-            lambda: compiled["quantize_rows_reference"](w),
-            w.numel() * 3,
-        ),
+        "w per output column, (E, N, K) codes (forward)": rowwise(w.transpose(-2, -1)),
+        "w per row, (E, K, N) codes (grad_input)": rowwise(w),
         "w in both layouts from one read (forward)": (
             lambda: kernels.quantize_weight(w),
             None,
