@@ -505,7 +505,7 @@ def moe_pair(seed: int = 0) -> tuple[MoE, MoE]:
 def forward_backward(layer, x, grad, run=None):
     """Output, input gradient and parameter gradients (by name) of `run` (default: layer itself; e.g. compiled)."""
     xg = x.clone().requires_grad_()
-    out, _ = (run or layer)(xg)
+    out, _ = (layer if run is None else run)(xg)  # not `run or layer`: a compiled module has no truth value
     out.backward(grad)
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     layer.zero_grad(set_to_none=True)

@@ -212,11 +212,14 @@ def _(a, b, scale_a, scale_b, offs, use_fast_accum=False):
     return a.new_empty(shape, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "references"])
 @pytest.mark.parametrize("fp8_wgrad", [True, False])
-def test_fp8_grouped_mm_compiles_as_one_graph_with_the_kernels(monkeypatch, fp8_wgrad):
-    """torch.compile(fullgraph=True) traces the autograd function with the quantisers as custom ops (no graph break,
-    no host sync; the scaled GEMM stood in by an opaque op on CPU) and computes the eager bits."""
-    monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", True)
+def test_fp8_grouped_mm_compiles_as_one_graph_with_the_kernels(monkeypatch, fp8_wgrad, kernels):
+    """torch.compile(fullgraph=True) traces the autograd function with the quantisers as custom ops (or as the
+    PyTorch references) and no graph break, no host sync (the scaled GEMM stood in by an opaque op on CPU), and
+    computes the eager bits, gradients included (torch 2.11's dynamo gave every gradient 0 when the forward ended in
+    a no-op dtype cast)."""
+    monkeypatch.setattr(triton_dispatch, "interpret_on_cpu", kernels)
     monkeypatch.setattr(fp8_gemm, "scaled_grouped_mm", opaque_reference)
     case = grouped_case([30, 0, 50, 20], 32, 48, seed=2)
     eager = grouped_mm_results(*case, fp8_wgrad=fp8_wgrad)
