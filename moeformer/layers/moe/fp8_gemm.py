@@ -27,6 +27,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch import Tensor
 
+from moeformer.layers.autograd_output import cast_output
 from moeformer.layers.triton_dispatch import runs_triton
 
 E4M3 = torch.float8_e4m3fn
@@ -242,9 +243,7 @@ class _Fp8GroupedMM(torch.autograd.Function):
             wq, w_factor = quantize_rows(w.transpose(-2, -1))  # (E, N, K): column-major w, a scale per output column
         ctx.save_for_backward(x, w, offs, x_amax, wq_t, wt_factor)
         out = scaled_grouped_mm(xq, wq.transpose(-2, -1), x_factor, w_factor, offs, use_fast_accum=True)
-        # not out.to(x.dtype) when that is a no-op: torch 2.11's dynamo traces the backward of a forward that returns
-        # such an alias with a zero output gradient (every gradient of the compiled layer 0)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return cast_output(out, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeformer.layers.autograd_output import cast_output
 from moeformer.layers.triton_dispatch import runs_triton
 
 try:  # at import, not per call: torch.compile cannot trace a lazy import
@@ -33,7 +34,7 @@ def triton_kernels(x: Tensor) -> ModuleType | SimpleNamespace | None:
 def gather_sum_reference(src: Tensor, index: Tensor, k: int) -> Tensor:
     """out[t] = sum_j src[index[t*k + j]], accumulated in fp32 (or wider)."""
     acc = torch.promote_types(src.dtype, torch.float32)
-    return src.index_select(0, index).view(-1, k, src.shape[-1]).to(acc).sum(dim=1).to(src.dtype)
+    return cast_output(src.index_select(0, index).view(-1, k, src.shape[-1]).to(acc).sum(dim=1), src.dtype)
 
 
 def swiglu_reference(h: Tensor, weight: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
