@@ -94,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0.5",
         help="train.distill.alpha of the distilled student; a list (0.5,0.9) trains one per value",
     )
-    parser.add_argument("--temperature", type=float, default=1.0, help="train.distill.temperature")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="train.distill.temperature of the distilled heals and students"
+    )
     parser.add_argument("--quantize", default="int8,int4", help="weight-only formats of the original ('' for none)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128)")
     parser.add_argument(
@@ -262,9 +264,10 @@ class Driver:
         a = self.args
         runs = []
         for alpha in [float(x) for x in a.heal_distill_alpha.split(",") if x]:
-            recipe = f"{f'kd{alpha:g}' if alpha else 'ce'}-lr{a.heal_lr:g}-w{a.heal_warmup}"
+            # the recipe is in the key: a rerun with another recipe in the same --out trains anew
+            recipe = f"{f'kd{alpha:g}-t{a.temperature:g}' if alpha else 'ce'}-lr{a.heal_lr:g}-w{a.heal_warmup}"
             key = f"healed-{pruned.name}-{a.heal_steps}-{recipe}"
-            loss = f"distilled, alpha {alpha:g}" if alpha else "cross-entropy"
+            loss = f"distilled, alpha {alpha:g}, T {a.temperature:g}" if alpha else "cross-entropy"
             label = f"{how} + {a.heal_steps}-step heal ({loss}, lr {a.heal_lr:g})"
             overrides = [
                 f"--train.steps={a.heal_steps}",

@@ -444,7 +444,7 @@ def test_compression_table_heals_from_the_pruned_config_and_checks_the_goals(sou
     assert config.init_from == str(pruned)
     (plain, plain_overrides), (distilled, distilled_overrides) = driver.heal_runs(pruned, "pruned to 6")
     assert plain.label == "pruned to 6 + 200-step heal (cross-entropy, lr 0.0003)"
-    assert distilled.label == "pruned to 6 + 200-step heal (distilled, alpha 0.5, lr 0.0003)"
+    assert distilled.label == "pruned to 6 + 200-step heal (distilled, alpha 0.5, T 1, lr 0.0003)"
     assert plain.key != distilled.key and distilled.model == tmp_path / "out" / "runs" / distilled.key / "model"
     for overrides, distill in (
         (plain_overrides, None),
