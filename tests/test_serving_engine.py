@@ -81,20 +81,32 @@ def assert_idle(engine: Engine) -> None:
     assert not any(engine.block_pool.refs)
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize(
+    "prefix_caching,stepped", [(True, False), (False, False), (True, True)], ids=["prefix", "no-prefix", "stepped"]
+)
 @pytest.mark.parametrize("kind", KINDS)
-def test_continuous_batching_equals_each_request_alone(models, oracle, kind, prefix_caching):
-    """64 requests arriving 3 per step into 16 slots, 8-token prefill chunks, a pool too small for all of them
-    (preemption): every output equals the request's own greedy generation."""
+def test_continuous_batching_equals_each_request_alone(models, oracle, kind, prefix_caching, stepped):
+    """64 requests arriving 3 per step into 16 slots, 8-token prefill chunks (16 stepped), a pool too small for all
+    of them (preemption): every output equals the request's own greedy generation. `stepped`: the padded decode step
+    of a compiled engine (its blocks eager here), which also takes the prompt chunks that fit beside the decodes, one
+    row per prompt token."""
     engine = Engine(
-        models[kind], max_batch=16, block_size=4, num_blocks=80, prefill_chunk=8, prefix_caching=prefix_caching
+        models[kind],
+        max_batch=16,
+        block_size=4,
+        num_blocks=80,
+        prefill_chunk=16 if stepped else 8,  # stepped: some chunks too long to fit beside the decodes
+        prefix_caching=prefix_caching,
     )
+    engine.compile = stepped
     requests = workload(64, 7)
     outputs = run_arriving(engine, requests, per_step=3)
     mismatched = [i for i in range(len(requests)) if outputs[f"r{i}"] != oracle[kind][i]]
     assert not mismatched, f"{len(mismatched)} requests differ from generating alone: {mismatched}"
     stats = engine.stats()
     assert (stats["prefix_hit_blocks"] > 0) == prefix_caching, stats
+    # stepped: chunks went both ways (beside few decodes into the step, beside many to the eager prompt forward)
+    assert (0 < stats["stepped_prefill_tokens"] < stats["prefilled_tokens"]) == stepped, stats
     assert stats["preemptions"] > 0, "the pool should be small enough to preempt (recompute) some requests"
     assert_idle(engine)
 
@@ -107,20 +119,26 @@ def test_packed_prompt_chunks_agree(models, oracle):
     assert_idle(engine)
 
 
+@pytest.mark.parametrize("stepped", [False, True], ids=["eager", "stepped"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefix_hit_gives_the_miss_tokens_and_skips_prefill(models, kind):
+def test_prefix_hit_gives_the_miss_tokens_and_skips_prefill(models, kind, stepped):
+    """A hit computes only the prompt's tail; `stepped` (a compiled engine's padded decode step, blocks eager here):
+    the tail rides in the decode step."""
     model = models[kind]
     g = torch.Generator().manual_seed(3)
     system = torch.randint(0, VOCAB, (22,), generator=g).tolist()
     first, second = system + [5, 6, 7], system + [8, 9]
     engine = Engine(model, max_batch=4, block_size=4, prefill_chunk=64)
+    engine.compile = stepped
     params = SamplingParams(max_tokens=6)
     miss = engine.generate([first], params)[0]
     before = engine.stats()
     hit = engine.generate([second], params)[0]
     after = engine.stats()
     assert after["prefix_hit_blocks"] - before["prefix_hit_blocks"] == 22 // 4  # the system prompt's full blocks
-    assert after["prefilled_tokens"] - before["prefilled_tokens"] == len(second) - 20  # only the tail
+    tail = len(second) - 20
+    assert after["prefilled_tokens"] - before["prefilled_tokens"] == tail  # only the tail
+    assert after["stepped_prefill_tokens"] - before["stepped_prefill_tokens"] == (tail if stepped else 0)
     assert miss == alone(model, first, 6) and hit == alone(model, second, 6)
     again = engine.generate([first], params)[0]  # a whole-prompt hit still computes the last token
     assert again == miss
@@ -325,7 +343,8 @@ def test_engine_refuses_what_it_cannot_serve(models):
 
 
 def test_compiled_decode_equals_eager():
-    """compile=True (the decode step compiled at a padded batch size; a CUDA graph on CUDA) gives the eager tokens."""
+    """compile=True (the decode step compiled at a padded batch size; a CUDA graph on CUDA; with the prompt chunks
+    that fit in it) gives the eager tokens."""
     torch.manual_seed(1)
     model = build_model(
         ModelConfig(
@@ -344,6 +363,7 @@ def test_compiled_decode_equals_eager():
     compiled = Engine(model, max_batch=4, block_size=16, compile=True)
     assert compiled.generate(prompts, params) == [alone(model, p, 6) for p in prompts]
     assert list(compiled._graphs) == [(4, 1)]  # 3 rows padded to 4, one block of view
+    assert compiled.stats()["stepped_prefill_tokens"] == 3  # the 3-token prompt fit beside the others' rows
     assert_idle(compiled)
 
 

@@ -1,7 +1,10 @@
 """`Engine`: continuous batching over a paged KV cache. Requests join and leave the running batch at every step; a
 step decodes one token for every running request (one forward, padded to a few fixed batch sizes when compiled) and
 runs chunks of waiting prompts (one forward of at most `prefill_chunk` tokens), so a long prompt never stalls the
-decodes. Full prompt blocks are shared across requests through the prefix cache.
+decodes. Full prompt blocks are shared across requests through the prefix cache. When compiled, prompt chunks that
+fit beside the decodes ride in the decode step itself, one row per prompt token (each row's length ends at its
+token: a step writes every row's keys before any row attends, so the rows of one chunk see each other causally), so
+a short prompt, or the rest of one behind a prefix-cache hit, costs one replayed step rather than an eager forward.
 
     engine = Engine(model, max_batch=64, eos_token_id=tokenizer_eos)
     engine.add_request("a", prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
@@ -65,8 +68,9 @@ class Engine:
     and at most the model's max_seq_len). prefill_chunk: tokens of a step's prompt-chunk forward (rows x longest
     chunk). prefix_caching: share full prompt blocks. compile: the decode step's blocks compiled at each padded batch
     size (BATCH_SIZES; and view width, without the paged kernel), captured as a CUDA graph on CUDA (`warmup` does it
-    before traffic); prompt chunks run eagerly either way (their rows, lengths and views vary without end: compiled,
-    each new shape recompiled until dynamo's limit); compile=False runs everything eagerly (the reference).
+    before traffic); prompt chunks that fit beside the decodes ride in that step, one row per token, and the others
+    run eagerly (their rows, lengths and views vary without end: compiled, each new shape would recompile until
+    dynamo's limit); compile=False runs everything eagerly (the reference).
     eos_token_id: stops every request. group: the process group of a multi-rank model (see the module docstring).
     Linear-attention layers keep a recurrent state, which has no pages: such models are refused.
 
@@ -120,6 +124,8 @@ class Engine:
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.prefilled_tokens = 0  # tokens run through prefill forwards (a prefix-cache hit skips its share)
+        self.stepped_prefill_tokens = 0  # ... of which inside the compiled decode step
+        self._step_rows = next((s for s in BATCH_SIZES if s >= max_batch), max_batch)  # its largest padded size
         self.steps = 0
         self._ids = itertools.count()
         # the decode step's blocks are whole graphs at fixed shapes (each padded batch size a CUDA graph)
@@ -214,18 +220,20 @@ class Engine:
             outputs.append(StepOutput(request_id, [], True, "abort"))
         self._aborts = []
         plan = self.scheduler.schedule()
+        stepped, eager = self._split(plan.prefill, len(plan.decode))
         sampled, logits = [], []
-        if plan.prefill:
-            chunks = [request for request, _ in plan.prefill]
-            rows = self._forward(chunks, [n for _, n in plan.prefill])
-            for i, (request, n) in enumerate(plan.prefill):
-                self.prefilled_tokens += n
-                self.scheduler.computed(request, n)
-                if request.uncomputed == 0:
-                    sampled.append(request)
-                    logits.append(rows[i : i + 1])
-        if plan.decode:
-            logits.append(self._decode(plan.decode))
+        if eager:
+            rows = self._forward([request for request, _ in eager], [n for _, n in eager])
+            for i, (request, n) in enumerate(eager):
+                self._prefilled(request, n, rows[i : i + 1], sampled, logits)
+        if stepped or plan.decode:
+            rows = self._decode([(r, j) for r, n in stepped for j in range(n)] + [(r, 0) for r in plan.decode])
+            end = 0
+            for request, n in stepped:
+                end += n
+                self.stepped_prefill_tokens += n
+                self._prefilled(request, n, rows[end - 1 : end], sampled, logits)
+            logits.append(rows[end:])
             for request in plan.decode:
                 self.scheduler.computed(request, 1)
             sampled.extend(plan.decode)
@@ -242,6 +250,27 @@ class Engine:
             )
             request.new_tokens = []
         return outputs
+
+    def _split(self, chunks: list[tuple[Request, int]], decodes: int) -> tuple[list, list]:
+        """The prompt chunks that ride in the compiled decode step (in order, while their tokens and the `decodes`
+        rows fit its largest warmed-up batch size), and those left to the eager prompt forward."""
+        room = self._step_rows - decodes if self.compile else 0
+        stepped, eager = [], []
+        for request, n in chunks:
+            if n <= room:
+                stepped.append((request, n))
+                room -= n
+            else:
+                eager.append((request, n))
+        return stepped, eager
+
+    def _prefilled(self, request: Request, n: int, row: torch.Tensor, sampled: list, logits: list) -> None:
+        """Book a computed prompt chunk; once its prompt is complete, `row` holds its next token's logits."""
+        self.prefilled_tokens += n
+        self.scheduler.computed(request, n)
+        if request.uncomputed == 0:
+            sampled.append(request)
+            logits.append(row)
 
     def _forward(self, rows: list[Request], counts: list[int]) -> torch.Tensor:
         """Eager forward of the next counts[b] uncomputed tokens of each row; logits (B, V) of the token after them."""
@@ -264,12 +293,12 @@ class Engine:
         out = self.model(ids, cache=batch, stats=False, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _decode(self, rows: list[Request]) -> torch.Tensor:
-        """Logits (B, V) of the next token of every decoding row."""
+    def _decode(self, rows: list[tuple[Request, int]]) -> torch.Tensor:
+        """Logits (B, V) after each row's token: (request, j) is the request's uncomputed token j (0 for a decode)."""
         if not self.compile:
-            return self._forward(rows, [1] * len(rows))
+            return self._forward([r for r, _ in rows], [1] * len(rows))
         size = next(s for s in BATCH_SIZES if s >= len(rows)) if len(rows) <= BATCH_SIZES[-1] else len(rows)
-        needed = -(-max(r.computed + 1 for r in rows) // self.block_size)
+        needed = -(-max(r.computed + j + 1 for r, j in rows) // self.block_size)
         width = self._max_blocks if self._in_place else min(1 << (needed - 1).bit_length(), self._max_blocks)
         return self._graph(size, width)(rows)[: len(rows)]
 
@@ -285,9 +314,7 @@ class Engine:
         max_batch (at every view width too, without the paged kernel)."""
         if not self.compile:
             return
-        sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [
-            next((s for s in BATCH_SIZES if s >= self.max_batch), self.max_batch)
-        ]
+        sizes = [s for s in BATCH_SIZES if s < self._step_rows] + [self._step_rows]
         widths = (
             [self._max_blocks]
             if self._in_place
@@ -354,14 +381,15 @@ class Engine:
         return [outputs[request_id] for request_id in ids]
 
     def stats(self) -> dict[str, int]:
-        """Cache and scheduler counters: free/total blocks, prefix-cache hit blocks, preemptions, prefilled tokens,
-        running and waiting requests, steps."""
+        """Cache and scheduler counters: free/total blocks, prefix-cache hit blocks, preemptions, prefilled tokens
+        (and how many of them rode in the compiled decode step), running and waiting requests, steps."""
         return dict(
             free_blocks=self.block_pool.num_free,
             total_blocks=self.block_pool.num_usable,
             prefix_hit_blocks=self.block_pool.hit_blocks,
             preemptions=self.scheduler.preemptions,
             prefilled_tokens=self.prefilled_tokens,
+            stepped_prefill_tokens=self.stepped_prefill_tokens,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             steps=self.steps,
@@ -435,17 +463,17 @@ class _DecodeGraph:
             self.engine._graph_pool = torch.cuda.graph_pool_handle()
         self.graph, self.logits = capture_graph(self._run, self.engine._graph_pool)
 
-    def __call__(self, rows: list[Request]) -> torch.Tensor:
+    def __call__(self, rows: list[tuple[Request, int]]) -> torch.Tensor:
         n, engine = len(rows), self.engine
         self.ids.zero_()
         self.tables.zero_()
         self.lengths.fill_(1)
         self.rows.zero_()
         if n:
-            self.ids[:n, 0] = engine._tensor([r.tokens[r.computed] for r in rows])
-            used = min(self.width, max(len(r.blocks) for r in rows))  # the rest stays the null block
-            self.tables[:n, :used] = engine._tables(rows, used)
-            self.lengths[:n] = engine._tensor([r.computed + 1 for r in rows])
+            self.ids[:n, 0] = engine._tensor([r.tokens[r.computed + j] for r, j in rows])
+            used = min(self.width, max(len(r.blocks) for r, _ in rows))  # the rest stays the null block
+            self.tables[:n, :used] = engine._tables([r for r, _ in rows], used)
+            self.lengths[:n] = engine._tensor([r.computed + j + 1 for r, j in rows])
             self.rows[:n] = True
         if self.graph is None:
             return self._run()
