@@ -20,6 +20,7 @@ from moeformer.layers.moe.fp8_gemm import (
     quantize_rows_reference,
     quantize_weight_reference,
 )
+from tests.test_fp8 import grouped_case
 
 fp8_triton = pytest.importorskip("moeformer.layers.moe.fp8_triton", reason="needs triton")
 pytestmark = pytest.mark.filterwarnings(  # numpy, under the interpreter, on the NaN/inf rows
@@ -144,15 +145,6 @@ def test_custom_ops_pass_torchs_op_checks():
         (ops.quantize_weight, (w,)),
     ):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
-def grouped_case(sizes: list[int], k: int, n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    m = sum(sizes)
-    x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))).bfloat16()
-    w = (torch.randn(len(sizes), k, n, generator=g) / k**0.5).bfloat16()
-    grad = torch.randn(m, n, generator=g).bfloat16()
-    return x, w, grad, torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
 
 
 def grouped_mm_results(x, w, grad, offs, **kwargs):

@@ -306,8 +306,8 @@ class Trainer:
         self.rank = dist.get_rank()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        if config.train.fp8 and fp8_unsupported(self.device):
-            raise ConfigError(f"train.fp8=true: {fp8_unsupported(self.device)}; set train.fp8=false")
+        if config.train.fp8 and (problem := fp8_unsupported(self.device)):
+            raise ConfigError(f"train.fp8=true: {problem}; set train.fp8=false")
         self.out_dir = Path(config.out_dir)
         self.model_config = config.model_config()
         meta = load_meta(config.data.dir)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from moeformer.layers.autograd_output import cast_output
-from moeformer.layers.triton_dispatch import runs_triton
+from moeformer.layers.triton_dispatch import launchers
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -42,10 +42,8 @@ except ImportError:  # no triton: the references serve everywhere
 
 
 def _kernels(t: Tensor) -> ModuleType | SimpleNamespace | None:
-    """The Triton quantisers for t where they serve its device (custom ops while torch.compile traces), else None."""
-    if _triton is None or not runs_triton(t):
-        return None
-    return _triton.OPS if torch.compiler.is_compiling() else _triton
+    """fp8_triton.py's quantisers for t, or None: use the references (`triton_dispatch.launchers`)."""
+    return launchers(_triton, t)
 
 
 def fp8_grouped_mm_available(device: torch.device) -> bool:

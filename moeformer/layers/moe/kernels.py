@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeformer.layers.autograd_output import cast_output
-from moeformer.layers.triton_dispatch import runs_triton
+from moeformer.layers.triton_dispatch import launchers
 
 try:  # at import, not per call: torch.compile cannot trace a lazy import
     from moeformer.layers.moe import triton_kernels as _triton
@@ -22,12 +22,8 @@ except ImportError:  # no triton (CPU installs): the references serve everywhere
 
 
 def triton_kernels(x: Tensor) -> ModuleType | SimpleNamespace | None:
-    """The Triton launchers for x when they serve its device (`runs_triton`) and triton imports, else None (use the
-    references). While torch.compile traces they are the custom ops (single opaque calls in the graph); in eager
-    the plain launchers, which skip the custom-op dispatch (about as much host time as the launch itself)."""
-    if _triton is None or not runs_triton(x):
-        return None
-    return _triton.OPS if torch.compiler.is_compiling() else _triton
+    """triton_kernels.py's launchers for x, or None: use the references (`triton_dispatch.launchers`)."""
+    return launchers(_triton, x)
 
 
 # ---- references -----------------------------------------------------------------------------------------------
