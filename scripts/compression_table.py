@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from moeformer.errors import reported_errors
+from moeformer.models.compress import CRITERIA
 
 SCRIPTS = Path(__file__).resolve().parent
 # Healing recipe: distillation from the original model alone (the KL to its logits says what pruning changed; the
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--criterion",
         default="router_mass",
-        choices=("load", "router_mass"),
+        choices=CRITERIA,
         help="pruning keeps the experts with the most routed weight (router_mass) or routed tokens (load)",
     )
     parser.add_argument("--heal-steps", type=int, default=200, help="fine-tuning steps of the healed rows (0: none)")
