@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--prefix-trials", type=int, default=5)
     parser.add_argument("--single-new", type=int, default=256, help="new tokens of the single-request rows")
     parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument(
+        "--step-tokens", type=int, default=None, help="rows of the compiled step (default 4 x concurrency)"
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_seq_len")
     parser.add_argument("--no-compile", action="store_true", help="everything eager (a quick CPU run)")
@@ -234,6 +237,7 @@ def main() -> None:
         max_batch=args.concurrency,
         block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
+        step_tokens=args.step_tokens,
         max_model_len=args.max_model_len,
         compile=not args.no_compile,
         group=group,

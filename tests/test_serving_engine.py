@@ -86,27 +86,38 @@ def assert_idle(engine: Engine) -> None:
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_continuous_batching_equals_each_request_alone(models, oracle, kind, prefix_caching, stepped):
-    """64 requests arriving 3 per step into 16 slots, 8-token prefill chunks (16 stepped), a pool too small for all
+    """64 requests arriving 3 per step into 16 slots, 8-token prefill chunks (24 stepped), a pool too small for all
     of them (preemption): every output equals the request's own greedy generation. `stepped`: the padded decode step
-    of a compiled engine (its blocks eager here), which also takes the prompt chunks that fit beside the decodes, one
-    row per prompt token."""
+    of a compiled engine (its blocks eager here, 16 rows), which also takes prompt chunks in the rows beside the
+    decodes, one row per prompt token, whole or in part."""
     engine = Engine(
         models[kind],
         max_batch=16,
         block_size=4,
         num_blocks=80,
-        prefill_chunk=16 if stepped else 8,  # stepped: some chunks too long to fit beside the decodes
+        prefill_chunk=24 if stepped else 8,  # stepped: chunks longer than the step's 16 rows
+        step_tokens=16,
         prefix_caching=prefix_caching,
     )
     engine.compile = stepped
+    split, partial = engine._split, []
+
+    def counting_split(chunks, decodes):
+        stepped_chunks, eager = split(chunks, decodes)
+        partial.extend(r for r, m in stepped_chunks if m < dict(chunks)[r])
+        return stepped_chunks, eager
+
+    engine._split = counting_split
     requests = workload(64, 7)
     outputs = run_arriving(engine, requests, per_step=3)
     mismatched = [i for i in range(len(requests)) if outputs[f"r{i}"] != oracle[kind][i]]
     assert not mismatched, f"{len(mismatched)} requests differ from generating alone: {mismatched}"
     stats = engine.stats()
     assert (stats["prefix_hit_blocks"] > 0) == prefix_caching, stats
-    # stepped: chunks went both ways (beside few decodes into the step, beside many to the eager prompt forward)
+    # stepped: chunks went both ways (with no decode running and too long for the step: the eager prompt forward),
+    # and beside running decodes some rode in part, the rest in later steps
     assert (0 < stats["stepped_prefill_tokens"] < stats["prefilled_tokens"]) == stepped, stats
+    assert bool(partial) == stepped
     assert stats["preemptions"] > 0, "the pool should be small enough to preempt (recompute) some requests"
     assert_idle(engine)
 
@@ -362,8 +373,9 @@ def test_compiled_decode_equals_eager():
     params = SamplingParams(max_tokens=6)
     compiled = Engine(model, max_batch=4, block_size=16, compile=True)
     assert compiled.generate(prompts, params) == [alone(model, p, 6) for p in prompts]
-    assert list(compiled._graphs) == [(4, 1)]  # 3 rows padded to 4, one block of view
-    assert compiled.stats()["stepped_prefill_tokens"] == 3  # the 3-token prompt fit beside the others' rows
+    # the three prompts' 15 tokens in one step of 16 rows (4 x max_batch), then 3 decode rows padded to 4; one block
+    assert list(compiled._graphs) == [(16, 1), (4, 1)]
+    assert compiled.stats()["stepped_prefill_tokens"] == 15
     assert_idle(compiled)
 
 
@@ -555,14 +567,18 @@ PAGED_CASES = [  # (batch, q_heads, kv_heads, dk, dv, block, lengths, window)
     (3, 4, 2, 16, 16, 4, [1, 9, 16], None),  # GQA, a one-token sequence, a full last block
     (2, 4, 4, 8, 8, 8, [13, 3], 5),  # MHA, sliding window
     (2, 16, 1, 24, 24, 16, [40, 17], None),  # MLA-like absorbed decode: one wide shared head (k = v), tl.dot tiles
+    (2, 4, 2, 16, 16, 4, [150, 64], 70),  # several key tiles (TILE) of many blocks, a window starting mid-tile
+    (1, 2, 2, 16, 16, 128, [300], None),  # cache blocks wider than a tile
 ]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", PAGED_CASES)
-def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
+def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype, split):
     """The Triton kernel (interpreted on the CPU) against the gather + eager fp32 reference; fp32 to rounding, bf16
-    within its output rounding (2^-8 relative) on values of size ~1."""
+    within its output rounding (2^-8 relative) on values of size ~1. `split`: each sequence's keys over several
+    programs (some of them empty), merged after (these few sequences split in 16)."""
     from moeformer.layers import triton_dispatch
     from moeformer.layers.attention import AttentionMask, attend
     from moeformer.layers.attention.paged import uses_kernel
@@ -570,6 +586,9 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not triton_dispatch.INTERPRETER:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from moeformer.layers.attention import paged_triton
+
+    monkeypatch.setattr(paged_triton, "TARGET_PROGRAMS", 4096 if split else 1)
     batch, q_heads, kv_heads, dk, dv, block, lengths, window = case
     q, k, v, pages, valid = paged_case(batch, q_heads, kv_heads, dk, dv, block, lengths, dtype, seed=len(lengths))
     if torch.cuda.is_available():

@@ -1,10 +1,11 @@
 """`Engine`: continuous batching over a paged KV cache. Requests join and leave the running batch at every step; a
 step decodes one token for every running request (one forward, padded to a few fixed batch sizes when compiled) and
 runs chunks of waiting prompts (one forward of at most `prefill_chunk` tokens), so a long prompt never stalls the
-decodes. Full prompt blocks are shared across requests through the prefix cache. When compiled, prompt chunks that
-fit beside the decodes ride in the decode step itself, one row per prompt token (each row's length ends at its
-token: a step writes every row's keys before any row attends, so the rows of one chunk see each other causally), so
-a short prompt, or the rest of one behind a prefix-cache hit, costs one replayed step rather than an eager forward.
+decodes. Full prompt blocks are shared across requests through the prefix cache. When compiled, prompt chunks ride in
+the decode step itself, in the rows its largest size leaves beside the decodes, one row per prompt token (each row's
+length ends at its token: a step writes every row's keys before any row attends, so the rows of one chunk see each
+other causally), a long prompt over several steps: a short prompt, or the rest of one behind a prefix-cache hit,
+costs one replayed step rather than an eager forward, and no decode waits for a prompt.
 
     engine = Engine(model, max_batch=64, eos_token_id=tokenizer_eos)
     engine.add_request("a", prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
@@ -68,9 +69,11 @@ class Engine:
     and at most the model's max_seq_len). prefill_chunk: tokens of a step's prompt-chunk forward (rows x longest
     chunk). prefix_caching: share full prompt blocks. compile: the decode step's blocks compiled at each padded batch
     size (BATCH_SIZES; and view width, without the paged kernel), captured as a CUDA graph on CUDA (`warmup` does it
-    before traffic); prompt chunks that fit beside the decodes ride in that step, one row per token, and the others
-    run eagerly (their rows, lengths and views vary without end: compiled, each new shape would recompile until
-    dynamo's limit); compile=False runs everything eagerly (the reference).
+    before traffic). step_tokens: rows of its largest size (default 4 x max_batch), the decodes first: prompt chunks
+    ride in the room left, one row per token, a chunk too long for it in part while decodes run (the rest in later
+    steps, so no decode waits for a prompt); the engine's other prompt chunks (with no decode running, or
+    compile=False) run eagerly (their rows, lengths and views vary without end: compiled, each new shape would
+    recompile until dynamo's limit); compile=False runs everything eagerly (the reference).
     eos_token_id: stops every request. group: the process group of a multi-rank model (see the module docstring).
     Linear-attention layers keep a recurrent state, which has no pages: such models are refused.
 
@@ -85,6 +88,7 @@ class Engine:
         num_blocks: int | None = None,
         max_model_len: int | None = None,
         prefill_chunk: int = 512,
+        step_tokens: int | None = None,
         prefix_caching: bool = True,
         compile: bool = False,
         eos_token_id: int | None = None,
@@ -92,9 +96,17 @@ class Engine:
         group: dist.ProcessGroup | None = None,
     ) -> None:
         config = model.config
-        for name, value in (("max_batch", max_batch), ("block_size", block_size), ("prefill_chunk", prefill_chunk)):
+        step_tokens = 4 * max_batch if step_tokens is None else step_tokens
+        for name, value in (
+            ("max_batch", max_batch),
+            ("block_size", block_size),
+            ("prefill_chunk", prefill_chunk),
+            ("step_tokens", step_tokens),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if step_tokens < max_batch:
+            raise ValueError(f"step_tokens ({step_tokens}) must be at least max_batch ({max_batch}): every decode")
         max_model_len = config.max_seq_len if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= config.max_seq_len:
             raise ValueError(f"max_model_len must be in [1, max_seq_len={config.max_seq_len}], got {max_model_len}")
@@ -125,7 +137,8 @@ class Engine:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.prefilled_tokens = 0  # tokens run through prefill forwards (a prefix-cache hit skips its share)
         self.stepped_prefill_tokens = 0  # ... of which inside the compiled decode step
-        self._step_rows = next((s for s in BATCH_SIZES if s >= max_batch), max_batch)  # its largest padded size
+        step_rows = next((s for s in BATCH_SIZES if s >= step_tokens), step_tokens)  # the largest padded size
+        self._step_sizes = [s for s in BATCH_SIZES if s < step_rows] + [step_rows]
         self.steps = 0
         self._ids = itertools.count()
         # the decode step's blocks are whole graphs at fixed shapes (each padded batch size a CUDA graph)
@@ -252,15 +265,17 @@ class Engine:
         return outputs
 
     def _split(self, chunks: list[tuple[Request, int]], decodes: int) -> tuple[list, list]:
-        """The prompt chunks that ride in the compiled decode step (in order, while their tokens and the `decodes`
-        rows fit its largest warmed-up batch size), and those left to the eager prompt forward."""
-        room = self._step_rows - decodes if self.compile else 0
-        stepped, eager = [], []
+        """The prompt chunks that ride in the compiled decode step, in order, in the rows its largest padded size
+        leaves beside the `decodes`: whole, or while decodes run, in part (the rest in later steps: an eager prompt
+        forward would stall them); and those left to the eager prompt forward."""
+        if not self.compile:
+            return [], chunks
+        room, stepped, eager = self._step_sizes[-1] - decodes, [], []
         for request, n in chunks:
-            if n <= room:
-                stepped.append((request, n))
-                room -= n
-            else:
+            if n <= room or (decodes and room):
+                stepped.append((request, min(n, room)))
+                room -= min(n, room)
+            elif not decodes:
                 eager.append((request, n))
         return stepped, eager
 
@@ -297,7 +312,7 @@ class Engine:
         """Logits (B, V) after each row's token: (request, j) is the request's uncomputed token j (0 for a decode)."""
         if not self.compile:
             return self._forward([r for r, _ in rows], [1] * len(rows))
-        size = next(s for s in BATCH_SIZES if s >= len(rows)) if len(rows) <= BATCH_SIZES[-1] else len(rows)
+        size = next(s for s in self._step_sizes if s >= len(rows))
         needed = -(-max(r.computed + j + 1 for r, j in rows) // self.block_size)
         width = self._max_blocks if self._in_place else min(1 << (needed - 1).bit_length(), self._max_blocks)
         return self._graph(size, width)(rows)[: len(rows)]
@@ -314,13 +329,12 @@ class Engine:
         max_batch (at every view width too, without the paged kernel)."""
         if not self.compile:
             return
-        sizes = [s for s in BATCH_SIZES if s < self._step_rows] + [self._step_rows]
         widths = (
             [self._max_blocks]
             if self._in_place
             else sorted({min(1 << i, self._max_blocks) for i in range(self._max_blocks.bit_length() + 1)})
         )
-        for size in sizes:
+        for size in self._step_sizes:
             for width in widths:
                 graph = self._graph(size, width)
                 if graph.graph is None:

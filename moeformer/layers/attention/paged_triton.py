@@ -1,7 +1,10 @@
 """Triton kernel of one-query (decode) attention over a paged KV cache: each program takes one sequence and one KV
-head, walks that sequence's block table over its real blocks only (so the work follows the tokens held, not the
-longest sequence of the batch) with an online softmax in fp32, for the query heads sharing the KV head. Imported
-only where triton is installed; the reference is `moeformer.layers.attention.paged.paged_attention_reference`."""
+head, walks that sequence's real keys only (so the work follows the tokens held, not the longest sequence of the
+batch) in tiles of TILE keys, each tile's slots looked up in the block table, with an online softmax in fp32, for
+the query heads sharing the KV head. When sequences x KV heads are too few programs to keep the GPU's memory busy
+(small batches, long contexts), each sequence's keys are split over several programs whose partial softmax sums
+are then merged (flash-decoding). Imported only where triton is installed; the reference is
+`moeformer.layers.attention.paged.paged_attention_reference`."""
 
 from __future__ import annotations
 
@@ -9,6 +12,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+TILE = 16  # keys per loop step (at least one cache block); measured on an H200: 16 keys on 2 warps fastest
+NUM_WARPS = 2
+TARGET_PROGRAMS = 4096  # split the keys until sequences x KV heads x splits reach this many programs ...
+MAX_SPLITS = 16  # ... in at most this many parts
 
 
 @triton.jit
@@ -19,6 +27,7 @@ def _paged_decode_kernel(
     tables,
     lengths,
     out,
+    partial,
     scale,
     window,
     stride_qb,
@@ -37,6 +46,8 @@ def _paged_decode_kernel(
     DV: tl.constexpr,
     DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
+    SPLITS: tl.constexpr,
     USE_DOT: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
 ):
@@ -58,12 +69,15 @@ def _paged_decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DV_PAD], tl.float32)
-    tokens = tl.arange(0, BLOCK)
-    for start in range(first // BLOCK * BLOCK, n, BLOCK):
-        block = tl.load(tables + b * stride_tb + start // BLOCK).to(tl.int64)
-        slots = block * BLOCK + tokens
+    tokens = tl.arange(0, TILE)
+    begin = first // TILE * TILE
+    per_split = tl.cdiv(tl.cdiv(n - begin, TILE), SPLITS) * TILE  # keys of each split (split 0 is never empty)
+    begin += tl.program_id(2) * per_split
+    for start in range(begin, tl.minimum(n, begin + per_split), TILE):
         pos = start + tokens
         real = (pos < n) & (pos >= first)
+        block = tl.load(tables + b * stride_tb + pos // BLOCK, mask=real, other=0).to(tl.int64)
+        slots = block * BLOCK + pos % BLOCK
         keys = tl.load(
             k + slots[:, None] * stride_ks + h * stride_kh + dk[None, :],
             mask=real[:, None] & (dk[None, :] < DK),
@@ -89,12 +103,17 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + update
         total = total * alpha + tl.sum(p, axis=1)
         m = m_new
-    result = acc / total[:, None]
-    tl.store(
-        out + b * stride_ob + (h * GROUP + heads)[:, None] * stride_oh + dv[None, :],
-        result.to(out.dtype.element_ty),
-        mask=head_ok[:, None] & (dv[None, :] < DV),
-    )
+    if SPLITS == 1:
+        tl.store(
+            out + b * stride_ob + (h * GROUP + heads)[:, None] * stride_oh + dv[None, :],
+            (acc / total[:, None]).to(out.dtype.element_ty),
+            mask=head_ok[:, None] & (dv[None, :] < DV),
+        )
+    else:  # partial (B, Hq, SPLITS, DV_PAD + 2) fp32: this split's unnormalised sum, its max and its softmax total
+        row = partial + (((b * tl.num_programs(1) + h) * GROUP + heads) * SPLITS + tl.program_id(2)) * (DV_PAD + 2)
+        tl.store(row[:, None] + dv[None, :], acc, mask=head_ok[:, None])
+        tl.store(row + DV_PAD, m, mask=head_ok)
+        tl.store(row + DV_PAD + 1, total, mask=head_ok)
 
 
 def launch(
@@ -108,14 +127,21 @@ def launch(
     group = q_heads // kv_heads
     out = torch.empty(batch, q_heads, dv, dtype=q.dtype, device=q.device)
     group_pad = max(triton.next_power_of_2(group), 2)  # no size-1 tiles
-    use_dot = group_pad >= 16 and block_size >= 16 and min(dk, dv) >= 16  # tl.dot needs 16 x 16 tiles
-    _paged_decode_kernel[(batch, kv_heads)](
+    tile = max(TILE, block_size)
+    use_dot = group_pad >= 16 and min(dk, dv) >= 16  # tl.dot needs 16 x 16 tiles
+    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (batch * kv_heads)))
+    dv_pad = triton.next_power_of_2(dv)
+    partial = out  # never written with one split
+    if splits > 1:
+        partial = torch.empty(batch, q_heads, splits, dv_pad + 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, kv_heads, splits)](
         q,
         k,
         v,
         tables,
         lengths,
         out,
+        partial,
         scale,
         window,
         q.stride(0),
@@ -132,11 +158,18 @@ def launch(
         DK=dk,
         DK_PAD=triton.next_power_of_2(dk),
         DV=dv,
-        DV_PAD=triton.next_power_of_2(dv),
+        DV_PAD=dv_pad,
         BLOCK=block_size,
+        TILE=tile,
+        SPLITS=splits,
         USE_DOT=use_dot,
         HAS_WINDOW=window > 0,
+        num_warps=NUM_WARPS,
     )
+    if splits > 1:  # merge the splits' softmax sums (an empty split has max -inf: weight 0)
+        acc, m, total = partial[..., :dv], partial[..., dv_pad], partial[..., dv_pad + 1]
+        weight = torch.exp(m - m.amax(dim=2, keepdim=True))
+        out.copy_((acc * weight[..., None]).sum(2) / (total * weight).sum(2)[..., None])
     return out
 
 
