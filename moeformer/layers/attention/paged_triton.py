@@ -3,8 +3,9 @@ head, walks that sequence's real keys only (so the work follows the tokens held,
 batch) in tiles of TILE keys, each tile's slots looked up in the block table, with an online softmax in fp32, for
 the query heads sharing the KV head. When sequences x KV heads are too few programs to keep the GPU's memory busy
 (small batches, long contexts), each sequence's keys are split over several programs whose partial softmax sums
-are then merged (flash-decoding). Imported only where triton is installed; the reference is
-`moeformer.layers.attention.paged.paged_attention_reference`."""
+are then merged (flash-decoding). Imported only where triton is installed; the reference is the gather path of
+`moeformer.layers.attention.paged` (each sequence's keys copied into a view, eager attention).
+scripts/bench_paged.py measures it."""
 
 from __future__ import annotations
 
