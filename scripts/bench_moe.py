@@ -246,7 +246,9 @@ FP8 = "moeformer FP8"
 
 
 def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
-    """The `top` CUDA kernels of one forward+backward (as timed) by total device time (torch.profiler table)."""
+    """The `top` CUDA kernels of one forward+backward (as timed) by total device time (torch.profiler table), and,
+    when NCCL kernels ran (expert parallelism), their device time beside the other kernels' and the wall time: the
+    part of the communication that overlapped computation is their sum minus the wall time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -256,9 +258,22 @@ def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
         forward_backward(module, xg, grad)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         forward_backward(module, xg, grad)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=top)
+    kernel_ms = {"nccl": 0.0, "other": 0.0}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_ms["nccl" if "nccl" in e.key.lower() else "other"] += e.self_device_time_total / 1e3
+    if kernel_ms["nccl"]:
+        table += (
+            f"\nNCCL kernels {kernel_ms['nccl']:.2f} ms, other kernels {kernel_ms['other']:.2f} ms, wall "
+            f"{wall_ms:.2f} ms (profiled): overlapped {max(0.0, sum(kernel_ms.values()) - wall_ms):.2f} ms"
+        )
+    return table
 
 
 def expert_parallel(args: argparse.Namespace) -> None:
@@ -309,6 +324,10 @@ def expert_parallel(args: argparse.Namespace) -> None:
             xg, grad = x.detach().requires_grad_(True), torch.randn_like(x)
             with HostSyncs() as syncs:
                 forward_backward(module, xg, grad)
+            if args.profile and cuda and "compiled" not in label:  # every rank joins the collectives
+                table = profile(module, x)
+                if rank == 0:
+                    print(f"{s.name}, {label}, rank 0: top kernels of one forward+backward\n{table}", flush=True)
             tflops = 3 * active_flops(s) / fb_ms / 1e9
             base = base or tflops
             lines.append(
@@ -332,7 +351,11 @@ def main() -> None:
         "--ep-chunks", default="1,2,4", help="with --ep: the blocks the all-to-alls are split in (one row each)"
     )
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our layer")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the top CUDA kernels of our layer (with --ep: each eager row, and the NCCL time overlapped)",
+    )
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--fp8", action="store_true", help="also time our layer with FP8 expert GEMMs")
     parser.add_argument("--bf16-wgrad", action="store_true", help="with --fp8: also FP8 with bf16 weight gradients")
