@@ -7,7 +7,8 @@ tokens/s (median over the steps after the warm-up), peak memory, and the host sy
 
 Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
 with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
-<out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands). The
+<out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands; each with the --steps
+and --warmup it ran with, written to <out-dir>/<layout>/bench.json). The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
 calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer
 step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per
@@ -42,7 +43,8 @@ LAYOUTS = {  # name -> (processes, parallel overrides)
 
 
 def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
-    """One rank of one layout: scripts/train.py's run, counting the host syncs of step `sync_step`."""
+    """One rank of one layout: scripts/train.py's run, counting the host syncs of step `sync_step` (the last
+    warm-up step: the profiler slows it)."""
     from moeformer.parallel import shutdown_distributed
     from moeformer.training.config import load_config
     from moeformer.training.metrics import HostSyncs
@@ -50,7 +52,7 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
 
     config = load_config(config_path, overrides)
     trainer = Trainer(config)
-    step, counted = trainer.train_step, {}
+    step, counted = trainer.train_step, {"steps": config.train.steps, "warmup": sync_step}
     engine_step, optimizer_seconds = trainer.engine.step, []
 
     def timed_engine_step(*args, **kwargs):  # the optimizer's share of a step, device work included
@@ -79,7 +81,7 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
     trainer.train_step = train_step
     trainer.train()
     if trainer.rank == 0:
-        (Path(config.out_dir) / "host_syncs.json").write_text(json.dumps(counted))
+        (Path(config.out_dir) / "bench.json").write_text(json.dumps(counted))
     shutdown_distributed()
 
 
@@ -120,18 +122,19 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     if rc != 0:
         print(f"{name} failed (exit {rc}): see {log}", flush=True)
         return None
-    return read_layout(name, args)
+    return read_layout(name, args.out_dir)
 
 
-def read_layout(name: str, args: argparse.Namespace) -> dict | None:
-    """The results of layout `name`'s run in --out-dir (None: it did not finish)."""
-    out = Path(args.out_dir) / name
-    if not (out / "host_syncs.json").is_file():
+def read_layout(name: str, out_dir: str) -> dict | None:
+    """The results of layout `name`'s run in `out_dir`, over the steps after its own warm-up (None: it did not
+    finish)."""
+    out = Path(out_dir) / name
+    if not (out / "bench.json").is_file():
         print(f"{name}: no finished run in {out}", flush=True)
         return None
+    counted = json.loads((out / "bench.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["split"] == "train" and r["step"] > args.warmup]
-    counted = json.loads((out / "host_syncs.json").read_text())
+    timed = [r for r in records if r["split"] == "train" and r["step"] > counted["warmup"]]
     compiled = yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"]  # as the run resolved it
     return {
         "gpus": LAYOUTS[name][0],
@@ -141,6 +144,8 @@ def read_layout(name: str, args: argparse.Namespace) -> dict | None:
         "optimizer_ms": counted.get("optimizer_ms"),
         "tokens_per_step": records[0]["tokens"] / records[0]["step"],
         "compiled": compiled,
+        "steps": counted["steps"],
+        "warmup": counted["warmup"],
     }
 
 
@@ -148,8 +153,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config (configs/train/*.yaml)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps of each run")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="steps left out of the median (compilation); --report: each run's own"
+    )
     parser.add_argument("--out-dir", default="runs/bench-layouts")
     parser.add_argument(
         "--report",
@@ -160,7 +167,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.worker:
-        return worker(args.config, overrides, args.warmup)  # the last warm-up step: the profiler slows it
+        return worker(args.config, overrides, args.warmup)
     layouts = args.layouts.split(",")
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not 1 <= args.warmup < args.steps:
@@ -171,14 +178,16 @@ def main() -> None:
         )
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.report:
-        results = {name: read_layout(name, args) for name in layouts}
+        results = {name: read_layout(name, args.out_dir) for name in layouts}
     else:
         results = {name: run_layout(name, args, overrides) for name in layouts}
     base = results.get("dp2")
+    settings = sorted({(r["steps"], r["warmup"]) for r in results.values() if r is not None})
+    steps = "; ".join(f"steps {n} (median of the last {n - w})" for n, w in settings) or "no finished run"
     print(
-        f"\n{args.config}, steps {args.steps} (median of the last {args.steps - args.warmup}), overrides "
-        f"{' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | tokens/s | vs dp=2 | peak GiB | host syncs "
-        "per step | step ms | optimizer step ms | tokens per step |\n|---|---|---|---|---|---|---|---|---|---|"
+        f"\n{args.config}, {steps}, overrides {' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | "
+        "tokens/s | vs dp=2 | peak GiB | host syncs per step | step ms | optimizer step ms | tokens per step |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     for name, r in results.items():
         if r is None:

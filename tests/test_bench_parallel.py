@@ -64,6 +64,15 @@ def test_bench_layouts_tiny_form(tmp_path):
     assert all(float(row[3]) > 0 for row in rows.values()), proc.stdout  # the optimizer step was timed
     # tiny-moe's 2 MoE layers: the expert-parallel step adds one split-size exchange each
     assert int(rows["ep2"][2]) == int(rows["dp2"][2]) + 2, proc.stdout
+    # --report reads the runs back with the steps and warm-up they ran with, whatever its own flags say
+    report = subprocess.run(
+        [*cmd[: cmd.index("--steps")], "--out-dir", str(tmp_path / "runs"), "--report"],
+        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert "steps 4 (median of the last 2)" in report.stdout, report.stdout
+    table = lambda out: [line for line in out.splitlines() if line.startswith(("| dp2 ", "| ep2 "))]  # noqa: E731
+    assert table(report.stdout) == table(proc.stdout), report.stdout
 
 
 @pytest.mark.distributed
