@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_quant import copy_bandwidth  # scripts/ is on sys.path when this file runs as a script
 from triton.testing import do_bench
 
 from moeformer.layers.attention import paged_triton
@@ -35,12 +36,6 @@ def reference(q, k, v, tables, lengths, block, scale: float) -> torch.Tensor:
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k[slots].float()) * scale
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v[slots].float()))
     return torch.stack(out)
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / (do_bench(lambda: dst.copy_(src)) * 1e-3)
 
 
 def main() -> None:
@@ -71,8 +66,7 @@ def main() -> None:
             us = do_bench(lambda inputs=inputs: paged_triton.launch(*inputs, scale, 0)) * 1e3
             cells += [f"{us:.1f}", f"{kv_bytes / us / 1e6:.2f}", f"{kv_bytes / (us * 1e-6) / bandwidth:.0%}"]
         paged_triton.TARGET_PROGRAMS = default
-        splits = max(1, min(paged_triton.MAX_SPLITS, default // (rows * args.heads)))
-        print(f"| {shape} | " + " | ".join(cells) + f" | {splits} |")
+        print(f"| {shape} | " + " | ".join(cells) + f" | {paged_triton.num_splits(rows, args.heads)} |")
 
 
 if __name__ == "__main__":

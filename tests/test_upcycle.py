@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from itertools import islice
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +22,10 @@ from moeformer.training.metrics import read_metrics
 from tests.numerics import FP32_RTOL
 from tests.test_hf_parity import build_hf
 from tests.test_scripts import script
-from tests.workers import worker_env
+from tests.workers import REPO, worker_env
 
 transformers = pytest.importorskip("transformers")
 
-
-REPO = Path(__file__).resolve().parents[1]
 upcycle_script = script("upcycle")
 
 

@@ -117,6 +117,11 @@ def _paged_decode_kernel(
         tl.store(row + DV_PAD + 1, total, mask=head_ok)
 
 
+def num_splits(batch: int, kv_heads: int) -> int:
+    """Parts each sequence's keys are split in: until batch x kv_heads x parts reach TARGET_PROGRAMS."""
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (batch * kv_heads)))
+
+
 def launch(
     q: Tensor, k: Tensor, v: Tensor, tables: Tensor, lengths: Tensor, block_size: int, scale: float, window: int
 ) -> Tensor:
@@ -130,7 +135,7 @@ def launch(
     group_pad = max(triton.next_power_of_2(group), 2)  # no size-1 tiles
     tile = max(TILE, block_size)
     use_dot = group_pad >= 16 and min(dk, dv) >= 16  # tl.dot needs 16 x 16 tiles
-    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (batch * kv_heads)))
+    splits = num_splits(batch, kv_heads)
     dv_pad = triton.next_power_of_2(dv)
     partial = out  # never written with one split
     if splits > 1:
