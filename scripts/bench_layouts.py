@@ -37,6 +37,7 @@ LAYOUTS = {  # name -> (processes, parallel overrides)
     "one": (1, {}),
     "dp2": (2, {}),
     "ep2": (2, {"parallel.ep": 2}),
+    "ep2_gather": (2, {"parallel.ep": 2, "parallel.ep_dispatcher": "all_gather"}),
     "tp2": (2, {"parallel.tp": 2}),
     "pp2": (2, {"parallel.pp": 2, "train.compile": False}),
 }

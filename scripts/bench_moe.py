@@ -13,12 +13,12 @@ dropless path never synchronises with the host: capturing a stream fails on any 
 and compiled, beside the bf16 rows on the same input, and prints each FP8 row's fwd+bwd speed over its bf16 twin;
 `--bf16-wgrad` also adds the compiled FP8 layer with its experts' weight gradients in bf16 (`fp8_wgrad=False`).
 
-Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks (all-to-all dispatcher)
-and times it, each rank with its own tokens at the shape's size, beside the unsharded layer alone on each rank:
-per-GPU TFLOP/s (the slowest rank's time) and their ratio, plus the host syncs of one forward+backward; one row per
+Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the N ranks and times it, each rank
+with its own tokens at the shape's size, beside the unsharded layer alone on each rank: per-GPU TFLOP/s (the slowest
+rank's time) and their ratio, plus the host syncs of one forward+backward. Rows: the all-to-all dispatcher, one per
 block count of `--ep-chunks` (1: the all-to-alls overlap only the shared expert and the rank's own rows; more:
-each block's transfer also overlaps the other blocks' GEMMs). Runs on CPU with gloo too (fp32), e.g.
-`--shapes tiny` as a smoke test.
+each block's transfer also overlaps the other blocks' GEMMs), and the all-gather dispatcher (`--ep-dispatchers`).
+Runs on CPU with gloo too (fp32), e.g. `--shapes tiny` as a smoke test.
 
     torchrun --nproc_per_node 2 scripts/bench_moe.py --ep 2 --ep-chunks 1,2,4 --shapes olmoe
 """
@@ -293,8 +293,8 @@ def expert_parallel(args: argparse.Namespace) -> None:
     header = (
         f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} x {dist.get_world_size()}, torch "
         f"{torch.__version__}, date {time.strftime('%Y-%m-%d')}, {dtype}, command: torchrun --nproc_per_node "
-        f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --ep-chunks {args.ep_chunks} --shapes "
-        f"{args.shapes}"
+        f"{dist.get_world_size()} scripts/bench_moe.py --ep {args.ep} --ep-chunks {args.ep_chunks} --ep-dispatchers "
+        f"{args.ep_dispatchers} --shapes {args.shapes}"
     )
     columns = (
         "| shape | layer | fwd ms | fwd TFLOP/s per GPU | fwd+bwd ms | fwd+bwd TFLOP/s per GPU | vs one GPU "
@@ -309,12 +309,18 @@ def expert_parallel(args: argparse.Namespace) -> None:
         torch.manual_seed(1 + rank)  # each rank its own tokens
         x = torch.randn(1, s.tokens, s.dim, device=device, dtype=dtype)
         rows = {"one GPU, unsharded": single}
-        for chunks in map(int, args.ep_chunks.split(",")):
+        variants = []  # (label, apply_expert_parallel's keyword arguments)
+        for name in args.ep_dispatchers.split(","):
+            if name == "all_to_all":
+                variants += [(f"all-to-all, {c} block(s)", {"chunks": int(c)}) for c in args.ep_chunks.split(",")]
+            else:
+                variants.append((name.replace("_", "-"), {"dispatcher": name}))
+        for label, kwargs in variants:
             sharded = copy.deepcopy(single)
-            apply_expert_parallel(sharded, groups, chunks)
-            rows[f"ep={args.ep}, {chunks} block(s) (eager)"] = sharded
+            apply_expert_parallel(sharded, groups, **kwargs)
+            rows[f"ep={args.ep}, {label} (eager)"] = sharded
             if "compile" not in args.skip.split(","):
-                rows[f"ep={args.ep}, {chunks} block(s) (compiled)"] = torch.compile(sharded)
+                rows[f"ep={args.ep}, {label} (compiled)"] = torch.compile(sharded)
         base = None
         for label, module in rows.items():
             r = measure(module, x, active_flops(s))
@@ -349,6 +355,9 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
     parser.add_argument(
         "--ep-chunks", default="1,2,4", help="with --ep: the blocks the all-to-alls are split in (one row each)"
+    )
+    parser.add_argument(
+        "--ep-dispatchers", default="all_to_all,all_gather", help="with --ep: the expert-parallel dispatchers timed"
     )
     parser.add_argument("--skip", default="", help="comma list of: compile, graph, loop, deepspeed")
     parser.add_argument(

@@ -105,4 +105,10 @@ def test_bench_moe_expert_parallel_tiny_form():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| one GPU, unsharded |" in proc.stdout, proc.stdout
     for chunks in (1, 2):  # tiny: 4 experts per rank
-        assert f"| ep=2, {chunks} block(s) (eager) |" in proc.stdout, proc.stdout
+        assert f"| ep=2, all-to-all, {chunks} block(s) (eager) |" in proc.stdout, proc.stdout
+
+    def syncs(label: str) -> int:
+        return int(next(line for line in proc.stdout.splitlines() if f"| {label} |" in line).split("|")[-2])
+
+    # the all-gather dispatcher adds no host sync to the layer's own (on CPU: the reference GEMM loop's)
+    assert syncs("ep=2, all-gather (eager)") == syncs("one GPU, unsharded"), proc.stdout

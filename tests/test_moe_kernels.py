@@ -56,6 +56,28 @@ def test_weighted_swiglu_reference_by_loop(s, f):
     torch.testing.assert_close(swiglu_reference(h, weight, rows), weight[rows].unsqueeze(-1) * unweighted)
 
 
+def test_negative_indices_read_as_zero_rows_and_are_not_computed():
+    """-1 marks a row that is not there (a padding slot; another rank's under expert parallelism): the gather-sum
+    skips it, the weighted SwiGLU zeroes such a row whatever it holds (NaN included) and gives its weight no
+    gradient."""
+    src = torch.randn(7, 5, dtype=torch.float64)
+    index = torch.tensor([3, -1, -1, -1, 0, 6])
+    expected = torch.stack([src[3], torch.zeros(5), src[0] + src[6]])
+    torch.testing.assert_close(gather_sum_reference(src, index, 2), expected)
+    torch.testing.assert_close(gather_sum_reference(src, index, 1)[1], torch.zeros(5, dtype=torch.float64))
+    h = torch.randn(4, 6, dtype=torch.float64)
+    h[2] = float("nan")
+    h.requires_grad_()
+    weight = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([1, 0, -1, 3])
+    out = swiglu_reference(h, weight, rows)
+    assert out[2].eq(0).all() and out.isfinite().all()
+    out.sum().backward()
+    assert weight.grad[2] == 0 and h.grad.isfinite().all() and h.grad[2].eq(0).all()
+    live = [0, 1, 3]
+    torch.testing.assert_close(out[live], swiglu_reference(h[live].detach(), weight.detach(), rows[live]))
+
+
 def test_permute_rows_dispatch_and_combine_round_trip():
     """Dispatch k copies of each token into expert order, then combine them: k times the input, both ways."""
     n, k = 6, 3
@@ -122,6 +144,37 @@ def test_triton_swiglu_matches_reference(s, f, dtype, weighted):
     close(grad_h, ref_grads[0], dtype)
     if weighted:  # an fp32 sum of fp32 products: tight in both dtypes
         close(grad_w, ref_grads[1], torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_triton_kernels_skip_negative_indices_as_the_references_do(dtype):
+    """Rows marked -1: the gather-sum reads them as zero, the SwiGLU kernels leave them alone (garbage and NaN in
+    them change nothing) and give their weight slot a zero gradient, as the references."""
+    from moeformer.layers.moe import triton_kernels
+
+    device = triton_device()
+    torch.manual_seed(7)
+    s, f, k = 10, 24, 2
+    y = torch.randn(s, f, device=device, dtype=dtype)
+    index = torch.randperm(s, device=device)
+    index[torch.rand(s, device=device) < 0.4] = -1
+    index[0] = -1
+    close(triton_kernels.gather_sum(y, index, k), gather_sum_reference(y, index, k), dtype)
+    close(triton_kernels.gather_sum(y, index, 1), gather_sum_reference(y, index, 1), dtype)
+    h, grad = torch.randn(s, 2 * f, device=device, dtype=dtype), torch.randn(s, f, device=device, dtype=dtype)
+    weight, rows = torch.rand(s, device=device), index
+    h[rows < 0], grad[rows < 0] = float("nan"), float("nan")  # what a row past the groups may hold
+    live = rows >= 0
+    ref_h = h.float().requires_grad_()
+    ref_w = weight.clone().requires_grad_()
+    ref_out = swiglu_reference(ref_h, ref_w, rows)
+    ref_grad_h, ref_grad_w = torch.autograd.grad(ref_out, [ref_h, ref_w], grad.float().nan_to_num(0.0))
+    close(triton_kernels.swiglu_forward(h, weight, rows)[live], ref_out[live], dtype)
+    grad_h, grad_w = triton_kernels.swiglu_backward(h, grad, weight, rows)
+    close(grad_h[live], ref_grad_h[live], dtype)
+    close(grad_w, ref_grad_w, torch.float32)
+    assert grad_w[[i for i in range(s) if i not in rows.tolist()]].eq(0).all()
 
 
 @needs_triton

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -359,8 +360,25 @@ def check_pipeline(
     }
 
 
+def run_dispatcher(dispatcher, experts, x: torch.Tensor, slots, dy: torch.Tensor) -> tuple:
+    """One forward and backward of `experts` behind `dispatcher`: (out, tokens_per_expert, dropped), the gradients
+    of (x, the routing weights, w_in, w_out), and the host syncs it made."""
+    from moeformer.training.metrics import HostSyncs
+
+    xi, wi = x.clone().requires_grad_(), slots.weights.clone().requires_grad_()
+    for p in experts.parameters():
+        p.grad = None
+    with HostSyncs() as counter:
+        dispatched = dispatcher.dispatch(xi, replace(slots, weights=wi))
+        out = dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
+        (out.float() * dy).sum().backward()
+    grads = (xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad)
+    return (out, dispatched.tokens_per_expert, dispatched.dropped), grads, counter.count
+
+
 def check_expert_layer(results: dict, ep: int = 2) -> None:
-    """The all-to-all dispatcher with this rank's experts against the local dispatcher with all of them, on fresh
+    """The all-to-all dispatcher (and, dropless, the all-gather one) with this rank's experts against the local
+    dispatcher with all of them, on fresh
     random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
     other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every
     rank. Expert gradients are compared with the sum over ranks of the plain layer's gradients (each rank's tokens
@@ -371,8 +389,7 @@ def check_expert_layer(results: dict, ep: int = 2) -> None:
     from moeformer.layers import triton_dispatch
     from moeformer.layers.moe import CapacityDispatcher, DroplessDispatcher, Experts, Slots
     from moeformer.parallel import ExpertParallelExperts, ParallelConfig, init_parallel_groups
-    from moeformer.parallel.expert import AllToAllDispatcher
-    from moeformer.training.metrics import HostSyncs
+    from moeformer.parallel.expert import AllGatherDispatcher, AllToAllDispatcher
 
     groups = init_parallel_groups(ParallelConfig(ep=ep))
     rank = dist.get_rank(groups.expert)
@@ -398,7 +415,9 @@ def check_expert_layer(results: dict, ep: int = 2) -> None:
             if capacity is None
             else CapacityDispatcher(num_experts, k, (capacity - 0.5) * num_experts / (n * k))
         )  # ceil(...) = capacity
-        dispatchers = (local, AllToAllDispatcher(local, groups.expert, chunks=chunks))
+        dispatchers = {"": AllToAllDispatcher(local, groups.expert, chunks=chunks)}
+        if capacity is None:
+            dispatchers["_all_gather"] = AllGatherDispatcher(local, groups.expert)
         g = torch.Generator().manual_seed(100 * seed + rank)  # different tokens per rank
         x = torch.randn(n, 16, generator=g).to(DEVICE, dtype)
         # skewed: rank 0 keeps to its own experts; "all": both ranks do, rank 1's experts receive no row at all
@@ -408,40 +427,37 @@ def check_expert_layer(results: dict, ep: int = 2) -> None:
         weights = torch.rand(n * k, generator=g).to(DEVICE)
         valid = torch.rand(n * k, generator=g).to(DEVICE) > 0.2
         dy = torch.randn(n, 16, generator=g).to(DEVICE)
-        outs, grads, syncs = [], [], []
-        for dispatcher, experts in zip(dispatchers, (plain, parallel)):
-            xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
-            with HostSyncs() as counter:
-                dispatched = dispatcher.dispatch(xi, Slots(token_idx, expert_idx, wi, valid, k))
-                out = dispatcher.combine(dispatcher.run_experts(experts, dispatched), dispatched)
-                (out.float() * dy).sum().backward()
-            syncs.append(counter.count)
-            outs.append((out, dispatched.tokens_per_expert, dispatched.dropped))
-            grads.append((xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad))
+        slots = Slots(token_idx, expert_idx, weights, valid, k)
+        want, want_grads, want_syncs = run_dispatcher(local, plain, x, slots, dy)
         expert_grads = []
-        for full in grads[0][2:]:
+        for full in want_grads[2:]:
             full = full.float().clone()
             dist.all_reduce(full, group=groups.expert)
             expert_grads.append(full.chunk(ep)[rank])
-        errs[case] = {
-            "out": max_err(outs[0][0], outs[1][0]),
-            "x_grad": max_err(grads[0][0], grads[1][0]),
-            "weight_grad": max_err(grads[0][1], grads[1][1]),
-            "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, grads[1][2:])),
-            "out_scale": outs[0][0].abs().max().item(),
-            "x_grad_scale": grads[0][0].abs().max().item(),
-            "weight_grad_scale": grads[0][1].abs().max().item(),
-            "expert_grad_scale": max(g.abs().max().item() for g in expert_grads),
-            "dropped": int(outs[1][2]),
-            "host_syncs": syncs if DEVICE.type == "cpu" else None,
-            "counts_equal": all(torch.equal(a, b) for a, b in zip(outs[0][1:], outs[1][1:])),
-            "scale": x.abs().max().item(),
-        }
-        # every rank's errors relative to its own scales (the rest of the record is rank 0's)
-        names = ("out", "x_grad", "weight_grad", "expert_grad")
-        worst = torch.tensor([errs[case][n] / max(errs[case][f"{n}_scale"], 1e-30) for n in names], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.expert)
-        errs[case]["worst_rank_ratio"] = dict(zip(names, worst.tolist()))
+        for suffix, dispatcher in dispatchers.items():
+            got, got_grads, got_syncs = run_dispatcher(dispatcher, parallel, x, slots, dy)
+            err = {
+                "out": max_err(want[0], got[0]),
+                "x_grad": max_err(want_grads[0], got_grads[0]),
+                "weight_grad": max_err(want_grads[1], got_grads[1]),
+                "expert_grad": max(max_err(a, b) for a, b in zip(expert_grads, got_grads[2:])),
+                "out_scale": want[0].abs().max().item(),
+                "x_grad_scale": want_grads[0].abs().max().item(),
+                "weight_grad_scale": want_grads[1].abs().max().item(),
+                "expert_grad_scale": max(g.abs().max().item() for g in expert_grads),
+                "dropped": int(got[2]),
+                "host_syncs": [want_syncs, got_syncs] if DEVICE.type == "cpu" else None,
+                "counts_equal": all(torch.equal(a, b) for a, b in zip(want[1:], got[1:])),
+                "scale": x.abs().max().item(),
+            }
+            # every rank's errors relative to its own scales (the rest of the record is rank 0's)
+            names = ("out", "x_grad", "weight_grad", "expert_grad")
+            worst = torch.tensor(
+                [err[n] / max(err[f"{n}_scale"], 1e-30) for n in names], dtype=torch.float64, device=DEVICE
+            )
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.expert)
+            err["worst_rank_ratio"] = dict(zip(names, worst.tolist()))
+            errs[case + suffix] = err
     triton_dispatch.interpret_on_cpu = False
     results["expert_layer" if ep == 2 else f"expert_layer_ep{ep}"] = errs
 
@@ -462,17 +478,21 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
     triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
     backend = "grouped" if DEVICE.type == "cpu" else "auto"
     errs = {}
-    cases = [  # name, dtype, dispatcher, (dim, experts, tokens per sequence, blocks of the all-to-alls)
-        ("fp32", torch.float32, {}, (16, 4, 9, 2)),
-        ("bf16", torch.bfloat16, {}, (16, 4, 9, 1)),
-        ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}, (16, 4, 9, 2)),
+    gather = {"dispatcher": "all_gather"}
+    cases = [  # name, dtype, local dispatcher, (dim, experts, tokens per sequence), expert-parallel dispatcher
+        ("fp32", torch.float32, {}, (16, 4, 9), {"chunks": 2}),
+        ("bf16", torch.bfloat16, {}, (16, 4, 9), {"chunks": 1}),
+        ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}, (16, 4, 9), {"chunks": 2}),
+        ("fp32_all_gather", torch.float32, {}, (16, 4, 9), gather),
+        ("bf16_all_gather", torch.bfloat16, {}, (16, 4, 9), gather),
     ]
     if DEVICE.type == "cuda":  # sizes where the transfers overlap real GEMMs (a missing wait shows)
         cases += [
-            ("fp32_large", torch.float32, {}, (256, 16, 2048, 4)),
-            ("bf16_large", torch.bfloat16, {}, (256, 16, 2048, 2)),
+            ("fp32_large", torch.float32, {}, (256, 16, 2048), {"chunks": 4}),
+            ("bf16_large", torch.bfloat16, {}, (256, 16, 2048), {"chunks": 2}),
+            ("bf16_large_all_gather", torch.bfloat16, {}, (256, 16, 2048), gather),
         ]
-    for seed, (case, dtype, dispatch, (dim, num_experts, tokens, chunks)) in enumerate(cases):
+    for seed, (case, dtype, dispatch, (dim, num_experts, tokens), ep) in enumerate(cases):
         torch.manual_seed(seed)
         config = MoEConfig(
             num_experts=num_experts,
@@ -485,7 +505,7 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
         )
         single = MoE(dim, config).to(DEVICE, dtype)
         sharded = copy.deepcopy(single)
-        apply_expert_parallel(sharded, groups, chunks)
+        apply_expert_parallel(sharded, groups, **ep)
         g = torch.Generator().manual_seed(10 * seed + rank)
         x = torch.randn(2, tokens, dim, generator=g).to(DEVICE, dtype)
         dy = torch.randn(2, tokens, dim, generator=g).to(DEVICE)
@@ -509,6 +529,67 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
         }
     triton_dispatch.interpret_on_cpu = False
     results["expert_parallel_moe_layer"] = errs
+
+
+def check_all_gather_compiles(results: dict) -> None:
+    """The MoE layer under ep=2 with the all-gather dispatcher traces into one graph (no split sizes, no host
+    sync, functional collectives) and the compiled layer gives the eager one's output and input gradient (bf16:
+    CPU's grouped GEMM traces in bf16 only)."""
+    import torch._dynamo
+
+    from moeformer.layers.moe import MoE, MoEConfig
+    from moeformer.parallel import ParallelConfig, apply_expert_parallel, init_parallel_groups
+
+    groups = init_parallel_groups(ParallelConfig(ep=2))
+    torch.manual_seed(0)
+    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=16, backend="grouped")).to(DEVICE, torch.bfloat16)
+    apply_expert_parallel(layer, groups, dispatcher="all_gather")
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+    x = torch.randn(2, 8, 16, generator=g).to(DEVICE, torch.bfloat16)
+    breaks = torch._dynamo.explain(layer)(x).graph_break_count
+    outs = []
+    for module in (layer, torch.compile(layer, fullgraph=True)):
+        xi = x.clone().requires_grad_()
+        out, _ = module(xi)
+        out.float().square().sum().backward()
+        outs.append((out, xi.grad))
+    results["all_gather_compiled"] = {
+        "graph_breaks": breaks,
+        "out": max_err(outs[0][0], outs[1][0]),
+        "x_grad": max_err(outs[0][1], outs[1][1]),
+        "scale": outs[0][0].abs().max().item(),
+        "x_grad_scale": outs[0][1].abs().max().item(),
+    }
+
+
+def check_all_gather_tensor_shares(results: dict) -> None:
+    """ep=2 and tp=2 on the same two ranks with the all-gather dispatcher and an odd number of tokens: the tensor
+    ranks' shares (5 and 4 of 9 tokens) are padded to equal size for the gather; output, input and expert gradients
+    equal the single layer's (both ranks hold the same tokens)."""
+    import torch.distributed as dist
+
+    from moeformer.layers.moe import MoE, MoEConfig
+    from moeformer.parallel import ParallelConfig, apply_expert_parallel, init_parallel_groups
+
+    groups = init_parallel_groups(ParallelConfig(ep=2, tp=2))
+    torch.manual_seed(3)
+    single = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=8)).to(DEVICE)
+    sharded = copy.deepcopy(single)
+    apply_expert_parallel(sharded, groups, dispatcher="all_gather")
+    x = torch.randn(1, 9, 16).to(DEVICE)  # the same tokens on both ranks
+    got = []
+    for layer in (single, sharded):
+        xi = x.clone().requires_grad_()
+        out, _ = layer(xi)
+        out.square().sum().backward()
+        got.append((out, xi.grad, layer.experts.w_in.grad))
+    rank = dist.get_rank(groups.expert)
+    results["all_gather_tensor_shares"] = {
+        "out": max_err(got[0][0], got[1][0]),
+        "x_grad": max_err(got[0][1], got[1][1]),
+        "expert_grad": max_err(got[0][2].chunk(2)[rank], got[1][2]),
+        "scales": [got[0][0].abs().max().item(), got[0][1].abs().max().item(), got[0][2].abs().max().item()],
+    }
 
 
 def check_unsupported(results: dict) -> None:
@@ -593,6 +674,8 @@ def run_scenario(name: str, out: Path) -> None:
     results: dict = {}
     if name == "two_ranks":
         check_layout(ParallelConfig(ep=2), tiny_config(), results, "ep2", out.parent, checkpointing="full")
+        all_gather = ParallelConfig(ep=2, ep_dispatcher="all_gather")
+        check_layout(all_gather, tiny_config(), results, "ep2_all_gather", out.parent, stages=(2,))
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2", out.parent, stages=(0,))
         mqa_tied = tiny_config(n_kv_heads=1, tie_embeddings=True, attn_bias=True, mlp_bias=True)  # biases too
         check_layout(
@@ -602,9 +685,12 @@ def run_scenario(name: str, out: Path) -> None:
             ParallelConfig(tp=2, expert_tp=True), tiny_config(), results, "tp2_expert_tp", out.parent, stages=(0,)
         )
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2_same_ranks", out.parent, stages=(0,))
+        check_layout(replace(all_gather, tp=2), tiny_config(), results, "ep2_tp2_all_gather", out.parent, stages=(0,))
         check_parallel_cross_entropy(results)
         check_expert_layer(results)
         check_expert_parallel_moe_layer(results)
+        check_all_gather_compiles(results)
+        check_all_gather_tensor_shares(results)
         check_unsupported(results)
         check_pipeline(tiny_config(), results, "pp2")
         check_pipeline(
@@ -730,9 +816,10 @@ def test_parallel_config_names_the_model_size_that_does_not_divide(config, model
 
 
 @pytest.mark.distributed
-def test_expert_parallel_matches_single_process(two_ranks):
-    assert two_ranks["ep2"]["expert_module"] == "ExpertParallelExperts"
-    assert_layout(two_ranks["ep2"])
+@pytest.mark.parametrize("key", ["ep2", "ep2_all_gather"])
+def test_expert_parallel_matches_single_process(two_ranks, key):
+    assert two_ranks[key]["expert_module"] == "ExpertParallelExperts"
+    assert_layout(two_ranks[key], stages=(0, 2) if key == "ep2" else (2,))
 
 
 @pytest.mark.distributed
@@ -789,8 +876,9 @@ def assert_expert_layer(errs: dict) -> None:
             assert err[name] <= rtol * err[f"{name}_scale"], (case, name, err)
             assert err["worst_rank_ratio"][name] <= rtol, (case, name, err)
         # forward and backward: the local dispatchers never wait for the device; the all-to-all one once, for the
-        # split sizes of the dropless layout (the capacity layout's splits are static)
-        assert err["host_syncs"] in (None, [0, 0 if "capacity" in case else 1]), (case, err)  # None: not on CPU
+        # split sizes of the dropless layout (the capacity layout's splits are static); the all-gather one never
+        static = "capacity" in case or "all_gather" in case
+        assert err["host_syncs"] in (None, [0, 0 if static else 1]), (case, err)  # None: not on CPU
 
 
 @pytest.mark.distributed
@@ -820,9 +908,10 @@ def test_expert_parallel_moe_layer_matches_one_process(two_ranks):
 
 
 @pytest.mark.distributed
-def test_expert_and_tensor_parallel_on_the_same_two_ranks(two_ranks):
-    assert two_ranks["ep2_tp2_same_ranks"]["expert_module"] == "ExpertParallelExperts"
-    assert_layout(two_ranks["ep2_tp2_same_ranks"], stages=(0,))
+@pytest.mark.parametrize("key", ["ep2_tp2_same_ranks", "ep2_tp2_all_gather"])
+def test_expert_and_tensor_parallel_on_the_same_two_ranks(two_ranks, key):
+    assert two_ranks[key]["expert_module"] == "ExpertParallelExperts"
+    assert_layout(two_ranks[key], stages=(0,))
 
 
 @pytest.mark.distributed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -66,6 +67,45 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Every rank's rows stacked in rank order; backward: this rank's rows of the gradient summed over the ranks.
+    Functional collectives (waited at once, so kernels get plain tensors), which torch.compile traces in place."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """The transpose of _AllGatherRows: the rows summed over the ranks, each rank keeping its block of them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), 0, ctx.group)), None
+
+
+def _reduce_scatter(x: Tensor, group) -> Tensor:
+    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, group))
+
+
+def all_gather_rows(x: Tensor, group) -> Tensor:
+    return _AllGatherRows.apply(x, group)
+
+
+def reduce_scatter_rows(x: Tensor, group) -> Tensor:
+    return _ReduceScatterRows.apply(x, group)
 
 
 def all_reduce(x: Tensor, group) -> Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
 
+EP_DISPATCHERS = ("all_to_all", "all_gather")  # how tokens reach the experts under expert parallelism (expert.py)
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -15,8 +17,10 @@ class ParallelConfig:
     `dp=None` means "whatever is left of the world" (see `resolve`). `expert_tp` splits each routed expert's hidden
     units over the tensor group too (otherwise routed experts are replicated there and split the tokens).
     `ep_chunks`: the all-to-alls of each MoE layer go in that many pieces (blocks of local experts), each one's
-    communication overlapping the others' expert GEMMs (see parallel/expert.py). Also the `parallel` section of
-    the training config."""
+    communication overlapping the others' expert GEMMs (see parallel/expert.py). `ep_dispatcher`: "all_to_all"
+    sends each slot's row to its expert's rank (any local dispatcher); "all_gather" sends every token to every rank
+    of the expert group once and sums the partial outputs back (dropless only; static shapes, no host sync). Also
+    the `parallel` section of the training config."""
 
     dp: int | None = None
     ep: int = 1
@@ -24,12 +28,15 @@ class ParallelConfig:
     pp: int = 1
     expert_tp: bool = False
     ep_chunks: int = 2
+    ep_dispatcher: str = "all_to_all"
 
     def __post_init__(self) -> None:
         """What can be checked without the world size (the training config's `parallel` section is this class)."""
         for name in ("ep", "tp", "pp", "ep_chunks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ep_dispatcher not in EP_DISPATCHERS:
+            raise ConfigError(f"parallel.ep_dispatcher must be one of {EP_DISPATCHERS}, got {self.ep_dispatcher!r}")
         if self.expert_tp and (self.tp == 1 or self.ep > 1):
             raise ConfigError(f"expert_tp needs tp > 1 and ep = 1 (got tp={self.tp}, ep={self.ep})")
 

@@ -27,8 +27,25 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
-from moeformer.layers.moe import Dispatched, Dispatcher, Experts, MoE, Slots, dispatch_in_order
-from moeformer.parallel.comm import all_reduce, exchange_counts, reduce_grad, start_all_to_all
+from moeformer.layers.moe import (
+    Dispatched,
+    Dispatcher,
+    DroplessDispatcher,
+    Experts,
+    MoE,
+    Slots,
+    dispatch_in_order,
+)
+from moeformer.layers.moe.dispatch import bincount, compute_dtype
+from moeformer.parallel.comm import (
+    all_gather_rows,
+    all_reduce,
+    exchange_counts,
+    reduce_grad,
+    reduce_scatter_rows,
+    start_all_to_all,
+)
+from moeformer.parallel.config import EP_DISPATCHERS
 from moeformer.parallel.groups import ParallelGroups
 from moeformer.parallel.reshard import sharded_parameter
 
@@ -235,21 +252,60 @@ def _chunks(num_local: int, chunks: int) -> int:
     return max(c for c in range(1, min(chunks, num_local) + 1) if num_local % c == 0)
 
 
-class AllToAllDispatcher:
-    """`local` (a dispatcher over all E experts) across the expert-parallel `group`; rank r holds experts
-    [r * L, (r + 1) * L), exchanged in `chunks` blocks of consecutive local experts (fewer when `chunks` does not
-    divide L). Under tensor parallelism the ranks of `tensor_group` hold the same tokens: each dispatches its 1/tp
-    of them and the outputs are summed. A capacity applies per sending rank."""
+class _ExpertGroupDispatcher:
+    """What both expert-parallel dispatchers share: `local` (a dispatcher over all E experts) across the
+    expert-parallel `group`, rank r holding experts [r * L, (r + 1) * L). Under tensor parallelism the ranks of
+    `tensor_group` hold the same tokens: each dispatches its 1/tp of them and the outputs are summed."""
 
-    def __init__(self, local: Dispatcher, group, tensor_group=None, chunks: int = 1) -> None:
+    def __init__(self, local: Dispatcher, group, tensor_group=None) -> None:
         self.local, self.group, self.tensor_group = local, group, tensor_group
         self.num_experts, self.ep, self.rank = local.num_experts, dist.get_world_size(group), dist.get_rank(group)
         self.num_local = self.num_experts // self.ep
-        self.chunks = _chunks(self.num_local, chunks)
-        self._positions: dict[torch.device, Tensor] = {}
 
     def capacity(self, num_tokens: int) -> int | None:
         return self.local.capacity(num_tokens)
+
+    def _tensor_load(self, tokens_per_expert: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
+        """The load counts of all the tensor group's tokens (each rank dispatched a share)."""
+        if self.tensor_group is None:
+            return tokens_per_expert, dropped
+        counts = torch.cat([tokens_per_expert, dropped.view(1)])
+        dist.all_reduce(counts, group=self.tensor_group)
+        return counts[:-1], counts[-1]
+
+    def _tensor_sum(self, out: Tensor, share: tuple[int, int, int] | None) -> Tensor:
+        """This rank's combined output -> the tensor group's (summed; a share (lo, hi, n) padded back to n)."""
+        if self.tensor_group is None:
+            return out
+        if share is not None:  # this rank's tokens [lo, hi) of n, zero elsewhere
+            lo, hi, n = share
+            out = F.pad(out, (0, 0, lo, n - hi))
+        return all_reduce(out, self.tensor_group)
+
+    def _tensor_share(self, x: Tensor, slots: Slots) -> tuple[Tensor, Slots, tuple[int, int, int] | None]:
+        """This tensor rank's 1/tp of the tokens (the ranks of the tensor group hold the same ones; gradients summed
+        over them): token-major dropless slots are cut to its contiguous share [lo, hi) of the tokens (returned as
+        (lo, hi, n)), other layouts (the capacity buffer is static anyway) mask the other ranks' slots."""
+        x, weights = reduce_grad(x, self.tensor_group), reduce_grad(slots.weights, self.tensor_group)
+        tp, rank, n = dist.get_world_size(self.tensor_group), dist.get_rank(self.tensor_group), x.shape[0]
+        k = slots.top_k
+        if k is None or self.local.capacity(n) is not None:
+            mine = slots.token_idx * tp // n == rank
+            return x, replace(slots, weights=weights, valid=mine if slots.valid is None else slots.valid & mine), None
+        lo, hi = -(-rank * n // tp), -(-(rank + 1) * n // tp)  # the tokens t with t * tp // n == rank
+        cut = slice(lo * k, hi * k)
+        valid = None if slots.valid is None else slots.valid[cut]
+        return x[lo:hi], Slots(slots.token_idx[cut] - lo, slots.expert_idx[cut], weights[cut], valid, k), (lo, hi, n)
+
+
+class AllToAllDispatcher(_ExpertGroupDispatcher):
+    """Rows travel to the ranks holding their experts by all-to-all, in `chunks` blocks of consecutive local experts
+    (fewer when `chunks` does not divide L). Any local dispatcher; a capacity applies per sending rank."""
+
+    def __init__(self, local: Dispatcher, group, tensor_group=None, chunks: int = 1) -> None:
+        super().__init__(local, group, tensor_group)
+        self.chunks = _chunks(self.num_local, chunks)
+        self._positions: dict[torch.device, Tensor] = {}
 
     def send_position(self, device: torch.device) -> Tensor:
         """position[e] of global expert e in the send order: block-major, then this rank, then the others in rank
@@ -291,12 +347,7 @@ class AllToAllDispatcher:
         )  # fmt: skip
         anchor = [x.new_empty(0, requires_grad=True)] if torch.is_grad_enabled() else []
         ex.token = _Start.apply(ex, rows.x, w, *anchor)
-        tokens_per_expert, dropped = local.tokens_per_expert, local.dropped
-        if self.tensor_group is not None:
-            counts = torch.cat([tokens_per_expert, dropped.view(1)])
-            dist.all_reduce(counts, group=self.tensor_group)
-            tokens_per_expert, dropped = counts[:-1], counts[-1]
-        return Dispatched(rows, tokens_per_expert, dropped, ex)
+        return Dispatched(rows, *self._tensor_load(local.tokens_per_expert, local.dropped), ex)
 
     @torch.compiler.disable
     def run_experts(self, experts: Experts, dispatched: Dispatched) -> Tensor:
@@ -330,28 +381,66 @@ class AllToAllDispatcher:
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
         """The local combine of the returned rows (and the tensor-parallel sum)."""
         ex: _Exchange = dispatched.state
-        out = self.local.combine(y, ex.local)
-        if self.tensor_group is None:
-            return out
-        if ex.share is not None:  # this rank's tokens [lo, hi) of n, zero elsewhere
-            lo, hi, n = ex.share
-            out = F.pad(out, (0, 0, lo, n - hi))
-        return all_reduce(out, self.tensor_group)
+        return self._tensor_sum(self.local.combine(y, ex.local), ex.share)
 
-    def _tensor_share(self, x: Tensor, slots: Slots) -> tuple[Tensor, Slots, tuple[int, int, int] | None]:
-        """This tensor rank's 1/tp of the tokens (the ranks of the tensor group hold the same ones; gradients summed
-        over them): token-major dropless slots are cut to its contiguous share [lo, hi) of the tokens (returned as
-        (lo, hi, n)), other layouts (the capacity buffer is static anyway) mask the other ranks' slots."""
-        x, weights = reduce_grad(x, self.tensor_group), reduce_grad(slots.weights, self.tensor_group)
-        tp, rank, n = dist.get_world_size(self.tensor_group), dist.get_rank(self.tensor_group), x.shape[0]
-        k = slots.top_k
-        if k is None or self.local.capacity(n) is not None:
-            mine = slots.token_idx * tp // n == rank
-            return x, replace(slots, weights=weights, valid=mine if slots.valid is None else slots.valid & mine), None
-        lo, hi = -(-rank * n // tp), -(-(rank + 1) * n // tp)  # the tokens t with t * tp // n == rank
-        cut = slice(lo * k, hi * k)
-        valid = None if slots.valid is None else slots.valid[cut]
-        return x[lo:hi], Slots(slots.token_idx[cut] - lo, slots.expert_idx[cut], weights[cut], valid, k), (lo, hi, n)
+
+class AllGatherDispatcher(_ExpertGroupDispatcher):
+    """Every rank's tokens go to every rank of the expert group (one all-gather of the rows, one of the routing):
+    each rank runs its experts over the slots routed to them, the other ranks' slots being padding to its dropless
+    dispatcher, and the partial outputs go back summed (a reduce-scatter). Each token travels once per rank rather
+    than once per slot (top-8 of 64 experts on 2 ranks: a quarter of the all-to-all's bytes), the shapes are static
+    (no split sizes, no host sync, no graph break under torch.compile), at the price of a slot buffer ep times
+    the local one. Dropless only; every rank of the expert group dispatches equally many tokens (a training
+    micro-batch; tensor-parallel shares are padded to ceil(n / tp))."""
+
+    def __init__(self, local: Dispatcher, group, tensor_group=None) -> None:
+        if not isinstance(local, DroplessDispatcher):
+            raise ValueError(
+                f"parallel.ep_dispatcher='all_gather' runs the dropless dispatcher, got {type(local).__name__}: "
+                "use 'all_to_all' for a capacity"
+            )
+        super().__init__(local, group, tensor_group)
+        self.local = DroplessDispatcher(self.num_local)  # over this rank's experts only
+
+    def dispatch(self, x: Tensor, slots: Slots) -> Dispatched:
+        k, e, share = slots.top_k, self.num_experts, None
+        if k is None:
+            raise ValueError("the all-gather dispatcher needs token-major (top-k) slots")
+        expert = slots.expert_idx if slots.valid is None else torch.where(slots.valid, slots.expert_idx, e)
+        if self.tensor_group is not None:
+            x, slots, share = self._tensor_share(x, replace(slots, expert_idx=expert, valid=None))
+            pad = -(-share[2] // dist.get_world_size(self.tensor_group)) - x.shape[0]  # equal shares: one gather
+            x, expert = F.pad(x, (0, 0, 0, pad)), F.pad(slots.expert_idx, (0, pad * k), value=e)
+            slots = replace(slots, weights=F.pad(slots.weights, (0, pad * k)))
+        tokens_per_expert = bincount(expert, e + 1)[:e]
+        # one gather for the routing: the weights and the expert ids (exact in fp32: e < 2^24), padding as e
+        routing = torch.cat([slots.weights.view(-1, k), expert.view(-1, k).to(slots.weights.dtype)], dim=1)
+        rows = all_gather_rows(x.to(compute_dtype(x)), self.group)
+        weights, ids = all_gather_rows(routing, self.group).split(k, dim=1)
+        local_idx = ids.long().flatten() - self.rank * self.num_local
+        mine = (local_idx >= 0) & (local_idx < self.num_local)
+        n = rows.shape[0]
+        gathered = Slots(
+            torch.arange(n, device=x.device).repeat_interleave(k),
+            torch.where(mine, local_idx, 0),
+            weights.flatten(),
+            mine,
+            k,
+        )
+        local = self.local.dispatch(rows, gathered)
+        state = (local, share, x.dtype)
+        return Dispatched(local.rows, *self._tensor_load(tokens_per_expert, local.dropped), state)
+
+    def run_experts(self, experts: Experts, dispatched: Dispatched) -> Tensor:
+        return experts(dispatched.rows)
+
+    def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
+        """Every rank's partial sums of the gathered tokens, reduced onto the tokens' own ranks."""
+        local, share, dtype = dispatched.state
+        out = reduce_scatter_rows(self.local.combine(y, local), self.group).to(dtype)
+        if share is not None:  # drop the padding of this rank's share
+            out = out[: share[1] - share[0]]
+        return self._tensor_sum(out, share)
 
 
 class ExpertParallelExperts(DeepSpeedMoE, Experts):
@@ -437,20 +526,28 @@ def save_expert_checkpoint(engine, save_dir: str | Path, tag: str | None = None)
 
 
 def apply_expert_parallel(
-    model: nn.Module, groups: ParallelGroups, chunks: int | None = None
+    model: nn.Module, groups: ParallelGroups, chunks: int | None = None, dispatcher: str | None = None
 ) -> list[ExpertParallelExperts]:
-    """Shard the routed experts of every MoE layer of `model` over the expert-parallel group and give the layer the
-    all-to-all dispatcher (in place), its transfers in `chunks` blocks (default: the config's `ep_chunks`); returns
-    the new expert modules. No-op at ep=1."""
+    """Shard the routed experts of every MoE layer of `model` over the expert-parallel group and give the layer an
+    expert-parallel dispatcher (in place): `dispatcher` (default: the config's `ep_dispatcher`) "all_to_all", its
+    transfers in `chunks` blocks (default: the config's `ep_chunks`), or "all_gather"; returns the new expert
+    modules. No-op at ep=1."""
     if groups.config.ep == 1:
         return []
+    name = dispatcher or groups.config.ep_dispatcher
+    if name not in EP_DISPATCHERS:
+        raise ValueError(f"ep_dispatcher must be one of {EP_DISPATCHERS}, got {name!r}")
     replaced = []
     for module in list(model.modules()):
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
+            if name == "all_gather":
+                ep_dispatcher = AllGatherDispatcher(module.dispatcher, groups.expert, groups.tensor)
+            else:
+                ep_dispatcher = AllToAllDispatcher(
+                    module.dispatcher, groups.expert, groups.tensor, chunks or groups.config.ep_chunks
+                )
             module.experts = ExpertParallelExperts(module.experts, groups)
-            module.dispatcher = AllToAllDispatcher(
-                module.dispatcher, groups.expert, groups.tensor, chunks or groups.config.ep_chunks
-            )
+            module.dispatcher = ep_dispatcher
             replaced.append(module.experts)
     if not replaced:
         raise ValueError(f"ep={groups.config.ep} but the model has no MoE layer to shard")

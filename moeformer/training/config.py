@@ -278,6 +278,7 @@ RESUME_FREE_KEYS = (
     "train.activation_checkpointing",
     "train.activation_checkpointing_every",
     "parallel.ep_chunks",  # how the all-to-alls are pipelined, not what they compute
+    "parallel.ep_dispatcher",  # how tokens reach the experts, not what they compute
     "data.start_batch",  # where a fresh run starts in the data; a resume takes its checkpoint's position
 )
 

@@ -2,15 +2,17 @@
 `ExpertRows`), `combine` brings the FFN's rows back to token order, each token's slots summed (the routing weights
 are applied inside the activation). Two local dispatchers, chosen by `MoEConfig.dispatcher`:
 
-- `DroplessDispatcher`: token-major slots (top-k routing), every slot computed. One stable sort by expert; the
-  permute, weighted SwiGLU and combine are gathers in both passes (moe/kernels.py: Triton on CUDA, PyTorch
-  reference elsewhere); no atomics, no host sync.
+- `DroplessDispatcher`: token-major slots (top-k routing), every real slot computed. One stable sort by expert
+  (padding slots after every group, never computed); the permute, weighted SwiGLU and combine are gathers in both
+  passes (moe/kernels.py: Triton on CUDA, PyTorch reference elsewhere); no atomics, no host sync.
 - `CapacityDispatcher`: any slot layout (expert choice included); expert e keeps its first `capacity` slots in
   slot order and takes rows [e * capacity, (e + 1) * capacity) of a static (E * capacity)-row buffer (unfilled rows
   are zero with weight 0). Static shapes: no host sync, and expert parallelism needs no split-size exchange.
 
 Expert parallelism wraps either in an all-to-all dispatcher (moeformer.parallel.expert), which groups the rows in
-the order it sends them (`dispatch_in_order`) and runs the grouped FFN itself (`run_experts`); the fused decode path
+the order it sends them (`dispatch_in_order`) and runs the grouped FFN itself (`run_experts`), or the dropless one
+in an all-gather dispatcher, which gathers every rank's tokens and marks the slots of other ranks' experts as
+padding; the fused decode path
 (fused_experts.py) skips the sorted rows altogether and asks the dispatcher only which slots it keeps (`keep`)."""
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import DISPATCHERS
-from .kernels import Combine, PermuteRows
+from .kernels import Combine, PermuteRows, row_weights
 from .router import expert_capacity
 
 if TYPE_CHECKING:
@@ -44,9 +46,10 @@ class Slots:
 
 @dataclass
 class ExpertRows:
-    """The grouped FFN's input: x's rows grouped by expert, group e holding group_sizes[e] rows (all rows belong to
-    a group). Row i's activation is scaled by weights[i], or by weights[weight_index[i]] when `weight_index` (a
-    permutation of weights' indices) is given. `capacity` is set when every group has exactly that many rows."""
+    """The grouped FFN's input: x's rows grouped by expert, group e holding group_sizes[e] rows; rows after the last
+    group (padding) are not computed. Row i's activation is scaled by weights[i], or by weights[weight_index[i]]
+    when `weight_index` (a permutation of weights' indices, -1 on the padding rows) is given. `capacity` is set
+    when every group has exactly that many rows."""
 
     x: Tensor  # (R, D) in the compute dtype
     group_sizes: Tensor  # (E_local,) long
@@ -56,7 +59,7 @@ class ExpertRows:
 
     def row_weights(self) -> Tensor:
         """(R,) weight of each row."""
-        return self.weights if self.weight_index is None else self.weights.index_select(0, self.weight_index)
+        return self.weights if self.weight_index is None else row_weights(self.weights, self.weight_index)
 
 
 @dataclass
@@ -114,8 +117,9 @@ class LocalDispatcher:
 
 
 class DroplessDispatcher(LocalDispatcher):
-    """Every slot of token-major routing is computed (padding slots with weight 0, so the GEMMs have no undefined
-    rows); one stable sort by expert, gathers in both directions."""
+    """Every real slot of token-major routing is computed; padding slots sort after every group and are not (their
+    rows and inverse positions are -1, which the kernels read as zero). One stable sort by expert, gathers in both
+    directions."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -139,27 +143,28 @@ class DroplessDispatcher(LocalDispatcher):
                 f"the dropless dispatcher needs token-major slots ({x.shape[0]} tokens x top_k), got "
                 f"{s} slots with top_k={k}"
             )
-        order = stable_argsort(slots.expert_idx, e)
+        masked = slots.valid is not None
+        key = torch.where(slots.valid, slots.expert_idx, e) if masked else slots.expert_idx
+        order = stable_argsort(key, e + masked)
         inverse = inverse_permutation(order)
-        rows, weights = order // k, slots.weights
-        if slots.valid is None:
-            tokens_per_expert = group_sizes = bincount(slots.expert_idx, e)
-        else:
-            counts = bincount(torch.where(slots.valid, slots.expert_idx, slots.expert_idx + e), 2 * e)  # real, pad
-            tokens_per_expert, group_sizes = counts[:e], counts[:e] + counts[e:]
-            weights = torch.where(slots.valid, weights, 0.0)
-        sorted_x = PermuteRows.apply(x.to(compute_dtype(x)), rows, inverse, k)
+        rows, weight_index = order // k, order
+        group_sizes = bincount(key, e + masked)[:e]
+        if masked:  # the padding slots' rows (after the groups) and inverse positions: -1, never read
+            inverse = torch.where(slots.valid, inverse, -1)
+            computed = torch.arange(s, device=order.device) < group_sizes.sum()
+            rows, weight_index = torch.where(computed, rows, -1), torch.where(computed, order, -1)
+        sorted_x = PermuteRows.apply(x.to(compute_dtype(x)), rows, inverse, k, masked)
         return Dispatched(
-            ExpertRows(sorted_x, group_sizes, weights, order),
-            tokens_per_expert,
+            ExpertRows(sorted_x, group_sizes, slots.weights, weight_index),
+            group_sizes,
             group_sizes.new_zeros(()),
-            (rows, inverse, k, x.dtype),
+            (rows, inverse, k, x.dtype, masked),
         )
 
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
-        """out[t] = sum of token t's k rows, accumulated in fp32."""
-        rows, inverse, k, dtype = dispatched.state
-        return Combine.apply(y, rows, inverse, k).to(dtype)
+        """out[t] = sum of token t's computed rows, accumulated in fp32."""
+        rows, inverse, k, dtype, masked = dispatched.state
+        return Combine.apply(y, rows, inverse, k, masked).to(dtype)
 
 
 class CapacityDispatcher(LocalDispatcher):

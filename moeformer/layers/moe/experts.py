@@ -19,7 +19,7 @@ from .config import BACKENDS
 from .dispatch import ExpertRows, Slots, bincount, compute_dtype, stable_argsort
 from .fp8_gemm import fp8_grouped_mm
 from .fused_experts import MAX_SCAN_SLOTS, fused_experts, triton_serves
-from .kernels import swiglu
+from .kernels import row_weights, swiglu
 
 # Full-precision experts take the fused path up to this many tokens (decoding up to batch 64); beyond it the sorted
 # rows and grouped GEMM read each expert's weights once for many rows and win. To be tuned by measurement.
@@ -157,8 +157,8 @@ class Experts(nn.Module):
     ) -> Tensor:
         """Expert e's FFN on its group of rows of the sorted buffer; rows past the groups are undefined. With
         `weight`, buffer row i's activation is scaled by weight[rows[i]] (`rows` a permutation of weight's indices,
-        None: the identity): the output is then already weighted. `experts`: (w_in, w_out) of a block of
-        consecutive experts to use instead of all of them (one group each)."""
+        -1 past the groups; None: the identity): the output is then already weighted. `experts`: (w_in, w_out) of a
+        block of consecutive experts to use instead of all of them (one group each)."""
         w_in, w_out = experts or (self.w_in, self.w_out)
         if x_sorted.shape[0] == 0:  # a rank whose experts received no row: gradients (zero) still reach everything
             touch = x_sorted.sum() + w_in.sum() + w_out.sum()  # ... so every rank joins the backward
@@ -180,8 +180,9 @@ class Experts(nn.Module):
             h = swiglu(h, weight, rows)
         else:
             h = F.gelu(h)
-            if weight is not None:
-                h = (h.float() * weight.index_select(0, rows).unsqueeze(-1)).to(x_sorted.dtype)
+            if weight is not None:  # rows -1 (not computed) hold anything: zero them with their weight
+                h = h.masked_fill((rows < 0).unsqueeze(-1), 0)
+                h = (h.float() * row_weights(weight, rows).unsqueeze(-1)).to(x_sorted.dtype)
         return matmul(h, w_out.to(x_sorted.dtype))
 
     def forward(self, rows: ExpertRows) -> Tensor:

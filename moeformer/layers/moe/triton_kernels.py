@@ -20,8 +20,8 @@ def _gather_sum_kernel(src, index, out, D, K: tl.constexpr, BLOCK: tl.constexpr)
     mask = cols < D
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(K):
-        row = tl.load(index + t * K + j).to(tl.int64)
-        acc += tl.load(src + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        row = tl.load(index + t * K + j).to(tl.int64) + tl.zeros_like(cols)  # -1: a row not there, read as zero
+        acc += tl.load(src + row * D + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
     tl.store(out + t.to(tl.int64) * D + cols, acc.to(out.dtype.element_ty), mask=mask)
 
 
@@ -30,11 +30,14 @@ def _swiglu_forward_kernel(h, weight, rows, out, F, HAS_WEIGHT: tl.constexpr, BL
     i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
+    if HAS_WEIGHT:
+        slot = tl.load(rows + i)
+        mask = mask & (tl.zeros_like(cols) + slot >= 0)  # a row not computed (slot -1): neither read nor written
     gate = tl.load(h + i * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h + i * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
     value = gate * tl.sigmoid(gate) * up
     if HAS_WEIGHT:
-        value = value * tl.load(weight + tl.load(rows + i)).to(tl.float32)
+        value = value * tl.load(weight + tl.maximum(slot, 0)).to(tl.float32)
     tl.store(out + i * F + cols, value.to(out.dtype.element_ty), mask=mask)
 
 
@@ -45,11 +48,14 @@ def _swiglu_backward_kernel(
     i = tl.program_id(0).to(tl.int64)  # one row per program: the weight's gradient sums over it (F: a model constant)
     if HAS_WEIGHT:
         slot = tl.load(rows + i).to(tl.int64)
-        w = tl.load(weight + slot).to(tl.float32)
+        live = tl.zeros([BLOCK], tl.int64) + slot >= 0  # a row not computed: nothing read or written, its slot's
+        w = tl.load(weight + tl.maximum(slot, 0)).to(tl.float32)  # gradient stays 0
+    else:
+        live = tl.full([BLOCK], 1, tl.int1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, F, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < F
+        mask = (cols < F) & live
         gate = tl.load(h + i * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h + i * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + i * F + cols, mask=mask, other=0.0).to(tl.float32)
@@ -62,7 +68,8 @@ def _swiglu_backward_kernel(
         tl.store(grad_h + i * 2 * F + cols, d_gate.to(grad_h.dtype.element_ty), mask=mask)
         tl.store(grad_h + i * 2 * F + F + cols, d_up.to(grad_h.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(grad_w + slot, tl.sum(acc, axis=0))
+        if slot >= 0:
+            tl.store(grad_w + slot, tl.sum(acc, axis=0))
 
 
 def _block(width: int) -> int:
@@ -100,12 +107,13 @@ def swiglu_forward(h: Tensor, weight: Tensor | None, rows: Tensor | None) -> Ten
 
 def swiglu_backward(h: Tensor, grad: Tensor, weight: Tensor | None, rows: Tensor | None) -> tuple[Tensor, Tensor]:
     """Gradients of swiglu_forward with respect to h (S, 2F) and weight (fp32, like weight; empty without one).
-    `rows` must be a permutation of weight's indices: each slot's gradient is written once."""
+    `rows` must be a permutation of weight's indices (-1: a row not computed): each slot's gradient is written once,
+    the slots of no row get 0."""
     h, grad, weight, rows = _dense(h, grad, weight, rows)
     s, f = grad.shape
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     has_weight = weight is not None
-    grad_w = torch.empty(weight.shape[0] if has_weight else 0, dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros(weight.shape[0] if has_weight else 0, dtype=torch.float32, device=h.device)
     _swiglu_backward_kernel[(s,)](
         h,
         grad,
