@@ -1,7 +1,8 @@
 """The FP8 grouped GEMM's Triton quantisers (moe/fp8_triton.py) against its PyTorch ones (moe/fp8_gemm.py), bit for
 bit: the same power-of-two factors and the same e4m3 codes (the codes' bytes compared; NaN codes compared as NaN,
 whatever their sign bit), on CPU through the Triton interpreter and, @pytest.mark.gpu, on CUDA. The PyTorch cast
-(torch's fp32 -> float8_e4m3fn, round to nearest even) is the independent oracle of the kernels' integer rounding."""
+(torch's fp32 -> float8_e4m3fn, round to nearest even) is the independent oracle of the kernels' integer rounding
+(the interpreter's) and of the GPU conversion they use on CUDA."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from moeformer.layers.moe.fp8_gemm import (
 from tests.test_fp8 import grouped_case
 
 fp8_triton = pytest.importorskip("moeformer.layers.moe.fp8_triton", reason="needs triton")
+CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings(  # numpy, under the interpreter, on the NaN/inf rows
     "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
 )
@@ -54,13 +56,28 @@ def varied(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tenso
     return t.to(dtype)
 
 
+@pytest.fixture(params=[fp8_triton.ROW_TILE, 64, 32], ids=["default", "tiles", "two-pass"])
+def row_tile(request, monkeypatch):
+    """The row kernel's tile: rows read once (several tiles per program where a program also reduces columns: 64)
+    and, at 32, rows longer than the tile read twice in pieces."""
+    monkeypatch.setattr(fp8_triton, "ROW_TILE", request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "shape, transposed",
-    [((37, 45), False), ((3, 19, 50), False), ((2, 48, 33), True), ((1, 1), False), ((0, 16), False)],
+    [
+        ((37, 45), False),
+        ((3, 19, 50), False),
+        ((2, 48, 33), True),
+        ((45, 37), True),
+        ((1, 1), False),
+        ((0, 16), False),
+    ],
 )
-def test_rowwise_kernel_matches_the_reference_bit_for_bit(shape, transposed, dtype):
-    """Odd widths, an empty tensor, a 3-D weight and its transposed view (the forward's layout: rows strided)."""
+def test_rowwise_kernel_matches_the_reference_bit_for_bit(shape, transposed, dtype, row_tile):
+    """Odd widths, an empty tensor, a 3-D weight and its transposed view (the forward's layout when x needs no
+    gradient: the weight kernels), a transposed 2-D tensor (rows strided)."""
     t = varied(shape, dtype, seed=len(shape) + shape[-1])
     if transposed:
         t = t.transpose(-2, -1)
@@ -70,10 +87,15 @@ def test_rowwise_kernel_matches_the_reference_bit_for_bit(shape, transposed, dty
     assert_same_factors(factors, want_factors)
 
 
-def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])],
+)
+def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step(device):
     """Rows anchored at 448 (scale 1): every finite e4m3 value, every midpoint between neighbours (ties: to the even
     code), the fp32 values either side of each midpoint, the subnormal range and fp32 subnormals, the top of the
-    range rounding up to 448 (saturation's edge), and random fp32 values over the whole range."""
+    range rounding up to 448 (saturation's edge), and random fp32 values over the whole range; on CPU the integer
+    rounding, on CUDA the GPU's conversion."""
     grid = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
     grid = grid[torch.isfinite(grid)].unique()  # -448..448
     mids = (grid[1:] + grid[:-1]) / 2
@@ -84,7 +106,7 @@ def test_kernel_cast_rounds_to_nearest_even_at_every_e4m3_step():
     values = torch.cat([grid, mids, near, tiny, rand.clamp(-E4M3_MAX, E4M3_MAX)])
     width = 64
     rows = torch.nn.functional.pad(values, (0, -len(values) % (width - 1))).view(-1, width - 1)
-    t = torch.cat([rows, torch.full((rows.shape[0], 1), E4M3_MAX)], 1)
+    t = torch.cat([rows, torch.full((rows.shape[0], 1), E4M3_MAX)], 1).to(device)
     codes, factors = fp8_triton.quantize_rows(t)
     assert (factors == 1).all()
     assert_same_codes(codes, t.to(E4M3))  # torch's own cast
@@ -105,9 +127,9 @@ def test_weight_kernel_gives_both_layouts_of_the_reference_bit_for_bit(shape):
 
 @pytest.mark.parametrize(
     "sizes, past, width",
-    [([37, 0, 16, 1, 50], 3, 40), ([0, 0, 5], 0, 17), ([2000], 11, 16)],  # 2000 rows: two partial-amax chunks
+    [([37, 0, 16, 1, 50], 3, 40), ([0, 0, 5], 0, 17), ([2000], 11, 16)],  # 2000 rows: two column-amax chunks
 )
-def test_columnwise_kernel_matches_the_reference_bit_for_bit(sizes, past, width):
+def test_columnwise_kernel_matches_the_reference_bit_for_bit(sizes, past, width, row_tile):
     """The weight gradient's operand: rows gathered into the aligned layout, transposed and cast per column, its
     column amax computed by the column pass or by the rowwise kernel (the forward's and grad_input's quantisation);
     rows past the groups (NaN here) do not count, a NaN inside a group reaches its column."""
@@ -226,8 +248,8 @@ def test_fp8_grouped_mm_compiles_as_one_graph_with_the_kernels(monkeypatch, fp8_
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernels_on_gpu_match_the_reference_bit_for_bit():
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_kernels_on_gpu_match_the_reference_bit_for_bit(row_tile):
     """On CUDA (fp8_gemm's dispatch picks the kernels there): rowwise (both weight layouts, and both from one read)
     and columnwise (with and without a known amax), against the PyTorch quantisers on the same device, at a size
     with many programs per launch."""
