@@ -1,7 +1,7 @@
 """Training throughput of one run config under each parallel layout, the real trainer (DeepSpeed) each time:
 tokens/s (median over the steps after the warm-up), peak memory, and the host synchronisations of one training step.
 
-    python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,tp2,pp2]
+    python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,ep2_a2a,tp2,pp2]
                                     [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report]
                                     [--dotted.key=value ...]
 
@@ -36,8 +36,8 @@ from moeformer.parallel.groups import free_port
 LAYOUTS = {  # name -> (processes, parallel overrides)
     "one": (1, {}),
     "dp2": (2, {}),
-    "ep2": (2, {"parallel.ep": 2}),
-    "ep2_gather": (2, {"parallel.ep": 2, "parallel.ep_dispatcher": "all_gather"}),
+    "ep2": (2, {"parallel.ep": 2}),  # the dispatcher "auto" picks: the all-gather for a dropless model
+    "ep2_a2a": (2, {"parallel.ep": 2, "parallel.ep_dispatcher": "all_to_all"}),
     "tp2": (2, {"parallel.tp": 2}),
     "pp2": (2, {"parallel.pp": 2, "train.compile": False}),
 }

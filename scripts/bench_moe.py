@@ -312,7 +312,8 @@ def expert_parallel(args: argparse.Namespace) -> None:
         variants = []  # (label, apply_expert_parallel's keyword arguments)
         for name in args.ep_dispatchers.split(","):
             if name == "all_to_all":
-                variants += [(f"all-to-all, {c} block(s)", {"chunks": int(c)}) for c in args.ep_chunks.split(",")]
+                chunks = args.ep_chunks.split(",")
+                variants += [(f"all-to-all, {c} block(s)", {"chunks": int(c), "dispatcher": name}) for c in chunks]
             else:
                 variants.append((name.replace("_", "-"), {"dispatcher": name}))
         for label, kwargs in variants:

@@ -37,7 +37,7 @@ def test_bench_layouts_tiny_form(tmp_path):
         "--config",
         "configs/train/tiny-moe-cpu.yaml",
         "--layouts",
-        "dp2,ep2",
+        "dp2,ep2,ep2_a2a",
         "--steps",
         "4",
         "--warmup",
@@ -59,11 +59,12 @@ def test_bench_layouts_tiny_form(tmp_path):
             re.MULTILINE,
         )
     }
-    assert set(rows) == {"dp2", "ep2"}, proc.stdout
+    assert set(rows) == {"dp2", "ep2", "ep2_a2a"}, proc.stdout
     assert rows["dp2"][1] == "1.00"
     assert all(float(row[3]) > 0 for row in rows.values()), proc.stdout  # the optimizer step was timed
-    # tiny-moe's 2 MoE layers: the expert-parallel step adds one split-size exchange each
-    assert int(rows["ep2"][2]) == int(rows["dp2"][2]) + 2, proc.stdout
+    # tiny-moe's 2 MoE layers: the all-to-all adds one split-size exchange each, the all-gather ("auto" for ep2) none
+    assert int(rows["ep2"][2]) == int(rows["dp2"][2]), proc.stdout
+    assert int(rows["ep2_a2a"][2]) == int(rows["dp2"][2]) + 2, proc.stdout
     # --report reads the runs back with the steps and warm-up they ran with, whatever its own flags say
     report = subprocess.run(
         [*cmd[: cmd.index("--steps")], "--out-dir", str(tmp_path / "runs"), "--report"],
@@ -71,7 +72,7 @@ def test_bench_layouts_tiny_form(tmp_path):
     )  # fmt: skip
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     assert "steps 4 (median of the last 2)" in report.stdout, report.stdout
-    table = lambda out: [line for line in out.splitlines() if line.startswith(("| dp2 ", "| ep2 "))]  # noqa: E731
+    table = lambda out: [line for line in out.splitlines() if line.startswith(("| dp2 ", "| ep2"))]  # noqa: E731
     assert table(report.stdout) == table(proc.stdout), report.stdout
 
 

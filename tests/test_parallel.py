@@ -223,6 +223,7 @@ def check_layout(pc, cfg, results: dict, key: str, work: Path, stages=(0, 2), ch
         "loss_err": max_err(loss.detach(), ref_losses[dp_rank]),
         "grad_err": grad_err,
         "expert_module": type(model.layers[1].mlp.experts).__name__,
+        "ep_dispatcher": type(model.layers[1].mlp.dispatcher).__name__,
         "sharded": sorted(name for name, p in model.named_parameters() if hasattr(p, "shard")),
         "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
         "loss_scale": ref_losses.abs().max().item(),
@@ -478,18 +479,20 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
     triton_dispatch.interpret_on_cpu = triton_dispatch.INTERPRETER
     backend = "grouped" if DEVICE.type == "cpu" else "auto"
     errs = {}
-    gather = {"dispatcher": "all_gather"}
-    cases = [  # name, dtype, local dispatcher, (dim, experts, tokens per sequence), expert-parallel dispatcher
-        ("fp32", torch.float32, {}, (16, 4, 9), {"chunks": 2}),
-        ("bf16", torch.bfloat16, {}, (16, 4, 9), {"chunks": 1}),
-        ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}, (16, 4, 9), {"chunks": 2}),
+    gather, to_all = {"dispatcher": "all_gather"}, {"dispatcher": "all_to_all"}
+    # name, dtype, local dispatcher, (dim, experts, tokens per sequence), expert-parallel dispatcher (the capacity
+    # case: "auto", which picks the all-to-all)
+    cases = [
+        ("fp32", torch.float32, {}, (16, 4, 9), {"chunks": 2, **to_all}),
+        ("bf16", torch.bfloat16, {}, (16, 4, 9), {"chunks": 1, **to_all}),
+        ("fp32_capacity", torch.float32, {"dispatcher": "capacity", "capacity_factor": 0.6}, (16, 4, 9), {}),
         ("fp32_all_gather", torch.float32, {}, (16, 4, 9), gather),
         ("bf16_all_gather", torch.bfloat16, {}, (16, 4, 9), gather),
     ]
     if DEVICE.type == "cuda":  # sizes where the transfers overlap real GEMMs (a missing wait shows)
         cases += [
-            ("fp32_large", torch.float32, {}, (256, 16, 2048), {"chunks": 4}),
-            ("bf16_large", torch.bfloat16, {}, (256, 16, 2048), {"chunks": 2}),
+            ("fp32_large", torch.float32, {}, (256, 16, 2048), {"chunks": 4, **to_all}),
+            ("bf16_large", torch.bfloat16, {}, (256, 16, 2048), {"chunks": 2, **to_all}),
             ("bf16_large_all_gather", torch.bfloat16, {}, (256, 16, 2048), gather),
         ]
     for seed, (case, dtype, dispatch, (dim, num_experts, tokens), ep) in enumerate(cases):
@@ -674,8 +677,8 @@ def run_scenario(name: str, out: Path) -> None:
     results: dict = {}
     if name == "two_ranks":
         check_layout(ParallelConfig(ep=2), tiny_config(), results, "ep2", out.parent, checkpointing="full")
-        all_gather = ParallelConfig(ep=2, ep_dispatcher="all_gather")
-        check_layout(all_gather, tiny_config(), results, "ep2_all_gather", out.parent, stages=(2,))
+        to_all = ParallelConfig(ep=2, ep_dispatcher="all_to_all")  # "ep2": "auto", the all-gather at ep=2
+        check_layout(to_all, tiny_config(), results, "ep2_all_to_all", out.parent)
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2", out.parent, stages=(0,))
         mqa_tied = tiny_config(n_kv_heads=1, tie_embeddings=True, attn_bias=True, mlp_bias=True)  # biases too
         check_layout(
@@ -685,7 +688,7 @@ def run_scenario(name: str, out: Path) -> None:
             ParallelConfig(tp=2, expert_tp=True), tiny_config(), results, "tp2_expert_tp", out.parent, stages=(0,)
         )
         check_layout(ParallelConfig(ep=2, tp=2), tiny_config(), results, "ep2_tp2_same_ranks", out.parent, stages=(0,))
-        check_layout(replace(all_gather, tp=2), tiny_config(), results, "ep2_tp2_all_gather", out.parent, stages=(0,))
+        check_layout(replace(to_all, tp=2), tiny_config(), results, "ep2_tp2_all_to_all", out.parent, stages=(0,))
         check_parallel_cross_entropy(results)
         check_expert_layer(results)
         check_expert_parallel_moe_layer(results)
@@ -703,6 +706,8 @@ def run_scenario(name: str, out: Path) -> None:
         )
     elif name == "four_ranks":
         check_layout(ParallelConfig(ep=2), tiny_config(), results, "ep2_dp2", out.parent)
+        to_all = ParallelConfig(ep=2, ep_dispatcher="all_to_all")
+        check_layout(to_all, tiny_config(), results, "ep2_dp2_all_to_all", out.parent, stages=(2,))
         check_layout(ParallelConfig(tp=2), tiny_config(), results, "tp2_dp2", out.parent, stages=(0, 2))
         check_pipeline(tiny_config(), results, "pp2_dp2")
         check_pipeline(tiny_config(tie_embeddings=True), results, "pp2_tp2_tied", tp=2)
@@ -816,10 +821,11 @@ def test_parallel_config_names_the_model_size_that_does_not_divide(config, model
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("key", ["ep2", "ep2_all_gather"])
+@pytest.mark.parametrize("key", ["ep2", "ep2_all_to_all"])
 def test_expert_parallel_matches_single_process(two_ranks, key):
     assert two_ranks[key]["expert_module"] == "ExpertParallelExperts"
-    assert_layout(two_ranks[key], stages=(0, 2) if key == "ep2" else (2,))
+    assert two_ranks[key]["ep_dispatcher"] == ("AllToAllDispatcher" if "all_to_all" in key else "AllGatherDispatcher")
+    assert_layout(two_ranks[key])
 
 
 @pytest.mark.distributed
@@ -908,7 +914,7 @@ def test_expert_parallel_moe_layer_matches_one_process(two_ranks):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("key", ["ep2_tp2_same_ranks", "ep2_tp2_all_gather"])
+@pytest.mark.parametrize("key", ["ep2_tp2_same_ranks", "ep2_tp2_all_to_all"])
 def test_expert_and_tensor_parallel_on_the_same_two_ranks(two_ranks, key):
     assert two_ranks[key]["expert_module"] == "ExpertParallelExperts"
     assert_layout(two_ranks[key], stages=(0,))
@@ -931,8 +937,9 @@ def test_vocab_parallel_cross_entropy(two_ranks):
 
 
 @pytest.mark.distributed
-def test_expert_parallel_times_data_parallel_on_four_ranks(four_ranks):
-    assert_layout(four_ranks["ep2_dp2"])
+@pytest.mark.parametrize("key", ["ep2_dp2", "ep2_dp2_all_to_all"])
+def test_expert_parallel_times_data_parallel_on_four_ranks(four_ranks, key):
+    assert_layout(four_ranks[key], stages=(0, 2) if key == "ep2_dp2" else (2,))
 
 
 @pytest.mark.distributed

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from moeformer.errors import ConfigError
 from moeformer.models.config import ModelConfig
 
-EP_DISPATCHERS = ("all_to_all", "all_gather")  # how tokens reach the experts under expert parallelism (expert.py)
+EP_DISPATCHERS = ("auto", "all_to_all", "all_gather")  # how tokens reach experts under expert parallelism (expert.py)
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,9 @@ class ParallelConfig:
     `ep_chunks`: the all-to-alls of each MoE layer go in that many pieces (blocks of local experts), each one's
     communication overlapping the others' expert GEMMs (see parallel/expert.py). `ep_dispatcher`: "all_to_all"
     sends each slot's row to its expert's rank (any local dispatcher); "all_gather" sends every token to every rank
-    of the expert group once and sums the partial outputs back (dropless only; static shapes, no host sync). Also
-    the `parallel` section of the training config."""
+    of the expert group once and sums the partial outputs back (dropless only; static shapes, no host sync);
+    "auto" (default) takes the all-gather for dropless layers at ep=2, else the all-to-all. Also the `parallel`
+    section of the training config."""
 
     dp: int | None = None
     ep: int = 1
@@ -28,7 +29,7 @@ class ParallelConfig:
     pp: int = 1
     expert_tp: bool = False
     ep_chunks: int = 2
-    ep_dispatcher: str = "all_to_all"
+    ep_dispatcher: str = "auto"
 
     def __post_init__(self) -> None:
         """What can be checked without the world size (the training config's `parallel` section is this class)."""

@@ -49,6 +49,10 @@ from moeformer.parallel.config import EP_DISPATCHERS
 from moeformer.parallel.groups import ParallelGroups
 from moeformer.parallel.reshard import sharded_parameter
 
+# "auto" takes the all-gather dispatcher up to this expert-parallel size: at ep=2 on two H200s it trained medium-moe
+# 1.45x faster than the all-to-all and ran the OLMoE-shaped layer 1.3x faster; larger sizes are not yet measured
+ALL_GATHER_MAX_EP = 2
+
 
 @dataclass(frozen=True)
 class _Piece:
@@ -525,14 +529,21 @@ def save_expert_checkpoint(engine, save_dir: str | Path, tag: str | None = None)
     dist.barrier()
 
 
+def auto_dispatcher(local: Dispatcher, ep: int) -> str:
+    """What `ep_dispatcher="auto"` picks: the all-gather for a dropless layer up to ALL_GATHER_MAX_EP ranks, else
+    the all-to-all (the all-gather's bytes and slot buffer grow with ep; a capacity needs the all-to-all)."""
+    return "all_gather" if isinstance(local, DroplessDispatcher) and ep <= ALL_GATHER_MAX_EP else "all_to_all"
+
+
 def apply_expert_parallel(
     model: nn.Module, groups: ParallelGroups, chunks: int | None = None, dispatcher: str | None = None
 ) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every MoE layer of `model` over the expert-parallel group and give the layer an
     expert-parallel dispatcher (in place): `dispatcher` (default: the config's `ep_dispatcher`) "all_to_all", its
-    transfers in `chunks` blocks (default: the config's `ep_chunks`), or "all_gather"; returns the new expert
-    modules. No-op at ep=1."""
-    if groups.config.ep == 1:
+    transfers in `chunks` blocks (default: the config's `ep_chunks`), "all_gather", or "auto" (`auto_dispatcher`);
+    returns the new expert modules. No-op at ep=1."""
+    ep = groups.config.ep
+    if ep == 1:
         return []
     name = dispatcher or groups.config.ep_dispatcher
     if name not in EP_DISPATCHERS:
@@ -540,7 +551,7 @@ def apply_expert_parallel(
     replaced = []
     for module in list(model.modules()):
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
-            if name == "all_gather":
+            if (auto_dispatcher(module.dispatcher, ep) if name == "auto" else name) == "all_gather":
                 ep_dispatcher = AllGatherDispatcher(module.dispatcher, groups.expert, groups.tensor)
             else:
                 ep_dispatcher = AllToAllDispatcher(
