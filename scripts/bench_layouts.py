@@ -2,7 +2,7 @@
 tokens/s (median over the steps after the warm-up), peak memory, and the host synchronisations of one training step.
 
     python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,ep2_a2a,tp2,pp2]
-                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report]
+                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report] [--profile]
                                     [--dotted.key=value ...]
 
 Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
@@ -12,7 +12,9 @@ and --warmup it ran with, written to <out-dir>/<layout>/bench.json). The
 pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
 calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer
 step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per
-step: it grows with the parameters, not the tokens; n/a for the pipeline engine). Other dotted flags go to every
+step: it grows with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank
+profiles its last step (one step of the median, a little slower), rank 0's device time by kernel kind, NCCL included,
+is printed and kept in <out-dir>/<layout>/profile.txt. Other dotted flags go to every
 run, e.g. `--train.compile=false` or `--model.n_layers=2`.
 """
 
@@ -43,9 +45,10 @@ LAYOUTS = {  # name -> (processes, parallel overrides)
 }
 
 
-def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
+def worker(config_path: str, overrides: list[str], sync_step: int, profile_last: bool = False) -> None:
     """One rank of one layout: scripts/train.py's run, counting the host syncs of step `sync_step` (the last
-    warm-up step: the profiler slows it)."""
+    warm-up step: the profiler slows it); `profile_last` (CUDA): every rank profiles the last step, rank 0 writes
+    where its device time went to <out_dir>/profile.txt."""
     from moeformer.parallel import shutdown_distributed
     from moeformer.training.config import load_config
     from moeformer.training.metrics import HostSyncs
@@ -66,6 +69,14 @@ def worker(config_path: str, overrides: list[str], sync_step: int) -> None:
         return out
 
     def train_step(batches):
+        if profile_last and torch.cuda.is_available() and trainer.step + 1 == config.train.steps:
+            from bench_train import profile  # scripts/ is on sys.path when this file runs as a script
+
+            records = []
+            table = profile(lambda: records.append(step(batches)))
+            if trainer.rank == 0:
+                (Path(config.out_dir) / "profile.txt").write_text(table + "\n")
+            return records[0]
         if trainer.step + 1 == sync_step - 1:  # the step before: the engine's (optimizer) steps timed
             trainer.engine.step = timed_engine_step
             record = step(batches)
@@ -114,6 +125,7 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
         args.config,
         "--warmup",
         str(args.warmup),
+        *(["--profile"] if args.profile else []),
         *flags,
     ]
     log = Path(args.out_dir) / f"{name}.log"
@@ -123,6 +135,8 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
     if rc != 0:
         print(f"{name} failed (exit {rc}): see {log}", flush=True)
         return None
+    if (out / "profile.txt").is_file():
+        print(f"{name}: rank 0's last step by kernel kind\n{(out / 'profile.txt').read_text()}", flush=True)
     return read_layout(name, args.out_dir)
 
 
@@ -165,10 +179,15 @@ def main() -> None:
         help="only print the table of the layouts' runs already in --out-dir (run them one by one "
         "where a command may not take long)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: print where rank 0's last step's device time goes, by kernel kind (NCCL included)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.worker:
-        return worker(args.config, overrides, args.warmup)
+        return worker(args.config, overrides, args.warmup, args.profile)
     layouts = args.layouts.split(",")
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not 1 <= args.warmup < args.steps:

@@ -246,34 +246,15 @@ FP8 = "moeformer FP8"
 
 
 def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
-    """The `top` CUDA kernels of one forward+backward (as timed) by total device time (torch.profiler table), and,
-    when NCCL kernels ran (expert parallelism), their device time beside the other kernels' and the wall time: the
-    part of the communication that overlapped computation is their sum minus the wall time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    """bench_train's profile of one forward+backward (as timed, after two more): device time by kernel kind (NCCL's
+    under expert parallelism, and how much of it overlapped computation), the wall time and the `top` kernels."""
+    from bench_train import profile as profile_step  # scripts/ is on sys.path when this file runs as a script
 
     xg = x.detach().requires_grad_(True)
     grad = torch.randn_like(x)
     for _ in range(2):
         forward_backward(module, xg, grad)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        forward_backward(module, xg, grad)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - start) * 1e3
-    events = prof.key_averages()
-    table = events.table(sort_by="cuda_time_total", row_limit=top)
-    kernel_ms = {"nccl": 0.0, "other": 0.0}
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernel_ms["nccl" if "nccl" in e.key.lower() else "other"] += e.self_device_time_total / 1e3
-    if kernel_ms["nccl"]:
-        table += (
-            f"\nNCCL kernels {kernel_ms['nccl']:.2f} ms, other kernels {kernel_ms['other']:.2f} ms, wall "
-            f"{wall_ms:.2f} ms (profiled): overlapped {max(0.0, sum(kernel_ms.values()) - wall_ms):.2f} ms"
-        )
-    return table
+    return profile_step(lambda: forward_backward(module, xg, grad), top)
 
 
 def expert_parallel(args: argparse.Namespace) -> None:
