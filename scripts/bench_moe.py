@@ -17,7 +17,8 @@ Expert parallelism: under torchrun, `--ep N` shards the layer's experts over the
 with its own tokens at the shape's size, beside the unsharded layer alone on each rank: per-GPU TFLOP/s (the slowest
 rank's time) and their ratio, plus the host syncs of one forward+backward. Rows: the all-to-all dispatcher, one per
 block count of `--ep-chunks` (1: the all-to-alls overlap only the shared expert and the rank's own rows; more:
-each block's transfer also overlaps the other blocks' GEMMs), and the all-gather dispatcher (`--ep-dispatchers`).
+each block's transfer also overlaps the other blocks' GEMMs), and the all-gather dispatcher (`--ep-dispatchers`),
+on CUDA also captured in one CUDA graph with its NCCL collectives (static shapes, no host sync).
 Runs on CPU with gloo too (fp32), e.g. `--shapes tiny` as a smoke test.
 
     torchrun --nproc_per_node 2 scripts/bench_moe.py --ep 2 --ep-chunks 1,2,4 --shapes olmoe
@@ -242,6 +243,7 @@ def candidates(
 
 
 GRAPHED = "moeformer (eager, one CUDA graph)"
+GRAPHED_EP = "eager, one CUDA graph"  # the expert-parallel rows' label suffix
 FP8 = "moeformer FP8"
 
 
@@ -303,9 +305,15 @@ def expert_parallel(args: argparse.Namespace) -> None:
             rows[f"ep={args.ep}, {label} (eager)"] = sharded
             if "compile" not in args.skip.split(","):
                 rows[f"ep={args.ep}, {label} (compiled)"] = torch.compile(sharded)
+            if kwargs.get("dispatcher") == "all_gather" and cuda and "graph" not in args.skip.split(","):
+                rows[f"ep={args.ep}, {label} ({GRAPHED_EP})"] = sharded  # static shapes, no host sync: capturable
         base = None
         for label, module in rows.items():
-            r = measure(module, x, active_flops(s))
+            try:
+                r = measure(module, x, active_flops(s), graphed=label.endswith(f"({GRAPHED_EP})"))
+            except RuntimeError as e:  # a capture that fails fails on every rank alike
+                lines.append(f"| {s.name} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | | |")
+                continue
             slowest = torch.tensor([r["fwd_ms"], r["fwdbwd_ms"]], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             f_ms, fb_ms = slowest.tolist()
