@@ -1,11 +1,11 @@
 """The FP8 quantisers' Triton kernels (moeformer/layers/moe/fp8_triton.py) at the shapes of one MoE layer's training
 step, by default medium-moe's (dim 1024, 16 experts top-2, expert width 1536 with swiglu: w_in (16, 1024, 3072), w_out
 (16, 1536, 1024); 16,384 tokens -> 32,768 expert rows in uneven groups), as a markdown table: microseconds per call
-(CUDA events around each call, L2 flushed before it, the median of 50 after warm-up), the bytes that one read of the
-inputs and one write of the outputs move, their rate and its share of the device copy bandwidth measured in the same
-run; then the sum over what one layer's training step quantises (fp8_grouped_mm with FP8 weight gradients: x, h and
-both output gradients by rows with their column amax, the same four by columns, both weights). Only launchers that
-every version of fp8_triton.py has, so that versions can be compared.
+(triton.testing.do_bench: L2 flushed before each call, the median), the bytes that one read of the inputs and one
+write of the outputs move, their rate and its share of the device copy bandwidth measured in the same run; then the
+sum over what one layer's training step quantises (fp8_grouped_mm with FP8 weight gradients: x, h and both output
+gradients by rows with their column amax, the same four by columns, both weights). Only launchers that every version
+of fp8_triton.py has, so that versions can be compared.
 
     python scripts/bench_fp8_quant.py [--rows 32768] [--dim 1024] [--ffn 1536] [--experts 16]
 """
@@ -13,11 +13,10 @@ every version of fp8_triton.py has, so that versions can be compared.
 from __future__ import annotations
 
 import argparse
-import statistics
-from collections.abc import Callable
 
 import torch
 from bench_quant import copy_bandwidth  # scripts/ is on sys.path when this file runs as a script
+from triton.testing import do_bench
 
 from moeformer.layers.moe.fp8_gemm import aligned_rows
 from moeformer.layers.moe.fp8_triton import (
@@ -26,22 +25,6 @@ from moeformer.layers.moe.fp8_triton import (
     quantize_rows_and_column_amax,
     quantize_weight,
 )
-
-WARMUP, REPS = 5, 50
-FLUSH_BYTES = 2**30  # written before each timed call: evicts the L2, and keeps the GPU busy while the host launches
-
-
-def median_us(fn: Callable[[], object], flush: torch.Tensor) -> float:
-    for _ in range(WARMUP):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
 
 
 def uneven_offs(rows: int, experts: int) -> torch.Tensor:
@@ -96,12 +79,11 @@ def main() -> None:
         cases.append(("quantize_weight", f"{name} {tuple(w.shape)}", lambda w=w: quantize_weight(w), moved, 1))
 
     bandwidth = copy_bandwidth()
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; device copy {bandwidth / 1e12:.2f} TB/s\n")
     print("| launcher | operand | us | MB moved | TB/s | of copy |\n|---|---|---|---|---|---|")
     step_us = 0.0
     for launcher, operand, call, moved, calls in cases:
-        us = median_us(call, flush)
+        us = do_bench(call, return_mode="median") * 1e3
         step_us += calls * us
         rate = moved / (us * 1e-6)
         print(f"| {launcher} | {operand} | {us:.1f} | {moved / 1e6:.1f} | {rate / 1e12:.2f} | {rate / bandwidth:.0%} |")

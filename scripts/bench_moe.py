@@ -309,10 +309,14 @@ def expert_parallel(args: argparse.Namespace) -> None:
                 rows[f"ep={args.ep}, {label} ({GRAPHED_EP})"] = sharded  # static shapes, no host sync: capturable
         base = None
         for label, module in rows.items():
+            graphed = label.endswith(f"({GRAPHED_EP})")
             try:
-                r = measure(module, x, active_flops(s), graphed=label.endswith(f"({GRAPHED_EP})"))
-            except RuntimeError as e:  # a capture that fails fails on every rank alike
-                lines.append(f"| {s.name} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | | |")
+                r = measure(module, x, active_flops(s), graphed=graphed)
+            except RuntimeError as e:
+                if not graphed:
+                    raise
+                # a capture that fails fails on every rank alike: the reason, and the other rows go on
+                lines.append(f"| {s.name} | {label} | capture failed: {str(e).splitlines()[0][:120]} | | | | | |")
                 continue
             slowest = torch.tensor([r["fwd_ms"], r["fwdbwd_ms"]], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

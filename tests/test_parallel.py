@@ -379,12 +379,11 @@ def run_dispatcher(dispatcher, experts, x: torch.Tensor, slots, dy: torch.Tensor
 
 def check_expert_layer(results: dict, ep: int = 2) -> None:
     """The all-to-all dispatcher (and, dropless, the all-gather one) with this rank's experts against the local
-    dispatcher with all of them, on fresh
-    random routings: fp32 / bf16, padding slots, a capacity, a skewed routing where one rank sends nothing to the
-    other, one where a rank's experts receive nothing, and the Triton kernels (on CPU: the interpreter) on every
-    rank. Expert gradients are compared with the sum over ranks of the plain layer's gradients (each rank's tokens
-    reach every rank's experts). Also counts the host syncs of one forward and backward of each. With ep > 2 the
-    rows of one block come from several ranks (results["expert_layer_ep<ep>"])."""
+    dispatcher with all of them, on fresh random routings: fp32 / bf16, padding slots, a capacity, a skewed routing
+    where one rank sends nothing to the other, one where a rank's experts receive nothing, and the Triton kernels (on
+    CPU: the interpreter) on every rank. Expert gradients are compared with the sum over ranks of the plain layer's
+    gradients (each rank's tokens reach every rank's experts). Also counts the host syncs of one forward and
+    backward of each. With ep > 2 the rows of one block come from several ranks (results["expert_layer_ep<ep>"])."""
     import torch.distributed as dist
 
     from moeformer.layers import triton_dispatch
@@ -792,6 +791,7 @@ def test_parallel_config_resolves_data_parallel_size():
         ({"dp": 3, "tp": 2}, 4, "dp=3 \\* tp=2 \\* pp=1 = 6 != world size 4"),
         ({"ep": 0}, 4, "parallel.ep must be >= 1"),
         ({"ep": 2, "ep_chunks": 0}, 4, "parallel.ep_chunks must be >= 1"),
+        ({"ep": 2, "ep_dispatcher": "ring"}, 4, "parallel.ep_dispatcher must be one of \\('auto', 'all_to_all'"),
         ({"expert_tp": True}, 4, "expert_tp needs tp > 1 and ep = 1"),
     ],
 )

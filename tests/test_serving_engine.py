@@ -588,7 +588,7 @@ def test_paged_decode_kernel_matches_gather_reference(monkeypatch, case, dtype, 
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     from moeformer.layers.attention import paged_triton
 
-    monkeypatch.setattr(paged_triton, "TARGET_PROGRAMS", 4096 if split else 1)
+    monkeypatch.setattr(paged_triton, "TARGET_PROGRAMS", paged_triton.TARGET_PROGRAMS if split else 1)
     batch, q_heads, kv_heads, dk, dv, block, lengths, window = case
     q, k, v, pages, valid = paged_case(batch, q_heads, kv_heads, dk, dv, block, lengths, dtype, seed=len(lengths))
     if torch.cuda.is_available():

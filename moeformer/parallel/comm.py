@@ -76,7 +76,7 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))
+        return _all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -93,7 +93,11 @@ class _ReduceScatterRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), 0, ctx.group)), None
+        return _all_gather(grad, ctx.group), None
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))
 
 
 def _reduce_scatter(x: Tensor, group) -> Tensor:

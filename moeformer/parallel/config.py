@@ -10,6 +10,12 @@ from moeformer.models.config import ModelConfig
 EP_DISPATCHERS = ("auto", "all_to_all", "all_gather")  # how tokens reach experts under expert parallelism (expert.py)
 
 
+def check_ep_dispatcher(name: str) -> None:
+    """ConfigError unless `name` is one of EP_DISPATCHERS (the config's field, or a name given to expert.py)."""
+    if name not in EP_DISPATCHERS:
+        raise ConfigError(f"parallel.ep_dispatcher must be one of {EP_DISPATCHERS}, got {name!r}")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Sizes of the four parallel dimensions. world = dp * tp * pp; expert parallelism splits the dp * tp ranks of
@@ -36,8 +42,7 @@ class ParallelConfig:
         for name in ("ep", "tp", "pp", "ep_chunks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.ep_dispatcher not in EP_DISPATCHERS:
-            raise ConfigError(f"parallel.ep_dispatcher must be one of {EP_DISPATCHERS}, got {self.ep_dispatcher!r}")
+        check_ep_dispatcher(self.ep_dispatcher)
         if self.expert_tp and (self.tp == 1 or self.ep > 1):
             raise ConfigError(f"expert_tp needs tp > 1 and ep = 1 (got tp={self.tp}, ep={self.ep})")
 

@@ -45,7 +45,7 @@ from moeformer.parallel.comm import (
     reduce_scatter_rows,
     start_all_to_all,
 )
-from moeformer.parallel.config import EP_DISPATCHERS
+from moeformer.parallel.config import check_ep_dispatcher
 from moeformer.parallel.groups import ParallelGroups
 from moeformer.parallel.reshard import sharded_parameter
 
@@ -546,8 +546,7 @@ def apply_expert_parallel(
     if ep == 1:
         return []
     name = dispatcher or groups.config.ep_dispatcher
-    if name not in EP_DISPATCHERS:
-        raise ValueError(f"ep_dispatcher must be one of {EP_DISPATCHERS}, got {name!r}")
+    check_ep_dispatcher(name)
     replaced = []
     for module in list(model.modules()):
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):

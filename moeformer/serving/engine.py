@@ -486,7 +486,10 @@ class _DecodeGraph:
         if n:
             self.ids[:n, 0] = engine._tensor([r.tokens[r.computed + j] for r, j in rows])
             used = min(self.width, max(len(r.blocks) for r, _ in rows))  # the rest stays the null block
-            self.tables[:n, :used] = engine._tables([r for r, _ in rows], used)
+            # a prompt chunk's rows are consecutive and share its request's table: one table row per request
+            requests, repeats = zip(*((r, len(list(g))) for r, g in itertools.groupby(r for r, _ in rows)))
+            tables = engine._tables(list(requests), used)
+            self.tables[:n, :used] = tables.repeat_interleave(engine._tensor(repeats), dim=0, output_size=n)
             self.lengths[:n] = engine._tensor([r.computed + j + 1 for r, j in rows])
             self.rows[:n] = True
         if self.graph is None:
