@@ -14,7 +14,8 @@ calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, th
 step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per
 step: it grows with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank
 profiles its last step (one step of the median, a little slower), rank 0's device time by kernel kind, NCCL included,
-is printed and kept in <out-dir>/<layout>/profile.txt. Other dotted flags go to every
+and its idle time is printed and kept in <out-dir>/<layout>/profile.txt, rank 0's Chrome trace of the step (host with
+Python stacks, device) in <out-dir>/<layout>/trace.json.gz. Other dotted flags go to every
 run, e.g. `--train.compile=false` or `--model.n_layers=2`.
 """
 
@@ -48,7 +49,7 @@ LAYOUTS = {  # name -> (processes, parallel overrides)
 def worker(config_path: str, overrides: list[str], sync_step: int, profile_last: bool = False) -> None:
     """One rank of one layout: scripts/train.py's run, counting the host syncs of step `sync_step` (the last
     warm-up step: the profiler slows it); `profile_last` (CUDA): every rank profiles the last step, rank 0 writes
-    where its device time went to <out_dir>/profile.txt."""
+    where its device time went to <out_dir>/profile.txt and the step's trace to <out_dir>/trace.json.gz."""
     from moeformer.parallel import shutdown_distributed
     from moeformer.training.config import load_config
     from moeformer.training.metrics import HostSyncs
@@ -73,7 +74,8 @@ def worker(config_path: str, overrides: list[str], sync_step: int, profile_last:
             from bench_train import profile  # scripts/ is on sys.path when this file runs as a script
 
             records = []
-            table = profile(lambda: records.append(step(batches)))
+            trace = str(Path(config.out_dir) / "trace.json.gz") if trainer.rank == 0 else None
+            table = profile(lambda: records.append(step(batches)), trace=trace)
             if trainer.rank == 0:
                 (Path(config.out_dir) / "profile.txt").write_text(table + "\n")
             return records[0]

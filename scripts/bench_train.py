@@ -101,34 +101,55 @@ KERNEL_KINDS = {  # substrings of CUDA kernel names, first match wins
 }
 
 
-def profile(step, top: int = 25) -> str:
-    """Device time of one `step` grouped by kernel kind, its wall time (kernels on several streams, such as NCCL's
-    beside compute, can add up to more than the wall: the overlap, less any idle time), then its `top` kernels
-    (torch.profiler)."""
+def profile(step, top: int = 25, trace: str | None = None) -> str:
+    """Device time of one `step` grouped by kernel kind; its wall time, the time kernels ran side by side (NCCL's
+    stream beside compute) and the time no kernel ran (the device waiting for the host); then its `top` kernels
+    (torch.profiler). `trace`: also record the host (Python stacks) and write a Chrome trace there (.json.gz)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with torch_profile(activities=activities, with_stack=bool(trace)) as prof:
         torch.cuda.synchronize()
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start)
+    if trace:
+        prof.export_chrome_trace(trace)
     averages = prof.key_averages()
     kinds: dict[str, float] = {}
     for e in (e for e in averages if e.device_time_total > 0):
         kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.key.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3
     total = sum(kinds.values())
+    busy_ms, span_ms = device_busy(prof.events())
     lines = [
         f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%"
         for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
     ]
     table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
-    totals = [f"  {'total':42s} {total:8.2f} ms", f"  {'wall (profiled)':42s} {wall_ms:8.2f} ms"]
-    if kinds.get("communication (NCCL)"):  # NCCL runs on its own stream: what exceeds the wall ran beside compute
-        totals.append(f"  {'overlapped (total - wall, at least)':42s} {max(0.0, total - wall_ms):8.2f} ms")
+    totals = [
+        f"  {'total':42s} {total:8.2f} ms",
+        f"  {'wall (profiled)':42s} {wall_ms:8.2f} ms",
+        f"  {'overlapped (kernels side by side)':42s} {total - busy_ms:8.2f} ms",
+        f"  {'device idle (first to last kernel)':42s} {span_ms - busy_ms:8.2f} ms",
+    ]
     return "\n".join(lines + totals + [table])
+
+
+def device_busy(events) -> tuple[float, float]:
+    """(ms during which at least one kernel ran, ms from the first kernel's start to the last one's end) of the
+    profiler's device events."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy / 1e3, (end - spans[0][0]) / 1e3 if spans else 0.0
 
 
 def model_override(text: str) -> tuple[str, object]:

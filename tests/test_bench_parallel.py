@@ -76,26 +76,10 @@ def test_bench_layouts_tiny_form(tmp_path):
     assert table(report.stdout) == table(proc.stdout), report.stdout
 
 
-@pytest.mark.distributed
-def test_bench_moe_expert_parallel_tiny_form():
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "scripts/bench_moe.py",
-        "--ep",
-        "2",
-        "--ep-chunks",
-        "1,2",
-        "--shapes",
-        "tiny",
-        "--skip",
-        "compile",
-    ]
+def run_on_two_cpu_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 <script> <args>` on CPU (gloo); fails the test unless it exits 0."""
     proc = subprocess.run(
-        cmd,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args],
         cwd=REPO,
         env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
         capture_output=True,
@@ -104,6 +88,14 @@ def test_bench_moe_expert_parallel_tiny_form():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_bench_moe_expert_parallel_tiny_form():
+    proc = run_on_two_cpu_ranks(
+        "scripts/bench_moe.py", "--ep", "2", "--ep-chunks", "1,2", "--shapes", "tiny", "--skip", "compile"
+    )
     assert "| one GPU, unsharded |" in proc.stdout, proc.stdout
     for chunks in (1, 2):  # tiny: 4 experts per rank
         assert f"| ep=2, all-to-all, {chunks} block(s) (eager) |" in proc.stdout, proc.stdout
@@ -113,3 +105,10 @@ def test_bench_moe_expert_parallel_tiny_form():
 
     # the all-gather dispatcher adds no host sync to the layer's own (on CPU: the reference GEMM loop's)
     assert syncs("ep=2, all-gather (eager)") == syncs("one GPU, unsharded"), proc.stdout
+
+
+@pytest.mark.distributed
+def test_bench_collectives_tiny_form():
+    proc = run_on_two_cpu_ranks("scripts/bench_collectives.py", "--rows", "4", "--dim", "8", "--calls", "2")
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| .+ \| 4 \| [\d.]+ \| [\d.]+ \|$", line)]
+    assert len(rows) == 5, proc.stdout

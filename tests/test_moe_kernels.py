@@ -237,7 +237,7 @@ def test_layer_with_triton_ops_compiles_in_one_graph_and_matches_eager(monkeypat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("n,d,e", [(1, 16, 4), (1000, 512, 8), (4097, 2048, 64)])
+@pytest.mark.parametrize("n,d,e", [(1, 16, 4), (1000, 512, 8), (4097, 2048, 64), (8193, 1024, 16)])
 def test_half_router_logits_match_the_fp32_reference(n, d, e):
     from moeformer.layers.moe.router import router_logits
 

@@ -535,7 +535,7 @@ def check_expert_parallel_moe_layer(results: dict) -> None:
 
 def check_all_gather_compiles(results: dict) -> None:
     """The MoE layer under ep=2 with the all-gather dispatcher traces into one graph (no split sizes, no host
-    sync, functional collectives) and the compiled layer gives the eager one's output and input gradient (bf16:
+    sync, the collectives custom ops) and the compiled layer gives the eager one's output and input gradient (bf16:
     CPU's grouped GEMM traces in bf16 only)."""
     import torch._dynamo
 
@@ -911,6 +911,21 @@ def assert_expert_parallel_moe_layer(errs: dict) -> None:
 @pytest.mark.distributed
 def test_expert_parallel_moe_layer_matches_one_process(two_ranks):
     assert_expert_parallel_moe_layer(two_ranks["expert_parallel_moe_layer"])
+
+
+@pytest.mark.distributed
+def test_all_gather_dispatcher_compiles_into_one_graph(two_ranks):
+    got = two_ranks["all_gather_compiled"]
+    assert got["graph_breaks"] == 0, got
+    assert got["out"] <= BF16_RTOL * got["scale"] and got["x_grad"] <= BF16_RTOL * got["x_grad_scale"], got
+
+
+@pytest.mark.distributed
+def test_all_gather_dispatcher_pads_unequal_tensor_shares(two_ranks):
+    got = two_ranks["all_gather_tensor_shares"]
+    out_scale, x_grad_scale, expert_grad_scale = got["scales"]
+    assert got["out"] <= FP32_RTOL * out_scale, got
+    assert got["x_grad"] <= GRAD_RTOL * x_grad_scale and got["expert_grad"] <= GRAD_RTOL * expert_grad_scale, got
 
 
 @pytest.mark.distributed

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 
 def start_all_to_all(out: Tensor, x: Tensor, send_splits: list[int], recv_splits: list[int], group):
@@ -70,8 +70,7 @@ class _GatherLastDim(torch.autograd.Function):
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """Every rank's rows stacked in rank order; backward: this rank's rows of the gradient summed over the ranks.
-    Functional collectives (waited at once, so kernels get plain tensors), which torch.compile traces in place."""
+    """Every rank's rows stacked in rank order; backward: this rank's rows of the gradient summed over the ranks."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
@@ -96,12 +95,46 @@ class _ReduceScatterRows(torch.autograd.Function):
         return _all_gather(grad, ctx.group), None
 
 
-def _all_gather(x: Tensor, group) -> Tensor:
-    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))
+# The row collectives are c10d's own (the caller's stream waits for them; the host does not), registered as custom
+# ops so that torch.compile keeps each as one call. Functional collectives would trace natively but cost ~5x the
+# host time per call (150 vs 31 us for an all-gather on an H200 pair, torch 2.11): six of them per layer made a
+# compiled expert-parallel step host-bound.
+def _gathered(x: Tensor, group_name: str) -> Tensor:
+    """An empty all-gather output for x (also the op's fake: its shape)."""
+    return x.new_empty((dist.get_world_size(_resolve_process_group(group_name)) * x.shape[0], *x.shape[1:]))
+
+
+def _scattered(x: Tensor, group_name: str) -> Tensor:
+    """An empty reduce-scatter output for x (also the op's fake)."""
+    return x.new_empty((x.shape[0] // dist.get_world_size(_resolve_process_group(group_name)), *x.shape[1:]))
+
+
+def _all_gather_into(x: Tensor, group_name: str) -> Tensor:
+    out = _gathered(x, group_name)
+    dist.all_gather_into_tensor(out, x, group=_resolve_process_group(group_name))
+    return out
+
+
+def _reduce_scatter_into(x: Tensor, group_name: str) -> Tensor:
+    out = _scattered(x, group_name)
+    dist.reduce_scatter_tensor(out, x, group=_resolve_process_group(group_name))
+    return out
+
+
+_ALL_GATHER = torch.library.custom_op("moeformer::all_gather_into", _all_gather_into, mutates_args=())
+_ALL_GATHER.register_fake(_gathered)
+_REDUCE_SCATTER = torch.library.custom_op("moeformer::reduce_scatter_into", _reduce_scatter_into, mutates_args=())
+_REDUCE_SCATTER.register_fake(_scattered)
+
+
+def _all_gather(x: Tensor, group) -> Tensor:  # eager calls the function itself: no custom-op dispatch
+    op = _ALL_GATHER if torch.compiler.is_compiling() else _all_gather_into
+    return op(x.contiguous(), group.group_name)
 
 
 def _reduce_scatter(x: Tensor, group) -> Tensor:
-    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, group))
+    op = _REDUCE_SCATTER if torch.compiler.is_compiling() else _reduce_scatter_into
+    return op(x.contiguous(), group.group_name)
 
 
 def all_gather_rows(x: Tensor, group) -> Tensor:

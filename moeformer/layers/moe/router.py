@@ -39,7 +39,14 @@ class _HalfLinearFp32Out(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = grad.to(x.dtype)
         dx = torch.mm(g, w) if ctx.needs_input_grad[0] else None
-        dw = torch.mm(g.t(), x, out_dtype=torch.float32).to(w.dtype) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # the rows are the weight gradient's summed dimension; at 4,097 of them torch 2.11's fp32-out GEMM on an
+            # H200 was off by about one row's products (3.4%), padded to 4,104 it is exact: zero rows add nothing
+            pad = -x.shape[0] % 8
+            if pad:
+                g, x = F.pad(g, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+            dw = torch.mm(g.t(), x, out_dtype=torch.float32).to(w.dtype)
         return dx, dw
 
 
