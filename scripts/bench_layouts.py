@@ -5,18 +5,21 @@ tokens/s (median over the steps after the warm-up), peak memory, and the host sy
                                     [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report] [--profile]
                                     [--dotted.key=value ...]
 
-Each layout runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
+Layouts of two GPUs (one, dp2, ep2, ep2_a2a, tp2, pp2) and of four (dp4, ep4, ep2_dp2, tp2_dp2, pp2_dp2, pp2_ep2).
+Each runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py
 with --out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is
 <out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands; each with the --steps
 and --warmup it ran with, written to <out-dir>/<layout>/bench.json). The
-pipeline layout trains eager (the trainer does not compile pipeline stages). Host syncs: the synchronising CUDA
-calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer
-step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per
-step: it grows with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank
-profiles its last step (one step of the median, a little slower), rank 0's device time by kernel kind, NCCL included,
-and its idle time is printed and kept in <out-dir>/<layout>/profile.txt, rank 0's Chrome trace of the step (host with
-Python stacks, device) in <out-dir>/<layout>/trace.json.gz. Other dotted flags go to every
-run, e.g. `--train.compile=false` or `--model.n_layers=2`.
+pipeline layouts train eager (the trainer does not compile pipeline stages). Columns: "vs dp" against the data-parallel
+layout of as many GPUs (one, dp2, dp4), "scaling vs one GPU" = tokens/s / (GPUs x one's tokens/s). Host syncs: the
+synchronising CUDA calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would
+sync); optimizer step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised
+(fixed cost per step: it grows with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA):
+every rank profiles its last step (one step of the median, a little slower); rank 0's device time by kernel kind, NCCL
+included, and its idle time are printed and kept in <out-dir>/<layout>/profile.txt, its NCCL kernel time by
+collective as a share of the step's wall time fills the last column, and its Chrome trace of the step (host with
+Python stacks, device) is written to <out-dir>/<layout>/trace.json.gz. Other dotted flags go to every run, e.g.
+`--train.compile=false` or `--model.n_layers=2`.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ LAYOUTS = {  # name -> (processes, parallel overrides)
     "ep2_a2a": (2, {"parallel.ep": 2, "parallel.ep_dispatcher": "all_to_all"}),
     "tp2": (2, {"parallel.tp": 2}),
     "pp2": (2, {"parallel.pp": 2, "train.compile": False}),
+    "dp4": (4, {}),
+    "ep4": (4, {"parallel.ep": 4}),  # "auto": the all-to-all (the all-gather is taken up to ep=2)
+    "ep2_dp2": (4, {"parallel.ep": 2}),
+    "tp2_dp2": (4, {"parallel.tp": 2}),
+    "pp2_dp2": (4, {"parallel.pp": 2, "train.compile": False}),
+    "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2, "train.compile": False}),
 }
+DATA_PARALLEL = {1: "one", 2: "dp2", 4: "dp4"}  # each GPU count's plain data-parallel layout: the "vs dp" peer
 
 
 def worker(config_path: str, overrides: list[str], sync_step: int, profile_last: bool = False) -> None:
@@ -75,9 +85,10 @@ def worker(config_path: str, overrides: list[str], sync_step: int, profile_last:
 
             records = []
             trace = str(Path(config.out_dir) / "trace.json.gz") if trainer.rank == 0 else None
-            table = profile(lambda: records.append(step(batches)), trace=trace)
+            profiled = profile(lambda: records.append(step(batches)), trace=trace)
             if trainer.rank == 0:
-                (Path(config.out_dir) / "profile.txt").write_text(table + "\n")
+                (Path(config.out_dir) / "profile.txt").write_text(f"{profiled}\n")
+            counted["profiled_wall_ms"], counted["collectives_ms"] = profiled.wall_ms, profiled.collectives_ms
             return records[0]
         if trainer.step + 1 == sync_step - 1:  # the step before: the engine's (optimizer) steps timed
             trainer.engine.step = timed_engine_step
@@ -163,7 +174,18 @@ def read_layout(name: str, out_dir: str) -> dict | None:
         "compiled": compiled,
         "steps": counted["steps"],
         "warmup": counted["warmup"],
+        "profiled_wall_ms": counted.get("profiled_wall_ms"),  # --profile: rank 0's last step
+        "collectives_ms": counted.get("collectives_ms"),
     }
+
+
+def nccl_share(r: dict) -> str:
+    """The profiled step's NCCL kernel time as a share of its wall time, by collective ("n/a" without --profile)."""
+    if r["collectives_ms"] is None:
+        return "n/a"
+    wall, parts = r["profiled_wall_ms"], sorted(r["collectives_ms"].items(), key=lambda kv: -kv[1])
+    detail = ", ".join(f"{name} {100 * ms / wall:.0f}%" for name, ms in parts)
+    return f"{100 * sum(r['collectives_ms'].values()) / wall:.0f}%" + (f" ({detail})" if detail else "")
 
 
 def main() -> None:
@@ -203,24 +225,27 @@ def main() -> None:
         results = {name: read_layout(name, args.out_dir) for name in layouts}
     else:
         results = {name: run_layout(name, args, overrides) for name in layouts}
-    base = results.get("dp2")
+    one = results.get("one")
     settings = sorted({(r["steps"], r["warmup"]) for r in results.values() if r is not None})
     steps = "; ".join(f"steps {n} (median of the last {n - w})" for n, w in settings) or "no finished run"
     print(
         f"\n{args.config}, {steps}, overrides {' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | "
-        "tokens/s | vs dp=2 | peak GiB | host syncs per step | step ms | optimizer step ms | tokens per step |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "tokens/s | vs dp (same GPUs) | peak GiB | host syncs per step | step ms | optimizer step ms | tokens per step "
+        "| scaling vs one GPU | NCCL share of step |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for name, r in results.items():
         if r is None:
-            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log | | | | | | |")
+            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log |" + " |" * 8)
             continue
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"  # dp2 missing or failed
+        peer = results.get(DATA_PARALLEL[r["gpus"]])
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "n/a"  # not run or failed
+        scaling = f"{r['tokens_per_s'] / (r['gpus'] * one['tokens_per_s']):.2f}" if one else "n/a"
         optimizer = "n/a" if r["optimizer_ms"] is None else f"{r['optimizer_ms']:.1f}"  # pipeline: no engine.step
         step_ms = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]
         print(
             f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
-            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_step']:,.0f} |"
+            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_step']:,.0f} | "
+            f"{scaling} | {nccl_share(r)} |"
         )
     if None in results.values():
         raise SystemExit(1)

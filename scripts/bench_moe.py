@@ -247,7 +247,7 @@ GRAPHED_EP = "eager, one CUDA graph"  # the expert-parallel rows' label suffix
 FP8 = "moeformer FP8"
 
 
-def profile(module: nn.Module, x: torch.Tensor, top: int = 15) -> str:
+def profile(module: nn.Module, x: torch.Tensor, top: int = 15):
     """bench_train's profile of one forward+backward (as timed, after two more): device time by kernel kind (NCCL's
     under expert parallelism, and how much of it overlapped computation), the wall time and the `top` kernels."""
     from bench_train import profile as profile_step  # scripts/ is on sys.path when this file runs as a script

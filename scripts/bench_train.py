@@ -19,7 +19,9 @@ the two is the trainer's own (DeepSpeed's bf16 master weights and ZeRO partition
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from dataclasses import dataclass
 
 import torch
 import yaml
@@ -101,7 +103,20 @@ KERNEL_KINDS = {  # substrings of CUDA kernel names, first match wins
 }
 
 
-def profile(step, top: int = 25, trace: str | None = None) -> str:
+@dataclass
+class StepProfile:
+    """One profiled step: the printed report, the wall time and the NCCL kernel time by collective (kernel names:
+    AllReduce, AllGather, ReduceScatter, SendRecv: the all-to-all and the pipeline's point-to-point)."""
+
+    text: str
+    wall_ms: float
+    collectives_ms: dict[str, float]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def profile(step, top: int = 25, trace: str | None = None) -> StepProfile:
     """Device time of one `step` grouped by kernel kind; its wall time, the time kernels ran side by side (NCCL's
     stream beside compute) and the time no kernel ran (the device waiting for the host); then its `top` kernels
     (torch.profiler). `trace`: also record the host (Python stacks) and write a Chrome trace there (.json.gz)."""
@@ -117,33 +132,36 @@ def profile(step, top: int = 25, trace: str | None = None) -> str:
         wall_ms = 1e3 * (time.perf_counter() - start)
     if trace:
         prof.export_chrome_trace(trace)
-    averages = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kinds: dict[str, float] = {}
-    for e in (e for e in averages if e.device_time_total > 0):
-        kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.key.lower() for w in keys)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3
+    collectives: dict[str, float] = {}
+    for e in kernels:
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        kind = next((k for k, keys in KERNEL_KINDS.items() if any(w in e.name.lower() for w in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        if collective := re.match(r"nccl(?:Dev)?Kernel_([A-Za-z]+)", e.name):
+            collectives[collective[1]] = collectives.get(collective[1], 0.0) + ms
     total = sum(kinds.values())
-    busy_ms, span_ms = device_busy(prof.events())
+    busy_ms, span_ms = device_busy(kernels)
     lines = [
         f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%"
         for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
     ]
-    table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
+    lines += [f"    NCCL {name:37s} {ms:8.2f} ms" for name, ms in sorted(collectives.items(), key=lambda kv: -kv[1])]
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
     totals = [
         f"  {'total':42s} {total:8.2f} ms",
         f"  {'wall (profiled)':42s} {wall_ms:8.2f} ms",
         f"  {'overlapped (kernels side by side)':42s} {total - busy_ms:8.2f} ms",
         f"  {'device idle (first to last kernel)':42s} {span_ms - busy_ms:8.2f} ms",
     ]
-    return "\n".join(lines + totals + [table])
+    return StepProfile("\n".join(lines + totals + [table]), wall_ms, collectives)
 
 
-def device_busy(events) -> tuple[float, float]:
+def device_busy(kernels) -> tuple[float, float]:
     """(ms during which at least one kernel ran, ms from the first kernel's start to the last one's end) of the
     profiler's device events."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, end = 0.0, float("-inf")
     for s, e in spans:
         if e > end:

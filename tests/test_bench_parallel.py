@@ -3,6 +3,7 @@ scripts/bench_layouts.py filled in from the real trainer, and scripts/bench_moe.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def test_bench_layouts_tiny_form(tmp_path):
     rows = {
         m[0]: m[1:]
         for m in re.findall(
-            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 128 \|$",
+            r"^\| (\w+) \| 2 \| no \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ \| (\d+) \| [\d.]+ \| ([\d.]+) \| 128 \| "
+            r"n/a \| n/a \|$",
             proc.stdout,
             re.MULTILINE,
         )
@@ -74,6 +76,43 @@ def test_bench_layouts_tiny_form(tmp_path):
     assert "steps 4 (median of the last 2)" in report.stdout, report.stdout
     table = lambda out: [line for line in out.splitlines() if line.startswith(("| dp2 ", "| ep2"))]  # noqa: E731
     assert table(report.stdout) == table(proc.stdout), report.stdout
+
+
+def bench_layouts_module():
+    """scripts/bench_layouts.py as a module (an entry point, not a package module)."""
+    spec = importlib.util.spec_from_file_location("bench_layouts", REPO / "scripts" / "bench_layouts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(bench_layouts_module().LAYOUTS))
+def test_every_layout_is_a_run_config_of_its_gpu_count(name):
+    from moeformer.training.config import load_config
+
+    gpus, keys = bench_layouts_module().LAYOUTS[name]
+    config = load_config(REPO / "configs/train/medium-moe-gpu.yaml", dict(keys))
+    parallel = config.parallel.resolve(gpus)  # raises when the sizes do not fit the GPU count
+    parallel.validate_model(config.model_config())
+    assert parallel.dp * parallel.tp * parallel.pp == gpus
+
+
+@pytest.mark.distributed
+def test_bench_layouts_four_rank_tiny_form(tmp_path):
+    from moeformer.training.data import prepare_corpus
+
+    prepare_corpus(tmp_path / "data", max_files=20, val_fraction=0.2)
+    cmd = [sys.executable, "scripts/bench_layouts.py", "--config", "configs/train/tiny-moe-cpu.yaml", "--layouts"]
+    proc = subprocess.run(
+        [*cmd, "one,dp4,ep4", "--steps", "3", "--warmup", "1", "--out-dir", str(tmp_path / "runs")]
+        + [f"--data.dir={tmp_path / 'data'}", *TINY],
+        cwd=REPO, env=worker_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = r"^\| (\w+) \| [124] \| no \| [\d,]+ \| ([\d.]+x) \| .* \| ([\d.]+) \| n/a \|$"  # vs dp, scaling vs one
+    rows = {m[0]: m[1:] for m in re.findall(row, proc.stdout, re.MULTILINE)}
+    assert set(rows) == {"one", "dp4", "ep4"}, proc.stdout
+    assert rows["one"] == ("1.00x", "1.00") and rows["dp4"][0] == "1.00x", proc.stdout  # each against its own peer
 
 
 def run_on_two_cpu_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
