@@ -110,12 +110,26 @@ def worker(config_path: str, overrides: list[str], sync_step: int, profile_last:
     shutdown_distributed()
 
 
+MARKER = ".bench_layouts"  # in each layout directory this script made: only those are replaced
+
+
+def fresh_layout_dir(out: Path) -> None:
+    """An empty `out` for a layout's run: this script's earlier run of it is removed (the trainer would resume from
+    its checkpoints and append to its metrics), anything else there is an error, never deleted."""
+    if out.exists():
+        if not (out / MARKER).is_file():
+            raise SystemExit(f"{out} exists and was not made by bench_layouts.py: choose another --out-dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("a scripts/bench_layouts.py run: replaced by the next run of this layout\n")
+
+
 def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict | None:
     """Train `name`'s layout; its median tokens/s after the warm-up, peak memory and host syncs of one step (None:
     the run failed)."""
     nproc, keys = LAYOUTS[name]
     out = Path(args.out_dir) / name
-    shutil.rmtree(out, ignore_errors=True)  # this script's own earlier run of the layout: metrics.jsonl appends
+    fresh_layout_dir(out)
     flags = [
         f"--out_dir={out}",
         f"--train.steps={args.steps}",

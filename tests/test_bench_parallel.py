@@ -97,6 +97,20 @@ def test_every_layout_is_a_run_config_of_its_gpu_count(name):
     assert parallel.dp * parallel.tp * parallel.pp == gpus
 
 
+def test_a_layout_directory_is_replaced_only_when_this_script_made_it(tmp_path):
+    fresh_layout_dir = bench_layouts_module().fresh_layout_dir
+    mine, foreign = tmp_path / "dp2", tmp_path / "ep2"
+    fresh_layout_dir(mine)
+    (mine / "metrics.jsonl").write_text("{}\n")
+    fresh_layout_dir(mine)  # an earlier run of this script: replaced
+    assert not (mine / "metrics.jsonl").exists()
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="ep2 exists and was not made by bench_layouts.py"):
+        fresh_layout_dir(foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.distributed
 def test_bench_layouts_four_rank_tiny_form(tmp_path):
     from moeformer.training.data import prepare_corpus
