@@ -69,30 +69,18 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """Every rank's rows stacked in rank order; backward: this rank's rows of the gradient summed over the ranks."""
+class _RowCollective(torch.autograd.Function):
+    """All-gather of the ranks' rows (stacked in rank order) or reduce-scatter (rows summed over the ranks, each rank
+    keeping its block): each is the other's adjoint, so backward runs the other one on the gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    """The transpose of _AllGatherRows: the rows summed over the ranks, each rank keeping its block of them."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _reduce_scatter(x, group)
+    def forward(ctx, x: Tensor, group, gather: bool) -> Tensor:
+        ctx.group, ctx.gather = group, gather
+        return _row_collective(x, group, gather)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _all_gather(grad, ctx.group), None
+        return _row_collective(grad, ctx.group, not ctx.gather), None, None
 
 
 # The row collectives are c10d's own (the caller's stream waits for them; the host does not), registered as custom
@@ -125,24 +113,22 @@ _ALL_GATHER = torch.library.custom_op("moeformer::all_gather_into", _all_gather_
 _ALL_GATHER.register_fake(_gathered)
 _REDUCE_SCATTER = torch.library.custom_op("moeformer::reduce_scatter_into", _reduce_scatter_into, mutates_args=())
 _REDUCE_SCATTER.register_fake(_scattered)
+_ROW_OPS = {True: (_all_gather_into, _ALL_GATHER), False: (_reduce_scatter_into, _REDUCE_SCATTER)}  # (eager, traced)
 
 
-def _all_gather(x: Tensor, group) -> Tensor:  # eager calls the function itself: no custom-op dispatch
-    op = _ALL_GATHER if torch.compiler.is_compiling() else _all_gather_into
-    return op(x.contiguous(), group.group_name)
-
-
-def _reduce_scatter(x: Tensor, group) -> Tensor:
-    op = _REDUCE_SCATTER if torch.compiler.is_compiling() else _reduce_scatter_into
-    return op(x.contiguous(), group.group_name)
+def _row_collective(x: Tensor, group, gather: bool) -> Tensor:
+    """The all-gather (`gather`) or reduce-scatter of x's rows: the custom op while torch.compile traces, the function
+    itself in eager (no custom-op dispatch)."""
+    eager, traced = _ROW_OPS[gather]
+    return (traced if torch.compiler.is_compiling() else eager)(x.contiguous(), group.group_name)
 
 
 def all_gather_rows(x: Tensor, group) -> Tensor:
-    return _AllGatherRows.apply(x, group)
+    return _RowCollective.apply(x, group, True)
 
 
 def reduce_scatter_rows(x: Tensor, group) -> Tensor:
-    return _ReduceScatterRows.apply(x, group)
+    return _RowCollective.apply(x, group, False)
 
 
 def all_reduce(x: Tensor, group) -> Tensor:
