@@ -3,14 +3,13 @@ scripts/bench_layouts.py filled in from the real trainer, and scripts/bench_moe.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.workers import REPO, worker_env
+from tests.workers import REPO, script, worker_env
 
 TINY = [
     "--model.n_layers=2",
@@ -78,19 +77,11 @@ def test_bench_layouts_tiny_form(tmp_path):
     assert table(report.stdout) == table(proc.stdout), report.stdout
 
 
-def bench_layouts_module():
-    """scripts/bench_layouts.py as a module (an entry point, not a package module)."""
-    spec = importlib.util.spec_from_file_location("bench_layouts", REPO / "scripts" / "bench_layouts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("name", list(bench_layouts_module().LAYOUTS))
+@pytest.mark.parametrize("name", list(script("bench_layouts").LAYOUTS))
 def test_every_layout_is_a_run_config_of_its_gpu_count(name):
     from moeformer.training.config import load_config
 
-    gpus, keys = bench_layouts_module().LAYOUTS[name]
+    gpus, keys = script("bench_layouts").LAYOUTS[name]
     config = load_config(REPO / "configs/train/medium-moe-gpu.yaml", dict(keys))
     parallel = config.parallel.resolve(gpus)  # raises when the sizes do not fit the GPU count
     parallel.validate_model(config.model_config())
@@ -98,7 +89,7 @@ def test_every_layout_is_a_run_config_of_its_gpu_count(name):
 
 
 def test_a_layout_directory_is_replaced_only_when_this_script_made_it(tmp_path):
-    fresh_layout_dir = bench_layouts_module().fresh_layout_dir
+    fresh_layout_dir = script("bench_layouts").fresh_layout_dir
     mine, foreign = tmp_path / "dp2", tmp_path / "ep2"
     fresh_layout_dir(mine)
     (mine / "metrics.jsonl").write_text("{}\n")

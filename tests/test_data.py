@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,16 +24,9 @@ from moeformer.training.data import (
     write_tokens,
 )
 from moeformer.training.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from tests.workers import script
 
-REPO = Path(__file__).resolve().parents[1]
 N_FILES = 30
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @functools.cache
@@ -55,7 +47,7 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def byte_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("byte")
-    load_script("prepare_data").main(["--out", str(out), "--max-files", str(N_FILES)])
+    script("prepare_data").main(["--out", str(out), "--max-files", str(N_FILES)])
     return out
 
 

@@ -3,7 +3,6 @@ with the corpus tokenizer beside it) and a Hugging Face export with its own toke
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -16,16 +15,7 @@ import torch
 from moeformer.models import ModelConfig, build_model
 from moeformer.training.data import prepare_corpus
 from moeformer.training.tokenizer import load_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module (they are entry points, not package modules)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.workers import script
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,24 @@ import path, then the caller's own entries (where dependencies such as deepspeed
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (they are entry points, not package modules); registered in sys.modules, through
+    which dataclasses resolve a module's string annotations."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def worker_env(**extra: str) -> dict[str, str]:
