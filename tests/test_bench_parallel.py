@@ -77,11 +77,14 @@ def test_bench_layouts_tiny_form(tmp_path):
     assert table(report.stdout) == table(proc.stdout), report.stdout
 
 
-@pytest.mark.parametrize("name", list(script("bench_layouts").LAYOUTS))
+bench_layouts = script("bench_layouts")
+
+
+@pytest.mark.parametrize("name", list(bench_layouts.LAYOUTS))
 def test_every_layout_is_a_run_config_of_its_gpu_count(name):
     from moeformer.training.config import load_config
 
-    gpus, keys = script("bench_layouts").LAYOUTS[name]
+    gpus, keys = bench_layouts.LAYOUTS[name]
     config = load_config(REPO / "configs/train/medium-moe-gpu.yaml", dict(keys))
     parallel = config.parallel.resolve(gpus)  # raises when the sizes do not fit the GPU count
     parallel.validate_model(config.model_config())
@@ -89,7 +92,7 @@ def test_every_layout_is_a_run_config_of_its_gpu_count(name):
 
 
 def test_a_layout_directory_is_replaced_only_when_this_script_made_it(tmp_path):
-    fresh_layout_dir = script("bench_layouts").fresh_layout_dir
+    fresh_layout_dir = bench_layouts.fresh_layout_dir
     mine, foreign = tmp_path / "dp2", tmp_path / "ep2"
     fresh_layout_dir(mine)
     (mine / "metrics.jsonl").write_text("{}\n")
