@@ -2,7 +2,8 @@
 tokens/s (median over the steps after the warm-up), peak memory, and the host synchronisations of one training step.
 
     python scripts/bench_layouts.py --config configs/train/medium-moe-gpu.yaml [--layouts one,dp2,ep2,ep2_a2a,tp2,pp2]
-                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--report] [--profile]
+                                    [--steps 30] [--warmup 10] [--out-dir runs/bench-layouts] [--repeat 1]
+                                    [--report] [--profile]
                                     [--dotted.key=value ...]
 
 Layouts of two GPUs (one, dp2, ep2, ep2_a2a, tp2, pp2) and of four (dp4, ep4, ep2_dp2, tp2_dp2, pp2_dp2, pp2_ep2).
@@ -18,8 +19,11 @@ sync); optimizer step ms: DeepSpeed's `engine.step` calls of the step before it,
 every rank profiles its last step (one step of the median, a little slower); rank 0's device time by kernel kind, NCCL
 included, and its idle time are printed and kept in <out-dir>/<layout>/profile.txt, its NCCL kernel time by
 collective as a share of the step's wall time fills the last column, and its Chrome trace of the step (host with
-Python stacks, device) is written to <out-dir>/<layout>/trace.json.gz. Other dotted flags go to every run, e.g.
-`--train.compile=false` or `--model.n_layers=2`.
+Python stacks, device) is written to <out-dir>/<layout>/trace.json.gz. `--repeat N` runs the layouts in turn N
+rounds (round r in <out-dir>/round<r>): tokens/s is each layout's median over the rounds, "vs dp" and the scaling
+the medians of each round's ratio (a run against its peer's run beside it in time, so that a slower spell of the
+machine's host, which moves a host-bound step by 10-30%, meets both), and each round's tokens/s is listed below the
+table. Other dotted flags go to every run, e.g. `--train.compile=false` or `--model.n_layers=2`.
 """
 
 from __future__ import annotations
@@ -124,11 +128,11 @@ def fresh_layout_dir(out: Path) -> None:
     (out / MARKER).write_text("a scripts/bench_layouts.py run: replaced by the next run of this layout\n")
 
 
-def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dict | None:
-    """Train `name`'s layout; its median tokens/s after the warm-up, peak memory and host syncs of one step (None:
-    the run failed)."""
+def run_layout(name: str, args: argparse.Namespace, overrides: list[str], out_dir: Path) -> dict | None:
+    """Train `name`'s layout in `out_dir`; its median tokens/s after the warm-up, peak memory and host syncs of one
+    step (None: the run failed)."""
     nproc, keys = LAYOUTS[name]
-    out = Path(args.out_dir) / name
+    out = out_dir / name
     fresh_layout_dir(out)
     flags = [
         f"--out_dir={out}",
@@ -155,7 +159,7 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
         *(["--profile"] if args.profile else []),
         *flags,
     ]
-    log = Path(args.out_dir) / f"{name}.log"
+    log = out_dir / f"{name}.log"
     print(f"{name}: {' '.join(cmd)}  (log: {log})", flush=True)
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
@@ -164,13 +168,13 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str]) -> dic
         return None
     if (out / "profile.txt").is_file():
         print(f"{name}: rank 0's last step by kernel kind\n{(out / 'profile.txt').read_text()}", flush=True)
-    return read_layout(name, args.out_dir)
+    return read_layout(name, out_dir)
 
 
-def read_layout(name: str, out_dir: str) -> dict | None:
+def read_layout(name: str, out_dir: Path) -> dict | None:
     """The results of layout `name`'s run in `out_dir`, over the steps after its own warm-up (None: it did not
     finish)."""
-    out = Path(out_dir) / name
+    out = out_dir / name
     if not (out / "bench.json").is_file():
         print(f"{name}: no finished run in {out}", flush=True)
         return None
@@ -193,6 +197,30 @@ def read_layout(name: str, out_dir: str) -> dict | None:
     }
 
 
+def merge_rounds(runs: list[dict | None]) -> dict | None:
+    """One layout's runs over the rounds as one result: median tokens/s and optimizer time, peak memory's maximum,
+    the rest from the first round (None: a run failed)."""
+    if any(r is None for r in runs):
+        return None
+    optimizer = [r["optimizer_ms"] for r in runs if r["optimizer_ms"] is not None]
+    return {
+        **runs[0],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "rounds": [r["tokens_per_s"] for r in runs],
+        "peak_gib": max(r["peak_gib"] for r in runs),
+        "optimizer_ms": statistics.median(optimizer) if optimizer else None,
+    }
+
+
+def median_ratio(rounds: list[dict], name: str, peer: str, per: int = 1) -> float | None:
+    """Median over the rounds of tokens/s of `name` / (`per` x those of `peer` in the same round): each run against
+    the peer's run beside it in time (None: the peer was not run, or a run failed)."""
+    pairs = [(runs.get(name), runs.get(peer)) for runs in rounds]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return statistics.median(a["tokens_per_s"] / (per * b["tokens_per_s"]) for a, b in pairs)
+
+
 def nccl_share(r: dict) -> str:
     """The profiled step's NCCL kernel time as a share of its wall time, by collective ("n/a" without --profile)."""
     if r["collectives_ms"] is None:
@@ -212,6 +240,12 @@ def main() -> None:
     )
     parser.add_argument("--out-dir", default="runs/bench-layouts")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the layouts in turn this many rounds (round r in <out-dir>/round<r>); --report: read that many back",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="only print the table of the layouts' runs already in --out-dir (run them one by one "
@@ -228,39 +262,49 @@ def main() -> None:
         return worker(args.config, overrides, args.warmup, args.profile)
     layouts = args.layouts.split(",")
     unknown = sorted(set(layouts) - set(LAYOUTS))
-    if unknown or not 1 <= args.warmup < args.steps:
+    if unknown:
+        raise SystemExit(f"unknown layouts {unknown} (choose from {list(LAYOUTS)})")
+    if not 1 <= args.warmup < args.steps or args.repeat < 1:
         raise SystemExit(
-            f"unknown layouts {unknown} (choose from {list(LAYOUTS)})"
-            if unknown
-            else f"need 1 <= --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}"
+            f"need 1 <= --warmup < --steps and --repeat >= 1, got --warmup {args.warmup} --steps {args.steps} "
+            f"--repeat {args.repeat}"
         )
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    if args.report:
-        results = {name: read_layout(name, args.out_dir) for name in layouts}
-    else:
-        results = {name: run_layout(name, args, overrides) for name in layouts}
-    one = results.get("one")
+    dirs = [Path(args.out_dir) / (f"round{r}" if args.repeat > 1 else "") for r in range(1, args.repeat + 1)]
+    rounds = []
+    for out_dir in dirs:  # the layouts in turn, round after round: a slow spell of the machine meets every layout
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rounds.append(
+            {n: read_layout(n, out_dir) if args.report else run_layout(n, args, overrides, out_dir) for n in layouts}
+        )
+    results = {name: merge_rounds([runs[name] for runs in rounds]) for name in layouts}
     settings = sorted({(r["steps"], r["warmup"]) for r in results.values() if r is not None})
     steps = "; ".join(f"steps {n} (median of the last {n - w})" for n, w in settings) or "no finished run"
+    each = f"{args.repeat} rounds: tokens/s, vs dp and scaling are medians over the rounds, " if args.repeat > 1 else ""
     print(
-        f"\n{args.config}, {steps}, overrides {' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | "
+        f"\n{args.config}, {each}{steps}, overrides {' '.join(overrides) or 'none'}\n\n| layout | GPUs | compiled | "
         "tokens/s | vs dp (same GPUs) | peak GiB | host syncs per step | step ms | optimizer step ms | tokens per step "
         "| scaling vs one GPU | NCCL share of step |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for name, r in results.items():
         if r is None:
-            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {Path(args.out_dir) / name}.log |" + " |" * 8)
+            logs = ", ".join(str(d / f"{name}.log") for d, runs in zip(dirs, rounds) if runs[name] is None)
+            print(f"| {name} | {LAYOUTS[name][0]} | | failed: see {logs} |" + " |" * 8)
             continue
-        peer = results.get(DATA_PARALLEL[r["gpus"]])
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "n/a"  # not run or failed
-        scaling = f"{r['tokens_per_s'] / (r['gpus'] * one['tokens_per_s']):.2f}" if one else "n/a"
+        ratio = median_ratio(rounds, name, DATA_PARALLEL[r["gpus"]])
+        scaling = median_ratio(rounds, name, "one", per=r["gpus"])
         optimizer = "n/a" if r["optimizer_ms"] is None else f"{r['optimizer_ms']:.1f}"  # pipeline: no engine.step
         step_ms = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]
         print(
-            f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {ratio} | "
-            f"{r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} | {optimizer} | {r['tokens_per_step']:,.0f} | "
-            f"{scaling} | {nccl_share(r)} |"
+            f"| {name} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {r['peak_gib']:.1f} | {r['host_syncs']} | {step_ms:.1f} "
+            f"| {optimizer} | {r['tokens_per_step']:,.0f} | {'n/a' if scaling is None else f'{scaling:.2f}'} | "
+            f"{nccl_share(r)} |"
         )
+    if args.repeat > 1:
+        print("\ntokens/s of each round:")
+        for name, r in results.items():
+            if r is not None:
+                print(f"  {name}: {' / '.join(f'{t:,.0f}' for t in r['rounds'])}")
     if None in results.values():
         raise SystemExit(1)
 

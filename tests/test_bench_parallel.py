@@ -3,6 +3,7 @@ scripts/bench_layouts.py filled in from the real trainer, and scripts/bench_moe.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -103,6 +104,59 @@ def test_a_layout_directory_is_replaced_only_when_this_script_made_it(tmp_path):
     with pytest.raises(SystemExit, match="ep2 exists and was not made by bench_layouts.py"):
         fresh_layout_dir(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def _finished_run(out, tokens_per_s: float, optimizer_ms: float = 1.0, peak_gib: float = 1.0) -> None:
+    """A layout directory as a finished worker of --steps 3 --warmup 1 leaves it: bench.json, metrics.jsonl (steps 2
+    and 3, the timed ones, at `tokens_per_s`; step 1 far slower) and the resolved config."""
+    out.mkdir(parents=True)
+    (out / "bench.json").write_text(
+        json.dumps({"steps": 3, "warmup": 1, "host_syncs": 5, "optimizer_ms": optimizer_ms})
+    )
+    records = [
+        {"split": "train", "step": i, "tokens": 1024 * i, "tokens_per_s": t, "peak_mem_gib": peak_gib}
+        for i, t in ((1, 1.0), (2, tokens_per_s), (3, tokens_per_s))
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "config.yaml").write_text("train:\n  compile: true\n")
+
+
+def _report(out_dir, layouts: str, repeat: int) -> tuple[subprocess.CompletedProcess, dict[str, list[str]]]:
+    """`bench_layouts.py --report --repeat <repeat>` over out_dir's runs, and its table's cells by layout."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_layouts.py", "--config", "configs/train/medium-moe-gpu.yaml", "--layouts",
+         layouts, "--out-dir", str(out_dir), "--report", "--repeat", str(repeat)],
+        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    return proc, {row[0]: row for row in rows}
+
+
+def test_repeated_rounds_give_medians_and_each_round_against_its_own_peer(tmp_path):
+    runs = {"one": [50, 100, 150], "dp2": [100, 200, 300], "ep2": [95, 150, 290]}
+    for r in range(3):
+        for name, tokens in runs.items():
+            _finished_run(tmp_path / f"round{r + 1}" / name, tokens[r], optimizer_ms=10.0 + r, peak_gib=3.0 - r)
+    proc, rows = _report(tmp_path, "one,dp2,ep2", 3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # columns: 3 tokens/s, 4 vs dp, 5 peak GiB, 6 host syncs, 8 optimizer ms, 10 scaling vs one GPU
+    assert [rows[n][3] for n in runs] == ["100", "200", "150"], proc.stdout  # medians over the rounds
+    # ep2 / dp2 of each round: 0.95, 0.75, 0.97 -> 0.95 (the ratio of the medians would say 0.75)
+    assert rows["ep2"][4] == "0.95x" and rows["ep2"][10] == "0.95", proc.stdout
+    assert rows["dp2"][4] == "1.00x" and rows["dp2"][10] == "1.00" and rows["one"][4] == "1.00x", proc.stdout
+    assert rows["ep2"][5] == "3.0" and rows["ep2"][6] == "5" and rows["ep2"][8] == "11.0", proc.stdout
+    assert "  ep2: 95 / 150 / 290" in proc.stdout, proc.stdout  # each round's tokens/s, in round order
+    assert "3 rounds: tokens/s, vs dp and scaling are medians over the rounds" in proc.stdout
+
+
+def test_a_layout_failed_in_any_round_is_reported_failed(tmp_path):
+    for r in (1, 2):
+        _finished_run(tmp_path / f"round{r}" / "dp2", 100.0)
+    _finished_run(tmp_path / "round1" / "ep2", 90.0)  # round 2's ep2 did not finish
+    proc, _ = _report(tmp_path, "dp2,ep2", 2)
+    assert proc.returncode == 1
+    assert f"| ep2 | 2 | | failed: see {tmp_path / 'round2' / 'ep2.log'} |" in proc.stdout, proc.stdout
+    assert "| dp2 | 2 | yes | 100 | 1.00x |" in proc.stdout, proc.stdout
 
 
 @pytest.mark.distributed
