@@ -125,6 +125,16 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
     with pytest.raises(ConfigError, match="model.attn_backend=flex trains on wrong gradients"):
         load_config(None, flex)
     assert load_config(None, [*flex, "--train.compile_backend=aot_eager"]).train.compile is True
+    graphs = load_config(None, ["--train.compile=true", "--train.compile_mode=reduce-overhead"])
+    assert graphs.train.compile_mode == "reduce-overhead" and load_config(None).train.compile_mode == "default"
+    with pytest.raises(ConfigError, match="train.compile_mode must be one of .*'reduce-overhead'.*got 'cudagraphs'"):
+        load_config(None, ["--train.compile=true", "--train.compile_mode=cudagraphs"])
+    with pytest.raises(ConfigError, match="train.compile_mode=reduce-overhead needs train.compile=true"):
+        load_config(None, ["--train.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="train.compile_backend=aot_eager takes only compile_mode=default"):
+        load_config(
+            None, ["--train.compile=true", "--train.compile_mode=max-autotune", "--train.compile_backend=aot_eager"]
+        )
 
 
 def test_pipeline_refuses_zero_stages_its_engine_cannot_run():

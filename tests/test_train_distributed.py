@@ -202,6 +202,31 @@ def scenario_overflow_gpu(work: Path) -> dict:
     }
 
 
+def scenario_cuda_graphs(work: Path) -> dict:
+    """1 GPU: one bf16 run (compiled blocks, ZeRO-1, two micro-batches per step, an evaluation mid-way) with and
+    without CUDA graphs (train.compile_mode=reduce-overhead); how many compiled graphs inductor ran without them."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_trees import get_manager
+
+    from moeformer.training.metrics import read_metrics
+
+    out = {}
+    for mode in ("default", "reduce-overhead"):  # the default first: no CUDA-graph tree exists before the second
+        counters.clear()
+        overrides = {"train.dtype": "bf16", "train.compile": True, "train.compile_mode": mode, "train.zero_stage": 1}
+        run = {"train.grad_accum": 2, "train.steps": 8, "train.eval_every": 4}
+        out[mode] = train(run_config(work, f"graphs_{mode}", **overrides, **run))
+        records = [r for r in read_metrics(work / f"graphs_{mode}") if r["split"] == "train"]
+        manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        out[mode].update(
+            grad_norms=[r["grad_norm"] for r in records],
+            skipped=[r["skipped"] for r in records],
+            cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+            cudagraph_functions=0 if manager is None else len(manager.ids_to_funcs),
+        )
+    return out
+
+
 def training_state(trainer) -> list:
     """Copies of this rank's weights (ZeRO-3: its partitions), the optimizer's (master) weights and its state."""
     weights = [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.engine.module.parameters()]
@@ -275,6 +300,7 @@ def scenario_resumed(work: Path) -> dict:
 
 def scenario_single(work: Path) -> dict:
     """1 rank: the parity run with the same global batch (grad_accum 2), non-finite handling, corrupt checkpoints."""
+    from moeformer.errors import ConfigError
     from moeformer.training.run_checkpoints import CheckpointError
     from moeformer.training.trainer import NonFiniteLossError, Trainer
 
@@ -371,6 +397,13 @@ def scenario_single(work: Path) -> dict:
         out["existing"] = None
     except FileExistsError as e:
         out["existing"] = str(e)
+
+    # CUDA graphs asked for on this CPU: one clear error before any data is read
+    try:
+        Trainer(run_config(work, "graphs", **{"train.compile": True, "train.compile_mode": "reduce-overhead"}))
+        out["cuda_graphs_on_cpu"] = None
+    except ConfigError as e:
+        out["cuda_graphs_on_cpu"] = str(e)
 
     # a checkpoint whose bytes changed after saving is refused with a clear error
     saved = work / "parity1" / "checkpoints" / f"step_{PARITY_STEPS:08d}"
@@ -735,6 +768,36 @@ def test_nonfinite_micro_batch_skips_the_whole_accumulated_step(results):
 @pytest.mark.distributed
 def test_fresh_start_over_existing_checkpoints_is_refused(results):
     assert "already holds checkpoints; pass --resume auto" in results["single"]["existing"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_compile_mode_trains_as_the_default_mode_on_gpu(work):
+    """train.compile_mode=reduce-overhead replays every compiled graph (blocks, LM head, their backward, the
+    evaluation's) as CUDA graphs and trains as the default mode does: the same kernels, so step 1 (same weights,
+    same batches) agrees to bf16 rounding, and the 8 steps' losses to a few units of it (the GPU's attention
+    backward sums in no fixed order). A replay on stale inputs (the previous micro-batch's) would be far off."""
+    got = finish(launch("cuda_graphs", work, 1), "cuda_graphs", work, timeout=900)
+    plain, graphs = got["default"], got["reduce-overhead"]
+    assert plain["cudagraph_functions"] == 0 and graphs["cudagraph_functions"] > 0, got
+    assert graphs["cudagraph_skips"] == 0, got  # nothing fell back to launching kernel by kernel
+    assert not any(plain["skipped"] + graphs["skipped"]), got
+    steps = sorted(plain["losses"], key=int)
+    assert sorted(graphs["losses"], key=int) == steps and len(steps) == 8, got
+    assert graphs["losses"]["1"] == pytest.approx(plain["losses"]["1"], rel=BF16_RTOL)
+    assert graphs["grad_norms"][0] == pytest.approx(plain["grad_norms"][0], rel=BF16_RTOL)
+    for step in steps:
+        assert graphs["losses"][step] == pytest.approx(plain["losses"][step], rel=4 * BF16_RTOL), (step, got)
+    assert graphs["val_loss"] == pytest.approx(plain["val_loss"], rel=4 * BF16_RTOL), got
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_cuda_graph_compile_mode_is_refused_without_a_gpu(results):
+    assert results["single"]["cuda_graphs_on_cpu"] == (
+        "train.compile_mode=reduce-overhead replays CUDA graphs, which need a GPU (this run is on cpu); use "
+        "train.compile_mode=default or max-autotune-no-cudagraphs"
+    )
 
 
 @pytest.mark.distributed

@@ -28,6 +28,8 @@ from moeformer.training.distill import DistillConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes in which inductor replays CUDA graphs
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_k", "attention", "moe")
 EXPORT_FORMATS = ("native", "hf", "none")
 RENAMED_KEYS = {"train.checkpoint_every_k": "train.activation_checkpointing_every"}  # old key -> new key
@@ -76,6 +78,7 @@ class LoopConfig:
     activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile the model's forward (not with parallel.pp > 1)
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" skips code generation (fast to build)
+    compile_mode: str = "default"  # inductor's: reduce-overhead replays each compiled block as CUDA graphs (CUDA)
     fp8: bool = False  # linears and expert GEMMs in FP8 (moeformer.layers.fp8; GPU of compute capability >= 8.9)
     fp8_wgrad: bool = True  # with fp8: the experts' weight gradients in FP8 too (false: bf16)
     eval_every: int = 100  # 0: only at the end
@@ -128,6 +131,8 @@ class RunConfig:
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.train.zero_stage}")
         if self.train.compile:
             self._check_compile()
+        elif self.train.compile_mode != "default":
+            raise ConfigError(f"train.compile_mode={self.train.compile_mode} needs train.compile=true")
         if self.parallel.pp > 1:
             self._check_pipeline()
         if self.train.distill is not None:
@@ -171,6 +176,12 @@ class RunConfig:
         from torch._dynamo import list_backends  # only when compiling: importing dynamo takes a second
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
+        _check_choice("train.compile_mode", self.train.compile_mode, COMPILE_MODES)
+        if self.train.compile_mode != "default" and self.train.compile_backend != "inductor":
+            raise ConfigError(
+                f"train.compile_mode={self.train.compile_mode} is an inductor mode; train.compile_backend="
+                f"{self.train.compile_backend} takes only compile_mode=default"
+            )
         if self.parallel.pp > 1:
             raise ConfigError(
                 f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
@@ -275,6 +286,7 @@ RESUME_FREE_KEYS = (
     "train.max_nonfinite",
     "train.compile",
     "train.compile_backend",
+    "train.compile_mode",
     "train.activation_checkpointing",
     "train.activation_checkpointing_every",
     "parallel.ep_chunks",  # how the all-to-alls are pipelined, not what they compute

@@ -45,7 +45,7 @@ from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compil
 from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, init_distributed, parallelize
 from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
-from moeformer.training.config import RunConfig, resume_changes, run_identity
+from moeformer.training.config import CUDA_GRAPH_MODES, RunConfig, resume_changes, run_identity
 from moeformer.training.data import ShardedBatches, TokenDataset, check_same_tokenizer, dataset_facts, load_meta
 from moeformer.training.distill import DistillConfig, Distiller
 from moeformer.training.init_from import load_weights
@@ -154,13 +154,15 @@ def apply_parallelism(model: CausalLM, config: RunConfig) -> tuple[nn.Module, Pa
     return parallelize(model, config.parallel)
 
 
-def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str) -> None:
-    """torch.compile the engine's model block by block (`compile_blocks`; the exported state dict keeps its names).
-    The activation-checkpointed modules stay eager: DeepSpeed's checkpoint replays the tensors an eager forward
-    saved, in order, and a compiled forward saves others (backward fails)."""
+def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str, mode: str = "default") -> None:
+    """torch.compile the engine's model block by block (`compile_blocks`; the exported state dict keeps its names),
+    in inductor's `mode` (reduce-overhead: each block's forward and backward replayed as CUDA graphs, for steps
+    whose host cannot launch kernels as fast as the GPU runs them). The activation-checkpointed modules stay eager:
+    DeepSpeed's checkpoint replays the tensors an eager forward saved, in order, and a compiled forward saves
+    others (backward fails)."""
     for module in checkpointed:
         module.forward = torch.compiler.disable(module.forward)
-    compile_blocks(engine.module, skip=checkpointed, backend=backend)
+    compile_blocks(engine.module, skip=checkpointed, backend=backend, mode=mode)
 
 
 def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
@@ -308,6 +310,11 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if config.train.fp8 and (problem := fp8_unsupported(self.device)):
             raise ConfigError(f"train.fp8=true: {problem}; set train.fp8=false")
+        if config.train.compile_mode in CUDA_GRAPH_MODES and self.device.type != "cuda":
+            raise ConfigError(
+                f"train.compile_mode={config.train.compile_mode} replays CUDA graphs, which need a GPU (this run is "
+                f"on {self.device.type}); use train.compile_mode=default or max-autotune-no-cudagraphs"
+            )
         self.out_dir = Path(config.out_dir)
         self.model_config = config.model_config()
         meta = load_meta(config.data.dir)
@@ -358,7 +365,7 @@ class Trainer:
         # no DeepSpeed wrapper (ZeRO-0 without bf16) checks the gradient norm before stepping: the optimizer does
         self.optimizer.check_gradients = self.engine.optimizer is self.optimizer
         if config.train.compile:
-            compile_engine(self.engine, checkpointed, config.train.compile_backend)
+            compile_engine(self.engine, checkpointed, config.train.compile_backend, config.train.compile_mode)
         if config.parallel.pp > 1:
             self.stepper: Stepper = PipelineStepper(self.engine, config, self.device)
         else:
@@ -557,6 +564,17 @@ class Trainer:
         )
 
     # ---- the loop --------------------------------------------------------------------------------------------
+    def _report_cuda_graph_skips(self) -> None:
+        """After the first step of a CUDA-graph compile mode: say when inductor ran compiled graphs without them (an
+        op it cannot capture, a host sync), rather than leave the user to believe every block is replayed."""
+        from torch._dynamo.utils import counters
+
+        if skipped := counters["inductor"]["cudagraph_skips"]:
+            self._print(
+                f"train.compile_mode={self.config.train.compile_mode}: {skipped} compiled graph(s) run without CUDA "
+                "graphs (TORCH_LOGS=cudagraphs says why)"
+            )
+
     def train(self) -> dict[str, Any]:
         """Run until `train.steps`, evaluating, logging and checkpointing on schedule; returns a summary."""
         t, ck = self.config.train, self.config.checkpoint
@@ -576,6 +594,8 @@ class Trainer:
             while self.step < t.steps:
                 record = self.train_step(batches)
                 self.step += 1
+                if t.compile and t.compile_mode in CUDA_GRAPH_MODES and self.step == 1:
+                    self._report_cuda_graph_skips()
                 if "loss" in record:
                     losses[self.step] = record["loss"]
                 if self.step % t.log_every == 0 or self.step == t.steps:
