@@ -83,10 +83,12 @@ bench_layouts = script("bench_layouts")
 
 @pytest.mark.parametrize("name", list(bench_layouts.LAYOUTS))
 def test_every_layout_is_a_run_config_of_its_gpu_count(name):
+    """Also under the flags one passes for every layout (the layout's own keys win: pipeline layouts train eager)."""
     from moeformer.training.config import load_config
 
     gpus, keys = bench_layouts.LAYOUTS[name]
-    config = load_config(REPO / "configs/train/medium-moe-gpu.yaml", dict(keys))
+    every = {"train.compile": True, "train.compile_mode": "reduce-overhead"}
+    config = load_config(REPO / "configs/train/medium-moe-gpu.yaml", {**every, **keys})
     parallel = config.parallel.resolve(gpus)  # raises when the sizes do not fit the GPU count
     parallel.validate_model(config.model_config())
     assert parallel.dp * parallel.tp * parallel.pp == gpus

@@ -163,6 +163,10 @@ def compile_engine(engine: Any, checkpointed: list[nn.Module], backend: str, mod
     for module in checkpointed:
         module.forward = torch.compiler.disable(module.forward)
     compile_blocks(engine.module, skip=checkpointed, backend=backend, mode=mode)
+    if mode in CUDA_GRAPH_MODES:  # autograd would keep a backward graph's output as .grad, and the next replay
+        for param in engine.module.parameters():  # (the next micro-batch's) overwrite it: accumulate a copy
+            if param.requires_grad:
+                param.register_hook(torch.clone)
 
 
 def data_parallel_rank_and_size(mpu=None) -> tuple[int, int]:
@@ -204,12 +208,18 @@ class MicroBatchStepper:
     def __init__(self, engine, optimizer, forward: Callable, config: RunConfig, device: torch.device) -> None:
         self.engine, self.optimizer, self.forward, self.device = engine, optimizer, forward, device
         self.grad_accum, self.sharded = config.train.grad_accum, config.parallel != ParallelConfig()
+        self.cuda_graphs = config.train.compile and config.train.compile_mode in CUDA_GRAPH_MODES
+
+    def _forward(self, batch):
+        if self.cuda_graphs:  # a new iteration of the graphs: the previous micro-batch's outputs are spent
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.forward(batch)
 
     def step(self, batches, sums, step):
         finite_micro_batches, grad_norm = 0, None
         for micro in range(self.grad_accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            out, ce, loss = self.forward(batch)
+            out, ce, loss = self._forward(batch)
             finite = _all_finite(loss)  # the same answer on every rank
             self.optimizer.skip |= not finite
             self.engine.backward(loss if finite else torch.where(torch.isfinite(loss), loss, 0.0) * 0.0)
@@ -224,7 +234,7 @@ class MicroBatchStepper:
         return finite_micro_batches, grad_norm
 
     def cross_entropy(self, batch):
-        return self.forward({k: v.to(self.device) for k, v in batch.items()})[1]
+        return self._forward({k: v.to(self.device) for k, v in batch.items()})[1]
 
     def full_state_dict(self):
         if self.engine.zero_optimization_partition_weights():
