@@ -90,6 +90,11 @@ class LoopConfig:
     # knowledge distillation: {teacher: checkpoint dir, alpha: 0.5, temperature: 1.0} (moeformer.training.distill)
     distill: dict[str, Any] | None = None
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled blocks replay as CUDA graphs (a compile mode of CUDA_GRAPH_MODES, compiling)."""
+        return self.compile and self.compile_mode in CUDA_GRAPH_MODES
+
 
 @dataclass
 class CheckpointConfig:

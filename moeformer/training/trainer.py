@@ -208,7 +208,7 @@ class MicroBatchStepper:
     def __init__(self, engine, optimizer, forward: Callable, config: RunConfig, device: torch.device) -> None:
         self.engine, self.optimizer, self.forward, self.device = engine, optimizer, forward, device
         self.grad_accum, self.sharded = config.train.grad_accum, config.parallel != ParallelConfig()
-        self.cuda_graphs = config.train.compile and config.train.compile_mode in CUDA_GRAPH_MODES
+        self.cuda_graphs = config.train.cuda_graphs
 
     def _forward(self, batch):
         if self.cuda_graphs:  # a new iteration of the graphs: the previous micro-batch's outputs are spent
@@ -320,7 +320,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if config.train.fp8 and (problem := fp8_unsupported(self.device)):
             raise ConfigError(f"train.fp8=true: {problem}; set train.fp8=false")
-        if config.train.compile_mode in CUDA_GRAPH_MODES and self.device.type != "cuda":
+        if config.train.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(
                 f"train.compile_mode={config.train.compile_mode} replays CUDA graphs, which need a GPU (this run is "
                 f"on {self.device.type}); use train.compile_mode=default or max-autotune-no-cudagraphs"
@@ -604,7 +604,7 @@ class Trainer:
             while self.step < t.steps:
                 record = self.train_step(batches)
                 self.step += 1
-                if t.compile and t.compile_mode in CUDA_GRAPH_MODES and self.step == 1:
+                if t.cuda_graphs and self.step == 1:
                     self._report_cuda_graph_skips()
                 if "loss" in record:
                     losses[self.step] = record["loss"]
