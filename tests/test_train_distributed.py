@@ -202,9 +202,9 @@ def scenario_overflow_gpu(work: Path) -> dict:
     }
 
 
-def scenario_cuda_graphs(work: Path) -> dict:
-    """1 GPU: one bf16 run (compiled blocks, ZeRO-1, two micro-batches per step, an evaluation mid-way) with and
-    without CUDA graphs (train.compile_mode=reduce-overhead); how many compiled graphs inductor ran without them."""
+def cuda_graph_runs(work: Path, name: str, **layout) -> dict:
+    """One bf16 run (compiled blocks, ZeRO-1, two micro-batches per step, an evaluation mid-way) in `layout` with
+    and without CUDA graphs (train.compile_mode=reduce-overhead); how many compiled graphs inductor ran without them."""
     from torch._dynamo.utils import counters
     from torch._inductor.cudagraph_trees import get_manager
 
@@ -215,8 +215,8 @@ def scenario_cuda_graphs(work: Path) -> dict:
         counters.clear()
         overrides = {"train.dtype": "bf16", "train.compile": True, "train.compile_mode": mode, "train.zero_stage": 1}
         run = {"train.grad_accum": 2, "train.steps": 8, "train.eval_every": 4}
-        out[mode] = train(run_config(work, f"graphs_{mode}", **overrides, **run))
-        records = [r for r in read_metrics(work / f"graphs_{mode}") if r["split"] == "train"]
+        out[mode] = train(run_config(work, f"{name}_{mode}", **overrides, **run, **layout))
+        records = [r for r in read_metrics(work / f"{name}_{mode}") if r["split"] == "train"]
         manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         out[mode].update(
             grad_norms=[r["grad_norm"] for r in records],
@@ -225,6 +225,21 @@ def scenario_cuda_graphs(work: Path) -> dict:
             cudagraph_functions=0 if manager is None else len(manager.ids_to_funcs),
         )
     return out
+
+
+def scenario_cuda_graphs(work: Path) -> dict:
+    """1 GPU."""
+    return cuda_graph_runs(work, "graphs")
+
+
+def scenario_cuda_graphs_tp2(work: Path) -> dict:
+    """2 GPUs, tensor parallel: the blocks' all-reduces are captured in the graphs."""
+    return cuda_graph_runs(work, "graphs_tp2", **{"parallel.tp": 2})
+
+
+def scenario_cuda_graphs_ep2(work: Path) -> dict:
+    """2 GPUs, expert parallel: the token dispatcher's collectives run between and inside the graphs."""
+    return cuda_graph_runs(work, "graphs_ep2", **{"parallel.ep": 2})
 
 
 def training_state(trainer) -> list:
@@ -771,13 +786,16 @@ def test_fresh_start_over_existing_checkpoints_is_refused(results):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_compile_mode_trains_as_the_default_mode_on_gpu(work):
+@pytest.mark.parametrize("scenario, gpus", [("cuda_graphs", 1), ("cuda_graphs_tp2", 2), ("cuda_graphs_ep2", 2)])
+def test_cuda_graph_compile_mode_trains_as_the_default_mode_on_gpu(work, scenario, gpus):
     """train.compile_mode=reduce-overhead replays every compiled graph (blocks, LM head, their backward, the
     evaluation's) as CUDA graphs and trains as the default mode does: the same kernels, so step 1 (same weights,
     same batches) agrees to bf16 rounding, and the 8 steps' losses to a few units of it (the GPU's attention
-    backward sums in no fixed order). A replay on stale inputs (the previous micro-batch's) would be far off."""
-    got = finish(launch("cuda_graphs", work, 1), "cuda_graphs", work, timeout=900)
+    backward sums in no fixed order). A replay on stale inputs (the previous micro-batch's) would be far off. The
+    processes then exit: a graph that captured a collective, left alive, makes leaving the process group hang."""
+    if torch.cuda.device_count() < gpus:
+        pytest.skip("needs a CUDA GPU" if gpus == 1 else f"needs {gpus} CUDA GPUs")
+    got = finish(launch(scenario, work, gpus), scenario, work, timeout=600)
     plain, graphs = got["default"], got["reduce-overhead"]
     assert plain["cudagraph_functions"] == 0 and graphs["cudagraph_functions"] > 0, got
     assert graphs["cudagraph_skips"] == 0, got  # nothing fell back to launching kernel by kernel

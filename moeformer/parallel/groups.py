@@ -10,6 +10,7 @@ form the expert-data-parallel group over which expert gradients are reduced.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -70,9 +71,15 @@ def init_distributed() -> None:
 
 def shutdown_distributed() -> None:
     """Leave the process group together: a barrier, then destroy it, so no rank's communication threads are torn
-    down at interpreter exit while a peer still talks to them (gloo aborts the process then)."""
+    down at interpreter exit while a peer still talks to them (gloo aborts the process then). torch.compile's CUDA
+    graphs are released first: one that captured a collective (tensor / expert parallel blocks) holds its NCCL
+    communicator, whose destruction would wait for it forever; a caller holding graphs of its own drops them before
+    (`Engine.close`)."""
     if dist.is_initialized():
         dist.barrier()
+        if torch.cuda.is_available():
+            torch.compiler.reset()
+            gc.collect()  # graphs kept alive only by reference cycles
         dist.destroy_process_group()
 
 

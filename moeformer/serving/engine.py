@@ -418,6 +418,7 @@ class Engine:
             while True:
                 plan = self._broadcast(None)
                 if plan.stop:
+                    self.close()
                     return
                 for request_id, prompt, params in plan.adds:
                     self._add(request_id, prompt, params)
@@ -425,9 +426,12 @@ class Engine:
                 self._step()
 
     def close(self) -> None:
-        """On rank 0 of a multi-rank engine: release the other ranks from `follow`. A no-op on one process."""
+        """Done serving: on rank 0 of a multi-rank engine, release the other ranks from `follow` (they close too);
+        on every rank, drop the captured decode steps: a CUDA graph that captured a collective (tensor / expert
+        parallel model) holds its NCCL communicator, and leaving the process group would wait for it forever."""
         if self.group is not None and self.rank == 0:
             self._broadcast(_Plan(stop=True))
+        self._graphs.clear()
 
     def _broadcast(self, obj):
         box = [obj]
