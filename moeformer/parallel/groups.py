@@ -76,10 +76,10 @@ def shutdown_distributed() -> None:
     communicator, whose destruction would wait for it forever; a caller holding graphs of its own drops them before
     (`Engine.close`)."""
     if dist.is_initialized():
-        dist.barrier()
         if torch.cuda.is_available():
             torch.compiler.reset()
             gc.collect()  # graphs kept alive only by reference cycles
+        dist.barrier()
         dist.destroy_process_group()
 
 
