@@ -8,17 +8,17 @@ tokens/s (median over the steps after the warm-up), peak memory, and the host sy
 
 Layouts of two GPUs (one, dp2, ep2, ep2_a2a, tp2, pp2) and of four (dp4, ep4, ep2_dp2, tp2_dp2, pp2_dp2, pp2_ep2). Each
 runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py with
---out_dir=<out-dir>/<layout> (replaced) and the layout's keys (last: they win); its log is <out-dir>/<layout>.log;
---report only reads the runs back (layouts run in separate commands; each with the --steps and --warmup it ran with,
-written to <out-dir>/<layout>/bench.json). The pipeline layouts train eager whatever the flags (the trainer does not
-compile pipeline stages). Columns: "vs dp" against the data-parallel layout of as many GPUs (one, dp2, dp4), "scaling vs
-one GPU" = tokens/s / (GPUs x one's tokens/s). Host syncs: the synchronising CUDA calls of the last warm-up step
-(moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer step ms: DeepSpeed's `engine.step`
-calls of the step before it, timed with the device synchronised (fixed cost per step: it grows with the parameters, not
-the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank profiles its last step (one step of the median,
-a little slower); rank 0's device time by kernel kind, NCCL included, and its idle time are printed and kept in
-<out-dir>/<layout>/profile.txt, its NCCL kernel time by collective as a share of the step's wall time fills the last
-column, and its Chrome trace of the step (host with Python stacks, device) is written to
+--out_dir=<out-dir>/<layout> (replaced; no checkpoint is written) and the layout's keys (last: they win); its log is
+<out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands; each with the --steps and
+--warmup it ran with, written to <out-dir>/<layout>/bench.json). The pipeline layouts train eager whatever the flags
+(the trainer does not compile pipeline stages). Columns: "vs dp" against the data-parallel layout of as many GPUs (one,
+dp2, dp4), "scaling vs one GPU" = tokens/s / (GPUs x one's tokens/s). Host syncs: the synchronising CUDA calls of the
+last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer step ms:
+DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per step: it grows
+with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank profiles its last step
+(one step of the median, a little slower); rank 0's device time by kernel kind, NCCL included, and its idle time are
+printed and kept in <out-dir>/<layout>/profile.txt, its NCCL kernel time by collective as a share of the step's wall
+time fills the last column, and its Chrome trace of the step (host with Python stacks, device) is written to
 <out-dir>/<layout>/trace.json.gz. `--repeat N` runs the layouts in turn N rounds (round r in <out-dir>/round<r>):
 tokens/s is each layout's median over the rounds, "vs dp" and the scaling the medians of each round's ratio (a run
 against its peer's run beside it in time, so that a slower spell of the machine's host, which moves a host-bound step by
@@ -119,8 +119,8 @@ MARKER = ".bench_layouts"  # in each layout directory this script made: only tho
 
 
 def fresh_layout_dir(out: Path) -> None:
-    """An empty `out` for a layout's run: this script's earlier run of it is removed (the trainer would resume from
-    its checkpoints and append to its metrics), anything else there is an error, never deleted."""
+    """An empty `out` for a layout's run: this script's earlier run of it is removed (the trainer would append to its
+    metrics), anything else there is an error, never deleted."""
     if out.exists():
         if not (out / MARKER).is_file():
             raise SystemExit(f"{out} exists and was not made by bench_layouts.py: choose another --out-dir")
@@ -140,6 +140,8 @@ def run_layout(name: str, args: argparse.Namespace, overrides: list[str], out_di
         f"--train.steps={args.steps}",
         "--train.log_every=1",
         "--train.progress_bar=false",
+        "--checkpoint.enabled=false",  # no checkpoint per layout (medium-moe's: ~14 GB to write)
+        "--checkpoint.every=0",
         *overrides,
         *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()),
     ]

@@ -62,6 +62,7 @@ def test_bench_layouts_tiny_form(tmp_path):
         )
     }
     assert set(rows) == {"dp2", "ep2", "ep2_a2a"}, proc.stdout
+    assert not list((tmp_path / "runs").glob("*/checkpoints/*")), "a throughput run writes no checkpoint"
     assert rows["dp2"][1] == "1.00"
     assert all(float(row[3]) > 0 for row in rows.values()), proc.stdout  # the optimizer step was timed
     # tiny-moe's 2 MoE layers: the all-to-all adds one split-size exchange each, the all-gather ("auto" for ep2) none

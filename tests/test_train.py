@@ -158,6 +158,8 @@ def test_unknown_key_in_file_and_bad_values(tmp_path):
         load_config(None, ["--optim.schedule=linear"])
     with pytest.raises(ValueError, match="data.start_batch must be >= 0"):
         load_config(None, ["--data.start_batch=-1"])
+    with pytest.raises(ValueError, match="checkpoint.every=5 saves checkpoints; checkpoint.enabled=false"):
+        load_config(None, ["--checkpoint.enabled=false", "--checkpoint.every=5"])
     with pytest.raises(TypeError, match="train.steps"):
         load_config(None, ["--train.steps=many"])
     with pytest.raises(TypeError, match="'model' must be a mapping"):

@@ -98,8 +98,10 @@ class LoopConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DeepSpeed checkpoints every `every` steps (0: only at the end), keeping the newest `keep_last`."""
+    """DeepSpeed checkpoints every `every` steps (0: only at the end), keeping the newest `keep_last`; none at all
+    with `enabled` false (throughput runs: a 1B model's checkpoint with its optimizer is ~14 GB; nothing resumes)."""
 
+    enabled: bool = True
     every: int = 0
     keep_last: int = 2
     resume: str | None = None  # None, "auto" (the newest checkpoint of the run that verifies), or a checkpoint dir
@@ -166,6 +168,8 @@ class RunConfig:
             raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.checkpoint.every and not self.checkpoint.enabled:
+            raise ConfigError(f"checkpoint.every={self.checkpoint.every} saves checkpoints; checkpoint.enabled=false")
         model = self.model_config()  # validates the model section now rather than after start-up
         if self.train.compile and self.train.compile_backend == "inductor" and model.attn_backend == "flex":
             raise ConfigError(

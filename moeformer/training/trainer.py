@@ -622,7 +622,7 @@ class Trainer:
                     self.save_checkpoint()
                     saved_at = self.step
             val_loss = self.evaluate()
-            if saved_at != self.step:
+            if ck.enabled and saved_at != self.step:
                 self.save_checkpoint()
             exported = export_model(self.engine, self.stepper, self.config, self.model_config)
         finally:
