@@ -715,6 +715,27 @@ def test_expert_parallel_run_resumes_exactly(results):
     assert {k: v for k, v in full["losses"].items() if int(k) > 3} == resumed["losses"]
 
 
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+LOAD_KEYS = ("expert_load", "expert_tokens_max", "expert_tokens_mean", "experts_without_tokens", "dropped_tokens")
+
+
+def assert_logs_the_load_of_one_process(work: Path, names: tuple[str, str], blocks: int) -> None:
+    """Every step of the parallel run logs the expert load of the whole step (all slots, none dropped: tiny-moe is
+    dropless), and at step 1 (the same weights and data) the first `blocks` MoE blocks' counts equal the
+    single-process run's exactly (later blocks may route a token differently after rounding-level differences)."""
+    parallel, single = (train_records(work / name) for name in names)
+    slots = single[0]["tokens"] * TINY_MODEL["model.moe.top_k"]
+    experts, layers = TINY_MODEL["model.moe.num_experts"], TINY_MODEL["model.n_layers"]
+    assert len(parallel) == len(single)
+    for record in parallel:
+        assert record["expert_tokens_mean"] == [slots / experts] * layers and record["dropped_tokens"] == [0] * layers
+    for key in LOAD_KEYS:
+        assert parallel[0][key][:blocks] == single[0][key][:blocks], key
+
+
 @pytest.mark.distributed
 def test_expert_parallel_load_counts_are_global(results, work):
     """ep=2: each rank routes its own tokens over all experts; the logged counts are those of the whole step."""
@@ -753,6 +774,7 @@ def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work
         results["main"]["pp_resumed"],
         ("pp_full", "pp_reference"),
     )
+    assert_logs_the_load_of_one_process(work, ("pp_full", "pp_reference"), TINY_MODEL["model.n_layers"])
 
 
 @pytest.mark.distributed
@@ -762,6 +784,7 @@ def test_pipeline_with_expert_parallelism_matches_one_process_and_resumes_exactl
     assert_tracks_one_process(
         work, run["full"], results["single"]["pp_ep_reference"], run["resumed"], ("pp_ep_full", "pp_ep_reference")
     )
+    assert_logs_the_load_of_one_process(work, ("pp_ep_full", "pp_ep_reference"), 1)
 
 
 def test_nonfinite_loss_skips_then_stops(results):

@@ -11,10 +11,10 @@ data (sharded over the data-parallel group) -> resume.
 
 A `Stepper` runs the steps and evaluation batches on the engine: `MicroBatchStepper` on DeepSpeed's engine, or with
 parallel.pp > 1 `PipelineStepper` on its `PipelineEngine`, where a step is one `train_batch` over the grad_accum
-micro-batches. Its logged loss is cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a
-non-finite loss stops the run at once: the engine applies the step inside `train_batch`, before the trainer sees the
-loss, so it cannot be skipped (a non-finite gradient norm still is, as without pipelining). `export_model` writes
-the final weights.
+micro-batches. Its logged loss is cross-entropy + aux losses (the expert loads reach the last stage with the
+activations; the unweighted aux losses do not leave the stages), and a non-finite loss stops the run at once: the
+engine applies the step inside `train_batch`, before the trainer sees the loss, so it cannot be skipped (a
+non-finite gradient norm still is, as without pipelining). `export_model` writes the final weights.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from moeformer.layers.moe import update_router_biases
 from moeformer.models.config import ModelConfig
 from moeformer.models.model import CausalLM, CausalLMOutput, build_model, compile_blocks
 from moeformer.parallel import ParallelConfig, ParallelGroups, full_state_dict, init_distributed, parallelize
-from moeformer.parallel.pipeline import PIPELINE_CONFIG, pipeline_full_state_dict, stage_group
+from moeformer.parallel.pipeline import PIPELINE_CONFIG, load_shape, pipeline_full_state_dict, stage_group
 from moeformer.training.activation_checkpointing import apply_activation_checkpointing
 from moeformer.training.config import CUDA_GRAPH_MODES, RunConfig, resume_changes, run_identity
 from moeformer.training.data import ShardedBatches, TokenDataset, check_same_tokenizer, dataset_facts, load_meta
@@ -246,14 +246,16 @@ class MicroBatchStepper:
 
 class PipelineStepper:
     """DeepSpeed's `PipelineEngine`: a step is one `train_batch` over the grad_accum micro-batches. Its loss is
-    cross-entropy + aux losses (no per-layer MoE statistics leave the stages), and a non-finite loss stops the run:
-    the engine applies the step inside `train_batch`, before the trainer sees the loss."""
+    cross-entropy + aux losses (the unweighted aux losses do not leave the stages; the expert loads do, with the
+    activations), and a non-finite loss stops the run: the engine applies the step inside `train_batch`, before the
+    trainer sees the loss."""
 
     def __init__(self, engine, config: RunConfig, device: torch.device) -> None:
         self.engine, self.device = engine, device
         self.grad_accum, self.pp = config.train.grad_accum, config.parallel.pp
         self.packed = config.data.packed_documents
         self.router_group = stage_group(engine.module)
+        self.load_shape = load_shape(engine.module.config)
 
     def step(self, batches, sums, step):
         micro_batches = [self._batch(next(batches)) for _ in range(self.grad_accum)]
@@ -265,6 +267,12 @@ class PipelineStepper:
                 "a lower optim.lr or more optim.warmup_steps"
             )
         sums["loss"] = loss * self.grad_accum  # the same mean loss on every rank
+        if self.load_shape is not None:  # the last stage's counts; the other stages add zeros in the step's sum
+            load = self.engine.module.loss_fn.take_load()
+            load = (
+                torch.zeros(self.load_shape, dtype=torch.float64, device=self.device) if load is None else load.double()
+            )
+            sums["tokens_per_expert"], sums["dropped_tokens"] = load[:, :-1], load[:, -1]
         return self.grad_accum, None
 
     def cross_entropy(self, batch):
