@@ -10,20 +10,20 @@ Layouts of two GPUs (one, dp2, ep2, ep2_a2a, tp2, pp2) and of four (dp4, ep4, ep
 runs `torchrun --nproc_per_node <gpus>` on this file as the worker, which trains like scripts/train.py with
 --out_dir=<out-dir>/<layout> (replaced; no checkpoint is written) and the layout's keys (last: they win); its log is
 <out-dir>/<layout>.log; --report only reads the runs back (layouts run in separate commands; each with the --steps and
---warmup it ran with, written to <out-dir>/<layout>/bench.json). The pipeline layouts train eager whatever the flags
-(the trainer does not compile pipeline stages). Columns: "vs dp" against the data-parallel layout of as many GPUs (one,
-dp2, dp4), "scaling vs one GPU" = tokens/s / (GPUs x one's tokens/s). Host syncs: the synchronising CUDA calls of the
-last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would sync); optimizer step ms:
-DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised (fixed cost per step: it grows
-with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA): every rank profiles its last step
-(one step of the median, a little slower); rank 0's device time by kernel kind, NCCL included, and its idle time are
-printed and kept in <out-dir>/<layout>/profile.txt, its NCCL kernel time by collective as a share of the step's wall
-time fills the last column, and its Chrome trace of the step (host with Python stacks, device) is written to
-<out-dir>/<layout>/trace.json.gz. `--repeat N` runs the layouts in turn N rounds (round r in <out-dir>/round<r>):
-tokens/s is each layout's median over the rounds, "vs dp" and the scaling the medians of each round's ratio (a run
-against its peer's run beside it in time, so that a slower spell of the machine's host, which moves a host-bound step by
-10-30%, meets both), and each round's tokens/s is listed below the table. Other dotted flags go to every run, e.g.
-`--train.compile_mode=reduce-overhead` (CUDA graphs) or `--model.n_layers=2`.
+--warmup it ran with, written to <out-dir>/<layout>/bench.json). The pipeline layouts run in compile mode "default"
+whatever the flags (the trainer replays no CUDA graphs in a pipeline). Columns: "vs dp" against the data-parallel layout
+of as many GPUs (one, dp2, dp4), "scaling vs one GPU" = tokens/s / (GPUs x one's tokens/s). Host syncs: the
+synchronising CUDA calls of the last warm-up step (moeformer.training.metrics.HostSyncs; on CPU, the ops that would
+sync); optimizer step ms: DeepSpeed's `engine.step` calls of the step before it, timed with the device synchronised
+(fixed cost per step: it grows with the parameters, not the tokens; n/a for the pipeline engine). `--profile` (CUDA):
+every rank profiles its last step (one step of the median, a little slower); rank 0's device time by kernel kind, NCCL
+included, and its idle time are printed and kept in <out-dir>/<layout>/profile.txt, its NCCL kernel time by collective
+as a share of the step's wall time fills the last column, and its Chrome trace of the step (host with Python stacks,
+device) is written to <out-dir>/<layout>/trace.json.gz. `--repeat N` runs the layouts in turn N rounds (round r in
+<out-dir>/round<r>): tokens/s is each layout's median over the rounds, "vs dp" and the scaling the medians of each
+round's ratio (a run against its peer's run beside it in time, so that a slower spell of the machine's host, which moves
+a host-bound step by 10-30%, meets both), and each round's tokens/s is listed below the table. Other dotted flags go to
+every run, e.g. `--train.compile_mode=reduce-overhead` (CUDA graphs) or `--model.n_layers=2`.
 """
 
 from __future__ import annotations
@@ -43,20 +43,20 @@ import yaml
 
 from moeformer.parallel.groups import free_port
 
-EAGER = {"train.compile": False, "train.compile_mode": "default"}  # the trainer does not compile pipeline stages
+NO_GRAPHS = {"train.compile_mode": "default"}  # the trainer replays no CUDA graphs in a pipeline
 LAYOUTS = {  # name -> (processes, parallel overrides)
     "one": (1, {}),
     "dp2": (2, {}),
     "ep2": (2, {"parallel.ep": 2}),  # the dispatcher "auto" picks: the all-gather for a dropless model
     "ep2_a2a": (2, {"parallel.ep": 2, "parallel.ep_dispatcher": "all_to_all"}),
     "tp2": (2, {"parallel.tp": 2}),
-    "pp2": (2, {"parallel.pp": 2, **EAGER}),
+    "pp2": (2, {"parallel.pp": 2, **NO_GRAPHS}),
     "dp4": (4, {}),
     "ep4": (4, {"parallel.ep": 4}),  # "auto": the all-to-all (the all-gather is taken up to ep=2)
     "ep2_dp2": (4, {"parallel.ep": 2}),
     "tp2_dp2": (4, {"parallel.tp": 2}),
-    "pp2_dp2": (4, {"parallel.pp": 2, **EAGER}),
-    "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2, **EAGER}),
+    "pp2_dp2": (4, {"parallel.pp": 2, **NO_GRAPHS}),
+    "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2, **NO_GRAPHS}),
 }
 DATA_PARALLEL = {1: "one", 2: "dp2", 4: "dp4"}  # each GPU count's plain data-parallel layout: the "vs dp" peer
 

@@ -84,7 +84,8 @@ bench_layouts = script("bench_layouts")
 
 @pytest.mark.parametrize("name", list(bench_layouts.LAYOUTS))
 def test_every_layout_is_a_run_config_of_its_gpu_count(name):
-    """Also under the flags one passes for every layout (the layout's own keys win: pipeline layouts train eager)."""
+    """Also under the flags one passes for every layout (the layout's own keys win: pipeline layouts compile without
+    CUDA graphs)."""
     from moeformer.training.config import load_config
 
     gpus, keys = bench_layouts.LAYOUTS[name]

@@ -113,11 +113,12 @@ def test_compile_option_from_yaml_and_command_line(tmp_path):
     with pytest.raises(TypeError, match="train.compile"):
         load_config(None, ["--train.compile=fast"])
     with pytest.raises(
-        ValueError,
-        match=r"train.compile=true is not supported with pipeline parallelism "
-        r"\(parallel.pp=2\)",
+        ConfigError,
+        match=r"train.compile_mode=reduce-overhead replays CUDA graphs, which pipeline parallelism \(parallel.pp=2\) "
+        r"does not support: .* use train.compile_mode=default or max-autotune-no-cudagraphs",
     ):
-        load_config(None, ["--train.compile=true", "--parallel.pp=2"])
+        load_config(None, ["--train.compile=true", "--train.compile_mode=reduce-overhead", "--parallel.pp=2"])
+    assert load_config(None, ["--train.compile=true", "--parallel.pp=2"]).train.compile is True
     assert load_config(None, ["--parallel.pp=2"]).parallel.pp == 2  # pipeline parallelism alone is accepted
     with pytest.raises(ValueError, match="train.compile_backend must be one of .*'inductor'.*got 'inductr'"):
         load_config(None, ["--train.compile=true", "--train.compile_backend=inductr"])

@@ -89,7 +89,10 @@ def train(config, slow_after: int | None = None) -> dict:
 
 
 def scenario_main(work: Path) -> dict:
-    """2 ranks: ZeRO 0-3 on one fixed batch, ZeRO-2 parity run, and the uninterrupted reference of the resume test."""
+    """2 ranks: ZeRO 0-3 on one fixed batch, ZeRO-2 parity run, the uninterrupted reference of the resume test, the
+    expert- and pipeline-parallel runs."""
+    from torch._dynamo.utils import counters
+
     out = {"zero": {}}
     for stage, ckpt in ZERO_STAGES.items():
         config = run_config(
@@ -133,6 +136,10 @@ def scenario_main(work: Path) -> dict:
     out["pp_full"] = train(run_config(work, "pp_full", **pp))
     train(run_config(work, "pp_cut", **{**pp, "train.steps": 3}))
     out["pp_resumed"] = train(run_config(work, "pp_cut", **pp, **EXTENDED))
+    counters.clear()
+    compiled = {"train.compile": True, "train.activation_checkpointing": "none", "checkpoint.enabled": False}
+    out["pp_compiled"] = train(run_config(work, "pp_compiled", **{**pp, **compiled, "checkpoint.every": 0}))
+    out["pp_compiled"]["graphs"] = counters["stats"]["unique_graphs"]
     return out
 
 
@@ -775,6 +782,15 @@ def test_pipeline_training_matches_one_process_and_resumes_exactly(results, work
         ("pp_full", "pp_reference"),
     )
     assert_logs_the_load_of_one_process(work, ("pp_full", "pp_reference"), TINY_MODEL["model.n_layers"])
+
+
+@pytest.mark.distributed
+def test_compiled_pipeline_trains_as_one_process(results):
+    """train.compile=true with pp=2 (no activation checkpointing: every block compiled): each stage compiles its
+    part (two graphs or more: a block, the last stage's LM head) and the losses follow the single-process run's."""
+    run = results["main"]["pp_compiled"]
+    assert run["graphs"] >= 2
+    assert_curves_agree(_curve(run), _curve(results["single"]["pp_reference"]))
 
 
 @pytest.mark.distributed

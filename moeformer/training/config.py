@@ -180,8 +180,8 @@ class RunConfig:
         check_value("model.init_from", self.init_from, str | None)
 
     def _check_compile(self) -> None:
-        """train.compile needs a registered torch.compile backend and one forward per step to compile: a pipeline
-        engine runs its stages in its own schedule instead."""
+        """train.compile needs a registered torch.compile backend and, with pipeline parallelism, a mode without
+        CUDA graphs."""
         from torch._dynamo import list_backends  # only when compiling: importing dynamo takes a second
 
         _check_choice("train.compile_backend", self.train.compile_backend, tuple(list_backends(exclude_tags=())))
@@ -191,10 +191,11 @@ class RunConfig:
                 f"train.compile_mode={self.train.compile_mode} is an inductor mode; train.compile_backend="
                 f"{self.train.compile_backend} takes only compile_mode=default"
             )
-        if self.parallel.pp > 1:
+        if self.parallel.pp > 1 and self.train.compile_mode in CUDA_GRAPH_MODES:
             raise ConfigError(
-                f"train.compile=true is not supported with pipeline parallelism (parallel.pp="
-                f"{self.parallel.pp}); use parallel.pp=1 or train.compile=false"
+                f"train.compile_mode={self.train.compile_mode} replays CUDA graphs, which pipeline parallelism "
+                f"(parallel.pp={self.parallel.pp}) does not support: DeepSpeed's schedule interleaves the forwards and "
+                "backwards of several micro-batches; use train.compile_mode=default or max-autotune-no-cudagraphs"
             )
 
     def _check_pipeline(self) -> None:
