@@ -137,8 +137,13 @@ def scenario_main(work: Path) -> dict:
     train(run_config(work, "pp_cut", **{**pp, "train.steps": 3}))
     out["pp_resumed"] = train(run_config(work, "pp_cut", **pp, **EXTENDED))
     counters.clear()
-    compiled = {"train.compile": True, "train.activation_checkpointing": "none", "checkpoint.enabled": False}
-    out["pp_compiled"] = train(run_config(work, "pp_compiled", **{**pp, **compiled, "checkpoint.every": 0}))
+    compiled = {
+        "train.compile": True,
+        "train.activation_checkpointing": "none",
+        "checkpoint.enabled": False,
+        "checkpoint.every": 0,
+    }
+    out["pp_compiled"] = train(run_config(work, "pp_compiled", **{**pp, **compiled}))
     out["pp_compiled"]["graphs"] = counters["stats"]["unique_graphs"]
     return out
 
@@ -723,7 +728,9 @@ def test_expert_parallel_run_resumes_exactly(results):
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    from moeformer.training.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["split"] == "train"]
 
 
 LOAD_KEYS = ("expert_load", "expert_tokens_max", "expert_tokens_mean", "experts_without_tokens", "dropped_tokens")
@@ -746,12 +753,11 @@ def assert_logs_the_load_of_one_process(work: Path, names: tuple[str, str], bloc
 @pytest.mark.distributed
 def test_expert_parallel_load_counts_are_global(results, work):
     """ep=2: each rank routes its own tokens over all experts; the logged counts are those of the whole step."""
-    records = [json.loads(line) for line in (work / "ep_full" / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(work / "ep_full")
     slots = 2 * MICRO * SEQ * TINY_MODEL["model.moe.top_k"]  # 2 ranks' tokens, top-2
     experts, layers = TINY_MODEL["model.moe.num_experts"], TINY_MODEL["model.n_layers"]
-    train_records = [r for r in records if r["split"] == "train"]
-    assert len(train_records) == 6
-    for r in train_records:
+    assert len(records) == 6
+    for r in records:
         assert r["expert_tokens_mean"] == [slots / experts] * layers and r["dropped_tokens"] == [0] * layers
         assert all(isinstance(v, int) and slots / experts <= v <= slots for v in r["expert_tokens_max"])
 
